@@ -1,0 +1,5 @@
+"""``python -m streamlet`` runs the command line."""
+
+from streamlet.cli import main
+
+main()

@@ -1,0 +1,82 @@
+"""The streamlet error tree.
+
+Every error streamlet raises derives from :class:`StreamletError`. The
+``retriable`` flag tells a caller whether trying the same operation again may
+succeed (a broker that is still starting) or never will (a corrupt file, a
+bad setting). Messages name what happened, where (file and offset,
+topic-partition, batch) and what the user can do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CommitError",
+    "ConfigError",
+    "HandlerError",
+    "SinkError",
+    "StreamletError",
+    "WALClosedError",
+    "WALCorruptionError",
+    "WALError",
+    "WALFailedError",
+]
+
+
+class StreamletError(Exception):
+    """Root of every error streamlet raises.
+
+    Attributes:
+        retriable: True when the same call may succeed if tried again later.
+    """
+
+    retriable: bool = False
+
+
+class ConfigError(StreamletError):
+    """A setting is invalid; raised at start, before any data is touched."""
+
+
+class WALError(StreamletError):
+    """Base of the write-ahead log's errors."""
+
+
+class WALCorruptionError(WALError):
+    """A record before the tail of the log fails its checksum or framing.
+
+    A torn tail (the incomplete last write of a crash) is not corruption and
+    never raises this; it is truncated on open with a warning.
+
+    Attributes:
+        path: the segment file holding the bad record.
+        offset: byte offset of the first bad record in that file.
+    """
+
+    def __init__(self, message: str, *, path: str, offset: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+
+class WALFailedError(WALError):
+    """A write or fsync of the log failed; the log refuses all further appends.
+
+    An fsync error leaves the file's durable contents unknown (the kernel may
+    have dropped the dirty pages), so retrying and carrying on could report
+    lost data as durable. The original OSError is the ``__cause__``.
+    """
+
+
+class WALClosedError(WALError):
+    """The log was closed by its owner; an append or read came after that."""
+
+
+class HandlerError(StreamletError):
+    """A user handler raised; the user's exception is the ``__cause__``."""
+
+
+class SinkError(StreamletError):
+    """A sink could not write or commit a batch's outputs."""
+
+
+class CommitError(StreamletError):
+    """Committing a batch's source positions failed."""
