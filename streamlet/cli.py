@@ -7,6 +7,10 @@ errors to exit codes (0 ok, 1 the thing checked is bad, 2 usage).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import click
 
 import streamlet
@@ -16,3 +20,130 @@ import streamlet
 @click.version_option(streamlet.__version__, prog_name="streamlet")
 def main() -> None:
     """streamlet: micro-batch streaming with a write-ahead log and exactly-once output."""
+
+
+_LOG_DIR = click.Path(exists=True, file_okay=False, readable=True, path_type=str)
+
+
+@main.group()
+def wal() -> None:
+    """Check, list and repair a write-ahead log directory (while no process has it open)."""
+
+
+def _unreadable(directory: str, exc: OSError) -> click.exceptions.Exit:
+    """Exit 2 for a directory that cannot be read: that is a usage problem, not a bad log."""
+    click.echo(f"error: cannot read the write-ahead log in {directory}: {exc}", err=True)
+    return click.exceptions.Exit(2)
+
+
+@wal.command("verify")
+@click.argument("directory", metavar="DIR", type=_LOG_DIR)
+def wal_verify(directory: str) -> None:
+    """Check every segment and record; exit 1 at the first bad one."""
+    from streamlet.wal.tools import verify
+
+    try:
+        report = verify(directory)
+    except OSError as exc:
+        raise _unreadable(directory, exc) from exc
+    if report.segments == 0 and report.problem is None:
+        click.echo(f"error: {directory} holds no write-ahead log segments (*.wal)", err=True)
+        raise click.exceptions.Exit(2)
+    summary = f"{report.segments} segments, {report.records} records, {report.bytes} bytes"
+    if report.problem is not None:
+        problem = report.problem
+        click.echo(f"corrupt: {problem.path} at offset {problem.offset}: {problem.reason}")
+        click.echo(f"  readable before it: {summary}")
+        click.echo(f"  to cut the log there, run: streamlet wal repair {report.directory}")
+        raise click.exceptions.Exit(1)
+    click.echo(f"ok: {summary}")
+    if report.torn_tail is not None:
+        torn = report.torn_tail
+        click.echo(
+            f"  torn tail: {torn.dropped} bytes at {torn.path} offset {torn.offset} "
+            f"(an unfinished write from a crash; cut off when the log is next opened)"
+        )
+    for temp in report.temp_files:
+        click.echo(f"  leftover {temp} (deleted when the log is next opened)")
+
+
+@wal.command("dump")
+@click.argument("directory", metavar="DIR", type=_LOG_DIR)
+def wal_dump(directory: str) -> None:
+    """Print one JSON line per record: segment, offset, length, crc_ok, head (hex)."""
+    import orjson
+
+    from streamlet.wal.log import Problem
+    from streamlet.wal.tools import dump, verify
+
+    def report(problem: Problem) -> None:
+        click.echo(
+            f"stopped reading {problem.path} at offset {problem.offset}: {problem.reason}",
+            err=True,
+        )
+
+    try:
+        for record in dump(directory, on_problem=report):
+            click.echo(orjson.dumps(record))  # bytes go to the binary stream as they are
+        # The exit status says whether the log is intact, as verify judges
+        # it: a torn tail stops the listing but is not damage.
+        intact = verify(directory).ok
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, and keep the
+        # interpreter's final flush from failing on the closed pipe too.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    except OSError as exc:
+        raise _unreadable(directory, exc) from exc
+    if not intact:
+        raise click.exceptions.Exit(1)
+
+
+@wal.command("repair")
+@click.argument("directory", metavar="DIR", type=_LOG_DIR)
+@click.option("--yes", is_flag=True, help="Repair without asking for confirmation.")
+def wal_repair(directory: str, yes: bool) -> None:
+    """Cut the log at its first bad record, keeping a .broken copy of each changed file."""
+    from streamlet.errors import StreamletError
+    from streamlet.wal.tools import repair
+
+    try:
+        plan = repair(directory, dry_run=True)
+    except OSError as exc:
+        raise _unreadable(directory, exc) from exc
+    if plan.problem is None:
+        message = f"nothing to repair in {plan.directory}"
+        if plan.torn_tail is not None:
+            torn = plan.torn_tail
+            message += (
+                f" (a torn tail of {torn.dropped} bytes at {torn.path} offset {torn.offset} "
+                f"is cut off when the log is next opened)"
+            )
+        click.echo(message)
+        return
+    problem = plan.problem
+    click.echo(f"first bad record: {problem.path} at offset {problem.offset}: {problem.reason}")
+    if plan.truncated is not None:
+        click.echo(f"  will cut {plan.truncated[0]} to {plan.truncated[1]} bytes")
+    if plan.recreated is not None:
+        click.echo(f"  will replace {plan.recreated} by an empty segment")
+    for path in plan.removed:
+        click.echo(f"  will remove {path}")
+    click.echo(
+        f"  lost: {plan.lost_records} readable records ({plan.lost_bytes} bytes) after the cut; "
+        f"a .broken copy of each changed file is kept"
+    )
+    if not yes and not click.confirm("Repair the log?", default=False):
+        click.echo("declined; nothing was changed")
+        raise click.exceptions.Exit(1)
+    try:
+        done = repair(directory)
+    except OSError as exc:
+        raise _unreadable(directory, exc) from exc
+    except StreamletError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(1) from exc
+    click.echo(f"repaired {done.directory}; copies kept:")
+    for backup in done.backups:
+        click.echo(f"  {backup}")

@@ -13,6 +13,7 @@ __all__ = [
     "CommitError",
     "ConfigError",
     "HandlerError",
+    "RecordTooLargeError",
     "SinkError",
     "StreamletError",
     "WALClosedError",
@@ -63,6 +64,14 @@ class WALFailedError(WALError):
     An fsync error leaves the file's durable contents unknown (the kernel may
     have dropped the dirty pages), so retrying and carrying on could report
     lost data as durable. The original OSError is the ``__cause__``.
+    """
+
+
+class RecordTooLargeError(WALError):
+    """A record is larger than the log's ``max_record_size``; nothing was written.
+
+    The limit bounds the memory a reader needs for one record, so it is
+    checked before a record is queued rather than discovered on replay.
     """
 
 

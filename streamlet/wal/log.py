@@ -1,0 +1,1358 @@
+"""The write-ahead log: durable, ordered, group-committed appends of byte records.
+
+Receivers' blocks and the block tracker's events go through a
+:class:`WriteAheadLog` before anything downstream is told about them. Its job
+is to say "this record is on disk" only when it is (per the durability
+policy), to hand every such record back byte for byte after a crash, and to
+stop loudly, never silently, when the disk misbehaves. The byte format is
+specified in :mod:`streamlet.wal.format`.
+
+Invariants:
+
+* Records are written in the order ``append`` / ``append_many`` were called,
+  and a record's :class:`Position` is fixed when it is queued: the roll
+  decision depends only on the sizes queued before it.
+* Nothing is acknowledged before the write (and, with
+  :attr:`Durability.ALWAYS`, the fsync) that holds it returned.
+* Only the writer thread changes the segment files (started by the flusher
+  task through ``anyio.to_thread``, one at a time); the event loop never
+  blocks on the disk.
+* Every segment but the last is complete and synced: a segment is synced
+  before the next one is created, and a torn tail is tolerated in the last
+  segment only.
+* After a failed write or fsync the log appends nothing more (an fsync error
+  leaves the file's contents unknown); the process must restart and recover
+  from disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import fcntl
+import functools
+import gc
+import itertools
+import logging
+import math
+import operator
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import NamedTuple, TypeVar, cast
+
+import anyio
+import anyio.to_thread
+
+from streamlet.errors import (
+    ConfigError,
+    RecordTooLargeError,
+    WALClosedError,
+    WALCorruptionError,
+    WALError,
+    WALFailedError,
+)
+from streamlet.fs import FILE_MODE, File, FileSystem, OsFileSystem
+from streamlet.wal.format import (
+    FRAME_HEADER_SIZE,
+    MAX_RECORD_SIZE_LIMIT,
+    SECTOR_SIZE,
+    SEGMENT_HEADER_SIZE,
+    SEGMENT_SUFFIX,
+    TEMP_SUFFIX,
+    FrameCheck,
+    FrameFault,
+    check_frame,
+    check_segment_header,
+    encode_frame,
+    encode_frames,
+    encode_segment_header,
+    is_torn,
+    parse_segment_name,
+    scan,
+    segment_name,
+)
+
+__all__ = [
+    "LOCK_NAME",
+    "Durability",
+    "Inspection",
+    "Position",
+    "Problem",
+    "SegmentSummary",
+    "TornTail",
+    "WriteAheadLog",
+    "corruption_error",
+    "inspect_log",
+    "lock_directory",
+]
+
+logger = logging.getLogger("streamlet.wal")
+
+LOCK_NAME = "LOCK"
+"""The file in a log directory that a writer holds an exclusive ``flock`` on."""
+
+_SCAN_CHUNK = 4 * 2**20  # bytes read per worker call when scanning or replaying
+_SLOW_SYNC = 1.0  # seconds; an fsync slower than this is logged (the disk is struggling)
+_WRITER_LINGER = 1.0  # seconds the writer thread waits for more appends before it returns
+_OVERLAP_POSITIONS = 256  # records in an append_many from which positions overlap the fsync
+
+
+class Durability(enum.StrEnum):
+    """When an append counts as done."""
+
+    ALWAYS = "always"
+    """Acknowledge after the fsync: nothing acknowledged is lost, even by a power cut."""
+    INTERVAL = "interval"
+    """Acknowledge after the write; fsync at most every ``sync_interval`` seconds.
+
+    A process crash loses nothing (the page cache survives it); a machine
+    crash or power cut loses up to ``sync_interval`` seconds of appends."""
+    NONE = "none"
+    """Acknowledge after the write and never fsync records: for benchmarks and tests only.
+
+    Segment creation and ``aclose`` still sync, so the log's structure stays
+    sound; a machine crash can lose any amount of recent appends."""
+
+
+class Position(NamedTuple):
+    """Where a record is in the log; positions order like the records do."""
+
+    segment: int
+    """The seq of the segment file holding the record."""
+    offset: int
+    """Byte offset of the record's frame in that file."""
+    length: int
+    """The record's payload length in bytes."""
+
+
+# --------------------------------------------------------------------------
+# Read-only inspection, shared by recovery and by streamlet.wal.tools.
+
+
+class Problem(NamedTuple):
+    """The first place a log cannot be read past."""
+
+    path: str
+    """The segment file (or the missing file's would-be path)."""
+    offset: int
+    """Byte offset of the bad record or header in that file."""
+    reason: str
+    """What is wrong there, as a sentence fragment."""
+
+
+class TornTail(NamedTuple):
+    """An incomplete write at the end of the last segment, to be cut off on open."""
+
+    path: str
+    """The last segment file."""
+    offset: int
+    """Where the intact records end; the file is cut here."""
+    dropped: int
+    """How many bytes are cut off."""
+    reason: str
+    """What the torn frame looks like."""
+
+
+@dataclass
+class SegmentSummary:
+    """One segment as :func:`inspect_log` found it."""
+
+    seq: int
+    path: str
+    size: int
+    scanned: bool = False
+    """Whether its records were checked (always for the last segment)."""
+    records: int = 0
+    """Intact records found, when scanned."""
+    payload_bytes: int = 0
+    """Sum of their payload lengths, when scanned."""
+
+
+@dataclass
+class Inspection:
+    """What a read-only pass over a log directory found; nothing is changed."""
+
+    directory: str
+    segments: list[SegmentSummary] = field(default_factory=list)
+    """Segments in order, up to and including the one holding :attr:`problem`."""
+    temp_files: list[str] = field(default_factory=list)
+    """Leftover ``*.wal.tmp`` paths from an interrupted segment creation."""
+    problem: Problem | None = None
+    """The first corruption, or None."""
+    torn_tail: TornTail | None = None
+    """A torn tail of the last segment (only when there is no problem)."""
+
+
+def corruption_error(problem: Problem, directory: str) -> WALCorruptionError:
+    """The error for ``problem``, saying where, what, and how to repair."""
+    return WALCorruptionError(
+        f"{problem.path}: corrupt at offset {problem.offset}: {problem.reason}. "
+        f"The log cannot be read past this point. To cut it off there (losing what "
+        f"follows), run `streamlet wal repair {directory}`, which keeps a .broken "
+        f"copy of every file it changes.",
+        path=problem.path,
+        offset=problem.offset,
+    )
+
+
+def _scan_segment(file: File, size: int) -> tuple[int, int, int, FrameCheck | None, bool]:
+    """Check every frame of an open segment file of ``size`` bytes.
+
+    Returns ``(records, payload_bytes, stop, check, torn)``: ``stop`` is where
+    the intact frames end; ``check`` says what is wrong at ``stop`` (None if
+    the file ends there) and ``torn`` whether that looks like a torn tail.
+    Reads in chunks, so memory stays bounded whatever the segment size.
+    """
+    records = payload = 0
+    offset = SEGMENT_HEADER_SIZE
+    want = _SCAN_CHUNK
+    while offset < size:
+        requested = min(size - offset, want)
+        buf = file.read(offset, requested)
+        if len(buf) < requested:  # the file shrank under us: judge what is there
+            size = offset + len(buf)
+        found, stop = scan(buf, 0, len(buf))
+        records += len(found)
+        payload += sum(len(p) for _, p in found)
+        if stop == len(buf):
+            offset += stop
+            want = _SCAN_CHUNK
+            continue
+        check = check_frame(buf, stop, len(buf))
+        needed = FRAME_HEADER_SIZE + (check.length if check.fault is FrameFault.PAST_END else 0)
+        if (
+            check.fault in (FrameFault.SHORT_HEADER, FrameFault.PAST_END)
+            and offset + len(buf) < size
+            and offset + stop + needed <= size
+        ):
+            # The frame continues past this chunk: read it whole next time.
+            offset += stop
+            want = max(_SCAN_CHUNK, needed)
+            continue
+        bad = offset + stop
+        base = bad - bad % SECTOR_SIZE
+        tail = file.read(base, size - base)
+        check = check_frame(tail, bad - base, len(tail))
+        if check.fault is None:  # only if the file changed while it was read
+            check = FrameCheck(FrameFault.PAST_END, 0, "the file changed while it was read")
+        return records, payload, bad, check, is_torn(tail, base, bad, check)
+    return records, payload, offset, None, False
+
+
+def inspect_log(fs: FileSystem, directory: str, *, scan_all: bool) -> Inspection:
+    """Check a log directory without changing it, up to the first problem.
+
+    Segment numbering and every segment header are always checked; records
+    are checked in the last segment, and in all of them when ``scan_all``.
+    A bad frame in the last segment is classed torn or corrupt by the rules
+    in :mod:`streamlet.wal.format`; anywhere else it is corruption.
+    """
+    names = fs.listdir(directory)
+    found = Inspection(directory)
+    found.temp_files = [
+        os.path.join(directory, n) for n in names if n.endswith(SEGMENT_SUFFIX + TEMP_SUFFIX)
+    ]
+    seqs = sorted(s for s in map(parse_segment_name, names) if s is not None)
+    previous: int | None = None
+    for index, seq in enumerate(seqs):
+        if previous is not None and seq != previous + 1:
+            found.problem = Problem(
+                os.path.join(directory, segment_name(previous + 1)),
+                0,
+                f"segment {previous + 1} is missing: the directory holds segment "
+                f"{previous}, then {seq}",
+            )
+            return found
+        previous = seq
+        path = os.path.join(directory, segment_name(seq))
+        last = index == len(seqs) - 1
+        file = fs.open(path)
+        try:
+            size = file.size()
+            reason = check_segment_header(file.read(0, SEGMENT_HEADER_SIZE), seq)
+            if reason is not None:
+                found.problem = Problem(path, 0, f"the segment header {reason}")
+                return found
+            summary = SegmentSummary(seq, path, size)
+            found.segments.append(summary)
+            if not (scan_all or last):
+                continue
+            records, payload, stop, check, torn = _scan_segment(file, size)
+        finally:
+            file.close()
+        summary.scanned = True
+        summary.records = records
+        summary.payload_bytes = payload
+        if check is not None:
+            if last and torn:
+                found.torn_tail = TornTail(path, stop, size - stop, check.reason)
+            else:
+                found.problem = Problem(path, stop, check.reason)
+            return found
+    return found
+
+
+def lock_directory(directory: str) -> int:
+    """Take the exclusive writer lock of a log directory; return the fd holding it.
+
+    ``flock`` locks belong to the open file, so a second opener fails whether it
+    is another process or this one; the lock goes with the process, so a crash
+    never leaves it stale. Raises WALError naming the directory when held.
+    """
+    path = os.path.join(directory, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise WALError(
+            f"the write-ahead log in {directory} is already open: another process (or "
+            f"another WriteAheadLog in this one) holds its lock {path}. A log has one "
+            f"writer; stop the other one first, or use a different directory."
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# --------------------------------------------------------------------------
+# The log.
+
+
+class _Chunk:
+    """Frames queued for one segment, at a place fixed when they were queued."""
+
+    __slots__ = ("data", "future", "nbytes", "offset", "segment", "written")
+
+    def __init__(
+        self,
+        segment: int,
+        offset: int,
+        nbytes: int,
+        data: bytes | list[bytes],
+        future: asyncio.Future[None] | None,
+    ) -> None:
+        self.segment = segment
+        self.offset = offset
+        self.nbytes = nbytes
+        self.data = data  # one frame, or pieces whose join is the frames
+        self.future = future  # set on the last chunk of an append call only
+        # Resolved once the frames are written, before the fsync: a large
+        # append_many builds its positions meanwhile.
+        self.written: asyncio.Future[None] | None = None
+
+    def fail(self, error: Callable[[], BaseException]) -> None:
+        """Tell this chunk's caller, if it still waits, that it failed."""
+        if self.written is not None and not self.written.done():
+            # The caller waits on `written`: tell it there; nobody will await
+            # `future` (and an exception left in it would be logged as lost).
+            self.written.set_exception(error())
+            if self.future is not None:
+                self.future.cancel()
+        elif self.future is not None and not self.future.done():
+            self.future.set_exception(error())
+
+
+class _Reader:
+    """A cached read handle of one segment, with a count of reads using it."""
+
+    __slots__ = ("file", "retired", "users")
+
+    def __init__(self, file: File) -> None:
+        self.file = file
+        self.users = 0
+        self.retired = False
+
+
+_T = TypeVar("_T")
+
+
+async def _in_thread(func: Callable[[], _T], *, abandoned: Callable[[_T | None], object]) -> _T:
+    """``func()`` in a worker thread, finishing even if the caller is cancelled.
+
+    A thread cannot be stopped, and anyio gives up waiting for it when the
+    calling task is cancelled; whatever the thread then opens or locks would
+    leak. Here the thread call runs in a task of its own, and if the caller
+    is cancelled, ``abandoned`` is called once the thread is done, with the
+    result (None if ``func`` raised), to release it. It runs on the event
+    loop and must be quick.
+    """
+    task = asyncio.get_running_loop().create_task(anyio.to_thread.run_sync(func))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def release(done: asyncio.Task[_T]) -> None:
+            if not done.cancelled():
+                abandoned(None if done.exception() is not None else done.result())
+
+        task.add_done_callback(release)
+        raise
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # its caller may have been cancelled
+        future.set_result(None)
+
+
+def _close_if_opened(file: File | None) -> None:
+    if file is not None:
+        file.close()
+
+
+def _positions(segment: int, offset: int, lengths: Sequence[int]) -> list[Position]:
+    """Positions of records written back to back from ``offset``."""
+    repeat = itertools.repeat
+    offsets = itertools.accumulate(
+        map(operator.add, lengths, repeat(FRAME_HEADER_SIZE)), initial=offset
+    )
+    # tuple.__new__ through map builds the named tuples with no Python-level
+    # call per record. Collection is paused meanwhile: tuples of ints make
+    # no cycles, but a large group's allocations would otherwise set off
+    # collections that walk the caller's whole heap again and again (a
+    # 200,000-record group took three times as long).
+    paused = len(lengths) > 1000 and gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        # offsets has one more item than lengths (the end of the last frame).
+        fields = zip(repeat(segment), offsets, lengths, strict=False)
+        made = map(tuple.__new__, repeat(Position), fields)
+        return cast(list[Position], list(made))
+    finally:
+        if paused:
+            gc.enable()
+
+
+class WriteAheadLog:
+    """An append-only log of byte records in a directory of segment files.
+
+    Open with :meth:`open` (or ``async with await WriteAheadLog.open(...)``).
+    Appends from any number of tasks are gathered into groups (group commit):
+    the writer thread writes a group with one write and one fsync (plus the
+    sync of a segment it fills up), and meanwhile the next group gathers, so
+    many appends share one fsync. See the module docstring for the invariants.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        fs: FileSystem,
+        durability: Durability,
+        sync_interval: float,
+        segment_size: int,
+        max_record_size: int,
+        max_group_bytes: int,
+    ) -> None:
+        """Use :meth:`open`, which validates settings and recovers the log."""
+        self._directory = directory
+        self._fs = fs
+        self._durability = durability
+        self._sync_interval = sync_interval
+        self._segment_size = segment_size
+        self._max_record_size = max_record_size
+        self._max_group_bytes = max_group_bytes
+        self._lock_fd: int | None = None
+        # Writer state: touched only inside worker-thread calls, one at a time.
+        self._wfile: File | None = None
+        self._wseq = 0
+        self._wsize = 0
+        # Event-loop state.
+        self._tail_seq = 0  # where the next queued frame goes
+        self._tail_size = 0
+        self._written_seq = 0  # how far completed writes reach
+        self._written_size = 0
+        self._first = 0
+        self._loop = asyncio.get_running_loop()
+        self._queue: collections.deque[_Chunk] = collections.deque()
+        self._wakeup = asyncio.Event()  # wakes the flusher task
+        self._flusher: asyncio.Task[None] | None = None
+        self._writing = False  # a writer thread call is under way
+        self._limiter = anyio.CapacityLimiter(1)  # the writer never waits for others' threads
+        self._failed: BaseException | None = None
+        self._closing = False
+        self._close_task: asyncio.Task[BaseException | None] | None = None
+        # Shared with the writer thread.
+        self._work = threading.Event()  # wakes the writer thread
+        self._stop = threading.Event()
+        self._writer_lock = threading.Lock()  # held while the writer thread runs
+        self._dirty = False  # written but not synced (interval durability)
+        self._last_sync = time.monotonic()
+        self._readers: dict[int, _Reader] = {}
+        self._reader_lock = asyncio.Lock()
+        self._clean_lock = asyncio.Lock()
+
+    # ---- opening -------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        durability: Durability | str = "always",
+        sync_interval: float = 0.05,
+        segment_size: int = 64 * 2**20,
+        max_record_size: int = 16 * 2**20,
+        max_group_bytes: int = 8 * 2**20,
+        fs: FileSystem | None = None,
+    ) -> WriteAheadLog:
+        """Open (creating if needed) the log in ``directory`` and recover it.
+
+        Args:
+            directory: the log's own directory; created with mode 0700.
+            durability: when appends are acknowledged (see :class:`Durability`).
+            sync_interval: seconds between fsyncs with ``"interval"`` durability.
+            segment_size: bytes after which a new segment file is started; a
+                single larger record gets a segment of its own.
+            max_record_size: the largest record accepted, below 2**31.
+            max_group_bytes: how many bytes one group commit gathers at most
+                (at least one append; an append_many is not split unless it
+                is larger than a segment).
+            fs: the file layer; the real file system by default.
+
+        Recovery deletes leftover ``*.tmp`` files, checks every segment header
+        and the last segment's records, and cuts a torn tail off the last
+        segment (with a warning saying how many bytes were dropped).
+
+        Raises:
+            ConfigError: a setting is invalid.
+            WALError: another writer holds the directory's lock.
+            WALCorruptionError: the log is damaged before its tail.
+            OSError: the directory cannot be created or read.
+        """
+        mode = _check_settings(
+            durability, sync_interval, segment_size, max_record_size, max_group_bytes
+        )
+        # abspath reads the working directory: a system call, so not on the loop.
+        path = await anyio.to_thread.run_sync(os.path.abspath, os.fspath(directory))
+        log = cls(
+            path,
+            fs if fs is not None else OsFileSystem(),
+            mode,
+            float(sync_interval),
+            segment_size,
+            max_record_size,
+            max_group_bytes,
+        )
+        await _in_thread(log._recover, abandoned=lambda _: log._close_sync([], sync=False))
+        log._flusher = log._loop.create_task(
+            log._flush_loop(), name=f"streamlet-wal-flusher:{path}"
+        )
+        return log
+
+    def _recover(self) -> None:
+        """Lock the directory and bring the log to a state appends can continue from."""
+        self._fs.makedirs(self._directory)
+        if isinstance(self._fs, OsFileSystem):
+            self._lock_fd = lock_directory(self._directory)
+        try:
+            self._recover_files()
+        except BaseException:
+            self._release_lock()
+            raise
+        self._tail_seq = self._written_seq = self._wseq
+        self._tail_size = self._written_size = self._wsize
+
+    def _recover_files(self) -> None:
+        fs, directory = self._fs, self._directory
+        temps = [n for n in fs.listdir(directory) if n.endswith(SEGMENT_SUFFIX + TEMP_SUFFIX)]
+        for name in temps:
+            # A crash between creating and renaming a segment; it holds no records.
+            fs.remove(os.path.join(directory, name))
+        if temps:
+            fs.sync_dir(directory)
+        found = inspect_log(fs, directory, scan_all=False)
+        if found.problem is not None:
+            raise corruption_error(found.problem, directory)
+        if found.torn_tail is not None:
+            torn = found.torn_tail
+            file = fs.open(torn.path, writable=True)
+            try:
+                file.truncate(torn.offset)
+                file.sync()
+            finally:
+                file.close()
+            logger.warning(
+                "%s: dropped a torn tail of %d bytes at offset %d (%s); this is the "
+                "unfinished last write of a crash, and nothing before it was lost",
+                torn.path,
+                torn.dropped,
+                torn.offset,
+                torn.reason,
+            )
+        if found.segments:
+            last = found.segments[-1]
+            self._first = found.segments[0].seq
+            self._wseq = last.seq
+            self._wfile = fs.open(last.path, writable=True)
+            self._wsize = self._wfile.size()
+        else:
+            self._first = self._wseq = 1
+            self._wfile = self._create_segment(1)
+            self._wsize = SEGMENT_HEADER_SIZE
+
+    def _create_segment(self, seq: int) -> File:
+        """Create segment ``seq`` durably (temp, header, sync, rename, sync dir); open it."""
+        fs = self._fs
+        path = self._segment_path(seq)
+        temp = path + TEMP_SUFFIX
+        file = fs.create(temp)
+        try:
+            file.append(encode_segment_header(seq))
+            file.sync()
+        finally:
+            file.close()
+        fs.rename(temp, path)
+        fs.sync_dir(self._directory)
+        return fs.open(path, writable=True)
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the fd drops the flock
+            self._lock_fd = None
+
+    # ---- properties ----------------------------------------------------
+
+    @property
+    def directory(self) -> str:
+        """The log's directory, as an absolute path."""
+        return self._directory
+
+    @property
+    def durability(self) -> Durability:
+        """The durability policy the log was opened with."""
+        return self._durability
+
+    @property
+    def first_segment(self) -> int:
+        """The seq of the oldest segment still on disk."""
+        return self._first
+
+    @property
+    def last_segment(self) -> int:
+        """The seq of the newest segment: where the latest appends were written."""
+        return self._written_seq
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The error that broke the log (a failed write or fsync), or None."""
+        return self._failed
+
+    def __repr__(self) -> str:
+        state = "failed" if self._failed else "closed" if self._closing else "open"
+        return (
+            f"<WriteAheadLog {self._directory} {state} durability={self._durability.value} "
+            f"segments={self._first}..{self._written_seq}>"
+        )
+
+    # ---- appending -----------------------------------------------------
+
+    async def append(self, data: bytes) -> Position:
+        """Append one record; return its position once it is durable per the policy.
+
+        Raises:
+            RecordTooLargeError: ``data`` is over ``max_record_size``.
+            WALFailedError: the log failed (now or earlier); the record may or
+                may not be on disk and must be treated as not durable.
+            WALClosedError: the log was closed.
+        """
+        self._check_writable()
+        length = len(data)
+        if length > self._max_record_size:
+            raise self._too_large(length)
+        frame = encode_frame(data)
+        segment, offset = self._reserve(len(frame))
+        future = self._loop.create_future()
+        self._submit((_Chunk(segment, offset, len(frame), frame, future),))
+        # If this task is cancelled, the future is cancelled with it and the
+        # writer skips it; the frame is still written, in its place.
+        await future
+        return Position(segment, offset, length)
+
+    async def append_many(self, records: Sequence[bytes]) -> list[Position]:
+        """Append records as one group; return their positions once all are durable.
+
+        The records are written contiguously and in order, and share the
+        guarantees of :meth:`append`. A group that does not fit in one segment
+        is spread over several, each record whole in one of them.
+        """
+        self._check_writable()
+        if not records:
+            return []
+        lengths = list(map(len, records))
+        largest = max(lengths)
+        if largest > self._max_record_size:
+            raise self._too_large(largest, index=lengths.index(largest))
+        pieces = encode_frames(records, lengths)
+        total = sum(lengths) + FRAME_HEADER_SIZE * len(lengths)
+        future = self._loop.create_future()
+        if not (len(lengths) == 1 or total + SEGMENT_HEADER_SIZE <= self._segment_size):
+            positions = self._queue_spread(pieces, lengths, future)
+            await future
+            return positions
+        segment, offset = self._reserve(total)
+        chunk = _Chunk(segment, offset, total, pieces, future)
+        if len(lengths) < _OVERLAP_POSITIONS or self._durability is not Durability.ALWAYS:
+            positions = _positions(segment, offset, lengths)
+            self._submit((chunk,))
+            await future
+            return positions
+        # Many records: build their positions while the group's fsync runs
+        # (it lets go of the GIL), not before the write, which would delay it.
+        chunk.written = written = self._loop.create_future()
+        self._submit((chunk,))
+        try:
+            await written
+        except BaseException:
+            future.cancel()  # nobody waits on it now; it is still written
+            raise
+        positions = _positions(segment, offset, lengths)
+        await future
+        return positions
+
+    def _queue_spread(
+        self, pieces: list[bytes], lengths: list[int], future: asyncio.Future[None]
+    ) -> list[Position]:
+        """Queue a group larger than a segment record by record across segments."""
+        positions: list[Position] = []
+        chunks: list[_Chunk] = []
+        start = 0
+        for index, length in enumerate(lengths):
+            segment, offset = self._reserve(length + FRAME_HEADER_SIZE)
+            if not chunks or chunks[-1].segment != segment:
+                if chunks:
+                    chunks[-1].data = pieces[2 * start : 2 * index]
+                chunks.append(_Chunk(segment, offset, 0, [], None))
+                start = index
+            chunks[-1].nbytes += length + FRAME_HEADER_SIZE
+            positions.append(Position(segment, offset, length))
+        chunks[-1].data = pieces[2 * start :]
+        chunks[-1].future = future
+        self._submit(chunks)
+        return positions
+
+    async def roll(self) -> None:
+        """Start a new segment; later appends go there.
+
+        The current segment is synced and left complete. Useful to make the
+        records so far eligible for :meth:`clean` as soon as they are released.
+        """
+        self._check_writable()
+        self._tail_seq += 1
+        self._tail_size = SEGMENT_HEADER_SIZE
+        future = self._loop.create_future()
+        self._submit((_Chunk(self._tail_seq, SEGMENT_HEADER_SIZE, 0, b"", future),))
+        await future
+
+    def _reserve(self, nbytes: int) -> tuple[int, int]:
+        """Fix where the next ``nbytes`` of frames go: (segment, offset)."""
+        segment, size = self._tail_seq, self._tail_size
+        # Roll when these frames would overflow the segment, unless it is
+        # empty: a record larger than a segment goes alone into its own.
+        if size + nbytes > self._segment_size and size > SEGMENT_HEADER_SIZE:
+            segment += 1
+            size = SEGMENT_HEADER_SIZE
+        self._tail_seq = segment
+        self._tail_size = size + nbytes
+        return segment, size
+
+    def _check_writable(self) -> None:
+        if self._closing:
+            raise WALClosedError(f"the write-ahead log in {self._directory} is closed")
+        if self._failed is not None:
+            raise self._failed_error()
+
+    def _too_large(self, size: int, *, index: int | None = None) -> RecordTooLargeError:
+        which = "a record" if index is None else f"record {index} of the group"
+        return RecordTooLargeError(
+            f"{which} is {size} bytes, over the write-ahead log's limit of "
+            f"{self._max_record_size} bytes; split it, or raise max_record_size "
+            f"(up to {MAX_RECORD_SIZE_LIMIT})"
+        )
+
+    def _failed_error(self) -> WALFailedError:
+        cause = self._failed
+        what = (
+            f"[Errno {cause.errno}] {cause.strerror}"
+            if isinstance(cause, OSError) and cause.errno is not None
+            else repr(cause)
+        )
+        error = WALFailedError(
+            f"the write-ahead log in {self._directory} failed: {what}. Nothing appended "
+            f"after its last successful sync can be assumed durable, and it takes no more "
+            f"appends; restart the process to recover the log from disk."
+        )
+        error.__cause__ = cause
+        return error
+
+    # ---- the flusher and its writer thread ------------------------------
+    #
+    # The flusher task hands the writing to one worker thread, which writes
+    # group after group for as long as appends keep coming and lingers a
+    # moment when they stop. A busy log thus pays no thread hand-off per
+    # group: while one group is synced, the next one gathers in the queue,
+    # and the writer takes it as soon as the sync returns. Completions go
+    # back to the loop through call_soon_threadsafe, in order.
+    #
+    # The queue is a deque: the loop only appends to it and the writer only
+    # pops from it (both atomic under the GIL), except that _fail clears it
+    # once the writer has stopped.
+
+    def _submit(self, chunks: Iterable[_Chunk]) -> None:
+        self._queue.extend(chunks)
+        if not self._work.is_set():  # a cheap read; set() takes a lock
+            self._work.set()
+        if not self._writing:  # else the running writer takes them; no task switch needed
+            self._wakeup.set()
+
+    async def _flush_loop(self) -> None:
+        """Keep a writer thread running while there is anything to write."""
+        try:
+            while self._failed is None:
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                self._writing = True
+                try:
+                    await anyio.to_thread.run_sync(self._write_loop, limiter=self._limiter)
+                except Exception as exc:  # a bug, not an I/O error: those are handled inside
+                    self._fail(exc, ())
+                    return
+                finally:
+                    # Anything queued after the writer last looked is seen
+                    # by the queue check at the top of the loop.
+                    self._writing = False
+        except asyncio.CancelledError:
+            # Cancelled from outside (the loop is shutting down without
+            # aclose): nobody will write the queue, so no caller may wait on it.
+            self._stop.set()
+            self._closing = True
+            for chunk in self._queue:
+                chunk.fail(
+                    lambda: WALClosedError(
+                        f"the write-ahead log in {self._directory} was shut down "
+                        f"(its flusher task was cancelled) before this append was written"
+                    )
+                )
+            self._queue.clear()
+            raise
+
+    def _write_loop(self) -> None:
+        """Worker thread: write queued groups until idle for a while, closed or failed."""
+        with self._writer_lock:
+            queue, work = self._queue, self._work
+            idle_since = time.monotonic()
+            while not self._stop.is_set():
+                work.clear()
+                if queue:
+                    group = self._take_group()
+                    try:
+                        self._write_group(group)
+                    except Exception as exc:
+                        self._post(self._fail, exc, group)
+                        return
+                    self._post(self._written, group, self._wseq, self._wsize)
+                    idle_since = time.monotonic()
+                    continue
+                if self._closing:
+                    return
+                now = time.monotonic()
+                if self._dirty:  # interval durability: sync when the interval is up
+                    timeout = self._last_sync + self._sync_interval - now
+                    if timeout <= 0:
+                        try:
+                            self._sync_writer()
+                        except Exception as exc:
+                            self._post(self._fail, exc, ())
+                            return
+                        continue
+                else:
+                    timeout = idle_since + _WRITER_LINGER - now
+                    if timeout <= 0:
+                        return
+                work.wait(timeout)
+
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _take_group(self) -> list[_Chunk]:
+        queue = self._queue
+        group = [queue.popleft()]
+        size = group[0].nbytes
+        while queue and size + queue[0].nbytes <= self._max_group_bytes:
+            chunk = queue.popleft()
+            group.append(chunk)
+            size += chunk.nbytes
+        return group
+
+    def _written(self, group: list[_Chunk], segment: int, size: int) -> None:
+        """On the loop: a group is written (and synced per policy); acknowledge it."""
+        self._written_seq = segment
+        self._written_size = size
+        for chunk in group:
+            future = chunk.future
+            if future is not None and not future.done():
+                future.set_result(None)
+            if chunk.written is not None:
+                _resolve(chunk.written)
+
+    def _fail(self, error: BaseException, group: Iterable[_Chunk]) -> None:
+        """On the loop: refuse all further appends, and fail every waiting one."""
+        if self._failed is None:
+            self._failed = error
+            logger.error(
+                "write-ahead log in %s failed and takes no more appends: %s; "
+                "restart the process to recover it from disk",
+                self._directory,
+                error,
+            )
+        for chunk in itertools.chain(group, self._queue):
+            chunk.fail(self._failed_error)
+        self._queue.clear()
+
+    def _write_group(self, group: list[_Chunk]) -> None:
+        if len(group) == 1 and group[0].segment == self._wseq:
+            self._write_chunk(group[0])  # the common case of one large append_many
+            return
+        pieces: list[bytes] = []
+        size = self._wsize
+        for chunk in group:
+            if chunk.segment != self._wseq:
+                self._write_pieces(pieces)
+                pieces = []
+                self._roll_to(chunk.segment)
+                size = self._wsize
+            if chunk.offset != size:
+                raise AssertionError(
+                    f"internal error: frames queued for offset {chunk.offset} of segment "
+                    f"{chunk.segment} would land at {size}"
+                )
+            if isinstance(chunk.data, bytes):
+                if chunk.data:
+                    pieces.append(chunk.data)
+            else:
+                pieces += chunk.data
+            size += chunk.nbytes
+        self._write_pieces(pieces)
+        self._announce_written(group)
+        self._sync_per_policy()
+
+    def _write_chunk(self, chunk: _Chunk) -> None:
+        if chunk.offset != self._wsize:
+            raise AssertionError(
+                f"internal error: frames queued for offset {chunk.offset} of segment "
+                f"{chunk.segment} would land at {self._wsize}"
+            )
+        data = chunk.data
+        self._write_pieces([data] if isinstance(data, bytes) else data)
+        self._announce_written((chunk,))
+        self._sync_per_policy()
+
+    def _announce_written(self, chunks: Iterable[_Chunk]) -> None:
+        for chunk in chunks:
+            if chunk.written is not None:
+                self._post(_resolve, chunk.written)
+
+    def _sync_per_policy(self) -> None:
+        durability = self._durability
+        if durability is Durability.ALWAYS or (
+            durability is Durability.INTERVAL
+            and time.monotonic() - self._last_sync >= self._sync_interval
+        ):
+            self._sync_writer()
+        elif durability is Durability.INTERVAL:
+            self._dirty = True
+
+    def _write_pieces(self, pieces: list[bytes]) -> None:
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if not data:
+            return
+        assert self._wfile is not None
+        self._wfile.append(data)
+        self._wsize += len(data)
+
+    def _sync_writer(self) -> None:
+        assert self._wfile is not None
+        started = time.monotonic()
+        self._wfile.sync()
+        self._dirty = False
+        self._last_sync = finished = time.monotonic()
+        took = finished - started
+        if took > _SLOW_SYNC:
+            logger.warning(
+                "fsync of %s took %.2fs; the disk is slow or overloaded, and every "
+                "append waits for it",
+                self._wfile.path,
+                took,
+            )
+
+    def _roll_to(self, seq: int) -> None:
+        """Seal the current segment (sync, close) and make ``seq`` the current one."""
+        if seq != self._wseq + 1:
+            raise AssertionError(f"internal error: roll from segment {self._wseq} to {seq}")
+        assert self._wfile is not None
+        # Sealed segments are complete on disk before a later one exists:
+        # recovery tolerates a torn tail in the last segment only.
+        self._sync_writer()
+        self._wfile.close()
+        self._wfile = None
+        self._wfile = self._create_segment(seq)
+        self._wseq = seq
+        self._wsize = SEGMENT_HEADER_SIZE
+
+    # ---- reading -------------------------------------------------------
+
+    async def read(self, position: Position) -> bytes:
+        """The record at ``position``, checked against its crc.
+
+        Raises:
+            WALCorruptionError: the record fails its checks.
+            WALError: the segment was cleaned, or ``position`` is not a record
+                this log wrote.
+            WALClosedError: the log was closed.
+        """
+        if self._closing:
+            raise WALClosedError(f"the write-ahead log in {self._directory} is closed")
+        segment, offset, length = position
+        self._check_readable(segment)
+        end = offset + FRAME_HEADER_SIZE + length
+        if (
+            offset < SEGMENT_HEADER_SIZE
+            or segment > self._written_seq
+            or (segment == self._written_seq and end > self._written_size)
+        ):
+            raise WALError(
+                f"{position} is not a record of the write-ahead log in {self._directory}: "
+                f"it lies outside what was written"
+            )
+        reader = await self._acquire_reader(segment)
+        try:
+            data = await _in_thread(
+                functools.partial(self._read_sync, reader.file, position),
+                abandoned=lambda _: self._release_reader(reader),
+            )
+        except asyncio.CancelledError:
+            raise  # the reader is released when the abandoned read returns
+        except BaseException:
+            self._release_reader(reader)
+            raise
+        self._release_reader(reader)
+        return data
+
+    def _check_readable(self, segment: int) -> None:
+        if segment < self._first:
+            raise WALError(
+                f"segment {segment} of the write-ahead log in {self._directory} was cleaned "
+                f"(deleted after its records were released); it can no longer be read"
+            )
+
+    async def _acquire_reader(self, segment: int) -> _Reader:
+        reader = self._readers.get(segment)
+        if reader is None:
+            async with self._reader_lock:
+                reader = self._readers.get(segment)
+                if reader is None:
+                    path = self._segment_path(segment)
+                    try:
+                        file = await _in_thread(
+                            functools.partial(self._fs.open, path),
+                            abandoned=_close_if_opened,
+                        )
+                    except FileNotFoundError:
+                        self._check_readable(segment)
+                        raise WALError(f"segment file {path} is missing") from None
+                    if segment < self._first:  # a clean raced the open
+                        await anyio.to_thread.run_sync(file.close)
+                        self._check_readable(segment)
+                    reader = self._readers[segment] = _Reader(file)
+        reader.users += 1
+        return reader
+
+    def _release_reader(self, reader: _Reader) -> None:
+        reader.users -= 1
+        if reader.retired and reader.users == 0:
+            # Its segment was cleaned or the log closed while this read ran;
+            # closing a read-only descriptor does not wait on the disk.
+            reader.file.close()
+
+    def _read_sync(self, file: File, position: Position) -> bytes:
+        _, offset, length = position
+        data = file.read(offset, FRAME_HEADER_SIZE + length)
+        check = check_frame(data, 0, len(data))
+        length_known = check.fault not in (FrameFault.SHORT_HEADER, FrameFault.BAD_LENGTH_CHECK)
+        if length_known and check.length != length:
+            raise WALError(
+                f"{position} does not match the record in {file.path} at offset {offset}, "
+                f"which is {check.length} bytes long; pass positions returned by this log"
+            )
+        if check.fault is not None:
+            problem = Problem(file.path, offset, check.reason)
+            raise corruption_error(problem, self._directory)
+        return data[FRAME_HEADER_SIZE:]
+
+    async def replay(self, start: Position | None = None) -> AsyncIterator[tuple[Position, bytes]]:
+        """Every intact record in log order, from ``start`` (inclusive) or the beginning.
+
+        Records appended while replaying are included if the replay gets to
+        them. Raises WALCorruptionError at the first bad record (any bad
+        frame is corruption here: a torn tail was cut off on open) and
+        WALError if a segment is cleaned before the replay reaches it.
+        """
+        if self._closing:
+            raise WALClosedError(f"the write-ahead log in {self._directory} is closed")
+        if start is None:
+            segment, offset = self._first, SEGMENT_HEADER_SIZE
+        else:
+            segment, offset = start.segment, max(start.offset, SEGMENT_HEADER_SIZE)
+        expect = start
+        fresh = True  # nothing read from this segment yet: check its header
+        while True:
+            if self._closing:
+                raise WALClosedError(f"the write-ahead log in {self._directory} is closed")
+            self._check_readable(segment)
+            if segment > self._written_seq:
+                return
+            sealed = segment < self._written_seq
+            limit = None if sealed else self._written_size
+            if limit is not None and offset >= limit:
+                return
+            records, offset, at_end = await anyio.to_thread.run_sync(
+                self._replay_chunk, segment, offset, limit, fresh
+            )
+            fresh = False
+            if expect is not None and records and records[0][0] != expect:
+                raise WALError(
+                    f"cannot replay from {expect}: the record at that offset is "
+                    f"{records[0][0].length} bytes, so the position is not from this log"
+                )
+            expect = None
+            for record in records:
+                yield record
+            if at_end and sealed:
+                segment += 1
+                offset = SEGMENT_HEADER_SIZE
+                fresh = True
+
+    def _replay_chunk(
+        self, segment: int, offset: int, limit: int | None, check_header: bool
+    ) -> tuple[list[tuple[Position, bytes]], int, bool]:
+        """Read the records from ``offset`` on (up to about a scan chunk).
+
+        Returns ``(records, next_offset, at_end)``; ``limit`` is where the
+        written data ends, None for a sealed segment (its file size).
+        """
+        path = self._segment_path(segment)
+        try:
+            file = self._fs.open(path)
+        except FileNotFoundError:
+            raise WALError(
+                f"segment {segment} of the write-ahead log in {self._directory} was cleaned "
+                f"while it was being replayed"
+            ) from None
+        try:
+            size = file.size() if limit is None else limit
+            if check_header:
+                reason = check_segment_header(file.read(0, SEGMENT_HEADER_SIZE), segment)
+                if reason is not None:
+                    problem = Problem(path, 0, f"the segment header {reason}")
+                    raise corruption_error(problem, self._directory)
+            written = size
+            want = _SCAN_CHUNK
+            while True:
+                requested = min(size - offset, want)
+                buf = file.read(offset, requested)
+                short = len(buf) < requested
+                if short:  # the file ends before the data it should hold
+                    size = offset + len(buf)
+                found, stop = scan(buf, 0, len(buf))
+                records = [(Position(segment, offset + o, len(p)), p) for o, p in found]
+                if stop == len(buf) and not (short and not records):
+                    return records, offset + stop, offset + stop >= size and not short
+                check = check_frame(buf, stop, len(buf))
+                more = FRAME_HEADER_SIZE + (
+                    check.length if check.fault is FrameFault.PAST_END else 0
+                )
+                if (
+                    check.fault in (FrameFault.SHORT_HEADER, FrameFault.PAST_END)
+                    and offset + len(buf) < size
+                    and offset + stop + more <= size
+                ):
+                    if records:
+                        return records, offset + stop, False
+                    want = max(want, more)
+                    continue
+                if records:  # hand out the intact records first; the next call raises
+                    return records, offset + stop, False
+                reason = check.reason
+                if short and stop == len(buf):
+                    reason = f"the file ends here, before the {written} bytes written to it"
+                problem = Problem(path, offset + stop, reason)
+                raise corruption_error(problem, self._directory)
+        finally:
+            file.close()
+
+    # ---- cleaning and closing --------------------------------------------
+
+    async def clean(self, up_to: Position) -> int:
+        """Delete the whole segments before ``up_to.segment``; return how many.
+
+        The segment appends go to is never deleted. Each deletion is made
+        durable before the next, so after a crash the remaining segments are
+        still a gap-free run.
+
+        Raises:
+            WALError: ``up_to`` lies beyond the end of the log.
+            OSError: a segment could not be deleted.
+        """
+        if self._closing:
+            raise WALClosedError(f"the write-ahead log in {self._directory} is closed")
+        async with self._clean_lock:
+            if up_to.segment > self._tail_seq:
+                raise WALError(
+                    f"cannot clean up to {up_to}: the write-ahead log in {self._directory} "
+                    f"ends in segment {self._tail_seq}"
+                )
+            stop = min(up_to.segment, self._written_seq)
+            doomed = list(range(self._first, stop))
+            if not doomed:
+                return 0
+            self._first = stop  # from here on, reads of these segments fail cleanly
+            idle = self._retire_readers(doomed)
+            await anyio.to_thread.run_sync(self._remove_segments, doomed, idle)
+            return len(doomed)
+
+    def _retire_readers(self, segments: Iterable[int]) -> list[File]:
+        """Drop cached read handles; return those no read is using (to close now)."""
+        idle: list[File] = []
+        for segment in segments:
+            reader = self._readers.pop(segment, None)
+            if reader is None:
+                continue
+            reader.retired = True
+            if reader.users == 0:
+                idle.append(reader.file)
+        return idle
+
+    def _remove_segments(self, segments: list[int], handles: list[File]) -> None:
+        for file in handles:
+            file.close()
+        for segment in segments:
+            self._fs.remove(self._segment_path(segment))
+            self._fs.sync_dir(self._directory)
+
+    async def aclose(self) -> None:
+        """Write and sync everything queued, then close; idempotent.
+
+        Syncs whatever the durability policy. Raises WALFailedError (once) if
+        that final sync fails; a log that had already failed closes quietly,
+        since its appends were already told.
+        """
+        first = self._close_task is None
+        if self._close_task is None:
+            self._closing = True
+            self._work.set()
+            self._wakeup.set()
+            self._close_task = self._loop.create_task(self._close())
+        # Shielded: a cancelled aclose still finishes closing in the background.
+        error = await asyncio.shield(self._close_task)
+        if first and error is not None:
+            raise error
+
+    async def _close(self) -> BaseException | None:
+        flusher = self._flusher
+        if flusher is not None:
+            await asyncio.wait([flusher])
+            if not flusher.cancelled() and flusher.exception() is not None:
+                logger.error(
+                    "write-ahead log flusher for %s crashed",
+                    self._directory,
+                    exc_info=flusher.exception(),
+                )
+        already_failed = self._failed is not None
+        idle = self._retire_readers(list(self._readers))
+        try:
+            await anyio.to_thread.run_sync(self._close_sync, idle, not already_failed)
+        except Exception as exc:
+            self._fail(exc, [])
+            return self._failed_error()
+        return None
+
+    def _close_sync(self, readers: list[File], sync: bool) -> None:
+        self._stop.set()
+        try:
+            # Only after a writer thread abandoned by a cancelled flusher has
+            # stopped touching the file.
+            with self._writer_lock:
+                if sync and self._wfile is not None:
+                    self._sync_writer()
+        finally:
+            try:
+                for file in readers:
+                    file.close()
+                if self._wfile is not None:
+                    self._wfile.close()
+                    self._wfile = None
+            finally:
+                self._release_lock()
+
+    async def __aenter__(self) -> WriteAheadLog:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _segment_path(self, seq: int) -> str:
+        return os.path.join(self._directory, segment_name(seq))
+
+
+def _check_settings(
+    durability: Durability | str,
+    sync_interval: float,
+    segment_size: int,
+    max_record_size: int,
+    max_group_bytes: int,
+) -> Durability:
+    """Validate :meth:`WriteAheadLog.open`'s settings; return the durability."""
+    try:
+        mode = Durability(durability)
+    except ValueError:
+        allowed = ", ".join(repr(d.value) for d in Durability)
+        raise ConfigError(f"durability={durability!r} is not one of {allowed}") from None
+    if (
+        isinstance(sync_interval, bool)
+        or not isinstance(sync_interval, int | float)
+        or not math.isfinite(sync_interval)
+        or sync_interval <= 0
+    ):
+        raise ConfigError(
+            f"sync_interval={sync_interval!r} must be a positive, finite number of seconds"
+        )
+    min_segment = SEGMENT_HEADER_SIZE + FRAME_HEADER_SIZE
+    for name, value, low, high in (
+        ("segment_size", segment_size, min_segment, None),
+        ("max_record_size", max_record_size, 1, MAX_RECORD_SIZE_LIMIT),
+        ("max_group_bytes", max_group_bytes, 1, None),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r} must be an integer number of bytes")
+        if value < low or (high is not None and value > high):
+            allowed = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"{name}={value} is out of range: it must be {allowed} bytes")
+    return mode

@@ -1,0 +1,322 @@
+"""Offline tools for a write-ahead log directory: verify, dump and repair.
+
+These are what ``streamlet wal verify | dump | repair`` run, as plain
+functions returning result objects so they can be used from Python too.
+``verify`` and ``dump`` only read. ``repair`` is the one explicit way to cut
+a corrupt log short; it never runs by itself (opening a log refuses a corrupt
+one), and it keeps a ``.broken`` copy of every file it changes or removes.
+
+What counts as a torn tail and what as corruption is defined in
+:mod:`streamlet.wal.format`; the checks are the ones recovery uses
+(:func:`streamlet.wal.log.inspect_log`), applied to every segment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from streamlet.fs import File, FileSystem, OsFileSystem
+from streamlet.wal.format import (
+    FRAME_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    TEMP_SUFFIX,
+    FrameCheck,
+    FrameFault,
+    check_frame,
+    check_segment_header,
+    encode_segment_header,
+    parse_segment_name,
+    segment_name,
+)
+from streamlet.wal.log import Problem, TornTail, inspect_log, lock_directory
+
+__all__ = ["BROKEN_SUFFIX", "RepairResult", "VerifyReport", "dump", "repair", "verify"]
+
+BROKEN_SUFFIX = ".broken"
+"""Suffix of the copies ``repair`` keeps of the files it changes."""
+
+_CHUNK = 4 * 2**20
+_HEAD = 32  # payload bytes shown per record by dump
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :func:`verify` found."""
+
+    directory: str
+    segments: int
+    """Segment files checked (up to the problem, if any)."""
+    records: int
+    """Intact records found (up to the problem, if any)."""
+    bytes: int
+    """Sum of their payload sizes."""
+    problem: Problem | None
+    """The first corruption, or None."""
+    torn_tail: TornTail | None
+    """A torn tail of the last segment: not corruption; cut off on the next open."""
+    temp_files: tuple[str, ...]
+    """Leftovers of an interrupted segment creation, deleted on the next open."""
+
+    @property
+    def ok(self) -> bool:
+        """True when the log opens and replays without error."""
+        return self.problem is None
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """What :func:`repair` did, or with ``dry_run`` would do."""
+
+    directory: str
+    problem: Problem | None
+    """The first corruption; None means there was nothing to repair."""
+    torn_tail: TornTail | None
+    """A torn tail, left alone: opening the log cuts it off."""
+    truncated: tuple[str, int] | None
+    """The segment cut short and the size it is cut to."""
+    recreated: str | None
+    """A segment whose header was bad, replaced by an empty one with the same seq."""
+    removed: tuple[str, ...]
+    """Later segments taken out of the log whole (renamed to ``*.broken``)."""
+    lost_records: int
+    """Records after the cut that could still be framed; there may be more that could not."""
+    lost_bytes: int
+    """File bytes after the cut, in all affected segments."""
+    backups: tuple[str, ...]
+    """The ``.broken`` copies made; empty for a dry run."""
+    applied: bool
+    """False for a dry run or when there was nothing to do."""
+
+
+def verify(directory: str | os.PathLike[str], *, fs: FileSystem | None = None) -> VerifyReport:
+    """Check every segment header and record of the log in ``directory``; change nothing.
+
+    Raises:
+        OSError: the directory or a segment cannot be read.
+    """
+    path = os.path.abspath(os.fspath(directory))
+    found = inspect_log(fs or OsFileSystem(), path, scan_all=True)
+    return VerifyReport(
+        directory=path,
+        segments=len(found.segments),
+        records=sum(s.records for s in found.segments),
+        bytes=sum(s.payload_bytes for s in found.segments),
+        problem=found.problem,
+        torn_tail=found.torn_tail,
+        temp_files=tuple(found.temp_files),
+    )
+
+
+def dump(
+    directory: str | os.PathLike[str],
+    *,
+    fs: FileSystem | None = None,
+    on_problem: Callable[[Problem], None] | None = None,
+) -> Iterator[dict[str, object]]:
+    """One dict per record in log order: segment, offset, length, crc_ok, head.
+
+    ``head`` is the hex of the first 32 payload bytes. A record that fails
+    only its checksum is listed with ``crc_ok`` false and the walk goes on
+    (its length is known to be right); where the framing itself is damaged
+    the rest of that segment cannot be followed: ``on_problem`` is told, and
+    the dump continues with the next segment. A bad segment header is
+    reported the same way.
+    """
+    fs = fs or OsFileSystem()
+    path = os.path.abspath(os.fspath(directory))
+    report = on_problem or (lambda problem: None)
+    seqs = sorted(s for s in map(parse_segment_name, fs.listdir(path)) if s is not None)
+    for seq in seqs:
+        segment_path = os.path.join(path, segment_name(seq))
+        file = fs.open(segment_path)
+        try:
+            size = file.size()
+            reason = check_segment_header(file.read(0, SEGMENT_HEADER_SIZE), seq)
+            if reason is not None:
+                report(Problem(segment_path, 0, f"the segment header {reason}"))
+                continue
+            for offset, check, head in _walk(file, size, SEGMENT_HEADER_SIZE):
+                if check.fault not in (None, FrameFault.BAD_CRC):
+                    report(Problem(segment_path, offset, check.reason))
+                    break
+                yield {
+                    "segment": seq,
+                    "offset": offset,
+                    "length": check.length,
+                    "crc_ok": check.fault is None,
+                    "head": head.hex(),
+                }
+        finally:
+            file.close()
+
+
+def repair(
+    directory: str | os.PathLike[str], *, dry_run: bool = False, fs: FileSystem | None = None
+) -> RepairResult:
+    """Cut the log in ``directory`` at its first bad record, keeping ``.broken`` copies.
+
+    Everything from the first problem on is taken out of the log: the damaged
+    segment is truncated at the bad record (or, for a bad header, replaced by
+    an empty segment with the same seq) and every later segment is renamed to
+    ``NAME.broken``. A torn tail alone needs no repair: opening the log cuts
+    it off. With ``dry_run`` nothing is changed and the result says what
+    would be.
+
+    Later segments go first, each rename made durable before the damaged
+    segment is cut, so a crash during repair never leaves a log that opens
+    with records missing from its middle; running repair again finishes it.
+
+    Raises:
+        WALError: a writer has the log open.
+        OSError: a file cannot be read, copied or changed.
+    """
+    fs = fs or OsFileSystem()
+    path = os.path.abspath(os.fspath(directory))
+    found = inspect_log(fs, path, scan_all=True)
+    problem = found.problem
+    if problem is None:
+        return RepairResult(path, None, found.torn_tail, None, None, (), 0, 0, (), False)
+
+    bad_seq = parse_segment_name(os.path.basename(problem.path))
+    assert bad_seq is not None
+    seqs = sorted(s for s in map(parse_segment_name, fs.listdir(path)) if s is not None)
+    removed = tuple(os.path.join(path, segment_name(s)) for s in seqs if s > bad_seq)
+    truncated: tuple[str, int] | None = None
+    recreated: str | None = None
+    lost_records = lost_bytes = 0
+    if fs.exists(problem.path):
+        if problem.offset == 0:
+            recreated = problem.path
+            records, size = _count(fs, problem.path, SEGMENT_HEADER_SIZE)
+            lost_bytes += size
+        else:
+            truncated = (problem.path, problem.offset)
+            records, size = _count(fs, problem.path, problem.offset)
+            lost_bytes += size - problem.offset
+        lost_records += records
+    for later in removed:
+        records, size = _count(fs, later, SEGMENT_HEADER_SIZE)
+        lost_records += records
+        lost_bytes += size
+
+    backups: list[str] = []
+    if not dry_run:
+        lock = lock_directory(path) if isinstance(fs, OsFileSystem) else None
+        try:
+            # Newest first: an interrupted repair leaves a gap-free prefix.
+            for later in reversed(removed):
+                backup = _free_name(fs, later + BROKEN_SUFFIX)
+                fs.rename(later, backup)
+                fs.sync_dir(path)
+                backups.append(backup)
+            if truncated is not None:
+                backups.append(_copy(fs, truncated[0]))
+                file = fs.open(truncated[0], writable=True)
+                try:
+                    file.truncate(truncated[1])
+                    file.sync()
+                finally:
+                    file.close()
+            if recreated is not None:
+                backups.append(_copy(fs, recreated))
+                temp = recreated + TEMP_SUFFIX
+                if fs.exists(temp):
+                    fs.remove(temp)
+                file = fs.create(temp)
+                try:
+                    file.append(encode_segment_header(bad_seq))
+                    file.sync()
+                finally:
+                    file.close()
+                fs.rename(temp, recreated)
+            fs.sync_dir(path)
+        finally:
+            if lock is not None:
+                os.close(lock)
+    return RepairResult(
+        directory=path,
+        problem=problem,
+        torn_tail=None,
+        truncated=truncated,
+        recreated=recreated,
+        removed=removed,
+        lost_records=lost_records,
+        lost_bytes=lost_bytes,
+        backups=tuple(backups),
+        applied=not dry_run,
+    )
+
+
+def _walk(file: File, size: int, start: int) -> Iterator[tuple[int, FrameCheck, bytes]]:
+    """Frames from ``start`` on, stepping over checksum failures: (offset, check, head).
+
+    Stops after yielding the first frame whose framing is damaged (its check's
+    fault is neither None nor BAD_CRC), since the next frame cannot be found.
+    """
+    base = offset = start
+    buf = b""
+    while offset < size:
+        rel = offset - base
+        check = check_frame(buf, rel, len(buf))
+        if check.fault in (FrameFault.SHORT_HEADER, FrameFault.PAST_END) and base + len(buf) < size:
+            # The frame goes on past what is buffered: buffer from it on.
+            needed = FRAME_HEADER_SIZE + (check.length if check.fault is FrameFault.PAST_END else 0)
+            requested = min(size - offset, max(_CHUNK, needed))
+            base, buf = offset, file.read(offset, requested)
+            if len(buf) < requested:  # the file shrank under us
+                size = offset + len(buf)
+            continue
+        if check.fault not in (None, FrameFault.BAD_CRC):
+            yield offset, check, b""
+            return
+        start_of_payload = rel + FRAME_HEADER_SIZE
+        yield offset, check, buf[start_of_payload : start_of_payload + min(_HEAD, check.length)]
+        offset += FRAME_HEADER_SIZE + check.length
+
+
+def _count(fs: FileSystem, path: str, start: int) -> tuple[int, int]:
+    """Records that can be framed in ``path`` from ``start`` on, and the file's size."""
+    file = fs.open(path)
+    try:
+        size = file.size()
+        records = sum(
+            1
+            for _, check, _ in _walk(file, size, start)
+            if check.fault in (None, FrameFault.BAD_CRC)
+        )
+    finally:
+        file.close()
+    return records, size
+
+
+def _free_name(fs: FileSystem, wanted: str) -> str:
+    """``wanted``, or ``wanted.N`` for the first N not taken (repairs can repeat)."""
+    name, n = wanted, 1
+    while fs.exists(name):
+        name = f"{wanted}.{n}"
+        n += 1
+    return name
+
+
+def _copy(fs: FileSystem, path: str) -> str:
+    """Copy ``path`` to a free ``.broken`` name, synced; return the copy's path."""
+    backup = _free_name(fs, path + BROKEN_SUFFIX)
+    source = fs.open(path)
+    try:
+        target = fs.create(backup)
+        try:
+            offset, size = 0, source.size()
+            while offset < size:
+                chunk = source.read(offset, min(_CHUNK, size - offset))
+                if not chunk:
+                    break
+                target.append(chunk)
+                offset += len(chunk)
+            target.sync()
+        finally:
+            target.close()
+    finally:
+        source.close()
+    return backup
