@@ -6,6 +6,7 @@ else lives in modules whose names say what they do, and may change.
 
 from __future__ import annotations
 
+from streamlet.app import App
 from streamlet.errors import (
     CommitError,
     ConfigError,
@@ -18,14 +19,28 @@ from streamlet.errors import (
     WALError,
     WALFailedError,
 )
+from streamlet.metrics import BatchInfo
+from streamlet.records import Batch, BlockRef, OffsetRange, Record
+from streamlet.sinks.base import Sink, SinkContext
+from streamlet.sources import DirectSource, SequenceSource
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "App",
+    "Batch",
+    "BatchInfo",
+    "BlockRef",
     "CommitError",
     "ConfigError",
+    "DirectSource",
     "HandlerError",
+    "OffsetRange",
+    "Record",
     "RecordTooLargeError",
+    "SequenceSource",
+    "Sink",
+    "SinkContext",
     "SinkError",
     "StreamletError",
     "WALClosedError",

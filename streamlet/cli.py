@@ -147,3 +147,120 @@ def wal_repair(directory: str, yes: bool) -> None:
     click.echo(f"repaired {done.directory}; copies kept:")
     for backup in done.backups:
         click.echo(f"  {backup}")
+
+
+def _load_app(target: str) -> streamlet.App:
+    """Import ``module:attribute`` (attribute defaults to ``app``) from the current directory."""
+    import importlib
+
+    module_name, _, attribute = target.partition(":")
+    attribute = attribute or "app"
+    if not module_name:
+        raise click.UsageError(
+            f"expected MODULE:APP such as examples.wordcount:app, not {target!r}"
+        )
+    # Like `python -m`, resolve the user's modules from the working directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise click.UsageError(
+                f"cannot import module {module_name!r} from {os.getcwd()}: {exc};"
+                " run from the directory that holds it or fix the name"
+            ) from exc
+        raise
+    try:
+        app = getattr(module, attribute)
+    except AttributeError:
+        raise click.UsageError(
+            f"module {module_name!r} has no attribute {attribute!r}; name the App object"
+            f" as {module_name}:<name>"
+        ) from None
+    if callable(app) and not isinstance(app, streamlet.App):
+        app = app()
+    if not isinstance(app, streamlet.App):
+        raise click.UsageError(
+            f"{target} is a {type(app).__name__}, not a streamlet.App (or a function returning one)"
+        )
+    return app
+
+
+@main.command("run")
+@click.argument("target", metavar="MODULE:APP")
+@click.option("--state-dir", type=click.Path(file_okay=False), help="Override the app's state_dir.")
+@click.option("--batch-interval", type=float, help="Override the batch interval (seconds).")
+@click.option("--duration", type=float, help="Stop gracefully after this many seconds.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+@click.option("--quiet", is_flag=True, help="Do not print a status line per batch.")
+def run(
+    target: str,
+    state_dir: str | None,
+    batch_interval: float | None,
+    duration: float | None,
+    log_level: str,
+    quiet: bool,
+) -> None:
+    """Run an app until Ctrl-C / SIGTERM (graceful; twice: at once) or --duration.
+
+    A restart on the same state directory re-runs the batches that were in
+    flight, with the same input, before it goes on.
+    """
+    import logging
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    app = _load_app(target)
+    if duration is not None and not duration > 0:
+        raise click.BadParameter(f"must be a positive number of seconds, not {duration}")
+    try:
+        app.configure(state_dir=state_dir, batch_interval=batch_interval)
+    except streamlet.ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if not quiet:
+        app.add_listener(lambda info: click.echo(info.status_line()))
+    try:
+        app.run(duration=duration)
+    except streamlet.ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(2) from exc
+    except streamlet.StreamletError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(1) from exc
+
+
+@main.group()
+def checkpoint() -> None:
+    """Look at an app's state directory (read-only; safe beside a running app)."""
+
+
+@checkpoint.command("show")
+@click.argument("directory", metavar="DIR", type=_LOG_DIR)
+@click.option("--json", "as_json", is_flag=True, help="Print the state as one JSON object.")
+def checkpoint_show(directory: str, as_json: bool) -> None:
+    """Print the newest checkpoint plus the tracker events after it, as recovery sees them."""
+    import orjson
+
+    from streamlet.state import read_state
+
+    try:
+        view = read_state(directory)
+    except OSError as exc:
+        click.echo(f"error: cannot read the state directory {directory}: {exc}", err=True)
+        raise click.exceptions.Exit(2) from exc
+    except streamlet.StreamletError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(1) from exc
+    if as_json:
+        click.echo(orjson.dumps(view.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(view.describe())

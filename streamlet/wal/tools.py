@@ -28,11 +28,20 @@ from streamlet.wal.format import (
     check_segment_header,
     encode_segment_header,
     parse_segment_name,
+    scan,
     segment_name,
 )
-from streamlet.wal.log import Problem, TornTail, inspect_log, lock_directory
+from streamlet.wal.log import Position, Problem, TornTail, inspect_log, lock_directory
 
-__all__ = ["BROKEN_SUFFIX", "RepairResult", "VerifyReport", "dump", "repair", "verify"]
+__all__ = [
+    "BROKEN_SUFFIX",
+    "RepairResult",
+    "VerifyReport",
+    "dump",
+    "read_records",
+    "repair",
+    "verify",
+]
 
 BROKEN_SUFFIX = ".broken"
 """Suffix of the copies ``repair`` keeps of the files it changes."""
@@ -150,6 +159,44 @@ def dump(
                 }
         finally:
             file.close()
+
+
+def read_records(
+    directory: str | os.PathLike[str],
+    *,
+    fs: FileSystem | None = None,
+    on_problem: Callable[[Problem], None] | None = None,
+) -> Iterator[tuple[Position, bytes]]:
+    """Every intact record in log order, without opening (or changing) the log.
+
+    For tools that look at a log another process may own, such as
+    ``streamlet checkpoint show``. The walk stops at the first record that
+    is not intact, torn tail or corruption alike, and tells ``on_problem``.
+    Each segment is read whole, so this suits small logs (the tracker's),
+    not the data WAL.
+    """
+    fs = fs or OsFileSystem()
+    path = os.path.abspath(os.fspath(directory))
+    report = on_problem or (lambda problem: None)
+    seqs = sorted(s for s in map(parse_segment_name, fs.listdir(path)) if s is not None)
+    for seq in seqs:
+        segment_path = os.path.join(path, segment_name(seq))
+        file = fs.open(segment_path)
+        try:
+            buf = file.read(0, file.size())
+        finally:
+            file.close()
+        reason = check_segment_header(buf[:SEGMENT_HEADER_SIZE], seq)
+        if reason is not None:
+            report(Problem(segment_path, 0, f"the segment header {reason}"))
+            return
+        records, stop = scan(buf, SEGMENT_HEADER_SIZE, len(buf))
+        for offset, payload in records:
+            yield Position(seq, offset, len(payload)), bytes(payload)
+        if stop < len(buf):
+            check = check_frame(buf, stop, len(buf))
+            report(Problem(segment_path, stop, check.reason))
+            return
 
 
 def repair(

@@ -1,0 +1,430 @@
+"""The composition root: an :class:`App` wires sources, handlers and sinks.
+
+``App`` holds settings and registrations and, in :meth:`App.serve`, builds the
+pipeline from left to right: state directory (lock, manifest) → checkpoint →
+tracker (replayed) → sources → sinks → scheduler (recovery first, then new
+batches). It does no batch work itself.
+
+State directory layout::
+
+    <state_dir>/app.json         what the app is: sources, handlers, sinks
+    <state_dir>/tracker/         the tracker's write-ahead log
+    <state_dir>/checkpoints/     checkpoint-<batch id>.json
+
+The manifest stops a state directory from being resumed by a different app,
+whose batches would not mean the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import orjson
+from anyio.abc import TaskStatus
+
+from streamlet.checkpoint import load_latest
+from streamlet.errors import ConfigError
+from streamlet.fs import FileSystem, OsFileSystem
+from streamlet.handlers import HandlerFn, HandlerSpec
+from streamlet.metrics import BatchInfo
+from streamlet.scheduler import BatchScheduler, FailurePolicy, RetryPolicy
+from streamlet.sinks.base import Sink, SinkContext
+from streamlet.sources.base import DirectSource
+from streamlet.tracker import Tracker, TrackerState
+from streamlet.wal import Position
+
+__all__ = ["App"]
+
+log = logging.getLogger("streamlet.app")
+
+MANIFEST = "app.json"
+MANIFEST_FORMAT = "streamlet.app"
+MANIFEST_VERSION = 1
+
+SourceArg = DirectSource | str
+SourcesArg = SourceArg | Sequence[SourceArg]
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+class App:
+    """A streaming application.
+
+    Args:
+        name: the app's name; part of every sink's idempotency key.
+        state_dir: where the tracker log and checkpoints live (default
+            ``.streamlet/<name>``); one running app per directory.
+        batch_interval: seconds between batches.
+        checkpoint_interval: seconds between checkpoints (0: after every
+            batch). Recovery replays the tracker log since the last one.
+        max_retries: retries of a failing handler call (or sink commit)
+            before ``on_failure`` applies.
+        retry_backoff: seconds before the first retry; doubles per retry.
+        handler_timeout: the most one handler call may take, in seconds.
+        on_failure: ``"stop"`` (default) stops the app with the batch
+            uncommitted, to run again after a fix; ``"dead_letter"`` sends a
+            failing handler's input records to ``dead_letter`` and goes on.
+        dead_letter: the sink for dead letters.
+        durability: the tracker log's fsync policy (``"always"``; see the WAL).
+        fs: the file layer (tests inject a fault-injecting one).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        batch_interval: float = 1.0,
+        checkpoint_interval: float = 5.0,
+        max_retries: int = 3,
+        retry_backoff: float = 0.2,
+        handler_timeout: float | None = None,
+        on_failure: FailurePolicy = "stop",
+        dead_letter: Sink | None = None,
+        durability: str = "always",
+        fs: FileSystem | None = None,
+    ) -> None:
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(
+                f"app name {name!r} must be non-empty and use only letters, digits, '-', '_', '.'"
+            )
+        self.name = name
+        self.state_dir = os.fspath(state_dir) if state_dir is not None else f".streamlet/{name}"
+        self.batch_interval = _positive("batch_interval", batch_interval)
+        if isinstance(checkpoint_interval, bool) or not checkpoint_interval >= 0:
+            raise ConfigError(
+                f"checkpoint_interval must be >= 0 seconds, not {checkpoint_interval!r}"
+            )
+        self.checkpoint_interval = float(checkpoint_interval)
+        self.retry = RetryPolicy(
+            max_retries=max_retries, backoff=retry_backoff, timeout=handler_timeout
+        )
+        if on_failure not in ("stop", "dead_letter"):
+            raise ConfigError(f"on_failure must be 'stop' or 'dead_letter', not {on_failure!r}")
+        if on_failure == "dead_letter" and dead_letter is None:
+            raise ConfigError("on_failure='dead_letter' needs a dead_letter sink")
+        self.on_failure: FailurePolicy = on_failure
+        self.dead_letter = dead_letter
+        if durability not in ("always", "interval", "none"):
+            raise ConfigError(
+                f"durability must be 'always', 'interval' or 'none', not {durability!r}"
+            )
+        self.durability = durability
+        self.fs: FileSystem = fs if fs is not None else OsFileSystem()
+        self._sources: dict[str, DirectSource] = {}
+        self._handlers: list[HandlerSpec] = []
+        self._listeners: list[Callable[[BatchInfo], object]] = []
+        self._stop: anyio.Event | None = None
+        self._stop_requested = False
+
+    # -- registration ------------------------------------------------------------
+
+    def configure(self, **settings: Any) -> None:
+        """Override settings before the app starts (used by ``streamlet run``)."""
+        for key, value in settings.items():
+            if value is None:
+                continue
+            if key == "state_dir":
+                self.state_dir = os.fspath(value)
+            elif key == "batch_interval":
+                self.batch_interval = _positive("batch_interval", value)
+            else:
+                raise ConfigError(f"unknown setting {key!r}")
+
+    def source(self, source: DirectSource, *, name: str | None = None) -> DirectSource:
+        """Register ``source`` and return it, to pass to :meth:`handler`."""
+        if not isinstance(source, DirectSource):
+            raise ConfigError(f"app.source() takes a source object, not {type(source).__name__}")
+        name = name or source.name or f"{type(source).__name__.lower()}-{len(self._sources) + 1}"
+        if name in self._sources and self._sources[name] is not source:
+            raise ConfigError(f"the app already has a source named {name!r}")
+        source.name = name
+        self._sources[name] = source
+        return source
+
+    def handler(
+        self, sources: SourcesArg, *, sink: Sink | None = None, name: str | None = None
+    ) -> Callable[[HandlerFn], HandlerFn]:
+        """Decorate an ``async def handler(batch)`` to run on every batch of ``sources``."""
+        items = [sources] if isinstance(sources, (DirectSource, str)) else list(sources)
+        names: list[str] = []
+        for item in items:
+            if isinstance(item, str):
+                names.append(item)
+            elif item.name in self._sources and self._sources[item.name] is item:
+                names.append(item.name)
+            else:
+                raise ConfigError(
+                    f"handler source {item!r} is not registered; pass it through app.source() first"
+                )
+        if not names:
+            raise ConfigError("a handler needs at least one source")
+        if sink is not None and not isinstance(sink, Sink):
+            raise ConfigError(f"sink must be a streamlet Sink, not {type(sink).__name__}")
+
+        def register(fn: HandlerFn) -> HandlerFn:
+            handler_name = name or getattr(fn, "__name__", "") or f"handler-{len(self._handlers)}"
+            if any(h.name == handler_name for h in self._handlers):
+                raise ConfigError(f"the app already has a handler named {handler_name!r}")
+            if sink is not None and any(h.sink is sink for h in self._handlers):
+                raise ConfigError(
+                    f"handler {handler_name!r} reuses another handler's sink object;"
+                    " give each handler its own sink"
+                )
+            self._handlers.append(HandlerSpec(handler_name, fn, tuple(names), sink))
+            return fn
+
+        return register
+
+    def add_listener(self, listener: Callable[[BatchInfo], object]) -> None:
+        """Call ``listener`` with every batch's :class:`BatchInfo`."""
+        self._listeners.append(listener)
+
+    def stop(self) -> None:
+        """Ask a running app to stop after the batch under way (graceful)."""
+        self._stop_requested = True
+        if self._stop is not None:
+            self._stop.set()
+
+    # -- running -------------------------------------------------------------------
+
+    def manifest(self) -> dict[str, Any]:
+        """What identifies this app's batches: its sources, handlers and sinks."""
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "app": self.name,
+            "sources": {name: src.describe() for name, src in sorted(self._sources.items())},
+            "handlers": {
+                h.name: {
+                    "sources": sorted(h.sources),
+                    "sink": h.sink.describe() if h.sink is not None else None,
+                }
+                for h in sorted(self._handlers, key=lambda h: h.name)
+            },
+        }
+
+    def _validate(self) -> None:
+        if not self._handlers:
+            raise ConfigError(f"app {self.name!r} has no handlers; decorate one with @app.handler")
+        for h in self._handlers:
+            for source in h.sources:
+                if source not in self._sources:
+                    raise ConfigError(f"handler {h.name!r} reads unknown source {source!r}")
+
+    def _prepare_state_dir(self) -> None:
+        path = self.state_dir
+        try:
+            self.fs.makedirs(path)
+            if isinstance(self.fs, OsFileSystem):
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+                if mode & 0o022:
+                    raise ConfigError(
+                        f"state_dir {path} is writable by other users (mode {mode:o});"
+                        f" run 'chmod 700 {path}' or choose another state_dir"
+                    )
+                if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                    raise ConfigError(
+                        f"state_dir {path} is not readable and writable by this user;"
+                        " fix its permissions or choose another state_dir"
+                    )
+            manifest_path = os.path.join(path, MANIFEST)
+            wanted = self.manifest()
+            if self.fs.exists(manifest_path):
+                file = self.fs.open(manifest_path)
+                try:
+                    raw = file.read(0, file.size())
+                finally:
+                    file.close()
+                try:
+                    found = orjson.loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    raise ConfigError(
+                        f"{manifest_path} is not valid JSON ({exc}); the state directory is"
+                        " damaged: restore it or choose another state_dir"
+                    ) from None
+                if found != wanted:
+                    raise ConfigError(self._manifest_mismatch(manifest_path, found, wanted))
+            else:
+                temp = manifest_path + ".tmp"
+                if self.fs.exists(temp):
+                    self.fs.remove(temp)
+                file = self.fs.create(temp)
+                try:
+                    file.append(orjson.dumps(wanted, option=orjson.OPT_INDENT_2))
+                    file.sync()
+                finally:
+                    file.close()
+                self.fs.rename(temp, manifest_path)
+                self.fs.sync_dir(path)
+        except OSError as exc:
+            raise ConfigError(
+                f"state_dir {path} cannot be used: {exc}; fix the path or its permissions,"
+                " or choose another state_dir"
+            ) from exc
+
+    def _manifest_mismatch(self, path: str, found: Any, wanted: dict[str, Any]) -> str:
+        differences = []
+        if not isinstance(found, dict):
+            differences.append("the manifest is not a JSON object")
+        else:
+            for key in ("format", "version", "app", "sources", "handlers"):
+                if found.get(key) != wanted[key]:
+                    differences.append(
+                        f"{key}: state has {found.get(key)!r}, app has {wanted[key]!r}"
+                    )
+        return (
+            f"state_dir {self.state_dir} belongs to a different app ({path}): "
+            + "; ".join(differences)
+            + ". Batches recorded there would not mean the same to this app. Use a new"
+            " state_dir for the changed app, or restore the original sources and handlers."
+        )
+
+    async def serve(
+        self,
+        *,
+        duration: float | None = None,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until :meth:`stop` (or ``duration`` seconds); usable in any anyio loop.
+
+        Recovery (re-running unfinished batches) completes before
+        ``task_status.started()`` is called.
+
+        Raises:
+            ConfigError: settings or the state directory are unusable.
+            HandlerError: a handler failed with ``on_failure="stop"``.
+            SinkError: a sink could not commit after retries.
+        """
+        self._validate()
+        self._stop = anyio.Event()
+        if self._stop_requested:
+            self._stop.set()
+        for h in self._handlers:
+            if h.sink is not None and h.sink.guarantee != "exactly-once":
+                log.warning(
+                    "handler %r writes to %s, which is %s: a batch re-run after a crash"
+                    " may repeat its outputs",
+                    h.name,
+                    h.sink.describe(),
+                    h.sink.guarantee,
+                )
+        await anyio.to_thread.run_sync(self._prepare_state_dir)
+        checkpoint_dir = os.path.join(self.state_dir, "checkpoints")
+        checkpoint = await anyio.to_thread.run_sync(load_latest, self.fs, checkpoint_dir)
+        base: TrackerState | None = None
+        after: Position | None = None
+        if checkpoint is not None:
+            body = checkpoint.body
+            if body.get("app") != self.name:
+                raise ConfigError(
+                    f"checkpoint {checkpoint.path} is of app {body.get('app')!r}, not {self.name!r}"
+                )
+            base = TrackerState.from_json(body["state"])
+            if body.get("last_event") is not None:
+                after = Position(*body["last_event"])
+            log.info("loaded checkpoint %s (batch %d)", checkpoint.path, checkpoint.batch_id)
+        tracker = await Tracker.open(
+            os.path.join(self.state_dir, "tracker"),
+            base=base,
+            after=after,
+            fs=self.fs,
+            durability=self.durability,
+        )
+        started_sources: list[DirectSource] = []
+        opened_sinks: list[Sink] = []
+        try:
+            for source in self._sources.values():
+                await source.start()
+                started_sources.append(source)
+            for h in self._handlers:
+                if h.sink is not None:
+                    await h.sink.open(SinkContext(self.name, h.name, self.state_dir))
+                    opened_sinks.append(h.sink)
+            if self.dead_letter is not None:
+                await self.dead_letter.open(SinkContext(self.name, "dead-letter", self.state_dir))
+                opened_sinks.append(self.dead_letter)
+            scheduler = BatchScheduler(
+                app=self.name,
+                tracker=tracker,
+                sources=self._sources,
+                handlers=self._handlers,
+                interval=self.batch_interval,
+                retry=self.retry,
+                on_failure=self.on_failure,
+                dead_letter=self.dead_letter,
+                fs=self.fs,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_interval=self.checkpoint_interval,
+                last_checkpoint_event=after,
+                listeners=self._listeners,
+            )
+            await scheduler.recover()
+            task_status.started()
+            await scheduler.run(self._stop, duration=duration)
+            await scheduler.maybe_checkpoint(force=True)
+            log.info("app %r stopped after batch %d", self.name, tracker.state.last_done)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for sink in reversed(opened_sinks):
+                    try:
+                        await sink.aclose()
+                    except Exception:
+                        log.exception("closing sink %s failed", sink.describe())
+                for source in reversed(started_sources):
+                    try:
+                        await source.aclose()
+                    except Exception:
+                        log.exception("closing source %s failed", source.name)
+                await tracker.aclose()
+
+    def run(self, *, duration: float | None = None, signals: bool = True) -> None:
+        """Run in a new event loop until stopped; for scripts and ``streamlet run``.
+
+        With ``signals``, SIGINT/SIGTERM stop gracefully (the batch under way
+        finishes and commits); a second signal stops at once, which is safe:
+        the next start recovers whatever was in flight.
+        """
+
+        async def main() -> None:
+            error: Exception | None = None
+            async with anyio.create_task_group() as tg:
+                if signals:
+                    tg.start_soon(self._watch_signals, tg.cancel_scope)
+                try:
+                    await self.serve(duration=duration)
+                except Exception as exc:
+                    # Raised after the task group, so callers see the error
+                    # itself rather than an ExceptionGroup around it.
+                    error = exc
+                tg.cancel_scope.cancel()
+            if error is not None:
+                raise error
+
+        anyio.run(main)
+
+    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+            count = 0
+            async for signum in received:
+                count += 1
+                if count == 1:
+                    log.warning(
+                        "%s: stopping after the batch under way (send again to stop at once)",
+                        signal.Signals(signum).name,
+                    )
+                    self.stop()
+                else:
+                    log.warning("%s again: stopping now", signal.Signals(signum).name)
+                    scope.cancel()
+                    return

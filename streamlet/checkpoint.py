@@ -1,0 +1,189 @@
+"""Atomic, versioned metadata checkpoints.
+
+A checkpoint is a snapshot of the tracker's state plus the position of the
+newest tracker-log event it includes; recovery loads the newest readable
+checkpoint and replays only the events after that position, so the log can
+be cleaned up to it.
+
+File format (``checkpoint-<batch id, 12 digits>.json``)::
+
+    {"format":"streamlet.checkpoint","version":1,"length":N,"crc32c":C}\\n
+    <N bytes: the body, one orjson document>
+
+The header line says what the file is for a person reading it; the CRC32C
+over the body catches a torn or bit-rotten file, which then is skipped in
+favour of the previous checkpoint (the tracker log is kept back to the oldest
+retained checkpoint so that fallback can replay). Nothing is pickled:
+a checkpoint is data only.
+
+Writing: temp file, fsync, rename, fsync directory (the rename is the
+commit point), then delete all but the newest ``keep`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import google_crc32c
+import orjson
+
+from streamlet.errors import StreamletError
+from streamlet.fs import FileSystem
+
+__all__ = ["Checkpoint", "CheckpointError", "list_checkpoints", "load_latest", "write_checkpoint"]
+
+log = logging.getLogger("streamlet.checkpoint")
+
+FORMAT = "streamlet.checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d{12})\.json$")
+_MAX_HEADER = 4096
+
+
+class CheckpointError(StreamletError):
+    """A checkpoint file is unreadable: bad header, length, checksum or version."""
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A checkpoint as read back: its file and body."""
+
+    path: str
+    batch_id: int
+    body: dict[str, Any]
+
+
+def _name(batch_id: int) -> str:
+    return f"checkpoint-{batch_id:012d}.json"
+
+
+def encode(body: Mapping[str, Any]) -> bytes:
+    """The bytes of a checkpoint file holding ``body``."""
+    payload = orjson.dumps(body)
+    header = orjson.dumps(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "length": len(payload),
+            "crc32c": google_crc32c.value(payload),
+        }
+    )
+    return header + b"\n" + payload
+
+
+def decode(data: bytes, path: str) -> dict[str, Any]:
+    """Parse and verify a checkpoint file's bytes.
+
+    Raises:
+        CheckpointError: naming ``path`` and what is wrong with it.
+    """
+    newline = data.find(b"\n", 0, _MAX_HEADER)
+    if newline < 0:
+        raise CheckpointError(f"checkpoint {path}: no header line in the first {_MAX_HEADER} bytes")
+    try:
+        header = orjson.loads(data[:newline])
+    except orjson.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {path}: header is not JSON ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a streamlet checkpoint")
+    if header.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {path}: format version {header.get('version')!r} is not readable"
+            f" by this streamlet (reads version {VERSION})"
+        )
+    payload = data[newline + 1 :]
+    if header.get("length") != len(payload):
+        raise CheckpointError(
+            f"checkpoint {path}: body is {len(payload)} bytes, header says {header.get('length')}"
+        )
+    if header.get("crc32c") != google_crc32c.value(payload):
+        raise CheckpointError(f"checkpoint {path}: body fails its CRC32C check")
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:  # pragma: no cover - CRC passed, so a writer bug
+        raise CheckpointError(f"checkpoint {path}: body is not JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise CheckpointError(f"checkpoint {path}: body is not a JSON object")
+    return body
+
+
+def list_checkpoints(fs: FileSystem, directory: str) -> list[tuple[int, str]]:
+    """``(batch id, path)`` of every checkpoint file, newest first."""
+    if not fs.exists(directory):
+        return []
+    found = []
+    for name in fs.listdir(directory):
+        match = _NAME.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(directory, name)))
+    return sorted(found, reverse=True)
+
+
+def _read(fs: FileSystem, path: str) -> bytes:
+    file = fs.open(path)
+    try:
+        return file.read(0, file.size())
+    finally:
+        file.close()
+
+
+def write_checkpoint(
+    fs: FileSystem, directory: str, batch_id: int, body: Mapping[str, Any], *, keep: int = 2
+) -> str:
+    """Durably write the checkpoint for ``batch_id``; blocking (worker thread).
+
+    Returns the path written. Older checkpoints beyond the newest ``keep``
+    are deleted after the new one is durable.
+    """
+    fs.makedirs(directory)
+    final = os.path.join(directory, _name(batch_id))
+    temp = final + ".tmp"
+    if fs.exists(temp):
+        fs.remove(temp)
+    file = fs.create(temp)
+    try:
+        file.append(encode(body))
+        file.sync()
+    finally:
+        file.close()
+    fs.rename(temp, final)
+    fs.sync_dir(directory)
+    stale = list_checkpoints(fs, directory)[keep:]
+    for _, path in stale:
+        fs.remove(path)
+    if stale:
+        fs.sync_dir(directory)
+    return final
+
+
+def load_latest(fs: FileSystem, directory: str) -> Checkpoint | None:
+    """The newest readable checkpoint, or None when there is none at all.
+
+    An unreadable newer checkpoint is skipped with a warning (the tracker log
+    still reaches back to the older one).
+
+    Raises:
+        CheckpointError: checkpoints exist but none is readable.
+    """
+    found = list_checkpoints(fs, directory)
+    errors: list[str] = []
+    for batch_id, path in found:
+        try:
+            body = decode(_read(fs, path), path)
+        except (CheckpointError, OSError) as exc:
+            log.warning("skipping unreadable checkpoint: %s", exc)
+            errors.append(str(exc))
+            continue
+        return Checkpoint(path, batch_id, body)
+    if found:
+        raise CheckpointError(
+            "no readable checkpoint in "
+            f"{directory}: {'; '.join(errors)}. Restore the directory from a backup,"
+            " or move it away to start the app from scratch (its batches would run again)"
+        )
+    return None

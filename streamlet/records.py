@@ -1,0 +1,189 @@
+"""Values that flow through streamlet: records, offset ranges, blocks, batches.
+
+Nothing here does I/O. A :class:`Record` is one event from a source. A
+:class:`Batch` is what a handler receives: every record that batch ``id``
+covers, plus the offset ranges (direct sources) and blocks (receivers) it was
+built from, so that a re-run after a crash can be checked to read exactly the
+same input.
+
+Blocks are stored in the data WAL in the binary layout written down in
+:func:`encode_records`; it carries a format version so that old logs stay
+readable or are refused by name.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+__all__ = [
+    "Batch",
+    "BlockRef",
+    "OffsetRange",
+    "Record",
+    "decode_records",
+    "encode_records",
+]
+
+
+class Record(NamedTuple):
+    """One event, as a source delivered it."""
+
+    value: bytes
+    """The payload, as bytes; handlers decode it."""
+    key: bytes | None = None
+    """The key, where the source has one (Kafka); None otherwise."""
+    timestamp: float = 0.0
+    """Event time in seconds since the epoch, as the source gave it (0.0: none)."""
+    source: str = ""
+    """Name of the source the record came from."""
+    partition: int = 0
+    """Partition within the source (0 for unpartitioned sources)."""
+    offset: int = -1
+    """Offset within the partition for replayable sources; -1 where there is none."""
+
+
+class OffsetRange(NamedTuple):
+    """The half-open range ``[start, until)`` of one partition a batch reads."""
+
+    source: str
+    """Name of the direct source."""
+    partition: int
+    """Partition number."""
+    start: int
+    """First offset included."""
+    until: int
+    """First offset not included; a re-run never reads at or past it."""
+
+    @property
+    def size(self) -> int:
+        """How many offsets the range spans (records, for gap-free sources)."""
+        return self.until - self.start
+
+
+class BlockRef(NamedTuple):
+    """Where a received block lives in the data WAL."""
+
+    id: int
+    """Block id, unique and increasing within the app's state directory."""
+    source: str
+    """Name of the receiver that stored it."""
+    segment: int
+    """WAL segment holding the block."""
+    offset: int
+    """Byte offset of the block's frame in that segment."""
+    length: int
+    """Payload length of the frame."""
+    records: int
+    """Number of records in the block."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One micro-batch: the input a handler runs on.
+
+    Attributes:
+        id: the batch number, increasing by one per batch for the life of
+            the state directory; sinks use it to apply a batch at most once.
+        time: the wall-clock time (seconds since the epoch) the batch was
+            scheduled for.
+        records: the records, in source order (per partition, by offset).
+        ranges: offset ranges read from direct sources.
+        blocks: blocks read from receivers.
+    """
+
+    id: int
+    time: float
+    records: Sequence[Record]
+    ranges: tuple[OffsetRange, ...] = ()
+    blocks: tuple[BlockRef, ...] = ()
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def for_sources(self, names: Sequence[str]) -> Batch:
+        """The same batch restricted to records, ranges and blocks of ``names``."""
+        wanted = set(names)
+        return Batch(
+            id=self.id,
+            time=self.time,
+            records=[r for r in self.records if r.source in wanted],
+            ranges=tuple(r for r in self.ranges if r.source in wanted),
+            blocks=tuple(b for b in self.blocks if b.source in wanted),
+        )
+
+
+# Block payload layout (little-endian), version 1:
+#   header:  version u8 | count u32
+#   record:  flags u8 (bit 0: key present) | timestamp f64 | partition i32
+#            | offset i64 | key_len u32 | value_len u32 | key | value
+# The source name is not repeated per record: a block belongs to one source.
+_BLOCK_VERSION = 1
+_HEADER = struct.Struct("<BI")
+_RECORD = struct.Struct("<BdiqII")
+
+
+def encode_records(records: Sequence[Record]) -> bytes:
+    """Encode one source's records as a block payload for the data WAL."""
+    parts: list[bytes] = [_HEADER.pack(_BLOCK_VERSION, len(records))]
+    pack = _RECORD.pack
+    for record in records:
+        key = record.key
+        parts.append(
+            pack(
+                1 if key is not None else 0,
+                record.timestamp,
+                record.partition,
+                record.offset,
+                len(key) if key is not None else 0,
+                len(record.value),
+            )
+        )
+        if key:
+            parts.append(key)
+        parts.append(record.value)
+    return b"".join(parts)
+
+
+def decode_records(payload: bytes, source: str) -> list[Record]:
+    """Decode a block payload written by :func:`encode_records`.
+
+    Raises:
+        ValueError: the payload is not a block of a known version or is cut
+            short; the WAL's checksum makes this a sign of a bug or of a block
+            written by a newer streamlet, never of a torn write.
+    """
+    if len(payload) < _HEADER.size:
+        raise ValueError(f"block payload of {len(payload)} bytes is shorter than its header")
+    version, count = _HEADER.unpack_from(payload, 0)
+    if version != _BLOCK_VERSION:
+        raise ValueError(
+            f"block format version {version} is not readable by this streamlet"
+            f" (reads version {_BLOCK_VERSION})"
+        )
+    view = memoryview(payload)
+    pos = _HEADER.size
+    unpack = _RECORD.unpack_from
+    size = _RECORD.size
+    out: list[Record] = []
+    for _ in range(count):
+        if pos + size > len(payload):
+            raise ValueError(f"block payload cut short at byte {pos}")
+        flags, ts, partition, offset, key_len, value_len = unpack(payload, pos)
+        pos += size
+        end = pos + key_len + value_len
+        if end > len(payload):
+            raise ValueError(f"block payload cut short at byte {pos}")
+        key = bytes(view[pos : pos + key_len]) if flags & 1 else None
+        pos += key_len
+        value = bytes(view[pos:end])
+        pos = end
+        out.append(Record(value, key, ts, source, partition, offset))
+    if pos != len(payload):
+        raise ValueError(f"block payload has {len(payload) - pos} unexpected trailing bytes")
+    return out

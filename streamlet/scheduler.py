@@ -1,0 +1,479 @@
+"""The batch scheduler: ticks, allocation, handlers, and the commit protocol.
+
+Every ``interval`` seconds the scheduler fixes the next batch's input and
+logs it (``alloc``) before anything reads it, runs the batch's handlers
+concurrently, then drives the commit protocol of DESIGN.md in order:
+
+1. sink commit: every handler's outputs, durable and idempotent by batch id;
+2. source commit: direct sources are told the ranges are done;
+3. ``done`` logged; a checkpoint now and then; logs cleaned behind it.
+
+Batches run one at a time, in id order, on a fixed schedule: a batch that
+takes longer than the interval delays the next one, which shows as
+scheduling delay (the ticks are not skipped, as in Spark Streaming).
+
+On start, :meth:`BatchScheduler.recover` re-runs every allocated-but-not-done
+batch with exactly the input it was allocated. Sinks skip batches they
+committed before the crash; the rest of the protocol is repeated, which is
+harmless because each step is idempotent.
+
+Invariant: no ``done`` is logged, and no source position is committed,
+before every sink of the batch returned from ``commit``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+
+from streamlet.checkpoint import write_checkpoint
+from streamlet.errors import ConfigError, HandlerError, SinkError, StreamletError
+from streamlet.faults import crash_point
+from streamlet.fs import FileSystem
+from streamlet.handlers import HandlerSpec, invoke
+from streamlet.metrics import BatchInfo
+from streamlet.records import Batch, BlockRef, OffsetRange, Record
+from streamlet.sinks.base import Sink
+from streamlet.sources.base import DirectSource
+from streamlet.tracker import Allocation, Tracker, plan_allocation
+from streamlet.wal import Position
+
+__all__ = ["BatchScheduler", "FailurePolicy", "RetryPolicy"]
+
+log = logging.getLogger("streamlet.scheduler")
+
+FailurePolicy = Literal["stop", "dead_letter"]
+BlockReader = Callable[[Sequence[BlockRef]], Awaitable[list[Record]]]
+Listener = Callable[[BatchInfo], object]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently a failing handler or sink is tried again.
+
+    Attributes:
+        max_retries: tries after the first one (0: no retry).
+        backoff: the wait before the first retry, in seconds; doubles per try.
+        max_backoff: the longest wait between tries.
+        timeout: the most one handler call may take (None: no limit); a call
+            over it counts as a failure.
+    """
+
+    max_retries: int = 3
+    backoff: float = 0.2
+    max_backoff: float = 5.0
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, not {self.max_retries!r}")
+        if self.backoff < 0 or self.max_backoff < 0:
+            raise ConfigError("retry backoff times must be >= 0 seconds")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"handler_timeout must be > 0 seconds, not {self.timeout!r}")
+
+    def delay(self, attempt: int) -> float:
+        """The wait before retry number ``attempt`` (1-based)."""
+        return float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+
+
+@dataclass(slots=True)
+class _Failure:
+    error: BaseException
+    attempts: int
+
+
+class BatchScheduler:
+    """Runs batches; see the module docstring for the protocol.
+
+    Args:
+        app: the app's name (checkpoint bodies and sink keys carry it).
+        tracker: the durable tracker, already replayed.
+        sources: direct sources by name, started.
+        handlers: the app's handlers, sinks opened.
+        interval: the batch interval in seconds.
+        retry: retry policy for handlers, sinks and input reads.
+        on_failure: what a handler failing after its retries does: "stop"
+            the app with the batch uncommitted, or route the handler's input
+            records to ``dead_letter`` and go on.
+        dead_letter: the sink for failed input (with ``on_failure`` set so).
+        fs: the file layer, for checkpoints.
+        checkpoint_dir: where checkpoints go.
+        checkpoint_interval: seconds between checkpoints (0: every batch).
+        last_checkpoint_event: the tracker position the loaded checkpoint
+            covers; the tracker log is cleaned up to the older of the two
+            newest checkpoints, so either can be recovered from.
+        read_blocks: reads receivers' blocks from the data WAL.
+        receivers: names of receivers whose blocks batches take.
+        release_blocks: called with a WAL position once every block before
+            it is done, so the data WAL can delete whole segments.
+        listeners: called with each batch's :class:`BatchInfo`.
+    """
+
+    def __init__(
+        self,
+        *,
+        app: str,
+        tracker: Tracker,
+        sources: Mapping[str, DirectSource],
+        handlers: Sequence[HandlerSpec],
+        interval: float,
+        retry: RetryPolicy,
+        on_failure: FailurePolicy,
+        dead_letter: Sink | None,
+        fs: FileSystem,
+        checkpoint_dir: str,
+        checkpoint_interval: float,
+        last_checkpoint_event: Position | None,
+        read_blocks: BlockReader | None = None,
+        receivers: frozenset[str] = frozenset(),
+        release_blocks: Callable[[Position], Awaitable[object]] | None = None,
+        listeners: Sequence[Listener] = (),
+    ) -> None:
+        self.app = app
+        self.tracker = tracker
+        self.sources = dict(sources)
+        self.handlers = list(handlers)
+        self.interval = interval
+        self.retry = retry
+        self.on_failure = on_failure
+        self.dead_letter = dead_letter
+        self.fs = fs
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_interval = checkpoint_interval
+        self._older_checkpoint_event = last_checkpoint_event
+        self._last_checkpoint_at = time.monotonic()
+        self._checkpointed_batch = tracker.state.last_done
+        self.read_blocks = read_blocks
+        self.receivers = receivers
+        self.release_blocks = release_blocks
+        self.listeners = list(listeners)
+        self._limits = {
+            name: (max(1, math.ceil(src.max_rate * interval)) if src.max_rate else None)
+            for name, src in self.sources.items()
+        }
+
+    # -- recovery and the tick loop -------------------------------------------
+
+    async def recover(self) -> int:
+        """Re-run every allocated-but-not-done batch, in order; return how many."""
+        pending = list(self.tracker.state.pending)
+        if pending:
+            log.info(
+                "recovering %d unfinished batch(es): %s",
+                len(pending),
+                ", ".join(str(a.id) for a in pending),
+            )
+        for alloc in pending:
+            await self._run_batch(alloc, scheduled=None, recovered=True)
+        for name, source in self.sources.items():
+            source.resume_from(self.tracker.state.positions.get(name, {}))
+        return len(pending)
+
+    async def run(self, stop: anyio.Event, *, duration: float | None = None) -> None:
+        """Tick every ``interval`` until ``stop`` is set or ``duration`` passed.
+
+        Either way the batch under way finishes and commits first.
+        """
+        now = time.monotonic()
+        deadline = now + duration if duration is not None else math.inf
+        next_tick = now + self.interval
+        while not stop.is_set():
+            wait = min(next_tick, deadline) - time.monotonic()
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    await stop.wait()
+            if stop.is_set() or time.monotonic() >= deadline:
+                break
+            if time.monotonic() < next_tick:
+                continue
+            scheduled = next_tick
+            next_tick += self.interval
+            alloc = await self.allocate(time.time() - (time.monotonic() - scheduled))
+            if alloc is not None:
+                await self._run_batch(alloc, scheduled=scheduled, recovered=False)
+
+    async def allocate(self, batch_time: float) -> Allocation | None:
+        """Fix and durably log the next batch's input; None when there is none."""
+        state = self.tracker.state
+        latest: dict[str, Mapping[int, int]] = {}
+        for name, source in self.sources.items():
+            available = await source.latest()
+            known = state.positions.get(name, {})
+            unseen = [p for p in available if p not in known]
+            if unseen:
+                self.tracker.seed_positions(name, await source.start_positions(unseen))
+            latest[name] = available
+        alloc = plan_allocation(
+            state,
+            batch_time=batch_time,
+            latest=latest,
+            limits=self._limits,
+            receivers=self.receivers,
+        )
+        if alloc.empty:
+            return None
+        await self.tracker.log_allocated(alloc)
+        crash_point("after_allocate", alloc.id)
+        return alloc
+
+    # -- one batch -------------------------------------------------------------
+
+    async def _read_input(self, alloc: Allocation) -> list[Record]:
+        records: list[Record] = []
+        by_source: dict[str, list[OffsetRange]] = {}
+        for r in alloc.ranges:
+            by_source.setdefault(r.source, []).append(r)
+        for name, ranges in by_source.items():
+            source = self.sources.get(name)
+            if source is None:
+                raise StreamletError(
+                    f"batch {alloc.id} was allocated from source {name!r}, which the app"
+                    " no longer has; restore the source or use a new state_dir"
+                )
+            records.extend(await source.read(ranges))
+        if alloc.blocks:
+            if self.read_blocks is None:
+                raise StreamletError(f"batch {alloc.id} holds blocks but the app has no receivers")
+            records.extend(await self.read_blocks(alloc.blocks))
+        return records
+
+    async def _call_handler(self, spec: HandlerSpec, batch: Batch) -> list[object] | _Failure:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if self.retry.timeout is not None:
+                    with anyio.fail_after(self.retry.timeout):
+                        return await invoke(spec, batch)
+                return await invoke(spec, batch)
+            except Exception as exc:
+                if attempt > self.retry.max_retries:
+                    return _Failure(exc, attempt)
+                delay = self.retry.delay(attempt)
+                log.warning(
+                    "handler %r failed on batch %d (attempt %d of %d): %r; retrying in %.2fs",
+                    spec.name,
+                    batch.id,
+                    attempt,
+                    self.retry.max_retries + 1,
+                    exc,
+                    delay,
+                )
+                await anyio.sleep(delay)
+
+    async def _commit_sink(
+        self,
+        name: str,
+        sink: Sink,
+        batch: Batch,
+        outputs: list[object],
+        errors: list[SinkError],
+    ) -> None:
+        try:
+            await self._commit_sink_with_retries(name, sink, batch, outputs)
+        except SinkError as exc:
+            # Collected, not raised: raising inside the task group would
+            # cancel the other sinks mid-commit and wrap the error in a group.
+            errors.append(exc)
+
+    async def _commit_sink_with_retries(
+        self, name: str, sink: Sink, batch: Batch, outputs: list[object]
+    ) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await sink.commit(batch, outputs)
+            except Exception as exc:
+                if attempt > self.retry.max_retries:
+                    raise SinkError(
+                        f"sink {sink.describe()} of handler {name!r} failed to commit batch"
+                        f" {batch.id} after {attempt} attempts: {exc}. The batch is not done"
+                        " and runs again when the app restarts"
+                    ) from exc
+                delay = self.retry.delay(attempt)
+                log.warning(
+                    "sink of handler %r failed on batch %d (attempt %d): %r; retrying in %.2fs",
+                    name,
+                    batch.id,
+                    attempt,
+                    exc,
+                    delay,
+                )
+                await anyio.sleep(delay)
+            else:
+                return
+
+    def _dead_letters(self, spec: HandlerSpec, view: Batch, failure: _Failure) -> list[object]:
+        error = f"{type(failure.error).__name__}: {failure.error}"
+        return [
+            {
+                "handler": spec.name,
+                "batch_id": view.id,
+                "attempts": failure.attempts,
+                "error": error,
+                "source": r.source,
+                "partition": r.partition,
+                "offset": r.offset,
+                "timestamp": r.timestamp,
+                "key": base64.b64encode(r.key).decode() if r.key is not None else None,
+                "value": base64.b64encode(r.value).decode(),
+            }
+            for r in view.records
+        ]
+
+    async def _run_batch(
+        self, alloc: Allocation, *, scheduled: float | None, recovered: bool
+    ) -> BatchInfo:
+        started = time.monotonic()
+        records = await self._read_input(alloc)
+        batch = Batch(alloc.id, alloc.time, records, alloc.ranges, alloc.blocks)
+        views = {spec.name: batch.for_sources(spec.sources) for spec in self.handlers}
+
+        results: dict[str, list[object] | _Failure] = {}
+
+        async def run_one(spec: HandlerSpec) -> None:
+            results[spec.name] = await self._call_handler(spec, views[spec.name])
+
+        async with anyio.create_task_group() as tg:
+            for spec in self.handlers:
+                tg.start_soon(run_one, spec)
+        processed = time.monotonic()
+
+        dead: list[object] = []
+        dead_handlers: list[str] = []
+        for spec in self.handlers:
+            result = results[spec.name]
+            if isinstance(result, _Failure):
+                if self.on_failure == "stop" or self.dead_letter is None:
+                    raise HandlerError(
+                        f"handler {spec.name!r} failed on batch {batch.id} after"
+                        f" {result.attempts} attempt(s): {result.error!r}. The app stops with"
+                        " the batch uncommitted; it runs again on restart (fix the handler,"
+                        " or set on_failure='dead_letter' with a dead_letter sink)"
+                    ) from result.error
+                log.error(
+                    "handler %r failed on batch %d after %d attempt(s): %r;"
+                    " its %d input record(s) go to the dead-letter sink",
+                    spec.name,
+                    batch.id,
+                    result.attempts,
+                    result.error,
+                    len(views[spec.name]),
+                )
+                dead.extend(self._dead_letters(spec, views[spec.name], result))
+                dead_handlers.append(spec.name)
+        crash_point("after_handler", batch.id)
+
+        outputs = 0
+        errors: list[SinkError] = []
+        async with anyio.create_task_group() as tg:
+            for spec in self.handlers:
+                result = results[spec.name]
+                if isinstance(result, _Failure) or spec.sink is None:
+                    continue
+                outputs += len(result)
+                tg.start_soon(
+                    self._commit_sink, spec.name, spec.sink, views[spec.name], result, errors
+                )
+            if dead and self.dead_letter is not None:
+                tg.start_soon(
+                    self._commit_sink, "dead-letter", self.dead_letter, batch, dead, errors
+                )
+        if errors:
+            raise errors[0]
+        crash_point("after_sink_commit", batch.id)
+
+        await self._commit_sources(batch)
+        crash_point("before_done", batch.id)
+        await self.tracker.log_done(batch.id)
+        crash_point("after_done", batch.id)
+        finished = time.monotonic()
+
+        info = BatchInfo(
+            batch_id=batch.id,
+            batch_time=batch.time,
+            records=len(records),
+            outputs=outputs,
+            scheduling_delay=max(0.0, started - scheduled) if scheduled is not None else 0.0,
+            processing_time=processed - started,
+            commit_time=finished - processed,
+            total_delay=finished - (scheduled if scheduled is not None else started),
+            recovered=recovered,
+            dead_lettered=tuple(dead_handlers),
+        )
+        for listener in self.listeners:
+            try:
+                listener(info)
+            except Exception:
+                log.exception("batch listener %r raised; ignored", listener)
+        await self.maybe_checkpoint()
+        return info
+
+    async def _commit_sources(self, batch: Batch) -> None:
+        by_source: dict[str, list[OffsetRange]] = {}
+        for r in batch.ranges:
+            by_source.setdefault(r.source, []).append(r)
+        for name, ranges in by_source.items():
+            source = self.sources.get(name)
+            if source is None:
+                continue
+            try:
+                await source.commit(ranges)
+            except Exception as exc:
+                # streamlet's own log is the source of truth for positions; a
+                # source's bookkeeping (a consumer group's offsets) only lags.
+                log.warning(
+                    "source %r could not record batch %d as done: %r; it catches up with"
+                    " the next batch",
+                    name,
+                    batch.id,
+                    exc,
+                )
+
+    # -- checkpoints -------------------------------------------------------------
+
+    async def maybe_checkpoint(self, *, force: bool = False) -> None:
+        """Write a checkpoint if one is due (or ``force``), then clean the logs."""
+        state = self.tracker.state
+        if state.last_done == self._checkpointed_batch and not force:
+            return
+        if not force and time.monotonic() - self._last_checkpoint_at < self.checkpoint_interval:
+            return
+        event = self.tracker.last_event
+        body: dict[str, Any] = {
+            "app": self.app,
+            "last_event": list(event) if event is not None else None,
+            "state": state.to_json(),
+        }
+        await anyio.to_thread.run_sync(
+            write_checkpoint, self.fs, self.checkpoint_dir, state.last_done, body
+        )
+        self._last_checkpoint_at = time.monotonic()
+        self._checkpointed_batch = state.last_done
+        # Keep the log back to the older of the two retained checkpoints, so a
+        # corrupt newest checkpoint can still be recovered from the older one.
+        if self._older_checkpoint_event is not None:
+            await self.tracker.clean(self._older_checkpoint_event)
+        self._older_checkpoint_event = event
+        if self.release_blocks is not None:
+            oldest = self._oldest_needed_block()
+            if oldest is not None:
+                await self.release_blocks(oldest)
+
+    def _oldest_needed_block(self) -> Position | None:
+        state = self.tracker.state
+        refs = [b for a in state.pending for b in a.blocks]
+        refs.extend(b for blocks in state.blocks.values() for b in blocks)
+        if not refs:
+            return None
+        oldest = min(refs, key=lambda b: (b.segment, b.offset))
+        return Position(oldest.segment, oldest.offset, oldest.length)

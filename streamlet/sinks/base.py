@@ -1,0 +1,79 @@
+"""The sink contract: how a batch's outputs become durable exactly once.
+
+The scheduler calls :meth:`Sink.commit` once per handler per batch, after the
+handler returned and before any source position advances. ``commit`` returns
+only when the outputs are durable, and it is idempotent by batch id: after a
+crash, the scheduler re-runs every batch that was allocated but not done, and
+a sink that finds the batch already committed does nothing. That rule, plus
+the same input on re-run, is what makes a pipeline exactly-once.
+
+A sink that cannot keep the rule (a print, an HTTP call) says so with
+``guarantee = "at-least-once"``; the app logs the weaker guarantee at start.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar, Literal, NamedTuple
+
+import orjson
+
+from streamlet.records import Batch
+
+__all__ = ["Guarantee", "Sink", "SinkContext", "encode_output"]
+
+Guarantee = Literal["exactly-once", "at-least-once"]
+
+
+class SinkContext(NamedTuple):
+    """Who is writing: handed to :meth:`Sink.open` once, before any commit."""
+
+    app: str
+    """The app's name; part of the idempotency key."""
+    handler: str
+    """The handler's name; one sink instance serves one handler."""
+    state_dir: str
+    """The app's state directory (a sink may keep bookkeeping under it)."""
+
+
+class Sink(ABC):
+    """Where a handler's outputs go; see the module docstring for the rules."""
+
+    guarantee: ClassVar[Guarantee] = "exactly-once"
+
+    async def open(self, context: SinkContext) -> None:  # noqa: B027 - optional hook
+        """Prepare to write (create tables, directories); called once."""
+
+    @abstractmethod
+    async def commit(self, batch: Batch, outputs: Sequence[object]) -> bool:
+        """Make ``outputs`` of ``batch`` durable and visible, at most once.
+
+        Returns:
+            True if this call wrote the batch, False if the batch had been
+            committed before (a re-run after a crash) and nothing was done.
+
+        Raises:
+            SinkError: the outputs could not be made durable; nothing of the
+                batch is visible (sinks commit atomically).
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; called once at shutdown."""
+
+    def describe(self) -> str:
+        """A short name for logs and the state-dir manifest."""
+        return type(self).__name__
+
+
+def encode_output(output: object) -> bytes:
+    """One output as bytes: bytes as they are, str as UTF-8, anything else as JSON.
+
+    Raises:
+        TypeError: the output is not bytes, str or JSON-serializable.
+    """
+    if isinstance(output, bytes):
+        return output
+    if isinstance(output, str):
+        return output.encode()
+    return orjson.dumps(output, option=orjson.OPT_NON_STR_KEYS)

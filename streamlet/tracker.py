@@ -1,0 +1,317 @@
+"""The batch tracker: which input belongs to which batch, durably.
+
+Every decision about input is an event appended to the tracker's own
+write-ahead log before anything acts on it:
+
+* ``block``: a receiver's block is durable in the data WAL (id, where, how
+  many records, and the receiver's acknowledgement bookkeeping);
+* ``alloc``: batch ``id`` covers these offset ranges and these blocks;
+* ``done``: batch ``id``'s outputs are committed and its source positions
+  advanced.
+
+Replaying the events over the last checkpoint rebuilds :class:`TrackerState`
+exactly, so after a crash every allocated-but-not-done batch is re-run with
+the same input. The state transitions (:meth:`TrackerState.apply`) and the
+allocation decision (:func:`plan_allocation`) are pure and tested without
+I/O; :class:`Tracker` adds the log.
+
+Invariants:
+
+* A batch is allocated before any handler sees it, and its ranges start
+  where the previous batch's ended (no gap, no overlap).
+* Batches are done in id order; ``done`` of a batch that is not the oldest
+  pending one is a bug and raises.
+* A block is allocated to at most one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from streamlet.errors import StreamletError
+from streamlet.fs import FileSystem
+from streamlet.records import BlockRef, OffsetRange
+from streamlet.wal import Position, WriteAheadLog
+
+__all__ = [
+    "Allocation",
+    "Tracker",
+    "TrackerState",
+    "plan_allocation",
+]
+
+log = logging.getLogger("streamlet.tracker")
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """The input of one batch, as logged before it runs."""
+
+    id: int
+    time: float
+    ranges: tuple[OffsetRange, ...]
+    blocks: tuple[BlockRef, ...]
+
+    @property
+    def empty(self) -> bool:
+        """True when the batch would hold no input."""
+        return not self.blocks and all(r.until == r.start for r in self.ranges)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "t": self.time,
+            "r": [list(r) for r in self.ranges],
+            "b": [list(b) for b in self.blocks],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Allocation:
+        return cls(
+            id=int(data["id"]),
+            time=float(data["t"]),
+            ranges=tuple(OffsetRange(str(r[0]), *map(int, r[1:])) for r in data["r"]),
+            blocks=tuple(BlockRef(int(b[0]), str(b[1]), *map(int, b[2:])) for b in data["b"]),
+        )
+
+
+@dataclass(slots=True)
+class TrackerState:
+    """Everything the tracker knows; rebuilt from checkpoint + log on start.
+
+    Attributes:
+        next_batch_id: id the next allocation gets.
+        last_done: id of the newest done batch (0 when none).
+        positions: per direct source and partition, where the next
+            allocation starts (the ``until`` of the newest allocation).
+        committed: the same, as of the newest done batch: what a consumer
+            group may be told, and where a rebuilt state would restart.
+        pending: allocated but not done batches, oldest first.
+        blocks: per receiver, durable blocks not yet allocated, oldest first.
+        next_block_id: id the next block gets.
+        acks: per receiver, its acknowledgement bookkeeping (for example the
+            highest sequence number per client), as of the newest block.
+    """
+
+    next_batch_id: int = 1
+    last_done: int = 0
+    positions: dict[str, dict[int, int]] = field(default_factory=dict)
+    committed: dict[str, dict[int, int]] = field(default_factory=dict)
+    pending: list[Allocation] = field(default_factory=list)
+    blocks: dict[str, list[BlockRef]] = field(default_factory=dict)
+    next_block_id: int = 1
+    acks: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def apply(self, event: Mapping[str, Any]) -> None:
+        """Apply one logged event; raises StreamletError on an impossible one."""
+        kind = event.get("e")
+        if kind == "block":
+            ref = BlockRef(int(event["b"][0]), str(event["b"][1]), *map(int, event["b"][2:]))
+            self.blocks.setdefault(ref.source, []).append(ref)
+            self.next_block_id = max(self.next_block_id, ref.id + 1)
+            acks = event.get("acks")
+            if acks:
+                mine = self.acks.setdefault(ref.source, {})
+                for client, seq in acks.items():
+                    mine[str(client)] = max(int(seq), mine.get(str(client), -1))
+        elif kind == "alloc":
+            alloc = Allocation.from_json(event)
+            if alloc.id != self.next_batch_id:
+                raise StreamletError(
+                    f"tracker log allocates batch {alloc.id} where {self.next_batch_id} was next"
+                )
+            for r in alloc.ranges:
+                self.positions.setdefault(r.source, {})[r.partition] = r.until
+            taken = {b.id for b in alloc.blocks}
+            if taken:
+                for source, refs in self.blocks.items():
+                    self.blocks[source] = [b for b in refs if b.id not in taken]
+            self.pending.append(alloc)
+            self.next_batch_id = alloc.id + 1
+        elif kind == "done":
+            batch_id = int(event["id"])
+            if not self.pending or self.pending[0].id != batch_id:
+                oldest = self.pending[0].id if self.pending else None
+                raise StreamletError(
+                    f"tracker log marks batch {batch_id} done while the oldest pending is {oldest}"
+                )
+            alloc = self.pending.pop(0)
+            for r in alloc.ranges:
+                self.committed.setdefault(r.source, {})[r.partition] = r.until
+            self.last_done = batch_id
+        else:
+            raise StreamletError(f"unknown tracker event {kind!r}: {dict(event)!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """A checkpoint body; read back with :meth:`from_json`."""
+        return {
+            "version": STATE_VERSION,
+            "next_batch_id": self.next_batch_id,
+            "last_done": self.last_done,
+            "positions": {s: {str(p): o for p, o in m.items()} for s, m in self.positions.items()},
+            "committed": {s: {str(p): o for p, o in m.items()} for s, m in self.committed.items()},
+            "pending": [a.to_json() for a in self.pending],
+            "blocks": {s: [list(b) for b in refs] for s, refs in self.blocks.items()},
+            "next_block_id": self.next_block_id,
+            "acks": self.acks,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrackerState:
+        """Rebuild from a checkpoint body.
+
+        Raises:
+            StreamletError: the body is of an unknown version.
+        """
+        if data.get("version") != STATE_VERSION:
+            raise StreamletError(
+                f"tracker state version {data.get('version')!r} is not readable"
+                f" (this streamlet reads version {STATE_VERSION})"
+            )
+        return cls(
+            next_batch_id=int(data["next_batch_id"]),
+            last_done=int(data["last_done"]),
+            positions={
+                s: {int(p): int(o) for p, o in m.items()} for s, m in data["positions"].items()
+            },
+            committed={
+                s: {int(p): int(o) for p, o in m.items()} for s, m in data["committed"].items()
+            },
+            pending=[Allocation.from_json(a) for a in data["pending"]],
+            blocks={
+                s: [BlockRef(int(b[0]), str(b[1]), *map(int, b[2:])) for b in refs]
+                for s, refs in data["blocks"].items()
+            },
+            next_block_id=int(data["next_block_id"]),
+            acks={s: {str(c): int(q) for c, q in m.items()} for s, m in data["acks"].items()},
+        )
+
+
+def plan_allocation(
+    state: TrackerState,
+    *,
+    batch_time: float,
+    latest: Mapping[str, Mapping[int, int]],
+    limits: Mapping[str, int | None],
+    receivers: frozenset[str] = frozenset(),
+) -> Allocation:
+    """Decide the next batch's input; pure.
+
+    Args:
+        state: the tracker's state; ``positions`` must already hold a start
+            for every partition in ``latest``.
+        batch_time: wall-clock time the batch is for.
+        latest: per direct source and partition, the offset one past the
+            newest available record.
+        limits: per direct source, the most offsets a batch may take from
+            one partition (``None``: no limit).
+        receivers: receivers whose unallocated blocks the batch takes.
+
+    Returns:
+        The allocation, holding only partitions with new offsets; it may be
+        empty (check ``.empty``).
+    """
+    ranges: list[OffsetRange] = []
+    for source in sorted(latest):
+        starts = state.positions.get(source, {})
+        limit = limits.get(source)
+        for partition in sorted(latest[source]):
+            start = starts[partition]
+            until = max(start, latest[source][partition])
+            if limit is not None:
+                until = min(until, start + limit)
+            if until > start:
+                ranges.append(OffsetRange(source, partition, start, until))
+    blocks: list[BlockRef] = []
+    for source in sorted(receivers):
+        blocks.extend(state.blocks.get(source, ()))
+    return Allocation(state.next_batch_id, batch_time, tuple(ranges), tuple(blocks))
+
+
+class Tracker:
+    """The durable tracker: :class:`TrackerState` plus its event log.
+
+    Every ``log_*`` call returns once the event is durable in the log, and
+    only then changes the in-memory state.
+    """
+
+    def __init__(self, wal: WriteAheadLog, state: TrackerState, last_event: Position | None):
+        self._wal = wal
+        self.state = state
+        #: Position of the newest event applied; a checkpoint records it.
+        self.last_event = last_event
+
+    @classmethod
+    async def open(
+        cls,
+        directory: str,
+        *,
+        base: TrackerState | None,
+        after: Position | None,
+        fs: FileSystem | None = None,
+        durability: str = "always",
+    ) -> Tracker:
+        """Open the log and replay the events newer than ``after`` over ``base``."""
+        wal = await WriteAheadLog.open(
+            directory, durability=durability, segment_size=4 * 2**20, fs=fs
+        )
+        state = base if base is not None else TrackerState()
+        last = after
+        replayed = 0
+        try:
+            async for position, payload in wal.replay(after):
+                if after is not None and position[:2] <= after[:2]:
+                    continue
+                state.apply(orjson.loads(payload))
+                last = position
+                replayed += 1
+        except BaseException:
+            await wal.aclose()
+            raise
+        if replayed:
+            log.info("replayed %d tracker events from %s", replayed, directory)
+        return cls(wal, state, last)
+
+    async def _log(self, event: dict[str, Any]) -> None:
+        position = await self._wal.append(orjson.dumps(event))
+        self.state.apply(event)
+        self.last_event = position
+
+    def seed_positions(self, source: str, positions: Mapping[int, int]) -> None:
+        """Set start positions for partitions the state has never seen.
+
+        Not logged by itself: the first allocation that uses them logs them
+        as its ranges' starts, and until then they can be asked for again.
+        """
+        known = self.state.positions.setdefault(source, {})
+        for partition, offset in positions.items():
+            known.setdefault(partition, offset)
+
+    async def log_block(self, ref: BlockRef, acks: Mapping[str, int] | None = None) -> None:
+        """Record that ``ref`` is durable in the data WAL."""
+        event: dict[str, Any] = {"e": "block", "b": list(ref)}
+        if acks:
+            event["acks"] = dict(acks)
+        await self._log(event)
+
+    async def log_allocated(self, alloc: Allocation) -> None:
+        """Record that batch ``alloc.id`` covers ``alloc``'s input."""
+        await self._log({"e": "alloc", **alloc.to_json()})
+
+    async def log_done(self, batch_id: int) -> None:
+        """Record that batch ``batch_id`` is committed."""
+        await self._log({"e": "done", "id": batch_id})
+
+    async def clean(self, up_to: Position) -> int:
+        """Delete log segments wholly older than ``up_to``."""
+        return await self._wal.clean(up_to)
+
+    async def aclose(self) -> None:
+        await self._wal.aclose()

@@ -1,0 +1,250 @@
+"""The App end to end, in process: registration, batches, restarts, failures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+
+from streamlet.app import App
+from streamlet.errors import ConfigError, HandlerError
+from streamlet.metrics import BatchInfo
+from streamlet.records import Batch
+from streamlet.sinks.base import Sink
+from streamlet.sources.sequence import SequenceSource
+
+
+class ListSink(Sink):
+    """Keeps committed batches in memory, idempotent by batch id."""
+
+    def __init__(self) -> None:
+        self.batches: dict[int, list[object]] = {}
+        self.calls = 0
+
+    async def commit(self, batch: Batch, outputs: Sequence[object]) -> bool:
+        self.calls += 1
+        if batch.id in self.batches:
+            return False
+        self.batches[batch.id] = list(outputs)
+        return True
+
+    def values(self) -> list[object]:
+        return [v for _, outs in sorted(self.batches.items()) for v in outs]
+
+
+def _counting_app(state_dir: Path, sink: Sink, *, limit: int = 50, **kwargs: object) -> App:
+    app = App("t", state_dir=state_dir, batch_interval=0.01, **kwargs)  # type: ignore[arg-type]
+    src = app.source(SequenceSource(rate=None, limit=limit, max_rate=1000), name="seq")
+
+    @app.handler(src, sink=sink)
+    async def echo(batch: Batch) -> list[int]:
+        return [int(r.value) for r in batch]
+
+    return app
+
+
+async def _serve_until(app: App, done: anyio.Event) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app.serve)
+        with anyio.fail_after(20):
+            await done.wait()
+        app.stop()
+
+
+async def test_every_record_once_in_order_then_resume_without_repeats(tmp_path: Path) -> None:
+    sink = ListSink()
+    app = _counting_app(tmp_path / "state", sink, limit=50)
+    infos: list[BatchInfo] = []
+    done = anyio.Event()
+
+    def on_batch(info: BatchInfo) -> None:
+        infos.append(info)
+        if sum(i.records for i in infos) >= 50:
+            done.set()
+
+    app.add_listener(on_batch)
+    await _serve_until(app, done)
+    assert sink.values() == list(range(50))
+    # max_rate=1000/s over 0.01 s batches: at most 10 records per batch.
+    assert all(i.records <= 10 for i in infos)
+    assert [i.batch_id for i in infos] == list(range(1, len(infos) + 1))
+
+    # Restart with a larger limit: continues at 50, repeats nothing.
+    sink2 = ListSink()
+    app2 = _counting_app(tmp_path / "state", sink2, limit=80)
+    more = anyio.Event()
+    seen: list[BatchInfo] = []
+
+    def on_batch2(info: BatchInfo) -> None:
+        seen.append(info)
+        if sum(i.records for i in seen) >= 30:
+            more.set()
+
+    app2.add_listener(on_batch2)
+    await _serve_until(app2, more)
+    assert sink2.values() == list(range(50, 80))
+    assert seen[0].batch_id == infos[-1].batch_id + 1
+
+
+async def test_state_dir_of_another_app_is_refused(tmp_path: Path) -> None:
+    app = _counting_app(tmp_path / "state", ListSink(), limit=1)
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set())
+    await _serve_until(app, done)
+
+    other = App("t", state_dir=tmp_path / "state", batch_interval=0.01)
+    src = other.source(SequenceSource(rate=None, limit=1, partitions=2), name="seq")
+
+    @other.handler(src, sink=ListSink(), name="different")
+    async def different(batch: Batch) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match="belongs to a different app") as info:
+        await other.serve()
+    assert "handlers" in str(info.value)
+    assert "sources" in str(info.value)
+
+
+async def test_failing_handler_stops_the_app_and_the_batch_runs_again(tmp_path: Path) -> None:
+    calls: list[int] = []
+    sink = ListSink()
+    app = App("t", state_dir=tmp_path / "s", batch_interval=0.01, max_retries=2, retry_backoff=0)
+    src = app.source(SequenceSource(rate=None, limit=5), name="seq")
+
+    @app.handler(src, sink=sink)
+    async def broken(batch: Batch) -> list[int]:
+        calls.append(batch.id)
+        raise ValueError("bad record")
+
+    with pytest.raises(HandlerError, match=r"'broken' failed on batch 1 after 3 attempt") as info:
+        await app.serve()
+    assert isinstance(info.value.__cause__, ValueError)
+    assert calls == [1, 1, 1]
+    assert sink.batches == {}
+
+    # Fixed code, same state: batch 1 runs again with the same 5 records.
+    fixed_sink = ListSink()
+    fixed = App("t", state_dir=tmp_path / "s", batch_interval=0.01)
+    src2 = fixed.source(SequenceSource(rate=None, limit=5), name="seq")
+    recovered: list[BatchInfo] = []
+
+    @fixed.handler(src2, sink=fixed_sink, name="broken")
+    async def now_fine(batch: Batch) -> list[int]:
+        return [int(r.value) for r in batch]
+
+    fixed.add_listener(recovered.append)
+    async with anyio.create_task_group() as tg:
+        await tg.start(fixed.serve)
+        fixed.stop()
+    assert fixed_sink.batches == {1: [0, 1, 2, 3, 4]}
+    assert recovered[0].recovered
+
+
+async def test_dead_letter_policy_routes_records_and_goes_on(tmp_path: Path) -> None:
+    dead = ListSink()
+    good = ListSink()
+    app = App(
+        "t",
+        state_dir=tmp_path / "s",
+        batch_interval=0.01,
+        max_retries=0,
+        on_failure="dead_letter",
+        dead_letter=dead,
+    )
+    src = app.source(SequenceSource(rate=None, limit=3), name="seq")
+
+    @app.handler(src, sink=good)
+    async def picky(batch: Batch) -> list[int]:
+        raise RuntimeError("cannot handle")
+
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set())
+    await _serve_until(app, done)
+    letters = dead.values()
+    assert len(letters) == 3
+    first = letters[0]
+    assert isinstance(first, dict)
+    assert first["handler"] == "picky"
+    assert first["error"] == "RuntimeError: cannot handle"
+    assert first["offset"] == 0
+    assert good.batches == {}
+
+
+async def test_handler_returning_a_string_is_an_error(tmp_path: Path) -> None:
+    app = App("t", state_dir=tmp_path / "s", batch_interval=0.01, max_retries=0)
+    src = app.source(SequenceSource(rate=None, limit=1), name="seq")
+
+    @app.handler(src, sink=ListSink())
+    async def wrong(batch: Batch) -> str:
+        return "not a list"
+
+    with pytest.raises(HandlerError) as info:
+        await app.serve()
+    assert "return a list" in str(info.value.__cause__)
+
+
+async def test_async_generator_handlers_yield_outputs(tmp_path: Path) -> None:
+    sink = ListSink()
+    app = App("t", state_dir=tmp_path / "s", batch_interval=0.01)
+    src = app.source(SequenceSource(rate=None, limit=4), name="seq")
+
+    @app.handler(src, sink=sink)
+    async def doubled(batch: Batch):  # type: ignore[no-untyped-def]
+        for record in batch:
+            yield int(record.value) * 2
+
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set())
+    await _serve_until(app, done)
+    assert sink.values() == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_interval": 0}, "batch_interval must be a positive number"),
+        ({"batch_interval": -1.0}, "batch_interval must be a positive number"),
+        ({"checkpoint_interval": -1}, "checkpoint_interval must be >= 0"),
+        ({"max_retries": -1}, "max_retries must be >= 0"),
+        ({"on_failure": "ignore"}, "on_failure must be"),
+        ({"on_failure": "dead_letter"}, "needs a dead_letter sink"),
+        ({"handler_timeout": 0}, "handler_timeout must be > 0"),
+        ({"durability": "sometimes"}, "durability must be"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_setting_named(
+    tmp_path: Path, kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        App("t", state_dir=tmp_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_app_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match="app name"):
+        App("no spaces please")
+
+
+async def test_app_without_handlers_is_refused(tmp_path: Path) -> None:
+    app = App("t", state_dir=tmp_path / "s")
+    with pytest.raises(ConfigError, match="has no handlers"):
+        await app.serve()
+
+
+async def test_group_writable_state_dir_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    state.mkdir(mode=0o777)
+    state.chmod(0o777)
+    app = _counting_app(state, ListSink())
+    with pytest.raises(ConfigError, match="writable by other users"):
+        await app.serve()
+
+
+async def test_unreadable_state_dir_gives_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    app = _counting_app(blocker / "state", ListSink())
+    with pytest.raises(ConfigError, match="cannot be used") as info:
+        await app.serve()
+    assert str(blocker) in str(info.value)

@@ -1,0 +1,101 @@
+"""The tracker's state machine and allocation decision, without I/O."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamlet.errors import StreamletError
+from streamlet.records import BlockRef, OffsetRange
+from streamlet.tracker import Allocation, TrackerState, plan_allocation
+
+
+def _alloc_event(alloc: Allocation) -> dict[str, object]:
+    return {"e": "alloc", **alloc.to_json()}
+
+
+def test_allocation_starts_where_the_previous_ended_and_respects_limits() -> None:
+    state = TrackerState(positions={"s": {0: 0, 1: 5}})
+    first = plan_allocation(state, batch_time=1.0, latest={"s": {0: 100, 1: 7}}, limits={"s": 10})
+    assert first.ranges == (OffsetRange("s", 0, 0, 10), OffsetRange("s", 1, 5, 7))
+    state.apply(_alloc_event(first))
+    second = plan_allocation(state, batch_time=2.0, latest={"s": {0: 100, 1: 7}}, limits={"s": 10})
+    assert second.id == first.id + 1
+    # Partition 1 has nothing new: it is left out rather than logged empty.
+    assert second.ranges == (OffsetRange("s", 0, 10, 20),)
+
+
+def test_nothing_new_gives_an_empty_allocation() -> None:
+    state = TrackerState(positions={"s": {0: 3}})
+    alloc = plan_allocation(state, batch_time=0.0, latest={"s": {0: 3}}, limits={"s": None})
+    assert alloc.empty
+
+
+def test_done_commits_positions_in_order() -> None:
+    state = TrackerState(positions={"s": {0: 0}})
+    a1 = plan_allocation(state, batch_time=0, latest={"s": {0: 4}}, limits={"s": None})
+    state.apply(_alloc_event(a1))
+    a2 = plan_allocation(state, batch_time=0, latest={"s": {0: 9}}, limits={"s": None})
+    state.apply(_alloc_event(a2))
+    assert [a.id for a in state.pending] == [1, 2]
+    assert state.committed == {}
+    state.apply({"e": "done", "id": 1})
+    assert state.committed == {"s": {0: 4}}
+    assert state.last_done == 1
+    assert [a.id for a in state.pending] == [2]
+
+
+def test_done_out_of_order_is_refused() -> None:
+    state = TrackerState(positions={"s": {0: 0}})
+    state.apply(_alloc_event(plan_allocation(state, batch_time=0, latest={"s": {0: 1}}, limits={})))
+    with pytest.raises(StreamletError, match="oldest pending is 1"):
+        state.apply({"e": "done", "id": 2})
+
+
+def test_allocation_with_wrong_id_is_refused() -> None:
+    state = TrackerState()
+    bogus = Allocation(7, 0.0, (OffsetRange("s", 0, 0, 1),), ())
+    with pytest.raises(StreamletError, match="allocates batch 7 where 1 was next"):
+        state.apply(_alloc_event(bogus))
+
+
+def test_blocks_are_allocated_once_and_acks_kept() -> None:
+    state = TrackerState()
+    b1 = BlockRef(1, "tcp", 1, 32, 100, 3)
+    b2 = BlockRef(2, "tcp", 1, 144, 50, 1)
+    state.apply({"e": "block", "b": list(b1), "acks": {"client-a": 3}})
+    state.apply({"e": "block", "b": list(b2), "acks": {"client-a": 4}})
+    alloc = plan_allocation(state, batch_time=0, latest={}, limits={}, receivers=frozenset({"tcp"}))
+    assert alloc.blocks == (b1, b2)
+    state.apply(_alloc_event(alloc))
+    assert state.blocks == {"tcp": []}
+    assert state.acks == {"tcp": {"client-a": 4}}
+    assert state.next_block_id == 3
+    again = plan_allocation(state, batch_time=0, latest={}, limits={}, receivers=frozenset({"tcp"}))
+    assert again.empty
+
+
+def test_unknown_event_is_refused() -> None:
+    with pytest.raises(StreamletError, match="unknown tracker event"):
+        TrackerState().apply({"e": "bogus"})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, 50), st.integers(0, 50), st.booleans()), min_size=1, max_size=20
+    )
+)
+def test_state_round_trips_through_json_at_any_point(
+    steps: list[tuple[int, int, bool]],
+) -> None:
+    state = TrackerState(positions={"s": {0: 0, 1: 0}})
+    for grow0, grow1, finish in steps:
+        latest = {"s": {0: state.positions["s"][0] + grow0, 1: state.positions["s"][1] + grow1}}
+        alloc = plan_allocation(state, batch_time=1.5, latest=latest, limits={"s": 30})
+        if not alloc.empty:
+            state.apply(_alloc_event(alloc))
+        if finish and state.pending:
+            state.apply({"e": "done", "id": state.pending[0].id})
+        assert TrackerState.from_json(state.to_json()) == state
