@@ -9,6 +9,7 @@ State directory layout::
 
     <state_dir>/app.json         what the app is: sources, handlers, sinks
     <state_dir>/tracker/         the tracker's write-ahead log
+    <state_dir>/data/            the data WAL: receivers' blocks (only with receivers)
     <state_dir>/checkpoints/     checkpoint-<batch id>.json
 
 The manifest stops a state directory from being resumed by a different app,
@@ -22,32 +23,37 @@ import os
 import signal
 import stat
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import orjson
 from anyio.abc import TaskStatus
 
+from streamlet.blocks import BlockGenerator
 from streamlet.checkpoint import load_latest
-from streamlet.errors import ConfigError
+from streamlet.errors import ConfigError, StreamletError
 from streamlet.fs import FileSystem, OsFileSystem
 from streamlet.handlers import HandlerFn, HandlerSpec
 from streamlet.metrics import BatchInfo
 from streamlet.scheduler import BatchScheduler, FailurePolicy, RetryPolicy
 from streamlet.sinks.base import Sink, SinkContext
 from streamlet.sources.base import DirectSource
+from streamlet.sources.receiver import Receiver
 from streamlet.tracker import Tracker, TrackerState
-from streamlet.wal import Position
+from streamlet.wal import Position, WriteAheadLog
 
 __all__ = ["App"]
 
 log = logging.getLogger("streamlet.app")
 
+DEFAULT_BLOCK_INTERVAL = 0.2
 MANIFEST = "app.json"
 MANIFEST_FORMAT = "streamlet.app"
 MANIFEST_VERSION = 1
 
-SourceArg = DirectSource | str
+AnySource = DirectSource | Receiver
+_S = TypeVar("_S", DirectSource, Receiver)
+SourceArg = AnySource | str
 SourcesArg = SourceArg | Sequence[SourceArg]
 
 
@@ -55,6 +61,12 @@ def _positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
     return float(value)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, not {value!r}")
+    return value
 
 
 class App:
@@ -65,6 +77,14 @@ class App:
         state_dir: where the tracker log and checkpoints live (default
             ``.streamlet/<name>``); one running app per directory.
         batch_interval: seconds between batches.
+        block_interval: seconds between cuts of receivers' blocks (default
+            0.2, or the batch interval if shorter); a receiver's records are
+            acknowledged at most this long (plus an fsync) after they arrive.
+        max_block_bytes: a receiver's block is cut early at this size.
+        max_buffered_bytes: receivers wait while this much received data is
+            not yet durable (bounds memory when input outruns the disk).
+        receiver_stop_timeout: seconds a graceful stop waits for receivers
+            to finish before cancelling them.
         checkpoint_interval: seconds between checkpoints (0: after every
             batch). Recovery replays the tracker log since the last one.
         max_retries: retries of a failing handler call (or sink commit)
@@ -85,6 +105,10 @@ class App:
         *,
         state_dir: str | os.PathLike[str] | None = None,
         batch_interval: float = 1.0,
+        block_interval: float | None = None,
+        max_block_bytes: int = 4 * 2**20,
+        max_buffered_bytes: int = 64 * 2**20,
+        receiver_stop_timeout: float = 10.0,
         checkpoint_interval: float = 5.0,
         max_retries: int = 3,
         retry_backoff: float = 0.2,
@@ -101,6 +125,23 @@ class App:
         self.name = name
         self.state_dir = os.fspath(state_dir) if state_dir is not None else f".streamlet/{name}"
         self.batch_interval = _positive("batch_interval", batch_interval)
+        self._block_interval_given = block_interval is not None
+        if block_interval is None:
+            block_interval = min(DEFAULT_BLOCK_INTERVAL, self.batch_interval)
+        self.block_interval = _positive("block_interval", block_interval)
+        if self.block_interval > self.batch_interval:
+            raise ConfigError(
+                f"block_interval ({block_interval}) must not exceed batch_interval"
+                f" ({batch_interval}): a batch takes whole blocks"
+            )
+        self.max_block_bytes = _positive_int("max_block_bytes", max_block_bytes)
+        self.max_buffered_bytes = _positive_int("max_buffered_bytes", max_buffered_bytes)
+        if self.max_buffered_bytes < self.max_block_bytes:
+            raise ConfigError(
+                f"max_buffered_bytes ({max_buffered_bytes}) must be at least"
+                f" max_block_bytes ({max_block_bytes})"
+            )
+        self.receiver_stop_timeout = _positive("receiver_stop_timeout", receiver_stop_timeout)
         if isinstance(checkpoint_interval, bool) or not checkpoint_interval >= 0:
             raise ConfigError(
                 f"checkpoint_interval must be >= 0 seconds, not {checkpoint_interval!r}"
@@ -121,7 +162,7 @@ class App:
             )
         self.durability = durability
         self.fs: FileSystem = fs if fs is not None else OsFileSystem()
-        self._sources: dict[str, DirectSource] = {}
+        self._sources: dict[str, AnySource] = {}
         self._handlers: list[HandlerSpec] = []
         self._listeners: list[Callable[[BatchInfo], object]] = []
         self._stop: anyio.Event | None = None
@@ -137,14 +178,24 @@ class App:
             if key == "state_dir":
                 self.state_dir = os.fspath(value)
             elif key == "batch_interval":
-                self.batch_interval = _positive("batch_interval", value)
+                interval = _positive("batch_interval", value)
+                if not self._block_interval_given:
+                    self.block_interval = min(DEFAULT_BLOCK_INTERVAL, interval)
+                if interval < self.block_interval:
+                    raise ConfigError(
+                        f"batch_interval ({value}) must not be below block_interval"
+                        f" ({self.block_interval}): a batch takes whole blocks"
+                    )
+                self.batch_interval = interval
             else:
                 raise ConfigError(f"unknown setting {key!r}")
 
-    def source(self, source: DirectSource, *, name: str | None = None) -> DirectSource:
-        """Register ``source`` and return it, to pass to :meth:`handler`."""
-        if not isinstance(source, DirectSource):
-            raise ConfigError(f"app.source() takes a source object, not {type(source).__name__}")
+    def source(self, source: _S, *, name: str | None = None) -> _S:
+        """Register a direct source or a receiver and return it, to pass to :meth:`handler`."""
+        if not isinstance(source, (DirectSource, Receiver)):
+            raise ConfigError(
+                f"app.source() takes a DirectSource or Receiver object, not {type(source).__name__}"
+            )
         name = name or source.name or f"{type(source).__name__.lower()}-{len(self._sources) + 1}"
         if name in self._sources and self._sources[name] is not source:
             raise ConfigError(f"the app already has a source named {name!r}")
@@ -156,7 +207,7 @@ class App:
         self, sources: SourcesArg, *, sink: Sink | None = None, name: str | None = None
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Decorate an ``async def handler(batch)`` to run on every batch of ``sources``."""
-        items = [sources] if isinstance(sources, (DirectSource, str)) else list(sources)
+        items = [sources] if isinstance(sources, (DirectSource, Receiver, str)) else list(sources)
         names: list[str] = []
         for item in items:
             if isinstance(item, str):
@@ -341,10 +392,25 @@ class App:
             fs=self.fs,
             durability=self.durability,
         )
+        direct = {n: src for n, src in self._sources.items() if isinstance(src, DirectSource)}
+        receivers = {n: src for n, src in self._sources.items() if isinstance(src, Receiver)}
         started_sources: list[DirectSource] = []
         opened_sinks: list[Sink] = []
+        data_wal: WriteAheadLog | None = None
         try:
-            for source in self._sources.values():
+            generator: BlockGenerator | None = None
+            if receivers:
+                data_wal = await WriteAheadLog.open(
+                    os.path.join(self.state_dir, "data"), durability=self.durability, fs=self.fs
+                )
+                generator = BlockGenerator(
+                    wal=data_wal,
+                    tracker=tracker,
+                    interval=self.block_interval,
+                    max_block_bytes=self.max_block_bytes,
+                    max_buffered_bytes=self.max_buffered_bytes,
+                )
+            for source in direct.values():
                 await source.start()
                 started_sources.append(source)
             for h in self._handlers:
@@ -357,7 +423,7 @@ class App:
             scheduler = BatchScheduler(
                 app=self.name,
                 tracker=tracker,
-                sources=self._sources,
+                sources=direct,
                 handlers=self._handlers,
                 interval=self.batch_interval,
                 retry=self.retry,
@@ -367,11 +433,19 @@ class App:
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_interval=self.checkpoint_interval,
                 last_checkpoint_event=after,
+                read_blocks=generator.read if generator is not None else None,
+                receivers=frozenset(receivers),
+                release_blocks=generator.release if generator is not None else None,
                 listeners=self._listeners,
             )
             await scheduler.recover()
-            task_status.started()
-            await scheduler.run(self._stop, duration=duration)
+            if generator is None:
+                task_status.started()
+                await scheduler.run(self._stop, duration=duration)
+            else:
+                await self._serve_receivers(
+                    scheduler, generator, receivers, duration=duration, task_status=task_status
+                )
             await scheduler.maybe_checkpoint(force=True)
             log.info("app %r stopped after batch %d", self.name, tracker.state.last_done)
         finally:
@@ -386,7 +460,82 @@ class App:
                         await source.aclose()
                     except Exception:
                         log.exception("closing source %s failed", source.name)
+                if data_wal is not None:
+                    await data_wal.aclose()
                 await tracker.aclose()
+
+    async def _serve_receivers(
+        self,
+        scheduler: BatchScheduler,
+        generator: BlockGenerator,
+        receivers: dict[str, Receiver],
+        *,
+        duration: float | None,
+        task_status: TaskStatus[None],
+    ) -> None:
+        """Run receivers and the block generator beside the scheduler.
+
+        A graceful stop (like Spark's ``stopGracefully``) finishes what was
+        received: receivers are told to stop and given
+        ``receiver_stop_timeout`` to return, the open blocks are cut, and a
+        last batch takes them, so nothing stored is left for a restart.
+        """
+        assert self._stop is not None
+        stop = self._stop
+        failure: list[BaseException] = []
+        running = len(receivers)
+        receivers_done = anyio.Event()
+
+        async def run_receiver(name: str, receiver: Receiver) -> None:
+            nonlocal running
+            try:
+                await receiver.run(generator.context(name))
+            except Exception as exc:
+                log.exception("receiver %r failed; the app stops", name)
+                failure.append(exc)
+                stop.set()
+            finally:
+                running -= 1
+                if running == 0:
+                    receivers_done.set()
+
+        async def run_generator() -> None:
+            try:
+                await generator.run()
+            except Exception as exc:
+                log.exception("the block generator failed; the app stops")
+                failure.append(exc)
+                stop.set()
+
+        async with anyio.create_task_group() as generator_group:
+            generator_group.start_soon(run_generator)
+            async with anyio.create_task_group() as receiver_group:
+                for name, receiver in receivers.items():
+                    receiver_group.start_soon(run_receiver, name, receiver)
+                task_status.started()
+                try:
+                    await scheduler.run(stop, duration=duration)
+                except Exception as exc:
+                    # Raised below, outside the task groups, as itself.
+                    failure.insert(0, exc)
+                generator.stopping.set()
+                with anyio.move_on_after(0 if failure else self.receiver_stop_timeout) as waited:
+                    await receivers_done.wait()
+                if waited.cancelled_caught and not failure:
+                    log.warning(
+                        "receivers did not stop within %.1f s; cancelling them",
+                        self.receiver_stop_timeout,
+                    )
+                receiver_group.cancel_scope.cancel()
+            if not failure:
+                await generator.close()
+            generator_group.cancel_scope.cancel()
+        if failure:
+            error = failure[0]
+            if isinstance(error, StreamletError):
+                raise error
+            raise StreamletError(f"a receiver failed: {error!r}") from error
+        await scheduler.drain()
 
     def run(self, *, duration: float | None = None, signals: bool = True) -> None:
         """Run in a new event loop until stopped; for scripts and ``streamlet run``.

@@ -112,8 +112,9 @@ class BatchScheduler:
             newest checkpoints, so either can be recovered from.
         read_blocks: reads receivers' blocks from the data WAL.
         receivers: names of receivers whose blocks batches take.
-        release_blocks: called with a WAL position once every block before
-            it is done, so the data WAL can delete whole segments.
+        release_blocks: called after a checkpoint with the data WAL position
+            of the oldest block a batch still needs (None: no block is
+            needed), so the data WAL can delete whole segments before it.
         listeners: called with each batch's :class:`BatchInfo`.
     """
 
@@ -134,7 +135,7 @@ class BatchScheduler:
         last_checkpoint_event: Position | None,
         read_blocks: BlockReader | None = None,
         receivers: frozenset[str] = frozenset(),
-        release_blocks: Callable[[Position], Awaitable[object]] | None = None,
+        release_blocks: Callable[[Position | None], Awaitable[object]] | None = None,
         listeners: Sequence[Listener] = (),
     ) -> None:
         self.app = app
@@ -199,6 +200,13 @@ class BatchScheduler:
             alloc = await self.allocate(time.time() - (time.monotonic() - scheduled))
             if alloc is not None:
                 await self._run_batch(alloc, scheduled=scheduled, recovered=False)
+
+    async def drain(self) -> BatchInfo | None:
+        """Run one last batch over whatever input is left (a graceful stop)."""
+        alloc = await self.allocate(time.time())
+        if alloc is None:
+            return None
+        return await self._run_batch(alloc, scheduled=None, recovered=False)
 
     async def allocate(self, batch_time: float) -> Allocation | None:
         """Fix and durably log the next batch's input; None when there is none."""
@@ -465,9 +473,7 @@ class BatchScheduler:
             await self.tracker.clean(self._older_checkpoint_event)
         self._older_checkpoint_event = event
         if self.release_blocks is not None:
-            oldest = self._oldest_needed_block()
-            if oldest is not None:
-                await self.release_blocks(oldest)
+            await self.release_blocks(self._oldest_needed_block())
 
     def _oldest_needed_block(self) -> Position | None:
         state = self.tracker.state

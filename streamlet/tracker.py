@@ -27,10 +27,11 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import orjson
 
 from streamlet.errors import StreamletError
@@ -247,6 +248,11 @@ class Tracker:
         self.state = state
         #: Position of the newest event applied; a checkpoint records it.
         self.last_event = last_event
+        # Events are logged one call at a time, so that the in-memory state
+        # is always exactly "the log up to last_event": with two appends in
+        # flight, the later one could finish first, and a checkpoint taken in
+        # between would claim an event it does not hold.
+        self._lock = anyio.Lock()
 
     @classmethod
     async def open(
@@ -280,9 +286,17 @@ class Tracker:
         return cls(wal, state, last)
 
     async def _log(self, event: dict[str, Any]) -> None:
-        position = await self._wal.append(orjson.dumps(event))
-        self.state.apply(event)
-        self.last_event = position
+        async with self._lock:
+            position = await self._wal.append(orjson.dumps(event))
+            self.state.apply(event)
+            self.last_event = position
+
+    async def _log_many(self, events: Sequence[dict[str, Any]]) -> None:
+        async with self._lock:
+            positions = await self._wal.append_many([orjson.dumps(e) for e in events])
+            for event in events:
+                self.state.apply(event)
+            self.last_event = positions[-1]
 
     def seed_positions(self, source: str, positions: Mapping[int, int]) -> None:
         """Set start positions for partitions the state has never seen.
@@ -300,6 +314,20 @@ class Tracker:
         if acks:
             event["acks"] = dict(acks)
         await self._log(event)
+
+    async def log_blocks(self, blocks: Sequence[tuple[BlockRef, Mapping[str, int]]]) -> None:
+        """Record that every block is durable in the data WAL, in one group commit.
+
+        The refs' ids must continue ``state.next_block_id`` in order.
+        """
+        events: list[dict[str, Any]] = []
+        for ref, acks in blocks:
+            event: dict[str, Any] = {"e": "block", "b": list(ref)}
+            if acks:
+                event["acks"] = dict(acks)
+            events.append(event)
+        if events:
+            await self._log_many(events)
 
     async def log_allocated(self, alloc: Allocation) -> None:
         """Record that batch ``alloc.id`` covers ``alloc``'s input."""
