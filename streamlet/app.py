@@ -57,9 +57,9 @@ SourceArg = AnySource | str
 SourcesArg = SourceArg | Sequence[SourceArg]
 
 
-def _positive(name: str, value: object) -> float:
+def _positive(name: str, value: object, unit: str = "seconds") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+        raise ConfigError(f"{name} must be a positive number of {unit}, not {value!r}")
     return float(value)
 
 
@@ -85,6 +85,11 @@ class App:
             not yet durable (bounds memory when input outruns the disk).
         receiver_stop_timeout: seconds a graceful stop waits for receivers
             to finish before cancelling them.
+        backpressure: adapt each source's intake rate to how fast batches
+            are processed (a PID estimator as in Spark Streaming), so a slow
+            handler shrinks batches instead of growing delay; ``max_rate``
+            stays the ceiling.
+        min_rate: the lowest rate backpressure may set, records/s per source.
         checkpoint_interval: seconds between checkpoints (0: after every
             batch). Recovery replays the tracker log since the last one.
         max_retries: retries of a failing handler call (or sink commit)
@@ -109,6 +114,8 @@ class App:
         max_block_bytes: int = 4 * 2**20,
         max_buffered_bytes: int = 64 * 2**20,
         receiver_stop_timeout: float = 10.0,
+        backpressure: bool = False,
+        min_rate: float = 100.0,
         checkpoint_interval: float = 5.0,
         max_retries: int = 3,
         retry_backoff: float = 0.2,
@@ -142,6 +149,8 @@ class App:
                 f" max_block_bytes ({max_block_bytes})"
             )
         self.receiver_stop_timeout = _positive("receiver_stop_timeout", receiver_stop_timeout)
+        self.backpressure = bool(backpressure)
+        self.min_rate = _positive("min_rate", min_rate, "records/s")
         if isinstance(checkpoint_interval, bool) or not checkpoint_interval >= 0:
             raise ConfigError(
                 f"checkpoint_interval must be >= 0 seconds, not {checkpoint_interval!r}"
@@ -437,6 +446,9 @@ class App:
                 receivers=frozenset(receivers),
                 release_blocks=generator.release if generator is not None else None,
                 listeners=self._listeners,
+                backpressure=self.backpressure,
+                min_rate=self.min_rate,
+                set_receiver_rate=generator.set_rate if generator is not None else None,
             )
             await scheduler.recover()
             if generator is None:

@@ -129,6 +129,31 @@ class BlockGenerator:
         self._failed: BaseException | None = None
         self._closed = False
         self._writing = 0
+        self._rates: dict[str, float] = {}
+        self._next_free: dict[str, float] = {}
+
+    def set_rate(self, source: str, rate: float | None) -> None:
+        """Limit receiver ``source`` to ``rate`` records/s (None: no limit); backpressure."""
+        if rate is None:
+            self._rates.pop(source, None)
+        else:
+            self._rates[source] = rate
+
+    def rate(self, source: str) -> float | None:
+        """The rate limit of receiver ``source``, if any."""
+        return self._rates.get(source)
+
+    async def _throttle(self, source: str, count: int) -> None:
+        # A token bucket that allows one block interval of burst: a store
+        # waits until the records before it would have been taken at the rate.
+        rate = self._rates.get(source)
+        if rate is None:
+            return
+        now = time.monotonic()
+        start = max(self._next_free.get(source, now), now - self.interval)
+        self._next_free[source] = start + count / rate
+        if start > now:
+            await anyio.sleep(start - now)
 
     def context(self, name: str) -> ReceiverContext:
         """The context for receiver ``name``, with its recovered acks."""
@@ -138,6 +163,7 @@ class BlockGenerator:
         self, source: str, records: Sequence[Record], acks: Mapping[str, int] | None
     ) -> Stored:
         """See :meth:`ReceiverContext.store`."""
+        await self._throttle(source, len(records))
         size = sum(
             len(r.value) + (len(r.key) if r.key is not None else 0) + _RECORD_OVERHEAD
             for r in records

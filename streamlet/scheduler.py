@@ -27,12 +27,14 @@ import base64
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
 
+from streamlet.backpressure import RateEstimator
 from streamlet.checkpoint import write_checkpoint
 from streamlet.errors import ConfigError, HandlerError, SinkError, StreamletError
 from streamlet.faults import crash_point
@@ -116,6 +118,10 @@ class BatchScheduler:
             of the oldest block a batch still needs (None: no block is
             needed), so the data WAL can delete whole segments before it.
         listeners: called with each batch's :class:`BatchInfo`.
+        backpressure: adapt each source's rate to the handlers' speed
+            (:mod:`streamlet.backpressure`), within ``max_rate``.
+        min_rate: the floor of an adapted rate, records/s per source.
+        set_receiver_rate: applies an adapted rate to a receiver.
     """
 
     def __init__(
@@ -137,6 +143,9 @@ class BatchScheduler:
         receivers: frozenset[str] = frozenset(),
         release_blocks: Callable[[Position | None], Awaitable[object]] | None = None,
         listeners: Sequence[Listener] = (),
+        backpressure: bool = False,
+        min_rate: float = 100.0,
+        set_receiver_rate: Callable[[str, float], object] | None = None,
     ) -> None:
         self.app = app
         self.tracker = tracker
@@ -156,10 +165,26 @@ class BatchScheduler:
         self.receivers = receivers
         self.release_blocks = release_blocks
         self.listeners = list(listeners)
-        self._limits = {
+        self._static_limits = {
             name: (max(1, math.ceil(src.max_rate * interval)) if src.max_rate else None)
             for name, src in self.sources.items()
         }
+        self._limits = dict(self._static_limits)
+        self._partitions = dict.fromkeys(self.sources, 1)
+        self.set_receiver_rate = set_receiver_rate
+        self._estimators = (
+            {
+                name: RateEstimator(batch_interval=interval, min_rate=min_rate)
+                for name in [*self.sources, *sorted(receivers)]
+            }
+            if backpressure
+            else {}
+        )
+
+    @property
+    def limits(self) -> Mapping[str, int | None]:
+        """Per direct source, the most offsets the next batch takes per partition."""
+        return dict(self._limits)
 
     # -- recovery and the tick loop -------------------------------------------
 
@@ -219,6 +244,7 @@ class BatchScheduler:
             if unseen:
                 self.tracker.seed_positions(name, await source.start_positions(unseen))
             latest[name] = available
+            self._partitions[name] = max(1, len(available))
         alloc = plan_allocation(
             state,
             batch_time=batch_time,
@@ -418,6 +444,8 @@ class BatchScheduler:
             recovered=recovered,
             dead_lettered=tuple(dead_handlers),
         )
+        if not recovered:
+            self._adapt_rates(records, info)
         for listener in self.listeners:
             try:
                 listener(info)
@@ -425,6 +453,30 @@ class BatchScheduler:
                 log.exception("batch listener %r raised; ignored", listener)
         await self.maybe_checkpoint()
         return info
+
+    def _adapt_rates(self, records: Sequence[Record], info: BatchInfo) -> None:
+        """Feed the batch to each source's rate estimator and apply new rates."""
+        if not self._estimators:
+            return
+        counts = Counter(r.source for r in records)
+        now = time.monotonic()
+        for name, estimator in self._estimators.items():
+            rate = estimator.update(
+                time=now,
+                records=counts.get(name, 0),
+                processing_time=info.processing_time + info.commit_time,
+                scheduling_delay=info.scheduling_delay,
+            )
+            if rate is None:
+                continue
+            if name in self.sources:
+                # The estimate is for the whole source; share it among partitions.
+                adapted = max(1, math.ceil(rate * self.interval / self._partitions[name]))
+                static = self._static_limits[name]
+                self._limits[name] = adapted if static is None else min(static, adapted)
+            elif self.set_receiver_rate is not None:
+                self.set_receiver_rate(name, rate)
+            log.debug("backpressure: %s rate now %.0f records/s", name, rate)
 
     async def _commit_sources(self, batch: Batch) -> None:
         by_source: dict[str, list[OffsetRange]] = {}

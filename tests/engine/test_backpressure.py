@@ -1,0 +1,100 @@
+"""The rate estimator alone, and backpressure in a running app."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+
+from streamlet.app import App
+from streamlet.backpressure import RateEstimator
+from streamlet.errors import ConfigError
+from streamlet.metrics import BatchInfo
+from streamlet.records import Batch
+from streamlet.sinks.base import Sink
+from streamlet.sources.sequence import SequenceSource
+
+
+def test_the_first_batch_sets_the_rate_to_what_was_processed() -> None:
+    est = RateEstimator(batch_interval=1.0)
+    assert est.update(time=1.0, records=5000, processing_time=0.5, scheduling_delay=0) == 10_000
+
+
+def test_a_slower_handler_lowers_the_rate_and_a_faster_one_raises_it() -> None:
+    est = RateEstimator(batch_interval=1.0, min_rate=10)
+    est.update(time=1.0, records=1000, processing_time=0.1, scheduling_delay=0)  # 10k/s
+    slow = est.update(time=2.0, records=1000, processing_time=1.0, scheduling_delay=0)
+    assert slow == pytest.approx(1000)  # follows the processing rate
+    slower = est.update(time=3.0, records=1000, processing_time=1.0, scheduling_delay=2.0)
+    # A backlog of two intervals takes another 0.2 * 2 * 1000 off.
+    assert slower == pytest.approx(600)
+    fast = est.update(time=4.0, records=600, processing_time=0.06, scheduling_delay=0)
+    assert fast is not None
+    assert fast > 5000
+
+
+def test_the_rate_never_falls_below_the_floor_and_ignores_empty_batches() -> None:
+    est = RateEstimator(batch_interval=1.0, min_rate=250)
+    est.update(time=1.0, records=100, processing_time=10.0, scheduling_delay=0)
+    assert est.rate == 250
+    assert est.update(time=2.0, records=0, processing_time=0.1, scheduling_delay=0) is None
+    assert est.update(time=0.5, records=10, processing_time=0.1, scheduling_delay=0) is None
+
+
+def test_bad_gains_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="integral"):
+        RateEstimator(batch_interval=1.0, integral=-1)
+    with pytest.raises(ConfigError, match="min_rate"):
+        RateEstimator(batch_interval=1.0, min_rate=0)
+
+
+class NullSink(Sink):
+    async def commit(self, batch: Batch, outputs: Sequence[object]) -> bool:
+        return True
+
+
+async def test_backpressure_shrinks_batches_when_the_handler_slows_and_grows_them_after(
+    tmp_path: Path,
+) -> None:
+    app = App(
+        "bp", state_dir=tmp_path / "state", batch_interval=0.05, backpressure=True, min_rate=50
+    )
+    # Everything is available at once: without backpressure batches would be huge.
+    source = app.source(SequenceSource(rate=None, limit=10**9, max_rate=200_000), name="seq")
+    slow = {"on": False}
+
+    @app.handler(source, sink=NullSink())
+    async def work(batch: Batch) -> list[int]:
+        # 0.1 ms per record when slow: at most ~500 records fit in one interval.
+        await anyio.sleep(len(batch) * (1e-4 if slow["on"] else 1e-6))
+        return []
+
+    infos: list[BatchInfo] = []
+    wanted = {"count": 0, "event": anyio.Event()}
+
+    def on_batch(info: BatchInfo) -> None:
+        infos.append(info)
+        if len(infos) >= wanted["count"]:
+            wanted["event"].set()
+
+    async def batches(more: int) -> list[int]:
+        wanted["count"], wanted["event"] = len(infos) + more, anyio.Event()
+        await wanted["event"].wait()
+        return [i.records for i in infos[-5:]]
+
+    app.add_listener(on_batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(app.serve)
+        with anyio.fail_after(30):
+            fast_sizes = await batches(15)
+            slow["on"] = True
+            slow_sizes = await batches(25)
+            slow["on"] = False
+            recovered_sizes = await batches(25)
+        app.stop()
+    assert max(slow_sizes) < min(fast_sizes) / 4, (fast_sizes, slow_sizes)
+    assert max(slow_sizes) <= 1500, slow_sizes
+    assert min(recovered_sizes) > max(slow_sizes) * 2, (slow_sizes, recovered_sizes)
+    assert max(i.records for i in infos) <= 200_000 * 0.05
