@@ -21,8 +21,10 @@ from streamlet.errors import (
 )
 from streamlet.metrics import BatchInfo
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
+from streamlet.sinks import CallbackSink, FileSink, PrintSink, SQLiteSink
 from streamlet.sinks.base import Sink, SinkContext
 from streamlet.sources import DirectSource, SequenceSource
+from streamlet.sources.receiver import Receiver, ReceiverContext, Stored
 
 __version__ = "0.1.0"
 
@@ -31,17 +33,24 @@ __all__ = [
     "Batch",
     "BatchInfo",
     "BlockRef",
+    "CallbackSink",
     "CommitError",
     "ConfigError",
     "DirectSource",
+    "FileSink",
     "HandlerError",
     "OffsetRange",
+    "PrintSink",
+    "Receiver",
+    "ReceiverContext",
     "Record",
     "RecordTooLargeError",
+    "SQLiteSink",
     "SequenceSource",
     "Sink",
     "SinkContext",
     "SinkError",
+    "Stored",
     "StreamletError",
     "WALClosedError",
     "WALCorruptionError",

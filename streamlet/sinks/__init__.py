@@ -1,0 +1,22 @@
+"""Sinks: where a handler's outputs go, each committing a batch at most once.
+
+:class:`FileSink` and :class:`SQLiteSink` are exactly-once with a replayable
+source; :class:`CallbackSink` and :class:`PrintSink` are at-least-once.
+"""
+
+from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output
+from streamlet.sinks.callback import CallbackSink, PrintSink
+from streamlet.sinks.file import FileSink
+from streamlet.sinks.sqlite import ApplyFunction, SQLiteSink
+
+__all__ = [
+    "ApplyFunction",
+    "CallbackSink",
+    "FileSink",
+    "Guarantee",
+    "PrintSink",
+    "SQLiteSink",
+    "Sink",
+    "SinkContext",
+    "encode_output",
+]

@@ -1,0 +1,1 @@
+"""Example apps: run one with ``streamlet run examples.<name>:app``."""
