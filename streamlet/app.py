@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import stat
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -176,6 +177,7 @@ class App:
         self._listeners: list[Callable[[BatchInfo], object]] = []
         self._stop: anyio.Event | None = None
         self._stop_requested = False
+        self._state_id = ""
 
     # -- registration ------------------------------------------------------------
 
@@ -313,15 +315,19 @@ class App:
                         f"{manifest_path} is not valid JSON ({exc}); the state directory is"
                         " damaged: restore it or choose another state_dir"
                     ) from None
+                state_id = found.pop("state_id", "") if isinstance(found, dict) else ""
                 if found != wanted:
                     raise ConfigError(self._manifest_mismatch(manifest_path, found, wanted))
+                self._state_id = str(state_id)
             else:
                 temp = manifest_path + ".tmp"
                 if self.fs.exists(temp):
                     self.fs.remove(temp)
+                self._state_id = uuid.uuid4().hex
                 file = self.fs.create(temp)
                 try:
-                    file.append(orjson.dumps(wanted, option=orjson.OPT_INDENT_2))
+                    body = {**wanted, "state_id": self._state_id}
+                    file.append(orjson.dumps(body, option=orjson.OPT_INDENT_2))
                     file.sync()
                 finally:
                     file.close()
@@ -349,6 +355,9 @@ class App:
             + ". Batches recorded there would not mean the same to this app. Use a new"
             " state_dir for the changed app, or restore the original sources and handlers."
         )
+
+    def _sink_context(self, handler: str) -> SinkContext:
+        return SinkContext(self.name, handler, self.state_dir, self._state_id)
 
     async def serve(
         self,
@@ -424,10 +433,14 @@ class App:
                 started_sources.append(source)
             for h in self._handlers:
                 if h.sink is not None:
-                    await h.sink.open(SinkContext(self.name, h.name, self.state_dir))
+                    await h.sink.open(
+                        SinkContext(self.name, h.name, self.state_dir, self._state_id)
+                    )
                     opened_sinks.append(h.sink)
             if self.dead_letter is not None:
-                await self.dead_letter.open(SinkContext(self.name, "dead-letter", self.state_dir))
+                await self.dead_letter.open(
+                    SinkContext(self.name, "dead-letter", self.state_dir, self._state_id)
+                )
                 opened_sinks.append(self.dead_letter)
             scheduler = BatchScheduler(
                 app=self.name,

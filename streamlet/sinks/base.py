@@ -35,6 +35,14 @@ class SinkContext(NamedTuple):
     """The handler's name; one sink instance serves one handler."""
     state_dir: str
     """The app's state directory (a sink may keep bookkeeping under it)."""
+    state_id: str = ""
+    """The state directory's identity, made once when it is created.
+
+    Batch ids count from 1 in every new state directory, so outputs written
+    under one state directory must never be checked against the batch ids of
+    another: a sink records this id with its bookkeeping and refuses a
+    different one ("" means unknown and is not checked).
+    """
 
 
 class Sink(ABC):

@@ -207,6 +207,14 @@ class FileSink(Sink):
                 f"{path}: FileSink format version {found.get('version')!r} is not readable by"
                 f" this streamlet (reads version {MARKER_VERSION})"
             )
+        if found.get("state_id") and context.state_id and found["state_id"] != context.state_id:
+            raise ConfigError(
+                f"FileSink directory {directory} was written under another state directory"
+                f" (id {found['state_id']}, see {path}); this app's state_dir {context.state_dir}"
+                f" has id {context.state_id}. Batch ids restart with a new state directory, so"
+                " its batches would be taken for ones already written and skipped. Restore the"
+                " original state_dir, or give the outputs a new directory"
+            )
         if found.get("app") != context.app or found.get("handler") != context.handler:
             raise ConfigError(
                 f"FileSink directory {directory} holds the outputs of app {found.get('app')!r},"
@@ -223,6 +231,7 @@ class FileSink(Sink):
                 "version": MARKER_VERSION,
                 "app": context.app,
                 "handler": context.handler,
+                "state_id": context.state_id,
             },
             option=orjson.OPT_INDENT_2,
         )

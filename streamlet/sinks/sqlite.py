@@ -75,6 +75,12 @@ _BOOKKEEPING = (
         PRIMARY KEY (app, handler, source, partition)
     )""",
 )
+_STATE_TABLE = """CREATE TABLE IF NOT EXISTS streamlet_state (
+        app TEXT NOT NULL,
+        handler TEXT NOT NULL,
+        state_id TEXT NOT NULL,
+        PRIMARY KEY (app, handler)
+    )"""
 _IS_COMMITTED = "SELECT 1 FROM streamlet_batches WHERE app = ? AND handler = ? AND batch_id = ?"
 _INSERT_BATCH = (
     "INSERT INTO streamlet_batches (app, handler, batch_id, committed_at, ranges_json)"
@@ -261,11 +267,38 @@ class SQLiteSink(Sink):
                     ) from exc
             for statement in _BOOKKEEPING:
                 conn.execute(statement)
+            conn.execute(_STATE_TABLE)
+            self._check_state_id(conn, path)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def _check_state_id(self, conn: sqlite3.Connection, path: str) -> None:
+        """Refuse a database whose batches were counted by another state directory."""
+        context = self._context
+        if context is None or not context.state_id:
+            return
+        row = conn.execute(
+            "SELECT state_id FROM streamlet_state WHERE app = ? AND handler = ?",
+            (context.app, context.handler),
+        ).fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO streamlet_state (app, handler, state_id) VALUES (?, ?, ?)",
+                (context.app, context.handler, context.state_id),
+            )
+        elif row[0] != context.state_id:
+            raise ConfigError(
+                f"SQLiteSink {path} holds batches of app {context.app!r}, handler"
+                f" {context.handler!r} written under another state directory (id {row[0]});"
+                f" this app's state_dir {context.state_dir} has id {context.state_id}. Batch"
+                " ids restart with a new state directory, so its batches would be taken for"
+                " ones already written and skipped. Restore the original state_dir, or write"
+                " to a new database (or delete this handler's rows from streamlet_batches,"
+                " streamlet_offsets and streamlet_state if the old outputs are unwanted)"
+            )
 
     def _authorize(
         self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None

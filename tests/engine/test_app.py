@@ -248,3 +248,32 @@ async def test_unreadable_state_dir_gives_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot be used") as info:
         await app.serve()
     assert str(blocker) in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["file", "sqlite"])
+async def test_sinks_refuse_outputs_counted_by_another_state_directory(
+    tmp_path: Path, kind: str
+) -> None:
+    """A wiped state_dir restarts batch ids; its sinks must not skip the new batches."""
+    from streamlet.sinks.file import FileSink
+    from streamlet.sinks.sqlite import SQLiteSink
+
+    def make_sink() -> Sink:
+        if kind == "file":
+            return FileSink(tmp_path / "out")
+        return SQLiteSink(tmp_path / "out.db", lambda conn, batch, outputs: None)
+
+    first = _counting_app(tmp_path / "state-1", make_sink(), limit=5)
+    done = anyio.Event()
+    first.add_listener(lambda info: done.set())
+    await _serve_until(first, done)
+
+    second = _counting_app(tmp_path / "state-2", make_sink(), limit=5)
+    with anyio.fail_after(20), pytest.raises(ConfigError, match="another state directory"):
+        await second.serve()
+
+    # The original state directory is still welcome.
+    again = _counting_app(tmp_path / "state-1", make_sink(), limit=5)
+    again.stop()
+    with anyio.fail_after(20):
+        await again.serve()
