@@ -40,7 +40,7 @@ from streamlet.scheduler import BatchScheduler, FailurePolicy, RetryPolicy
 from streamlet.sinks.base import Sink, SinkContext
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver
-from streamlet.tracker import Tracker, TrackerState
+from streamlet.tracker import Tracker, TrackerState, restore
 from streamlet.wal import Position, WriteAheadLog
 
 __all__ = ["App"]
@@ -399,9 +399,7 @@ class App:
                 raise ConfigError(
                     f"checkpoint {checkpoint.path} is of app {body.get('app')!r}, not {self.name!r}"
                 )
-            base = TrackerState.from_json(body["state"])
-            if body.get("last_event") is not None:
-                after = Position(*body["last_event"])
+            base, after = restore(body, checkpoint.path)
             log.info("loaded checkpoint %s (batch %d)", checkpoint.path, checkpoint.batch_id)
         tracker = await Tracker.open(
             os.path.join(self.state_dir, "tracker"),

@@ -18,7 +18,7 @@ import orjson
 from streamlet.checkpoint import Checkpoint, load_latest
 from streamlet.errors import StreamletError
 from streamlet.fs import FileSystem, OsFileSystem
-from streamlet.tracker import TrackerState
+from streamlet.tracker import TrackerState, restore
 from streamlet.wal.log import Position, Problem
 from streamlet.wal.tools import read_records
 
@@ -131,9 +131,7 @@ def read_state(directory: str | os.PathLike[str], *, fs: FileSystem | None = Non
     state = TrackerState()
     after: Position | None = None
     if checkpoint is not None:
-        state = TrackerState.from_json(checkpoint.body["state"])
-        if checkpoint.body.get("last_event") is not None:
-            after = Position(*checkpoint.body["last_event"])
+        state, after = restore(checkpoint.body, checkpoint.path)
     problems: list[Problem] = []
     events = 0
     if fs.exists(tracker_dir):

@@ -44,6 +44,7 @@ __all__ = [
     "Tracker",
     "TrackerState",
     "plan_allocation",
+    "restore",
 ]
 
 log = logging.getLogger("streamlet.tracker")
@@ -171,11 +172,22 @@ class TrackerState:
         Raises:
             StreamletError: the body is of an unknown version.
         """
-        if data.get("version") != STATE_VERSION:
+        if not isinstance(data, Mapping) or data.get("version") != STATE_VERSION:
+            found = data.get("version") if isinstance(data, Mapping) else None
             raise StreamletError(
-                f"tracker state version {data.get('version')!r} is not readable"
+                f"tracker state version {found!r} is not readable"
                 f" (this streamlet reads version {STATE_VERSION})"
             )
+        try:
+            return cls._from_json(data)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise StreamletError(
+                f"tracker state is malformed ({type(exc).__name__}: {exc}); the checkpoint"
+                " was not written by a compatible streamlet"
+            ) from None
+
+    @classmethod
+    def _from_json(cls, data: Mapping[str, Any]) -> TrackerState:
         return cls(
             next_batch_id=int(data["next_batch_id"]),
             last_done=int(data["last_done"]),
@@ -193,6 +205,31 @@ class TrackerState:
             next_block_id=int(data["next_block_id"]),
             acks={s: {str(c): int(q) for c, q in m.items()} for s, m in data["acks"].items()},
         )
+
+
+def restore(body: Mapping[str, Any], path: str) -> tuple[TrackerState, Position | None]:
+    """The tracker state of a checkpoint body, and the log position it covers.
+
+    Raises:
+        StreamletError: the body is not a tracker checkpoint this version reads.
+    """
+    state_json = body.get("state")
+    if not isinstance(state_json, Mapping):
+        raise StreamletError(f"checkpoint {path} holds no tracker state")
+    try:
+        state = TrackerState.from_json(state_json)
+    except StreamletError as exc:
+        raise StreamletError(f"checkpoint {path}: {exc}") from None
+    event = body.get("last_event")
+    if event is None:
+        return state, None
+    if (
+        not isinstance(event, list)
+        or len(event) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in event)
+    ):
+        raise StreamletError(f"checkpoint {path}: last_event {event!r} is not a log position")
+    return state, Position(*event)
 
 
 def plan_allocation(
