@@ -55,6 +55,14 @@ crash did not persist). Scanning it frame by frame, the first frame at offset
   file) while later sectors were written; a valid header is never all zero
   nor one bit away from it (its length and length check together always have
   several bits set: checked for every length); or
+* its header runs across a sector boundary, fails its length check, and its
+  bytes before the boundary are all zero: the sector holding its start kept
+  its old content (the records synced before it, then zeros) while the next
+  one was written. With five or more header bytes before the boundary, a
+  valid header never has them zero nor one bit away from it (they hold the
+  length and the low byte of the length check, which is non-zero for every
+  length with at most one bit set: checked); with four or fewer they are low
+  length bytes, zero when the length is a multiple of 256 (see below); or
 * some 512-byte-aligned sector overlapping the frame is all zeros (a last,
   partial sector counts when all its bytes up to the end of file are: on disk
   the rest of it is zero padding). The frame's extent is ``[o, o + 12 + n)``
@@ -71,7 +79,10 @@ Residual risk (the same rule and risk as etcd's WAL): a bit flip inside a
 record of the last segment whose payload itself holds a whole zero sector (or,
 for the last record, ends the file with zeros back to a sector boundary) is
 classed as torn, so that record and the ones after it are cut off instead of
-reported. Records in older segments, and records without such zero runs, are
+reported; so is a flip in the length or length check of a record of the last
+segment whose header starts at most 4 bytes before a sector boundary, if the
+header bytes before the boundary (low bytes of its length) are zero or have
+one bit set. Records in older segments, and records without such zero runs, are
 never at this risk: none of the rules above can be met by flipping one bit.
 
 The other way round, a file system that exposes stale, non-zero blocks after
@@ -85,6 +96,8 @@ import enum
 import itertools
 import re
 import struct
+import sys
+from array import array
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -107,7 +120,9 @@ __all__ = [
     "crc32c",
     "encode_frame",
     "encode_frames",
+    "encode_frames_joined",
     "encode_segment_header",
+    "frame_header",
     "is_torn",
     "parse_segment_name",
     "scan",
@@ -142,6 +157,7 @@ _SEGMENT_NAME = re.compile(r"^([0-9]{16})\.wal$")
 _HEADER_BODY = struct.Struct("<8sIIQI")  # magic, version, flags, seq, reserved
 _U32 = struct.Struct("<I")
 _FRAME = struct.Struct("<III")  # length, length check, crc
+_CRC_OFFSET = 8  # of the crc field in a frame header
 _MAX_SEQ = 10**16 - 1  # the largest seq that fits the 16-digit file name
 
 # Hot paths use the C functions directly (they take ``bytes`` only, not
@@ -231,6 +247,46 @@ def encode_frame(payload: bytes) -> bytes:
     length = len(payload)
     check = _LENGTH_CHECKS[length]
     return _FRAME.pack(length, check, _crc_extend(check, payload)) + payload
+
+
+def frame_header(payload: bytes) -> bytes:
+    """The 12-byte header of ``payload``'s frame; the frame is the header, then the payload."""
+    length = len(payload)
+    check = _LENGTH_CHECKS[length]
+    return _FRAME.pack(length, check, _crc_extend(check, payload))
+
+
+def encode_frames_joined(payloads: Sequence[bytes], lengths: Sequence[int]) -> bytes:
+    """The frames of many records back to back, as one ``bytes``.
+
+    Equal to ``b"".join(encode_frames(payloads, lengths))``; this is the hot
+    path of a large ``append_many``. When all records have the same length
+    (the usual block of fixed-size records), it takes no Python-level step per
+    record: length and length check are then the same in every header, so the
+    payloads are joined once with a separator holding them, which leaves a
+    4-byte hole in front of every payload exactly where its crc goes, and the
+    crc column is filled with one strided copy from an array of the CRCs.
+    """
+    count = len(payloads)
+    first = lengths[0] if count else 0
+    if count < 2 or lengths.count(first) != count:
+        return b"".join(encode_frames(payloads, lengths))
+    check = _LENGTH_CHECKS[first]
+    crcs = array("I", map(_crc_extend, itertools.repeat(check, count), payloads))
+    if sys.byteorder != "little":
+        crcs.byteswap()
+    separator = bytearray(_FRAME.pack(first, check, 0))
+    buf = separator.join(itertools.chain((b"",), payloads))  # a separator before each
+    stride = FRAME_HEADER_SIZE + first
+    if stride % 4 == 0:  # the crc field is word-aligned in every frame
+        with memoryview(buf) as view, view.cast("I") as words:
+            words[_CRC_OFFSET // 4 :: stride // 4] = crcs
+    else:
+        crc_bytes = crcs.tobytes()
+        for byte in range(4):
+            buf[_CRC_OFFSET + byte :: stride] = crc_bytes[byte::4]
+    # Immutable from here on: nothing can change what is queued for the disk.
+    return bytes(buf)
 
 
 def encode_frames(payloads: Sequence[bytes], lengths: Sequence[int]) -> list[bytes]:
@@ -368,6 +424,13 @@ def is_torn(tail: bytes, tail_offset: int, offset: int, check: FrameCheck) -> bo
         return True
     if tail.count(0, rel, rel + FRAME_HEADER_SIZE) == FRAME_HEADER_SIZE:
         return True
+    boundary = offset - offset % SECTOR_SIZE + SECTOR_SIZE
+    if (
+        check.fault is FrameFault.BAD_LENGTH_CHECK
+        and boundary < offset + FRAME_HEADER_SIZE
+        and tail.count(0, rel, boundary - tail_offset) == boundary - offset
+    ):
+        return True  # the header's first sector kept its old content (see the module doc)
     if check.fault is FrameFault.BAD_CRC:
         span_end = offset + FRAME_HEADER_SIZE + check.length
     else:
