@@ -23,8 +23,9 @@ from streamlet.metrics import BatchInfo
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.sinks import CallbackSink, FileSink, PrintSink, SQLiteSink
 from streamlet.sinks.base import Sink, SinkContext
-from streamlet.sources import DirectSource, SequenceSource
+from streamlet.sources import DirectSource, SequenceSource, TcpSource
 from streamlet.sources.receiver import Receiver, ReceiverContext, Stored
+from streamlet.tcp import TcpClient
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,8 @@ __all__ = [
     "SinkError",
     "Stored",
     "StreamletError",
+    "TcpClient",
+    "TcpSource",
     "WALClosedError",
     "WALCorruptionError",
     "WALError",

@@ -16,6 +16,12 @@ for this layer; nothing here needs replaying.
 Memory is bounded: stores wait while more than ``max_buffered_bytes`` are
 buffered or being written, which slows a receiver down to the speed of the
 disk instead of letting it queue without limit.
+
+Invariant: no block grows past ``max_block_bytes`` (unless a single store is
+larger), however far the cuts lag behind the stores: a full block is sealed
+and a new one opened, and the next cut takes every sealed block, in order,
+before the open ones. The data WAL's record limit thus bounds one store, not
+whatever a receiver stored while a cut was being written.
 """
 
 from __future__ import annotations
@@ -122,6 +128,8 @@ class BlockGenerator:
         self.max_buffered_bytes = max_buffered_bytes
         self.stopping = anyio.Event()
         self._open: dict[str, _OpenBlock] = {}
+        # Blocks that reached max_block_bytes, in store order, for the next cut.
+        self._sealed: list[_OpenBlock] = []
         self._buffered = 0
         self._cut_now = anyio.Event()
         self._room = anyio.Condition()
@@ -178,17 +186,28 @@ class BlockGenerator:
                 await self._room.wait()
             self._buffered += size
         block = self._open.get(source)
+        if block is not None and block.records and block.nbytes + size > self.max_block_bytes:
+            self._seal(block)
+            block = None
         if block is None:
             block = self._open[source] = _OpenBlock(source)
-        block.records.extend(r._replace(source=source) for r in records)
+        # Kept as given: a block belongs to one source, its encoding does not
+        # carry the source, and every record read back gets the block's.
+        block.records.extend(records)
         block.nbytes += size
         if acks:
             for key, value in acks.items():
                 if value > block.acks.get(key, -math.inf):
                     block.acks[key] = value
         if block.nbytes >= self.max_block_bytes:
-            self._cut_now.set()
+            self._seal(block)
         return block
+
+    def _seal(self, block: _OpenBlock) -> None:
+        """Close a full block to further stores; the next cut takes it (see the invariant)."""
+        del self._open[block.source]
+        self._sealed.append(block)
+        self._cut_now.set()
 
     def _check_open(self, source: str) -> None:
         if self._failed is not None:
@@ -219,9 +238,12 @@ class BlockGenerator:
     async def cut(self) -> int:
         """Make every open block durable now; return how many blocks were cut."""
         async with self._cut_lock:
-            blocks = [b for b in self._open.values() if b.records]
-            for block in blocks:
+            # A receiver's sealed blocks hold older records than its open one.
+            still_open = [b for b in self._open.values() if b.records]
+            for block in still_open:
                 del self._open[block.source]
+            blocks = [*self._sealed, *still_open]
+            self._sealed.clear()
             if not blocks:
                 return 0
             self._writing += 1
@@ -259,8 +281,9 @@ class BlockGenerator:
             return len(blocks)
 
     def _fail_open(self) -> None:
-        for block in self._open.values():
+        for block in [*self._sealed, *self._open.values()]:
             block.resolve(self._failed)
+        self._sealed.clear()
         self._open.clear()
 
     async def close(self) -> None:

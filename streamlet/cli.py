@@ -264,3 +264,80 @@ def checkpoint_show(directory: str, as_json: bool) -> None:
         click.echo(orjson.dumps(view.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
         click.echo(view.describe())
+
+
+def _default_client_id(path: str) -> str:
+    """A client id stable for one file on one host, so a re-send skips what is durable."""
+    import hashlib
+    import socket
+
+    where = f"{socket.gethostname()}:{os.path.realpath(path)}"
+    return "file-" + hashlib.sha256(where.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+@main.command("send")
+@click.argument(
+    "file",
+    metavar="[FILE|-]",
+    default="-",
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=str),
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="The TcpSource's address.")
+@click.option("--port", type=click.IntRange(1, 65535), required=True, help="The TcpSource's port.")
+@click.option(
+    "--client-id",
+    help="Names this sender for the server's duplicate filter. Default for a FILE: derived from"
+    " this host and the file's path, so sending it again skips lines already durable; for"
+    " stdin: a new random id.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds to keep trying to reach the server, at the start and after a lost"
+    " connection, before giving up.",
+)
+def send(file: str, host: str, port: int, client_id: str | None, timeout: float) -> None:
+    """Send each line of FILE (or stdin) to a TcpSource and wait until all are durable.
+
+    Line i is sent with sequence number i, so running the same command again
+    with the same client id sends only the lines the server does not have
+    yet. Exits 1 if the server cannot be reached or refuses a line.
+    """
+    import io
+    import uuid
+    from typing import cast
+
+    import anyio
+
+    from streamlet.sources.tcp import check_client_id
+    from streamlet.tcp import ClientError, SendSummary, send_stream
+
+    if client_id is None:
+        client_id = f"stdin-{uuid.uuid4().hex[:16]}" if file == "-" else _default_client_id(file)
+    try:
+        check_client_id(client_id)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--client-id") from exc
+
+    async def go(stream: io.BufferedIOBase) -> SendSummary:
+        return await send_stream(stream, host, port, client_id, connect_timeout=timeout)
+
+    try:
+        with click.open_file(file, "rb") as stream:
+            summary = anyio.run(go, cast(io.BufferedIOBase, stream))
+    except ClientError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(1) from exc
+    except KeyboardInterrupt:
+        click.echo(
+            "interrupted: lines not yet acknowledged may not be durable; run the same command"
+            f" with --client-id {client_id} to send them (lines already durable are skipped)",
+            err=True,
+        )
+        raise click.exceptions.Exit(130) from None
+    click.echo(
+        f"{summary.lines} lines: {summary.sent} sent, {summary.skipped} skipped as already"
+        f" durable; acknowledged through seq {summary.acked} (client id {client_id})"
+    )

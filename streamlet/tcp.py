@@ -1,0 +1,601 @@
+"""The client side of :class:`~streamlet.sources.tcp.TcpSource`'s numbered protocol.
+
+:class:`TcpClient` numbers the lines it is given, keeps each one until the
+server acknowledges it as durable, and after a lost connection reconnects
+with backoff and sends again, in order, every line the server does not
+report as durable in its ``@resume``. With the server's duplicate filter this
+delivers every line once, across restarts of either side, as long as the
+client keeps its client id (and, when restarted, its numbering: see
+``start_seq``). The protocol is written down in :mod:`streamlet.sources.tcp`.
+
+:func:`send_stream` is ``streamlet send``: line ``i`` of a file is sent with
+sequence number ``i``, so sending the same file twice under the same client
+id sends nothing new the second time.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+
+import anyio
+from anyio.abc import SocketStream, TaskGroup
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from streamlet.errors import ConfigError, StreamletError
+from streamlet.sources.tcp import check_client_id
+
+__all__ = [
+    "ClientError",
+    "RejectedError",
+    "SendSummary",
+    "TcpClient",
+    "UnreachableError",
+    "send_stream",
+]
+
+log = logging.getLogger("streamlet.tcp")
+
+_MAX_SERVER_LINE = 4096
+_WRITE_BATCH = 256 * 1024
+"""Bytes of lines joined into one socket write."""
+_ATTEMPT_TIMEOUT = 10.0
+"""Longest one connection attempt (connect, hello, resume) may take."""
+
+
+class ClientError(StreamletError):
+    """Base of :class:`TcpClient`'s errors."""
+
+
+class UnreachableError(ClientError):
+    """No connection to the server could be made within ``connect_timeout``."""
+
+    retriable = True
+
+
+class RejectedError(ClientError):
+    """The server answered ``@error``: it refuses what this client sends.
+
+    Sending the same lines again would be refused again, so the client
+    stops; the server's text says what to change.
+    """
+
+
+class _Signal:
+    """Wakes every task waiting for "something changed"; they re-check their condition."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = anyio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class TcpClient:
+    """Send numbered lines to a TcpSource; each is kept until acknowledged as durable.
+
+    Use it as an async context manager: entering connects (retrying for up
+    to ``connect_timeout``) and learns from ``@resume`` what is durable;
+    leaving without an exception waits for every line to be acknowledged
+    (:meth:`flush`), then closes.
+
+    Args:
+        host: the server's address.
+        port: the server's port.
+        client_id: names this sender for the server's duplicate filter;
+            1 to 128 printable ASCII characters without spaces. One client
+            id must be used by one client at a time.
+        start_seq: the sequence number of the first line sent. None (the
+            default) continues after the highest number the server has as
+            durable; give it to number lines by something stable, e.g. line
+            ``i`` of a file as ``i``, so that a restarted client skips the
+            lines the server already has.
+        max_unacked: lines kept while waiting for acks; :meth:`send` waits
+            while this many are outstanding.
+        reconnect_backoff: seconds before the first reconnect attempt;
+            doubled per failed attempt up to ``max_backoff``.
+        max_backoff: longest pause between reconnect attempts.
+        connect_timeout: seconds to keep trying to reach the server, at the
+            start and after each lost connection, before giving up with
+            :class:`UnreachableError`; None: forever.
+
+    Raises:
+        ConfigError: a setting is out of range.
+        ValueError: ``client_id`` is not a valid client id.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        start_seq: int | None = None,
+        max_unacked: int = 10_000,
+        reconnect_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        connect_timeout: float | None = 30.0,
+    ) -> None:
+        check_client_id(client_id)
+        if start_seq is not None and start_seq < 1:
+            raise ConfigError(f"TcpClient start_seq must be >= 1, not {start_seq!r}")
+        if max_unacked < 1:
+            raise ConfigError(f"TcpClient max_unacked must be >= 1, not {max_unacked!r}")
+        if not reconnect_backoff > 0 or not max_backoff >= reconnect_backoff:
+            raise ConfigError(
+                "TcpClient needs reconnect_backoff > 0 and max_backoff >= reconnect_backoff,"
+                f" not {reconnect_backoff!r} and {max_backoff!r}"
+            )
+        if connect_timeout is not None and not connect_timeout > 0:
+            raise ConfigError(
+                f"TcpClient connect_timeout must be > 0 seconds or None, not {connect_timeout!r}"
+            )
+        self.host = host
+        self.port = port
+        self.client_id = client_id
+        self.max_unacked = max_unacked
+        self.reconnect_backoff = reconnect_backoff
+        self.max_backoff = max_backoff
+        self.connect_timeout = connect_timeout
+        self._start_seq = start_seq
+        self._next_seq = start_seq or 1
+        self._acked = 0
+        self._resumed_at = 0
+        self._sent = 0
+        self._skipped = 0
+        # Invariant: _unacked holds the lines after _acked, oldest first, with
+        # increasing sequence numbers; _to_write is the part of it not yet
+        # written on the current connection.
+        self._unacked: deque[tuple[int, bytes]] = deque()
+        self._to_write: deque[tuple[int, bytes]] = deque()
+        self._error: ClientError | None = None
+        self._closed = False
+        self._entered = False
+        self._changed: _Signal | None = None
+        self._writable: _Signal | None = None
+        self._stack: AsyncExitStack | None = None
+        self._tasks: TaskGroup | None = None
+
+    # -- what a caller reads ------------------------------------------------
+
+    @property
+    def acked(self) -> int:
+        """The highest sequence number the server has acknowledged as durable (0: none)."""
+        return self._acked
+
+    @property
+    def resumed_at(self) -> int:
+        """The server's ``@resume`` on the first connection: what it had as durable then."""
+        return self._resumed_at
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next :meth:`send` gets."""
+        return self._next_seq
+
+    @property
+    def sent(self) -> int:
+        """Lines handed to :meth:`send` and kept for the server (not skipped)."""
+        return self._sent
+
+    @property
+    def skipped(self) -> int:
+        """Lines handed to :meth:`send` that the server already had as durable."""
+        return self._skipped
+
+    @property
+    def unacked(self) -> int:
+        """Lines sent and not yet acknowledged."""
+        return len(self._unacked)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def __aenter__(self) -> TcpClient:
+        if self._entered:
+            raise RuntimeError("a TcpClient can be entered only once")
+        self._entered = True
+        self._changed = _Signal()
+        self._writable = _Signal()
+        stream, reader, resume = await self._connect()
+        self._resumed_at = resume
+        if self._start_seq is None:
+            self._next_seq = resume + 1
+        self._on_ack(resume)
+        stack = AsyncExitStack()
+        # The task group stays open until __aexit__/aclose: the connection
+        # is kept (and re-made) in the background while the caller sends.
+        self._tasks = await stack.enter_async_context(anyio.create_task_group())
+        self._stack = stack
+        self._tasks.start_soon(self._maintain, stream, reader)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None and not self._closed:
+                await self.flush()
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection now; lines not yet acknowledged are abandoned.
+
+        They can be sent again later under the same client id and sequence
+        numbers (``start_seq``); the server skips those it already has.
+        """
+        self._closed = True
+        if self._changed is not None:
+            self._changed.notify()
+        if self._tasks is not None:
+            self._tasks.cancel_scope.cancel()
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+
+    # -- sending ------------------------------------------------------------
+
+    async def send(self, payload: bytes) -> int:
+        """Queue ``payload`` as the next line; return its sequence number.
+
+        Returns at once unless ``max_unacked`` lines are outstanding, then
+        waits for acks. A line whose number the server already has as
+        durable is skipped (counted in :attr:`skipped`).
+
+        Raises:
+            ValueError: ``payload`` holds ``\\n`` or ends with ``\\r``
+                (the server would read a different line).
+            ClientError: the client has failed (the error says why).
+            anyio.ClosedResourceError: the client was closed.
+        """
+        if b"\n" in payload or payload.endswith(b"\r"):
+            raise ValueError(
+                "a TcpClient payload must not contain \\n or end with \\r: lines are"
+                " newline-delimited; encode such payloads (e.g. base64 or JSON)"
+            )
+        if self._changed is None or self._writable is None:
+            raise RuntimeError("use TcpClient as an async context manager before sending")
+        while len(self._unacked) >= self.max_unacked:
+            self._check()
+            await self._changed.wait()
+        self._check()
+        seq = self._next_seq
+        self._next_seq += 1
+        if seq <= self._acked:
+            self._skipped += 1
+            return seq
+        self._sent += 1
+        self._unacked.append((seq, payload))
+        self._to_write.append((seq, payload))
+        self._writable.notify()
+        return seq
+
+    async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Wait until every line sent so far is acknowledged as durable.
+
+        ``timeout`` is here for callers outside anyio's cancel scopes; inside
+        them ``anyio.fail_after`` around the call does the same.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+            ClientError: the client failed with lines unacknowledged.
+            anyio.ClosedResourceError: the client was closed with lines unacknowledged.
+        """
+        if self._changed is None:
+            raise RuntimeError("use TcpClient as an async context manager before flushing")
+        with anyio.fail_after(timeout):
+            while self._unacked:
+                self._check()
+                await self._changed.wait()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise anyio.ClosedResourceError(
+                f"the TcpClient for {self.host}:{self.port} is closed"
+                f" ({len(self._unacked)} lines unacknowledged)"
+            )
+
+    def _on_ack(self, seq: int) -> None:
+        if seq <= self._acked:
+            return
+        self._acked = seq
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= seq:
+            unacked.popleft()
+        to_write = self._to_write
+        while to_write and to_write[0][0] <= seq:
+            to_write.popleft()
+        assert self._changed is not None
+        self._changed.notify()
+
+    def _fail(self, error: ClientError) -> None:
+        self._error = error
+        assert self._changed is not None
+        self._changed.notify()
+
+    # -- the connection -----------------------------------------------------
+
+    async def _connect(self) -> tuple[SocketStream, BufferedByteReceiveStream, int]:
+        """Connect and say hello, retrying with backoff until ``connect_timeout``.
+
+        Raises:
+            UnreachableError: no attempt succeeded in time.
+            RejectedError: the server refused the hello.
+        """
+        where = f"{self.host}:{self.port}"
+        give_up = math.inf if self.connect_timeout is None else self.connect_timeout
+        give_up += anyio.current_time()
+        delay = self.reconnect_backoff
+        while True:
+            attempt = min(_ATTEMPT_TIMEOUT, max(0.0, give_up - anyio.current_time()))
+            try:
+                with anyio.fail_after(attempt):
+                    return await self._hello()
+            except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                reason = _describe(exc)
+            except _Busy as exc:
+                reason = str(exc)
+            if anyio.current_time() + delay >= give_up:
+                raise UnreachableError(
+                    f"cannot reach the streamlet TcpSource at {where} within"
+                    f" {self.connect_timeout} s (last attempt: {reason}); check that the app"
+                    " is running and listening there"
+                )
+            log.debug("connecting to %s failed (%s); next attempt in %.2f s", where, reason, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, self.max_backoff)
+
+    async def _hello(self) -> tuple[SocketStream, BufferedByteReceiveStream, int]:
+        stream = await anyio.connect_tcp(self.host, self.port)
+        try:
+            await stream.send(b"@hello %s\n" % self.client_id.encode("ascii"))
+            reader = BufferedByteReceiveStream(stream)
+            resume = _resume_of(await _read_line(reader), f"{self.host}:{self.port}")
+        except BaseException:
+            await anyio.aclose_forcefully(stream)
+            raise
+        return stream, reader, resume
+
+    async def _maintain(self, stream: SocketStream, reader: BufferedByteReceiveStream) -> None:
+        """Serve connections one after another until a fatal error or cancellation."""
+        where = f"{self.host}:{self.port}"
+        while True:
+            reason = await self._session(stream, reader)
+            if self._error is not None:
+                return
+            log.warning(
+                "connection to %s lost (%s); reconnecting, %d lines unacknowledged",
+                where,
+                reason,
+                len(self._unacked),
+            )
+            try:
+                stream, reader, resume = await self._connect()
+            except ClientError as exc:
+                self._fail(exc)
+                return
+            if resume < self._acked:
+                log.warning(
+                    "%s resumes client %s at %d, below the %d it acknowledged: its state was"
+                    " reset; those lines are not sent again",
+                    where,
+                    self.client_id,
+                    resume,
+                    self._acked,
+                )
+            self._on_ack(resume)
+            log.info(
+                "reconnected to %s; it has client %s durable up to %d; resending %d lines",
+                where,
+                self.client_id,
+                resume,
+                len(self._unacked),
+            )
+
+    async def _session(self, stream: SocketStream, reader: BufferedByteReceiveStream) -> str:
+        """Write and read on one connection until it ends; say why it ended."""
+        self._to_write = deque(self._unacked)
+        ended = ""
+        async with stream, anyio.create_task_group() as tg:
+
+            async def write() -> None:
+                nonlocal ended
+                try:
+                    await self._write_loop(stream)
+                except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                    ended = ended or _describe(exc)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(write)
+            try:
+                await self._read_loop(reader)
+                ended = ended or "the server closed the connection"
+            except (
+                OSError,
+                anyio.EndOfStream,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                anyio.IncompleteRead,
+                anyio.DelimiterNotFound,
+            ) as exc:
+                ended = ended or _describe(exc)
+            except _Busy as exc:
+                ended = ended or str(exc)
+            except RejectedError as exc:
+                self._fail(exc)
+            tg.cancel_scope.cancel()
+        return ended
+
+    async def _write_loop(self, stream: SocketStream) -> None:
+        assert self._writable is not None
+        to_write = self._to_write
+        while True:
+            if not to_write:
+                await self._writable.wait()
+                continue
+            parts: list[bytes] = []
+            size = 0
+            while to_write and size < _WRITE_BATCH:
+                seq, payload = to_write.popleft()
+                part = b"%d %s\n" % (seq, payload)
+                parts.append(part)
+                size += len(part)
+            await stream.send(b"".join(parts))
+
+    async def _read_loop(self, reader: BufferedByteReceiveStream) -> None:
+        """Apply the server's acks until the connection ends.
+
+        Raises:
+            RejectedError: the server sent ``@error``.
+            _Busy: the server sent ``@busy``.
+        """
+        where = f"{self.host}:{self.port}"
+        while True:
+            line = await _read_line(reader)
+            if line.startswith(b"@ack "):
+                seq = _number(line, b"@ack ")
+                if seq is None:
+                    raise anyio.BrokenResourceError(f"malformed ack {line[:80]!r}")
+                self._on_ack(seq)
+            else:
+                _raise_for(line, where)
+                # Other lines beginning with @ are left for later protocol versions.
+                if not line.startswith(b"@"):
+                    raise anyio.BrokenResourceError(f"unexpected line {line[:80]!r}")
+
+
+class _Busy(Exception):
+    """The server has too many connections; try again later."""
+
+
+async def _read_line(reader: BufferedByteReceiveStream) -> bytes:
+    line = await reader.receive_until(b"\n", _MAX_SERVER_LINE)
+    return line[:-1] if line.endswith(b"\r") else line
+
+
+def _number(line: bytes, prefix: bytes) -> int | None:
+    digits = line[len(prefix) :]
+    if digits.isdigit() and len(digits) <= 19:
+        return int(digits)
+    return None
+
+
+def _resume_of(line: bytes, where: str) -> int:
+    """The number in the server's answer to ``@hello``.
+
+    Raises:
+        RejectedError: the answer is ``@error``.
+        _Busy: the answer is ``@busy``.
+        anyio.BrokenResourceError: the answer is not part of the protocol.
+    """
+    if line.startswith(b"@resume "):
+        resume = _number(line, b"@resume ")
+        if resume is not None:
+            return resume
+    _raise_for(line, where)
+    raise anyio.BrokenResourceError(f"unexpected answer to @hello: {line[:80]!r}")
+
+
+def _raise_for(line: bytes, where: str) -> None:
+    """Raise for ``@error`` and ``@busy``; return for anything else."""
+    if line.startswith(b"@error"):
+        text = line[len(b"@error") :].strip().decode("ascii", "backslashreplace")
+        raise RejectedError(f"the TcpSource at {where} refused: {text}")
+    if line.startswith(b"@busy"):
+        text = line[len(b"@busy") :].strip().decode("ascii", "backslashreplace")
+        raise _Busy(f"the server is busy: {text}")
+
+
+def _describe(exc: BaseException) -> str:
+    """Why a connection attempt failed or a connection ended, for a log line or an error."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, (anyio.EndOfStream, anyio.IncompleteRead)):
+        return "the server closed the connection"
+    if str(exc):
+        return str(exc)
+    if exc.__cause__ is not None and str(exc.__cause__):
+        return str(exc.__cause__)
+    if isinstance(exc, anyio.BrokenResourceError):
+        return "the connection broke"
+    return type(exc).__name__
+
+
+# -- streamlet send ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendSummary:
+    """What :func:`send_stream` did.
+
+    Attributes:
+        lines: lines read from the input.
+        sent: lines sent (the server did not have them as durable).
+        skipped: lines skipped: the server already had them as durable.
+        acked: the highest sequence number acknowledged at the end.
+    """
+
+    lines: int
+    sent: int
+    skipped: int
+    acked: int
+
+
+async def _read_chunks(source: io.BufferedIOBase) -> AsyncIterator[bytes]:
+    """Chunks of ``source`` as they arrive, read in a worker thread (never blocking the loop)."""
+    while True:
+        chunk = await anyio.to_thread.run_sync(source.read1, _WRITE_BATCH)
+        if not chunk:
+            return
+        yield chunk
+
+
+async def send_stream(
+    source: io.BufferedIOBase,
+    host: str,
+    port: int,
+    client_id: str,
+    *,
+    connect_timeout: float | None = 10.0,
+) -> SendSummary:
+    """Send each line of ``source`` (line ``i`` as seq ``i``) and wait for every ack.
+
+    A last line without ``\\n`` is sent too; ``\\r\\n`` line ends are
+    accepted. Lines the server already has as durable for ``client_id`` are
+    skipped without being sent.
+
+    Raises:
+        UnreachableError: the server could not be reached within ``connect_timeout``.
+        RejectedError: the server refused a line (too long, for example).
+    """
+    lines = 0
+    async with TcpClient(
+        host, port, client_id, start_seq=1, connect_timeout=connect_timeout
+    ) as client:
+        rest = b""
+        async for chunk in _read_chunks(source):
+            parts = (rest + chunk).split(b"\n")
+            rest = parts.pop()
+            for line in parts:
+                lines += 1
+                await client.send(line[:-1] if line.endswith(b"\r") else line)
+        if rest:
+            lines += 1
+            await client.send(rest[:-1] if rest.endswith(b"\r") else rest)
+        await client.flush()
+    return SendSummary(lines=lines, sent=client.sent, skipped=client.skipped, acked=client.acked)
