@@ -1,0 +1,79 @@
+"""The examples run as their docstrings say."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wordcount_runs_and_writes_one_file_per_batch(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    result = subprocess.run(
+        [sys.executable, "-m", "streamlet", "run", "examples.wordcount:app", "--duration", "1.6"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": ""},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    batches = [line for line in result.stdout.splitlines() if line.startswith("batch ")]
+    assert len(batches) >= 2
+    parts = sorted((tmp_path / "out" / "wordcount").glob("part-*.jsonl"))
+    assert len(parts) == len(batches)
+    counts = [orjson.loads(line) for line in parts[0].read_bytes().splitlines()]
+    assert all(isinstance(word, str) and count > 0 for word, count in counts)
+    assert sum(count for _, count in counts) >= 100  # 200 sentences/s, 3+ words each
+
+
+def test_tcp_example_takes_lines_from_streamlet_send(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    source = (tmp_path / "examples" / "tcp_lines.py").read_text()
+    (tmp_path / "examples" / "tcp_lines.py").write_text(source.replace("port=9999", "port=0"))
+    # Port 0 picks a free port; the test reads it back from the worker's log.
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "streamlet", "run", "examples.tcp_lines:app", "--duration", "4"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = None
+        assert worker.stderr is not None
+        for line in worker.stderr:
+            if "listening on" in line:
+                port = int(line.rsplit(":", 1)[1].split()[0])
+                break
+        assert port is not None
+        (tmp_path / "numbers.txt").write_text("".join(f"{i}\n" for i in range(1, 501)))
+        sent = subprocess.run(
+            [sys.executable, "-m", "streamlet", "send", "--port", str(port), "numbers.txt"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert "500 sent" in sent.stdout
+        worker.communicate(timeout=60)
+        assert worker.returncode == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "out" / "tcp_lines.db") as conn:
+        rows = conn.execute("SELECT count(*), count(DISTINCT line) FROM lines").fetchone()
+    conn.close()
+    assert rows == (500, 500)
