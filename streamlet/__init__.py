@@ -23,7 +23,7 @@ from streamlet.metrics import BatchInfo
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.sinks import CallbackSink, FileSink, PrintSink, SQLiteSink
 from streamlet.sinks.base import Sink, SinkContext
-from streamlet.sources import DirectSource, SequenceSource, TcpSource
+from streamlet.sources import DirectSource, KafkaSource, SequenceSource, TcpSource
 from streamlet.sources.receiver import Receiver, ReceiverContext, Stored
 from streamlet.tcp import TcpClient
 
@@ -40,6 +40,7 @@ __all__ = [
     "DirectSource",
     "FileSink",
     "HandlerError",
+    "KafkaSource",
     "OffsetRange",
     "PrintSink",
     "Receiver",
