@@ -10,6 +10,7 @@ from streamlet.app import App
 from streamlet.errors import (
     CommitError,
     ConfigError,
+    DecodeError,
     HandlerError,
     RecordTooLargeError,
     SinkError,
@@ -37,6 +38,7 @@ __all__ = [
     "CallbackSink",
     "CommitError",
     "ConfigError",
+    "DecodeError",
     "DirectSource",
     "FileSink",
     "HandlerError",

@@ -174,6 +174,7 @@ class App:
         self.fs: FileSystem = fs if fs is not None else OsFileSystem()
         self._sources: dict[str, AnySource] = {}
         self._handlers: list[HandlerSpec] = []
+        self._decoders: dict[str, Callable[[bytes], object]] = {}
         self._listeners: list[Callable[[BatchInfo], object]] = []
         self._stop: anyio.Event | None = None
         self._stop_requested = False
@@ -201,8 +202,23 @@ class App:
             else:
                 raise ConfigError(f"unknown setting {key!r}")
 
-    def source(self, source: _S, *, name: str | None = None) -> _S:
-        """Register a direct source or a receiver and return it, to pass to :meth:`handler`."""
+    def source(
+        self,
+        source: _S,
+        *,
+        name: str | None = None,
+        decode: Callable[[bytes], object] | None = None,
+    ) -> _S:
+        """Register a direct source or a receiver and return it, to pass to :meth:`handler`.
+
+        ``decode`` turns each record's value into its ``data`` (for example
+        ``orjson.loads``) before handlers see it; a record it raises on goes
+        to the ``dead_letter`` sink with its bytes, position and the error,
+        and the batch goes on without it (without a dead-letter sink the app
+        stops with :class:`~streamlet.errors.DecodeError`).
+        """
+        if decode is not None and not callable(decode):
+            raise ConfigError(f"decode must be a function of bytes, not {type(decode).__name__}")
         if not isinstance(source, (DirectSource, Receiver)):
             raise ConfigError(
                 f"app.source() takes a DirectSource or Receiver object, not {type(source).__name__}"
@@ -212,6 +228,8 @@ class App:
             raise ConfigError(f"the app already has a source named {name!r}")
         source.name = name
         self._sources[name] = source
+        if decode is not None:
+            self._decoders[name] = decode
         return source
 
     def handler(
@@ -460,6 +478,7 @@ class App:
                 backpressure=self.backpressure,
                 min_rate=self.min_rate,
                 set_receiver_rate=generator.set_rate if generator is not None else None,
+                decoders=self._decoders,
             )
             await scheduler.recover()
             if generator is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "CommitError",
     "ConfigError",
+    "DecodeError",
     "HandlerError",
     "RecordTooLargeError",
     "SinkError",
@@ -64,6 +65,14 @@ class WALFailedError(WALError):
     An fsync error leaves the file's durable contents unknown (the kernel may
     have dropped the dirty pages), so retrying and carrying on could report
     lost data as durable. The original OSError is the ``__cause__``.
+    """
+
+
+class DecodeError(StreamletError):
+    """A record could not be decoded by its source's ``decode`` function.
+
+    Raised only when the app has no dead-letter sink; with one, the record
+    goes there with its bytes, position and the error, and the batch goes on.
     """
 
 

@@ -43,6 +43,10 @@ class Record(NamedTuple):
     """Partition within the source (0 for unpartitioned sources)."""
     offset: int = -1
     """Offset within the partition for replayable sources; -1 where there is none."""
+    data: object = None
+    """``value`` decoded by the source's ``decode`` function (``app.source(...,
+    decode=...)``); None when the source has none. Never stored: a re-run
+    decodes again, so ``decode`` must be deterministic."""
 
 
 class OffsetRange(NamedTuple):

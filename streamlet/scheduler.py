@@ -36,7 +36,7 @@ import anyio
 
 from streamlet.backpressure import RateEstimator
 from streamlet.checkpoint import write_checkpoint
-from streamlet.errors import ConfigError, HandlerError, SinkError, StreamletError
+from streamlet.errors import ConfigError, DecodeError, HandlerError, SinkError, StreamletError
 from streamlet.faults import crash_point
 from streamlet.fs import FileSystem
 from streamlet.handlers import HandlerSpec, invoke
@@ -92,6 +92,24 @@ class _Failure:
     attempts: int
 
 
+def _dead_letter(
+    record: Record, batch_id: int, error: str, handler: str | None, attempts: int
+) -> dict[str, object]:
+    """A dead letter: the record's original bytes and position, and why (handler None: decode)."""
+    return {
+        "handler": handler,
+        "batch_id": batch_id,
+        "attempts": attempts,
+        "error": error,
+        "source": record.source,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp": record.timestamp,
+        "key": base64.b64encode(record.key).decode() if record.key is not None else None,
+        "value": base64.b64encode(record.value).decode(),
+    }
+
+
 class BatchScheduler:
     """Runs batches; see the module docstring for the protocol.
 
@@ -122,6 +140,9 @@ class BatchScheduler:
             (:mod:`streamlet.backpressure`), within ``max_rate``.
         min_rate: the floor of an adapted rate, records/s per source.
         set_receiver_rate: applies an adapted rate to a receiver.
+        decoders: per source, a function from a record's value to its
+            ``data``; a record it fails on goes to ``dead_letter`` (or, with
+            none, stops the app with :class:`DecodeError`).
     """
 
     def __init__(
@@ -146,6 +167,7 @@ class BatchScheduler:
         backpressure: bool = False,
         min_rate: float = 100.0,
         set_receiver_rate: Callable[[str, float], object] | None = None,
+        decoders: Mapping[str, Callable[[bytes], object]] | None = None,
     ) -> None:
         self.app = app
         self.tracker = tracker
@@ -172,6 +194,7 @@ class BatchScheduler:
         self._limits = dict(self._static_limits)
         self._partitions = dict.fromkeys(self.sources, 1)
         self.set_receiver_rate = set_receiver_rate
+        self.decoders = dict(decoders or {})
         self._estimators = (
             {
                 name: RateEstimator(batch_interval=interval, min_rate=min_rate)
@@ -260,6 +283,61 @@ class BatchScheduler:
 
     # -- one batch -------------------------------------------------------------
 
+    def _decode(self, batch_id: int, records: list[Record]) -> tuple[list[Record], list[object]]:
+        """Apply each source's ``decode``; the records that fail become dead letters."""
+        if not self.decoders:
+            return records, []
+        good: list[Record] = []
+        dead: list[object] = []
+        for record in records:
+            decode = self.decoders.get(record.source)
+            if decode is None:
+                good.append(record)
+                continue
+            try:
+                good.append(record._replace(data=decode(record.value)))
+            except Exception as exc:
+                where = (
+                    f"record at offset {record.offset} of partition {record.partition} of"
+                    f" source {record.source!r} in batch {batch_id}"
+                )
+                if self.dead_letter is None:
+                    raise DecodeError(
+                        f"{where} cannot be decoded: {type(exc).__name__}: {exc}. Give the app"
+                        " a dead_letter sink to set such records aside and go on, or fix the"
+                        " decode function; the batch runs again on restart"
+                    ) from exc
+                log.warning(
+                    "%s cannot be decoded (%r); it goes to the dead-letter sink", where, exc
+                )
+                dead.append(_dead_letter(record, batch_id, f"{type(exc).__name__}: {exc}", None, 1))
+        return good, dead
+
+    async def _read_with_retries(
+        self, batch_id: int, name: str, source: DirectSource, ranges: Sequence[OffsetRange]
+    ) -> list[Record]:
+        """Read a batch's ranges, trying again with backoff (a broker restart passes)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await source.read(ranges)
+            except Exception as exc:
+                if attempt > self.retry.max_retries:
+                    raise
+                delay = self.retry.delay(attempt)
+                log.warning(
+                    "reading batch %d from source %r failed (attempt %d of %d): %r;"
+                    " retrying in %.2fs",
+                    batch_id,
+                    name,
+                    attempt,
+                    self.retry.max_retries + 1,
+                    exc,
+                    delay,
+                )
+                await anyio.sleep(delay)
+
     async def _read_input(self, alloc: Allocation) -> list[Record]:
         records: list[Record] = []
         by_source: dict[str, list[OffsetRange]] = {}
@@ -272,7 +350,7 @@ class BatchScheduler:
                     f"batch {alloc.id} was allocated from source {name!r}, which the app"
                     " no longer has; restore the source or use a new state_dir"
                 )
-            records.extend(await source.read(ranges))
+            records.extend(await self._read_with_retries(alloc.id, name, source, ranges))
         if alloc.blocks:
             if self.read_blocks is None:
                 raise StreamletError(f"batch {alloc.id} holds blocks but the app has no receivers")
@@ -348,27 +426,13 @@ class BatchScheduler:
 
     def _dead_letters(self, spec: HandlerSpec, view: Batch, failure: _Failure) -> list[object]:
         error = f"{type(failure.error).__name__}: {failure.error}"
-        return [
-            {
-                "handler": spec.name,
-                "batch_id": view.id,
-                "attempts": failure.attempts,
-                "error": error,
-                "source": r.source,
-                "partition": r.partition,
-                "offset": r.offset,
-                "timestamp": r.timestamp,
-                "key": base64.b64encode(r.key).decode() if r.key is not None else None,
-                "value": base64.b64encode(r.value).decode(),
-            }
-            for r in view.records
-        ]
+        return [_dead_letter(r, view.id, error, spec.name, failure.attempts) for r in view.records]
 
     async def _run_batch(
         self, alloc: Allocation, *, scheduled: float | None, recovered: bool
     ) -> BatchInfo:
         started = time.monotonic()
-        records = await self._read_input(alloc)
+        records, dead = self._decode(alloc.id, await self._read_input(alloc))
         batch = Batch(alloc.id, alloc.time, records, alloc.ranges, alloc.blocks)
         views = {spec.name: batch.for_sources(spec.sources) for spec in self.handlers}
 
@@ -382,7 +446,6 @@ class BatchScheduler:
                 tg.start_soon(run_one, spec)
         processed = time.monotonic()
 
-        dead: list[object] = []
         dead_handlers: list[str] = []
         for spec in self.handlers:
             result = results[spec.name]

@@ -11,7 +11,7 @@ import pytest
 from streamlet.app import App
 from streamlet.errors import ConfigError, HandlerError
 from streamlet.metrics import BatchInfo
-from streamlet.records import Batch
+from streamlet.records import Batch, OffsetRange, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources.sequence import SequenceSource
 
@@ -277,3 +277,87 @@ async def test_sinks_refuse_outputs_counted_by_another_state_directory(
     again.stop()
     with anyio.fail_after(20):
         await again.serve()
+
+
+async def test_undecodable_records_go_to_the_dead_letter_sink_and_the_batch_goes_on(
+    tmp_path: Path,
+) -> None:
+    import base64
+
+    import orjson
+
+    from streamlet.records import Record
+
+    dead = ListSink()
+    sink = ListSink()
+    app = App("t", state_dir=tmp_path / "state", batch_interval=0.01, dead_letter=dead)
+
+    def value(partition: int, offset: int) -> bytes:
+        return b"{oops" if offset % 10 == 3 else orjson.dumps({"n": offset})
+
+    src = app.source(
+        SequenceSource(rate=None, limit=30, value=value), name="json", decode=orjson.loads
+    )
+
+    @app.handler(src, sink=sink)
+    async def numbers(batch: Batch) -> list[int]:
+        return [r.data["n"] for r in batch]  # type: ignore[index]
+
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set())
+    await _serve_until(app, done)
+    assert sink.values() == [n for n in range(30) if n % 10 != 3]
+    letters = dead.values()
+    assert [letter["offset"] for letter in letters] == [3, 13, 23]  # type: ignore[index]
+    first = letters[0]
+    assert isinstance(first, dict)
+    assert first["handler"] is None
+    assert first["source"] == "json"
+    assert base64.b64decode(first["value"]) == b"{oops"
+    assert "JSONDecodeError" in first["error"]
+    assert Record(b"x").data is None
+
+
+async def test_an_undecodable_record_without_a_dead_letter_sink_stops_the_app(
+    tmp_path: Path,
+) -> None:
+    import orjson
+
+    from streamlet.errors import DecodeError
+
+    app = App("t", state_dir=tmp_path / "state", batch_interval=0.01)
+    src = app.source(
+        SequenceSource(rate=None, limit=5, value=lambda p, o: b"not json"),
+        name="json",
+        decode=orjson.loads,
+    )
+    app.handler(src, sink=ListSink())(_echo_data)
+    with anyio.fail_after(20), pytest.raises(DecodeError, match="offset 0 of partition 0"):
+        await app.serve()
+
+
+async def _echo_data(batch: Batch) -> list[object]:
+    return [r.data for r in batch]
+
+
+async def test_a_failing_read_is_retried_with_the_same_ranges(tmp_path: Path) -> None:
+    class Flaky(SequenceSource):
+        def __init__(self) -> None:
+            super().__init__(rate=None, limit=20)
+            self.calls: list[tuple[int, int]] = []
+
+        async def read(self, ranges: Sequence[OffsetRange]) -> list[Record]:
+            self.calls.append((ranges[0].start, ranges[0].until))
+            if len(self.calls) <= 2:
+                raise ConnectionError("broker restarting")
+            return await super().read(ranges)
+
+    sink = ListSink()
+    app = App("t", state_dir=tmp_path / "state", batch_interval=0.01, retry_backoff=0.01)
+    source = app.source(Flaky(), name="flaky")
+    app.handler(source, sink=sink)(_echo_data)
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set())
+    await _serve_until(app, done)
+    assert source.calls[:3] == [(0, 20)] * 3
+    assert len(sink.values()) == 20
