@@ -33,6 +33,7 @@ from anyio.abc import TaskStatus
 from streamlet.blocks import BlockGenerator
 from streamlet.checkpoint import load_latest
 from streamlet.errors import ConfigError, StreamletError
+from streamlet.faults import file_system
 from streamlet.fs import FileSystem, OsFileSystem
 from streamlet.handlers import HandlerFn, HandlerSpec
 from streamlet.metrics import BatchInfo
@@ -171,7 +172,8 @@ class App:
                 f"durability must be 'always', 'interval' or 'none', not {durability!r}"
             )
         self.durability = durability
-        self.fs: FileSystem = fs if fs is not None else OsFileSystem()
+        # The real file system, unless STREAMLET_FAULT_FS asks for injected faults.
+        self.fs: FileSystem = fs if fs is not None else file_system()
         self._sources: dict[str, AnySource] = {}
         self._handlers: list[HandlerSpec] = []
         self._decoders: dict[str, Callable[[bytes], object]] = {}
@@ -479,6 +481,7 @@ class App:
                 min_rate=self.min_rate,
                 set_receiver_rate=generator.set_rate if generator is not None else None,
                 decoders=self._decoders,
+                cut_blocks=generator.cut if generator is not None else None,
             )
             await scheduler.recover()
             if generator is None:

@@ -44,6 +44,7 @@ __all__ = ["BlockGenerator"]
 log = logging.getLogger("streamlet.blocks")
 
 _RECORD_OVERHEAD = 32  # bytes per record in the block encoding, roughly
+_READ_AHEAD = 16  # data WAL reads in flight at once while a batch reads its blocks
 
 
 class _OpenBlock:
@@ -295,18 +296,54 @@ class BlockGenerator:
             self._room.notify_all()
 
     async def read(self, refs: Sequence[BlockRef]) -> list[Record]:
-        """The records of ``refs``, in order, read back from the data WAL."""
+        """The records of ``refs``, in order, read back from the data WAL.
+
+        Up to ``_READ_AHEAD`` blocks are read at once: each read is a trip to
+        a worker thread, and a batch of many small blocks would otherwise pay
+        them one after another.
+
+        Raises:
+            WALError: a block cannot be read (the first failing block's error).
+            StreamletError: a block cannot be decoded.
+        """
         records: list[Record] = []
-        for ref in refs:
-            payload = await self.wal.read(Position(ref.segment, ref.offset, ref.length))
-            try:
-                records.extend(decode_records(payload, ref.source))
-            except ValueError as exc:
-                raise StreamletError(
-                    f"block {ref.id} of receiver {ref.source!r} at data WAL segment"
-                    f" {ref.segment} offset {ref.offset} cannot be decoded: {exc}"
-                ) from exc
+        for start in range(0, len(refs), _READ_AHEAD):
+            group = refs[start : start + _READ_AHEAD]
+            for ref, payload in zip(group, await self._read_payloads(group), strict=True):
+                records.extend(self._decode(ref, payload))
         return records
+
+    async def _read_payloads(self, refs: Sequence[BlockRef]) -> list[bytes]:
+        if len(refs) == 1:
+            ref = refs[0]
+            return [await self.wal.read(Position(ref.segment, ref.offset, ref.length))]
+        payloads = [b""] * len(refs)
+        errors: list[tuple[int, Exception]] = []
+
+        async def fetch(index: int, ref: BlockRef) -> None:
+            try:
+                payloads[index] = await self.wal.read(Position(ref.segment, ref.offset, ref.length))
+            except Exception as exc:
+                # Collected, not raised: raised in the task group, it would
+                # come out wrapped in an ExceptionGroup.
+                errors.append((index, exc))
+
+        async with anyio.create_task_group() as tg:
+            for index, ref in enumerate(refs):
+                tg.start_soon(fetch, index, ref)
+        if errors:
+            raise min(errors, key=lambda error: error[0])[1]
+        return payloads
+
+    @staticmethod
+    def _decode(ref: BlockRef, payload: bytes) -> list[Record]:
+        try:
+            return decode_records(payload, ref.source)
+        except ValueError as exc:
+            raise StreamletError(
+                f"block {ref.id} of receiver {ref.source!r} at data WAL segment"
+                f" {ref.segment} offset {ref.offset} cannot be decoded: {exc}"
+            ) from exc
 
     async def release(self, oldest_needed: Position | None) -> None:
         """Delete data WAL segments that hold no block a batch still needs.

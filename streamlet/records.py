@@ -170,24 +170,25 @@ def decode_records(payload: bytes, source: str) -> list[Record]:
             f"block format version {version} is not readable by this streamlet"
             f" (reads version {_BLOCK_VERSION})"
         )
-    view = memoryview(payload)
     pos = _HEADER.size
     unpack = _RECORD.unpack_from
     size = _RECORD.size
+    end_of_payload = len(payload)
+    make = tuple.__new__  # Record's own constructor costs a Python call per record
     out: list[Record] = []
+    append = out.append
     for _ in range(count):
-        if pos + size > len(payload):
+        if pos + size > end_of_payload:
             raise ValueError(f"block payload cut short at byte {pos}")
         flags, ts, partition, offset, key_len, value_len = unpack(payload, pos)
         pos += size
         end = pos + key_len + value_len
-        if end > len(payload):
+        if end > end_of_payload:
             raise ValueError(f"block payload cut short at byte {pos}")
-        key = bytes(view[pos : pos + key_len]) if flags & 1 else None
-        pos += key_len
-        value = bytes(view[pos:end])
+        key = payload[pos : pos + key_len] if flags & 1 else None
+        value = payload[pos + key_len : end]
         pos = end
-        out.append(Record(value, key, ts, source, partition, offset))
+        append(make(Record, (value, key, ts, source, partition, offset, None)))
     if pos != len(payload):
         raise ValueError(f"block payload has {len(payload) - pos} unexpected trailing bytes")
     return out

@@ -143,6 +143,10 @@ class BatchScheduler:
         decoders: per source, a function from a record's value to its
             ``data``; a record it fails on goes to ``dead_letter`` (or, with
             none, stops the app with :class:`DecodeError`).
+        cut_blocks: makes receivers' open blocks durable now; called before
+            each allocation, so that a record stored just before a tick goes
+            into that batch instead of waiting for the next block cut and
+            then a whole batch interval.
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class BatchScheduler:
         min_rate: float = 100.0,
         set_receiver_rate: Callable[[str, float], object] | None = None,
         decoders: Mapping[str, Callable[[bytes], object]] | None = None,
+        cut_blocks: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.app = app
         self.tracker = tracker
@@ -195,6 +200,7 @@ class BatchScheduler:
         self._partitions = dict.fromkeys(self.sources, 1)
         self.set_receiver_rate = set_receiver_rate
         self.decoders = dict(decoders or {})
+        self.cut_blocks = cut_blocks
         self._estimators = (
             {
                 name: RateEstimator(batch_interval=interval, min_rate=min_rate)
@@ -258,6 +264,8 @@ class BatchScheduler:
 
     async def allocate(self, batch_time: float) -> Allocation | None:
         """Fix and durably log the next batch's input; None when there is none."""
+        if self.cut_blocks is not None:
+            await self.cut_blocks()
         state = self.tracker.state
         latest: dict[str, Mapping[int, int]] = {}
         for name, source in self.sources.items():
