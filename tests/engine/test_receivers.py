@@ -181,3 +181,33 @@ def test_block_interval_must_fit_in_the_batch_interval(tmp_path: Path) -> None:
         App("x", state_dir=tmp_path, batch_interval=0.1, block_interval=0.5)
     with pytest.raises(ConfigError, match="max_buffered_bytes"):
         App("x", state_dir=tmp_path, max_block_bytes=1000, max_buffered_bytes=10)
+
+
+async def test_blocks_stay_within_max_block_bytes_however_far_cuts_lag(tmp_path: Path) -> None:
+    from streamlet.wal.tools import dump
+
+    class Burst(Counter):
+        async def run(self, context: ReceiverContext) -> None:
+            waiting = [
+                await context.store([Record(b"%d " % i + b"y" * 100)], acks={"n": i})
+                for i in range(1, self.limit + 1)
+            ]
+            for stored in waiting:
+                await stored.wait()
+            self.all_durable.set()
+            await context.stopping.wait()
+
+    receiver = Burst(5000)
+    sink = ListSink()
+    app = _app(
+        tmp_path / "state",
+        receiver,
+        sink,
+        max_block_bytes=4096,
+        max_buffered_bytes=10 * 2**20,
+    )
+    await _run_until_durable(app, receiver)
+    assert sorted(sink.values()) == list(range(1, 5001))
+    lengths = [int(entry["length"]) for entry in dump(tmp_path / "state" / "data")]  # type: ignore[call-overload]
+    assert len(lengths) > 100  # 5000 stores of ~140 encoded bytes: many blocks
+    assert max(lengths) <= 4096 + 200
