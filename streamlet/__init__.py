@@ -11,6 +11,7 @@ from streamlet.errors import (
     CommitError,
     ConfigError,
     DecodeError,
+    FencedError,
     HandlerError,
     RecordTooLargeError,
     SinkError,
@@ -22,7 +23,7 @@ from streamlet.errors import (
 )
 from streamlet.metrics import BatchInfo
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
-from streamlet.sinks import CallbackSink, FileSink, PrintSink, SQLiteSink
+from streamlet.sinks import CallbackSink, FileSink, KafkaSink, PrintSink, SQLiteSink
 from streamlet.sinks.base import Sink, SinkContext
 from streamlet.sources import DirectSource, KafkaSource, SequenceSource, TcpSource
 from streamlet.sources.receiver import Receiver, ReceiverContext, Stored
@@ -40,8 +41,10 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DirectSource",
+    "FencedError",
     "FileSink",
     "HandlerError",
+    "KafkaSink",
     "KafkaSource",
     "OffsetRange",
     "PrintSink",

@@ -13,6 +13,7 @@ __all__ = [
     "CommitError",
     "ConfigError",
     "DecodeError",
+    "FencedError",
     "HandlerError",
     "RecordTooLargeError",
     "SinkError",
@@ -94,6 +95,14 @@ class HandlerError(StreamletError):
 
 class SinkError(StreamletError):
     """A sink could not write or commit a batch's outputs."""
+
+
+class FencedError(SinkError):
+    """Another worker of the same app took over the sink; retrying cannot help.
+
+    The scheduler stops the app at once, with the batch not done: two
+    workers writing one app's outputs would break exactly-once.
+    """
 
 
 class CommitError(StreamletError):

@@ -36,7 +36,14 @@ import anyio
 
 from streamlet.backpressure import RateEstimator
 from streamlet.checkpoint import write_checkpoint
-from streamlet.errors import ConfigError, DecodeError, HandlerError, SinkError, StreamletError
+from streamlet.errors import (
+    ConfigError,
+    DecodeError,
+    FencedError,
+    HandlerError,
+    SinkError,
+    StreamletError,
+)
 from streamlet.faults import crash_point
 from streamlet.fs import FileSystem
 from streamlet.handlers import HandlerSpec, invoke
@@ -413,10 +420,13 @@ class BatchScheduler:
             try:
                 await sink.commit(batch, outputs)
             except Exception as exc:
+                # Another worker took over: retrying would only fight it.
+                if isinstance(exc, FencedError):
+                    raise
                 if attempt > self.retry.max_retries:
                     raise SinkError(
                         f"sink {sink.describe()} of handler {name!r} failed to commit batch"
-                        f" {batch.id} after {attempt} attempts: {exc}. The batch is not done"
+                        f" {batch.id} after {attempt} attempt(s): {exc}. The batch is not done"
                         " and runs again when the app restarts"
                     ) from exc
                 delay = self.retry.delay(attempt)

@@ -1,12 +1,14 @@
 """Sinks: where a handler's outputs go, each committing a batch at most once.
 
-:class:`FileSink` and :class:`SQLiteSink` are exactly-once with a replayable
-source; :class:`CallbackSink` and :class:`PrintSink` are at-least-once.
+:class:`FileSink`, :class:`SQLiteSink` and :class:`KafkaSink` (transactional,
+its default) are exactly-once with a replayable source; :class:`CallbackSink`
+and :class:`PrintSink` are at-least-once.
 """
 
 from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output
 from streamlet.sinks.callback import CallbackSink, PrintSink
 from streamlet.sinks.file import FileSink
+from streamlet.sinks.kafka import KafkaSink
 from streamlet.sinks.sqlite import ApplyFunction, SQLiteSink
 
 __all__ = [
@@ -14,6 +16,7 @@ __all__ = [
     "CallbackSink",
     "FileSink",
     "Guarantee",
+    "KafkaSink",
     "PrintSink",
     "SQLiteSink",
     "Sink",

@@ -836,6 +836,16 @@ class KafkaDirectSource(DirectSource):
         self._link = _Link(config)
         self._cursors: dict[int, _Cursor] = {}
 
+    @property
+    def topic(self) -> str:
+        """The topic read (what a KafkaSink's ``consume_from`` commits offsets for)."""
+        return self.config.topic
+
+    @property
+    def group_id(self) -> str | None:
+        """The consumer group offsets are committed to, if any."""
+        return self.config.group_id
+
     async def start(self) -> None:
         """Connect and assign the topic's partitions.
 
@@ -1004,6 +1014,16 @@ class KafkaReceiver(Receiver):
     def __init__(self, config: KafkaSourceConfig) -> None:
         super().__init__(name=config.name or config.topic)
         self.config = config
+
+    @property
+    def topic(self) -> str:
+        """The topic read (what a KafkaSink's ``consume_from`` commits offsets for)."""
+        return self.config.topic
+
+    @property
+    def group_id(self) -> str | None:
+        """The consumer group offsets are committed to, if any."""
+        return self.config.group_id
 
     async def run(self, context: ReceiverContext) -> None:
         """Consume until ``context.stopping`` is set, then wait for what was stored.

@@ -1,0 +1,1116 @@
+"""KafkaSink: each batch's outputs go to a Kafka topic in one transaction, exactly once.
+
+Exactly-once (``transactional=True``, the default) rests on these rules.
+
+**One transactional id per app and handler**, ``streamlet.<app>.<handler>``.
+Starting the producer runs Kafka's InitProducerId: the coordinator bumps the
+id's epoch, which fences every older producer of the id (a zombie worker
+still running after a restart), and it aborts or finishes that producer's
+open transaction before it answers. So one worker runs one app's handler; a
+second worker of the same app takes the id over and the first gets a
+:class:`~streamlet.errors.SinkError` at its next commit. Scaling out means
+separate apps over separate partitions for now; transactional ids per input
+partition (the scheme without KIP-447 group metadata, which aiokafka 0.14
+lacks) are left for later.
+
+**A marker committed in the same transaction as the outputs.** Each
+transaction also commits, with ``send_offsets_to_transaction``, the offset
+``batch.id + 1`` (the next batch to write, as Kafka commits "the next offset
+to read") for partition 0 of the output topic under a consumer group of the
+sink's own, the *marker group* (``streamlet-sink.<app>.<handler>``). Group
+offsets are metadata: nothing reads the output topic with that group. The
+marker and the outputs commit or abort together, so the marker is exactly
+"batches below it are written". A commit of a batch below the marker does
+nothing and returns False. Batches commit in increasing id order (the
+scheduler runs them one at a time), which is what makes one number enough.
+
+The marker is read from the broker when the producer (re)starts, after
+InitProducerId has settled any transaction of an earlier producer, and kept
+in memory after that: while this producer lives, only it can move the
+marker. The read uses OffsetFetch and checks the response's group-level
+error code too: aiokafka's own helpers ignore it, and an error such as
+"coordinator loading" would otherwise read as "no offset", that is, as "no
+batch committed".
+
+**Unknown outcomes are reconciled, never guessed.** A commit that timed out
+or was cancelled after ``commit_transaction`` started may have committed or
+not (aiokafka shields the request, so it runs on). The sink drops the
+producer, starts a new one with the same id (which fences the old one and
+settles its transaction) and reads the marker again. A failure before
+``commit_transaction`` aborts the transaction. A fenced producer stops the
+sink until it is opened again, with an error that says another worker took
+over: starting a new producer would fence that worker in turn.
+
+**Offsets of Kafka sources** (``consume_from``) are committed in the same
+transaction, under the source's consumer group: ``until`` of each of the
+batch's offset ranges of that source, the next offset to read. aiokafka 0.14
+adds only the first group of a transaction to it (one AddOffsetsToTxn per
+transaction), and brokers that verify transactional offset commits (KIP-890;
+Kafka 4.1 does) reject an offset commit for a group whose
+``__consumer_offsets`` partition is not in the transaction
+(INVALID_TXN_STATE), which also kills the producer. Kafka places a group in
+``__consumer_offsets`` by the Java ``String.hashCode`` of its id.
+So with ``consume_from``, the marker group's name gets a suffix of capital
+letters chosen to give it the same hash as the source group
+(:func:`marker_group`): both groups then live in one partition of
+``__consumer_offsets``, on any cluster, and one AddOffsetsToTxn covers both.
+For the same reason all ``consume_from`` sources must share one group. The
+marker is read under the plain name too, so that it is still found after
+``consume_from`` was added to or removed from an app between runs.
+
+Non-transactional mode (``transactional=False``) uses an idempotent producer
+(no duplicates from the producer's own retries) and writes a batch again
+when it runs again after a crash: at-least-once.
+
+Limits: the marker lives as long as Kafka keeps the group's offsets
+(``offsets.retention.minutes``, 7 days by default, counted from the last
+commit): an app that crashed and stays down longer than that re-writes the
+batch that was in flight when it restarts. A new state directory restarts
+batch ids while the marker stays: give a fresh state directory a new app
+name (or delete the marker group while the app is stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import anyio
+from aiokafka import AIOKafkaProducer
+from aiokafka.client import CoordinationType
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    InvalidProducerEpoch,
+    InvalidTransactionTimeout,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    ProducerFenced,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    for_code,
+)
+from aiokafka.protocol.commit import OffsetFetchRequest
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from streamlet.errors import ConfigError, FencedError, SinkError
+from streamlet.records import Batch
+from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output
+
+__all__ = [
+    "MARKER_METADATA",
+    "ConsumedTopic",
+    "HeadersFunction",
+    "KafkaSink",
+    "KeyFunction",
+    "Partitioner",
+    "ValueFunction",
+    "java_string_hash",
+    "marker_group",
+    "transactional_id",
+]
+
+log = logging.getLogger("streamlet.sinks")
+
+MARKER_METADATA = "streamlet-sink/1"
+"""Metadata of every marker offset; a marker group offset without it is not ours."""
+
+KeyFunction = Callable[[object], bytes | None]
+"""Maps one output to its record key (None: no key)."""
+ValueFunction = Callable[[object], bytes | None]
+"""Maps one output to its record value (None: a tombstone, which needs a key)."""
+HeadersFunction = Callable[[object], Sequence[tuple[str, bytes]] | None]
+"""Maps one output to its record headers, ``[(name, value), ...]`` (None: none)."""
+Partitioner = Callable[[bytes | None, list[int], list[int]], int]
+"""``partitioner(key, all_partitions, available_partitions) -> partition``, as in aiokafka."""
+
+# Kafka's group coordinator errors that mean "ask again soon".
+_COORDINATOR_BUSY = frozenset({14, 15, 16})  # LOAD_IN_PROGRESS, NOT_AVAILABLE, NOT_COORDINATOR
+# Errors that no retry fixes: settings or permissions.
+_PERMANENT: tuple[type[BaseException], ...] = (
+    TransactionalIdAuthorizationFailed,
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    InvalidTransactionTimeout,
+)
+# Producer settings the sink owns; producer_config must not set them.
+_OWNED_SETTINGS = frozenset(
+    {
+        "bootstrap_servers",
+        "transactional_id",
+        "transaction_timeout_ms",
+        "enable_idempotence",
+        "acks",
+        "partitioner",
+        "key_serializer",
+        "value_serializer",
+        "loop",
+    }
+)
+_CLOSE_TIMEOUT = 10.0
+_FIRST_BACKOFF = 0.25
+_MAX_BACKOFF = 5.0
+_HASH_MODULUS = 1 << 32
+_A = ord("A")
+
+
+class ConsumedTopic(Protocol):
+    """What KafkaSink needs of a Kafka source to commit its offsets with the outputs.
+
+    A ``KafkaSource`` has these; any object with the three attributes does.
+    """
+
+    @property
+    def name(self) -> str:
+        """The source's name in the app: the ``source`` of its offset ranges."""
+        ...
+
+    @property
+    def topic(self) -> str:
+        """The topic the source reads."""
+        ...
+
+    @property
+    def group_id(self) -> str | None:
+        """The consumer group its offsets are committed under."""
+        ...
+
+
+def java_string_hash(text: str) -> int:
+    """Java's ``String.hashCode`` of ``text``, as an unsigned 32-bit number.
+
+    Java hashes UTF-16 code units, so a character outside the BMP counts as
+    its two surrogates.
+    """
+    units = text.encode("utf-16-be")
+    h = 0
+    for i in range(0, len(units), 2):
+        h = (31 * h + (units[i] << 8 | units[i + 1])) & 0xFFFFFFFF
+    return h
+
+
+def _tail(start: int, target: int, length: int, letters: int) -> str | None:
+    """``length`` characters from "A" on that take the hash from ``start`` to ``target``.
+
+    Appending ``c_0 .. c_(n-1)`` to a string of hash ``h`` gives
+    ``h·31^n + Σ c_i·31^(n-1-i)`` (mod 2^32). With ``c_i = "A" + d_i``, the
+    ``d_i`` are the base-31 digits of what is left; the tail exists if that
+    fits in ``length`` digits, each below ``letters``.
+    """
+    rest = target - start * 31**length - sum(_A * 31**j for j in range(length))
+    rest %= _HASH_MODULUS
+    digits: list[int] = []
+    for _ in range(length):
+        rest, digit = divmod(rest, 31)
+        digits.append(digit)
+    if rest or max(digits) >= letters:
+        return None
+    return "".join(chr(_A + d) for d in reversed(digits))
+
+
+def _suffix_for(prefix: str, target: int) -> str:
+    """Capital letters that give ``prefix + suffix`` the Java hash ``target``.
+
+    Three letters are tried in order ("AAA", "AAB", ...) followed by the six
+    that make the hash exact, if six letters can (about one try in 14).
+    Should no three-letter start work, seven characters from "A" to "_"
+    always can: 31^7 is more than 2^32.
+    """
+    start = java_string_hash(prefix)
+    for head in itertools.product(range(26), repeat=3):
+        h = start
+        for digit in head:
+            h = (31 * h + _A + digit) % _HASH_MODULUS
+        tail = _tail(h, target, 6, 26)
+        if tail is not None:
+            return "".join(chr(_A + d) for d in head) + tail
+    full = _tail(start, target, 7, 31)
+    assert full is not None
+    return full
+
+
+def transactional_id(context: SinkContext) -> str:
+    """The transactional id of the KafkaSink of ``context``'s app and handler."""
+    return f"streamlet.{context.app}.{context.handler}"
+
+
+def marker_group(context: SinkContext, source_group: str | None = None) -> str:
+    """The consumer group holding the marker of ``context``'s app and handler.
+
+    Without a source group it is ``streamlet-sink.<app>.<handler>.<state>``,
+    ``<state>`` being the start of the state directory's id: batch ids restart
+    with a new state directory, and its batches must not be taken for ones
+    the old one committed. With
+    one, a suffix of capital letters gives the name the Java hash of
+    ``source_group``, so that Kafka keeps both groups in the same partition
+    of ``__consumer_offsets`` and one transaction can commit both (see the
+    module docstring).
+    """
+    base = f"streamlet-sink.{context.app}.{context.handler}"
+    if context.state_id:
+        base += f".{context.state_id[:12]}"
+    if source_group is None:
+        return base
+    prefix = base + "."
+    return prefix + _suffix_for(prefix, java_string_hash(source_group))
+
+
+class _Message(NamedTuple):
+    """One output, encoded."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+class _PartitionerFailed(Exception):
+    """The user's partitioner raised or returned a partition the topic lacks."""
+
+
+class _Producer:
+    """The one door to aiokafka's producer: typed, narrow, and closed safely.
+
+    aiokafka ships no type information; everything it returns is turned into
+    typed values here.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    @classmethod
+    async def start(cls, settings: Mapping[str, Any]) -> _Producer:
+        """Connect; for a transactional producer also run InitProducerId.
+
+        aiokafka's ``start()`` waits for InitProducerId, so when it returns
+        older producers of the id are fenced and their transaction is settled.
+        """
+        raw = AIOKafkaProducer(**settings)
+        try:
+            await raw.start()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _stop(raw)
+            raise
+        return cls(raw)
+
+    async def partitions(self, topic: str) -> set[int]:
+        """The topic's partitions; waits for its metadata (KafkaTimeoutError if none)."""
+        return {int(p) for p in await self._raw.partitions_for(topic)}
+
+    async def begin(self) -> None:
+        await self._raw.begin_transaction()
+
+    async def send(self, topic: str, message: _Message) -> asyncio.Future[Any]:
+        """Queue one record; the returned future resolves when the broker has it."""
+        future: asyncio.Future[Any] = await self._raw.send(
+            topic, value=message.value, key=message.key, headers=message.headers or None
+        )
+        future.add_done_callback(_retrieve)
+        return future
+
+    async def send_offsets(
+        self, group: str, offsets: Mapping[TopicPartition, int], metadata: str = ""
+    ) -> None:
+        """Add ``group``'s ``offsets`` to the open transaction."""
+        await self._raw.send_offsets_to_transaction(
+            {tp: OffsetAndMetadata(offset, metadata) for tp, offset in offsets.items()}, group
+        )
+
+    async def commit(self) -> None:
+        await self._raw.commit_transaction()
+
+    async def abort(self) -> None:
+        await self._raw.abort_transaction()
+
+    def failure(self) -> BaseException | None:
+        """The error that killed the producer's background sender, if one did.
+
+        aiokafka reports a fenced producer by ending its sender task with
+        ProducerFenced; every later call then fails with something less
+        telling (an IllegalOperation or an assertion), so this is where the
+        real cause is read. Reading the transaction's end waiter too keeps
+        asyncio from logging its exception as never retrieved.
+        """
+        manager = getattr(self._raw, "_txn_manager", None)
+        if manager is not None:
+            _consume(manager.wait_for_transaction_end())
+        # A dead sender also fails each queued batch's drain waiter, which
+        # nothing in aiokafka reads afterwards.
+        accumulator = getattr(self._raw, "_message_accumulator", None)
+        for batches in getattr(accumulator, "_batches", {}).values():
+            for batch in batches:
+                _consume(getattr(batch, "_drain_waiter", None))
+        sender = getattr(self._raw, "_sender", None)
+        task = getattr(sender, "sender_task", None)
+        if isinstance(task, asyncio.Task) and task.done() and not task.cancelled():
+            return task.exception()
+        return None
+
+    async def committed(self, group: str, tp: TopicPartition) -> OffsetAndMetadata | None:
+        """The offset ``group`` committed for ``tp`` (None: none), read strictly.
+
+        Retries while the group's coordinator is loading or moving; raises
+        the broker's error for anything else, so that an error never reads
+        as "no offset".
+        """
+        client = self._raw.client
+        backoff = 0.1
+        while True:
+            try:
+                node = await client.coordinator_lookup(CoordinationType.GROUP, group)
+                request = OffsetFetchRequest(group, [(tp.topic, [tp.partition])])
+                response = await client.send(node, request)
+            except KafkaError as exc:
+                if not exc.retriable:
+                    raise
+                log.debug("reading the offsets of group %r failed (%r); asking again", group, exc)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            codes = [int(getattr(response, "error_code", 0))]
+            found: OffsetAndMetadata | None = None
+            for topic, partitions in response.topics:
+                for partition, offset, metadata, code in partitions:
+                    codes.append(int(code))
+                    if topic == tp.topic and partition == tp.partition and offset >= 0:
+                        found = OffsetAndMetadata(int(offset), str(metadata or ""))
+            busy = [code for code in codes if code in _COORDINATOR_BUSY]
+            failed = [code for code in codes if code and code not in _COORDINATOR_BUSY]
+            if failed:
+                raise for_code(failed[0])(f"cannot read the offsets of consumer group {group!r}")
+            if not busy:
+                return found
+            log.debug("coordinator of group %r busy (error %d); asking again", group, busy[0])
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def stop(self) -> None:
+        await _stop(self._raw)
+        # The sender's failure callbacks have run by now: read what they set.
+        self.failure()
+
+
+async def _stop(raw: Any) -> None:
+    """Stop an aiokafka producer within ``_CLOSE_TIMEOUT`` seconds.
+
+    ``stop()`` waits for queued records; when the broker is unreachable that
+    can take a request timeout or more. Past the bound the sender task is
+    cancelled and the connections closed: those records are given up (the
+    transaction they belong to is aborted by the next producer of the id).
+    """
+    with anyio.move_on_after(_CLOSE_TIMEOUT) as scope:
+        await raw.stop()
+    if not scope.cancelled_caught:
+        return
+    log.warning(
+        "Kafka producer did not stop within %.0fs; dropping its queued records", _CLOSE_TIMEOUT
+    )
+    sender = getattr(raw, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    if isinstance(task, asyncio.Task) and not task.done():
+        task.cancel()
+        with anyio.move_on_after(_CLOSE_TIMEOUT):
+            await asyncio.gather(task, return_exceptions=True)
+    with anyio.move_on_after(_CLOSE_TIMEOUT):
+        await raw.client.close()
+
+
+def _sources_of(consume_from: ConsumedTopic | Sequence[ConsumedTopic] | None) -> list[Any]:
+    if consume_from is None:
+        return []
+    items: Iterable[Any] = [consume_from] if hasattr(consume_from, "topic") else consume_from
+    sources = list(items)
+    for source in sources:
+        missing = [a for a in ("name", "topic", "group_id") if not hasattr(source, a)]
+        if missing:
+            raise ConfigError(
+                f"KafkaSink consume_from takes Kafka sources (objects with name, topic and"
+                f" group_id); {source!r} has no {', '.join(missing)}"
+            )
+    return sources
+
+
+def _is_fenced(exc: BaseException | None) -> bool:
+    return isinstance(exc, ProducerFenced | InvalidProducerEpoch)
+
+
+def _retriable(exc: BaseException) -> bool:
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, KafkaConnectionError | KafkaTimeoutError | TimeoutError):
+        return True
+    return bool(getattr(exc, "retriable", False))
+
+
+def _describe(exc: BaseException, *, cause: bool = True) -> str:
+    """``Type: message``, plus the error aiokafka wrapped, if it wrapped one."""
+    if isinstance(exc, TimeoutError):
+        return "no answer in time (TimeoutError)"
+    name = type(exc).__name__
+    text = str(exc) or name
+    if not text.startswith(name):  # aiokafka's errors already start with their name
+        text = f"{name}: {text}"
+    if cause and exc.__cause__ is not None:
+        text += f" (caused by {_describe(exc.__cause__, cause=False)})"
+    return text
+
+
+def _check_headers(headers: object) -> list[tuple[str, bytes]]:
+    if headers is None:
+        return []
+    if isinstance(headers, str | bytes) or not isinstance(headers, Iterable):
+        raise TypeError(f"headers() returned {type(headers).__name__}, not a list of (str, bytes)")
+    checked: list[tuple[str, bytes]] = []
+    for item in headers:
+        if (
+            not isinstance(item, tuple)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], bytes)
+        ):
+            raise TypeError(f"header {item!r} is not a (str, bytes) pair")
+        checked.append((item[0], item[1]))
+    return checked
+
+
+def _checked(partitioner: Partitioner) -> Partitioner:
+    """``partitioner`` with its failures and bad answers raised as _PartitionerFailed."""
+
+    def partition(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        try:
+            chosen = partitioner(key, all_partitions, available)
+        except Exception as exc:
+            raise _PartitionerFailed(repr(exc)) from exc
+        if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen not in all_partitions:
+            raise _PartitionerFailed(
+                f"it returned {chosen!r}, not one of the topic's partitions"
+                f" {sorted(all_partitions)}"
+            )
+        return chosen
+
+    return partition
+
+
+def _consume(future: object) -> None:
+    """Read a finished future's exception, so asyncio does not log it as lost."""
+    if isinstance(future, asyncio.Future) and future.done() and not future.cancelled():
+        future.exception()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A record's failure is read through the transaction; this keeps asyncio
+    # from logging it as never retrieved when nobody waits for it any more.
+    if not future.cancelled():
+        future.exception()
+
+
+async def _delivered(futures: Sequence[asyncio.Future[Any]]) -> None:
+    """Wait until the broker has every record; raise the first failure.
+
+    ``asyncio.wait`` rather than ``gather``: cancelling the wait must not
+    cancel aiokafka's futures, which aiokafka resolves itself.
+    """
+    if not futures:
+        return
+    await asyncio.wait(futures)
+    for future in futures:
+        if future.cancelled():
+            raise KafkaError("the producer dropped a record before the broker acknowledged it")
+        error = future.exception()
+        if error is not None:
+            raise error
+
+
+class KafkaSink(Sink):
+    """Writes each batch's outputs to a Kafka topic; exactly once by default.
+
+    See the module docstring for how: a transaction per batch carrying the
+    outputs, a marker offset (the batch id plus one) and the offsets of
+    ``consume_from`` sources. One worker runs one app's handler: a second
+    worker with the same app and handler names fences the first.
+
+    Args:
+        topic: the output topic; it must exist (or the broker create it).
+        bootstrap_servers: ``host:port`` (or a list of them) of the cluster.
+        transactional: True (default) for exactly-once transactions; False for
+            an idempotent producer without transactions: at-least-once, a
+            batch re-run after a crash is written again.
+        key: maps an output to its record key, bytes or None (default: no key).
+        value: maps an output to its record value, bytes or None (default:
+            :func:`~streamlet.sinks.base.encode_output`: bytes as they are,
+            str as UTF-8, anything else as JSON).
+        headers: maps an output to its headers, ``[(str, bytes), ...]`` or None.
+        partitioner: ``partitioner(key, all_partitions, available_partitions)``
+            returning the partition, as aiokafka calls it (default: aiokafka's,
+            murmur2 of the key as the Java client does, random without a key).
+        consume_from: Kafka sources (or one) whose offsets after each batch
+            are committed in the batch's transaction, under their consumer
+            group: objects with ``name``, ``topic`` and ``group_id``
+            (:class:`ConsumedTopic`). All must share one group; needs
+            ``transactional=True``.
+        producer_config: more aiokafka producer settings, passed through:
+            ``security_protocol``, ``ssl_context``, ``sasl_mechanism``,
+            ``sasl_plain_username``, ``sasl_plain_password``,
+            ``sasl_oauth_token_provider``, ``compression_type``, ``linger_ms``,
+            ``max_batch_size``, ``request_timeout_ms``, ``client_id`` and the
+            like. The settings the sink owns (bootstrap servers, transactional
+            id, idempotence, acks, serializers, partitioner) are refused.
+        transaction_timeout: seconds. The broker aborts a transaction open
+            longer than this, and the sink gives up waiting on one commit
+            after this long (the outcome is then reconciled, see above).
+        open_timeout: seconds :meth:`open` (and a reconnect after a failed
+            commit) keeps trying to reach the cluster, with logged retries and
+            growing pauses, before it fails.
+
+    Raises:
+        ConfigError: an argument is invalid.
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        *,
+        bootstrap_servers: str | Sequence[str],
+        transactional: bool = True,
+        key: KeyFunction | None = None,
+        value: ValueFunction = encode_output,
+        headers: HeadersFunction | None = None,
+        partitioner: Partitioner | None = None,
+        consume_from: ConsumedTopic | Sequence[ConsumedTopic] | None = None,
+        producer_config: Mapping[str, Any] | None = None,
+        transaction_timeout: float = 60.0,
+        open_timeout: float = 30.0,
+    ) -> None:
+        if not isinstance(topic, str) or not topic:
+            raise ConfigError(f"KafkaSink topic must be a non-empty str, not {topic!r}")
+        if isinstance(bootstrap_servers, str):
+            servers = [bootstrap_servers]
+        else:
+            servers = list(bootstrap_servers)
+        if not servers or not all(isinstance(s, str) and s for s in servers):
+            raise ConfigError(
+                f"KafkaSink bootstrap_servers must be 'host:port' or a list of them,"
+                f" not {bootstrap_servers!r}"
+            )
+        for name, fn in (("key", key), ("value", value), ("headers", headers)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"KafkaSink {name} must be a function, not {type(fn).__name__}")
+        if partitioner is not None and not callable(partitioner):
+            raise ConfigError(
+                f"KafkaSink partitioner must be a function, not {type(partitioner).__name__}"
+            )
+        config = dict(producer_config or {})
+        owned = sorted(_OWNED_SETTINGS.intersection(config))
+        if owned:
+            raise ConfigError(
+                f"KafkaSink producer_config must not set {', '.join(owned)}: the sink sets"
+                " them (use the sink's own arguments)"
+            )
+        for name, seconds in (
+            ("transaction_timeout", transaction_timeout),
+            ("open_timeout", open_timeout),
+        ):
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+                raise ConfigError(f"KafkaSink {name} must be > 0 seconds, not {seconds!r}")
+        self._topic = topic
+        self._servers = servers
+        self._transactional = bool(transactional)
+        self._key = key
+        self._value = value
+        self._headers = headers
+        self._partitioner = partitioner
+        self._sources = _sources_of(consume_from)
+        if self._sources and not self._transactional:
+            raise ConfigError(
+                "KafkaSink consume_from needs transactional=True: the offsets are committed"
+                " in the batch's transaction (without transactions the source commits its"
+                " own offsets after the batch)"
+            )
+        self._config = config
+        self._transaction_timeout = float(transaction_timeout)
+        self._open_timeout = float(open_timeout)
+        self._context: SinkContext | None = None
+        self._source_group: str | None = None
+        self._by_source: dict[str, str] = {}  # source name -> topic
+        self._transactional_id = ""
+        self._marker_group = ""
+        self._marker_groups: tuple[str, ...] = ()
+        self._producer: _Producer | None = None
+        # The next batch id not yet written (transactional mode); None while
+        # unknown, i.e. until a producer started and read the marker.
+        self._next: int | None = None
+        # Set once fenced: this sink never starts another producer.
+        self._fenced: str | None = None
+        # Producers dropped by a cancelled commit, stopped by the next _retire.
+        self._orphans: list[_Producer] = []
+        self._lock = anyio.Lock()
+
+    # A property, not the base's class attribute: it depends on transactional.
+    @property
+    def guarantee(self) -> Guarantee:  # type: ignore[override]
+        """``"exactly-once"`` with transactions, ``"at-least-once"`` without."""
+        return "exactly-once" if self._transactional else "at-least-once"
+
+    @property
+    def topic(self) -> str:
+        """The output topic."""
+        return self._topic
+
+    @property
+    def transactional_id(self) -> str | None:
+        """The producer's transactional id, once opened (None without transactions)."""
+        return self._transactional_id or None
+
+    @property
+    def marker_group(self) -> str | None:
+        """The group holding the marker, once opened (None without transactions)."""
+        return self._marker_group or None
+
+    def describe(self) -> str:
+        return f"KafkaSink({self._topic})"
+
+    def _where(self) -> str:
+        context = self._context
+        who = f" of handler {context.handler!r} (app {context.app!r})" if context else ""
+        return f"KafkaSink {self._topic!r}{who}"
+
+    async def open(self, context: SinkContext) -> None:
+        """Start the producer: fence older ones, settle their transaction, read the marker.
+
+        Raises:
+            ConfigError: ``consume_from`` sources are unusable (no group, or
+                several groups), or the broker refuses the transaction timeout.
+            SinkError: the cluster stayed unreachable for ``open_timeout``
+                (retriable), or refused access (not retriable).
+        """
+        if self._context is not None:
+            raise SinkError(f"{self._where()} is already open")
+        self._resolve_sources()
+        self._context = context
+        # Opening again after being fenced is a deliberate restart: it takes
+        # the transactional id back.
+        self._fenced = None
+        if self._transactional:
+            self._transactional_id = transactional_id(context)
+            base = marker_group(context)
+            self._marker_group = marker_group(context, self._source_group)
+            # The plain name too: the marker stays found when consume_from
+            # is added to or removed from an app between runs.
+            self._marker_groups = tuple(dict.fromkeys((self._marker_group, base)))
+        try:
+            async with self._lock:
+                await self._connect()
+        except BaseException:
+            self._context = None
+            raise
+
+    def _resolve_sources(self) -> None:
+        by_source: dict[str, str] = {}
+        groups: dict[str, str] = {}
+        for source in self._sources:
+            name, topic, group = source.name, source.topic, source.group_id
+            if not isinstance(name, str) or not name:
+                raise ConfigError(
+                    f"KafkaSink {self._topic!r}: consume_from source {source!r} has no name;"
+                    " register it with app.source() first"
+                )
+            if not isinstance(topic, str) or not topic:
+                raise ConfigError(
+                    f"KafkaSink {self._topic!r}: consume_from source {name!r} has no topic"
+                )
+            if not isinstance(group, str) or not group:
+                raise ConfigError(
+                    f"KafkaSink {self._topic!r}: consume_from source {name!r} has no consumer"
+                    " group to commit offsets to; give it a group_id, or leave it out of"
+                    " consume_from"
+                )
+            if by_source.get(name, topic) != topic:
+                raise ConfigError(
+                    f"KafkaSink {self._topic!r}: two consume_from sources named {name!r}"
+                )
+            by_source[name] = topic
+            groups[name] = group
+        distinct = sorted(set(groups.values()))
+        if len(distinct) > 1:
+            raise ConfigError(
+                f"KafkaSink {self._topic!r}: consume_from sources use several consumer groups"
+                f" ({', '.join(distinct)}); one transaction can commit the offsets of one group"
+                " only (aiokafka 0.14 adds a single group to a transaction), so give them the"
+                " same group_id"
+            )
+        self._by_source = by_source
+        self._source_group = distinct[0] if distinct else None
+
+    def _settings(self, context: SinkContext) -> dict[str, Any]:
+        settings: dict[str, Any] = {"client_id": f"streamlet.{context.app}.{context.handler}"}
+        settings.update(self._config)
+        settings["bootstrap_servers"] = self._servers
+        if self._transactional:
+            settings["transactional_id"] = transactional_id(context)
+            settings["transaction_timeout_ms"] = int(self._transaction_timeout * 1000)
+        else:
+            settings["enable_idempotence"] = True
+        if self._partitioner is not None:
+            settings["partitioner"] = _checked(self._partitioner)
+        return settings
+
+    async def _connect(self) -> None:
+        """Start a producer and read the marker, retrying for ``open_timeout`` seconds.
+
+        Caller holds the lock. Invariant: never called once fenced (a new
+        producer would fence the worker that took over).
+        """
+        context = self._context
+        assert context is not None
+        assert self._fenced is None
+        await self._retire()
+        deadline = time.monotonic() + self._open_timeout
+        settings = self._settings(context)
+        backoff = _FIRST_BACKOFF
+        attempt = 0
+        while True:
+            attempt += 1
+            error: BaseException
+            try:
+                with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
+                    producer, next_batch = await self._start(settings)
+            except TimeoutError as exc:
+                error = exc
+            except ConfigError:
+                raise
+            except _PERMANENT as exc:
+                raise self._refused(exc) from exc
+            except Exception as exc:
+                error = exc
+            else:
+                self._producer, self._next = producer, next_batch
+                if self._transactional:
+                    log.info(
+                        "%s: producer %r ready, next batch to write is %d",
+                        self._where(),
+                        transactional_id(context),
+                        next_batch,
+                    )
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                failure = SinkError(
+                    f"{self._where()} could not connect to Kafka at {', '.join(self._servers)}"
+                    f" within {self._open_timeout:g}s ({attempt} attempt(s)); last error:"
+                    f" {_describe(error)}. Check bootstrap_servers, that the broker is up and"
+                    f" reachable, that topic {self._topic!r} exists, and the security settings"
+                    " in producer_config"
+                )
+                failure.retriable = True
+                raise failure from error
+            pause = min(backoff, left)
+            log.warning(
+                "%s: cannot connect to Kafka at %s (attempt %d): %s; retrying in %.2fs",
+                self._where(),
+                ", ".join(self._servers),
+                attempt,
+                _describe(error),
+                pause,
+            )
+            await anyio.sleep(pause)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def _start(self, settings: Mapping[str, Any]) -> tuple[_Producer, int | None]:
+        producer = await _Producer.start(settings)
+        try:
+            # Waits for the topic's metadata: a missing topic fails here, not
+            # in the middle of a batch.
+            await producer.partitions(self._topic)
+            next_batch = await self._read_marker(producer) if self._transactional else None
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await producer.stop()
+            raise
+        return producer, next_batch
+
+    async def _read_marker(self, producer: _Producer) -> int:
+        """The next batch id to write: the highest marker of the sink's groups."""
+        tp = TopicPartition(self._topic, 0)
+        next_batch = 0
+        for group in self._marker_groups:
+            found = await producer.committed(group, tp)
+            if found is None:
+                continue
+            if found.metadata != MARKER_METADATA:
+                raise ConfigError(
+                    f"consumer group {group!r} holds offset {found.offset} for {self._topic}[0]"
+                    f" with metadata {found.metadata!r}, which no streamlet KafkaSink wrote;"
+                    f" the group is reserved for {self._where()}. Delete the group"
+                    " (kafka-consumer-groups --delete) if nothing of this app is pending"
+                )
+            next_batch = max(next_batch, found.offset)
+        return next_batch
+
+    def _refused(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, InvalidTransactionTimeout):
+            return ConfigError(
+                f"{self._where()}: the broker refuses transaction_timeout="
+                f"{self._transaction_timeout:g}s; it must not exceed the broker's"
+                " transaction.max.timeout.ms (15 minutes by default)"
+            )
+        return SinkError(
+            f"{self._where()}: Kafka refused access: {_describe(exc)}. The producer needs"
+            f" WRITE on topic {self._topic!r}"
+            + (
+                f", WRITE and DESCRIBE on transactional id {self._txn_id()!r}"
+                f" and READ on the consumer group(s) {', '.join(self._marker_groups)}"
+                if self._transactional
+                else ""
+            )
+            + "; fix the ACLs or the credentials in producer_config"
+        )
+
+    def _txn_id(self) -> str:
+        return self._transactional_id or "?"
+
+    async def _retire(self) -> None:
+        """Stop the current producer and any forgotten ones; the marker is unknown after."""
+        producers = self._orphans
+        if self._producer is not None:
+            producers.append(self._producer)
+        self._producer, self._orphans = None, []
+        if self._transactional:
+            self._next = None
+        with anyio.CancelScope(shield=True):
+            for producer in producers:
+                await producer.stop()
+
+    async def commit(self, batch: Batch, outputs: Sequence[object]) -> bool:
+        """Write ``outputs`` of ``batch`` in one transaction, unless already written.
+
+        Returns:
+            True if this call wrote the batch; False if the batch was written
+            before (transactional mode only; without transactions always True).
+
+        Raises:
+            SinkError: an output cannot be encoded, the partitioner failed
+                (not retriable); Kafka failed (retriable where trying again
+                can help); the producer was fenced by another worker (not
+                retriable: this sink stops). Nothing of the batch is visible
+                to ``read_committed`` consumers then.
+        """
+        if self._context is None:
+            raise SinkError(f"{self._where()} is not open; call open() first")
+        async with self._lock:
+            if self._fenced is not None:
+                raise FencedError(self._fenced)
+            if self._producer is None:
+                await self._connect()
+            producer = self._producer
+            assert producer is not None
+            if self._transactional:
+                assert self._next is not None
+                if batch.id < self._next:
+                    return False
+            messages = self._encode(batch, outputs)
+            if not self._transactional:
+                await self._send_plain(producer, batch, messages)
+                return True
+            return await self._transact(producer, batch, messages)
+
+    def _encode(self, batch: Batch, outputs: Sequence[object]) -> list[_Message]:
+        messages: list[_Message] = []
+        for index, output in enumerate(outputs):
+            try:
+                message = self._encode_one(output)
+            except Exception as exc:
+                raise SinkError(
+                    f"output {index} of batch {batch.id} cannot be encoded for {self._where()}:"
+                    f" {exc!r}. Return bytes, str or JSON-serializable values, or fix the sink's"
+                    " key/value/headers functions; the batch is not written"
+                ) from exc
+            messages.append(message)
+        return messages
+
+    def _encode_one(self, output: object) -> _Message:
+        value = self._value(output)
+        key = self._key(output) if self._key is not None else None
+        headers = self._headers(output) if self._headers is not None else None
+        if value is not None and not isinstance(value, bytes):
+            raise TypeError(f"value() returned {type(value).__name__}, not bytes or None")
+        if key is not None and not isinstance(key, bytes):
+            raise TypeError(f"key() returned {type(key).__name__}, not bytes or None")
+        if key is None and value is None:
+            raise TypeError("a record needs a key or a value; both are None")
+        return _Message(key, value, _check_headers(headers))
+
+    def _source_offsets(self, batch: Batch) -> dict[TopicPartition, int]:
+        offsets: dict[TopicPartition, int] = {}
+        for r in batch.ranges:
+            topic = self._by_source.get(r.source)
+            if topic is None:
+                continue
+            tp = TopicPartition(topic, r.partition)
+            offsets[tp] = max(offsets.get(tp, r.until), r.until)
+        return offsets
+
+    async def _transact(self, producer: _Producer, batch: Batch, messages: list[_Message]) -> bool:
+        """One transaction: outputs, marker, source offsets; see the module docstring."""
+        source_offsets = self._source_offsets(batch)
+        committing = False
+        stage = "starting the transaction"
+        try:
+            with anyio.fail_after(self._transaction_timeout):
+                await producer.begin()
+                futures: list[asyncio.Future[Any]] = []
+                for index, message in enumerate(messages):
+                    stage = f"sending output {index}"
+                    futures.append(await producer.send(self._topic, message))
+                # Invariant: the marker and the outputs commit or abort together.
+                stage = "adding the marker and source offsets"
+                await producer.send_offsets(
+                    self._marker_group,
+                    {TopicPartition(self._topic, 0): batch.id + 1},
+                    MARKER_METADATA,
+                )
+                if source_offsets:
+                    assert self._source_group is not None
+                    await producer.send_offsets(self._source_group, source_offsets)
+                stage = "waiting for the broker to acknowledge the outputs"
+                await _delivered(futures)
+                stage = "committing"
+                committing = True
+                await producer.commit()
+        except Exception as exc:
+            return await self._failed(producer, batch, exc, committing, stage)
+        except BaseException:
+            # Cancelled: the commit may still complete in the background, so
+            # the outcome is unknown until a new producer settles it.
+            self._forget(producer)
+            raise
+        self._next = batch.id + 1
+        return True
+
+    def _forget(self, producer: _Producer) -> None:
+        """Drop ``producer`` without waiting; a later call stops it."""
+        self._producer = None
+        self._next = None
+        self._orphans.append(producer)
+
+    async def _failed(
+        self, producer: _Producer, batch: Batch, exc: Exception, committing: bool, stage: str
+    ) -> bool:
+        """Turn a failed transaction into a SinkError, or True if it committed after all."""
+        cause = producer.failure() or exc
+        if _is_fenced(cause) or _is_fenced(exc):
+            self._fenced = (
+                f"{self._where()} was fenced while writing batch {batch.id}: another producer"
+                f" with transactional id {self._txn_id()!r} started, so"
+                " another worker of this app took over (or the transaction ran longer than"
+                f" transaction_timeout={self._transaction_timeout:g}s and the broker aborted it)."
+                f" This worker's transaction was aborted and it stops writing; run one worker"
+                " per app, and restart this one only after the other stopped: unfinished"
+                " batches run again"
+            )
+            log.error("%s", self._fenced)
+            await self._retire()
+            raise FencedError(self._fenced) from cause
+        if isinstance(exc, _PartitionerFailed):
+            await self._abort(producer, batch)
+            raise SinkError(
+                f"the partitioner of {self._where()} failed {stage} of batch {batch.id}:"
+                f" {exc}. The transaction was aborted; fix the partitioner"
+            ) from exc.__cause__ or exc
+        if not committing and not isinstance(exc, TimeoutError) and producer.failure() is None:
+            # Not asked to commit: the transaction can only abort.
+            await self._abort(producer, batch)
+            error = SinkError(
+                f"{self._where()} could not write batch {batch.id} ({stage}):"
+                f" {_describe(cause)}. The transaction was aborted; nothing of the batch is"
+                " visible"
+            )
+            error.retriable = _retriable(cause)
+            raise error from cause
+        # Unknown outcome (timed out, or failed while committing): a new
+        # producer settles the transaction, then the marker says what happened.
+        phase = "committing" if committing else f"writing ({stage})"
+        log.warning(
+            "%s: %s batch %d failed (%s); reconnecting to learn whether it committed",
+            self._where(),
+            phase,
+            batch.id,
+            _describe(cause),
+        )
+        try:
+            await self._connect()
+        except SinkError as reconnect:
+            error = SinkError(
+                f"{self._where()}: {phase} batch {batch.id} failed ({_describe(cause)}) and"
+                f" whether it committed is unknown until Kafka is reachable again: {reconnect}"
+            )
+            error.retriable = reconnect.retriable
+            raise error from cause
+        assert self._next is not None
+        if self._next > batch.id:
+            log.info("%s: batch %d did commit", self._where(), batch.id)
+            return True
+        error = SinkError(
+            f"{self._where()}: {phase} batch {batch.id} failed ({_describe(cause)}); the"
+            " transaction was rolled back, nothing of the batch is visible"
+        )
+        error.retriable = True
+        raise error from cause
+
+    async def _abort(self, producer: _Producer, batch: Batch) -> None:
+        """Abort the open transaction; if that fails too, drop the producer."""
+        try:
+            with anyio.fail_after(self._transaction_timeout):
+                await producer.abort()
+        except Exception as exc:
+            # The next producer of the id aborts the transaction on start.
+            log.warning(
+                "%s: aborting the transaction of batch %d failed (%s); starting a new producer",
+                self._where(),
+                batch.id,
+                _describe(producer.failure() or exc),
+            )
+            await self._retire()
+        except BaseException:
+            self._forget(producer)
+            raise
+
+    async def _send_plain(
+        self, producer: _Producer, batch: Batch, messages: list[_Message]
+    ) -> None:
+        """Non-transactional: send and wait for every acknowledgement."""
+        try:
+            with anyio.fail_after(self._transaction_timeout):
+                futures = [await producer.send(self._topic, m) for m in messages]
+                await _delivered(futures)
+        except Exception as exc:
+            cause = producer.failure() or exc
+            # A fresh producer for the next try: an idempotent producer can
+            # wedge on a sequence error (aiokafka #1017).
+            await self._retire()
+            if isinstance(exc, _PartitionerFailed):
+                raise SinkError(
+                    f"the partitioner of {self._where()} failed on batch {batch.id}: {exc};"
+                    " fix the partitioner"
+                ) from exc.__cause__ or exc
+            error = SinkError(
+                f"{self._where()} could not write batch {batch.id}: {_describe(cause)}. Some"
+                " of its outputs may have been written; retrying writes them again"
+                " (at-least-once)"
+            )
+            error.retriable = _retriable(cause)
+            raise error from cause
+        except BaseException:
+            self._forget(producer)
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the producer (and any dropped after a cancelled commit)."""
+        async with self._lock:
+            await self._retire()
+        self._context = None
