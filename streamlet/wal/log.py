@@ -33,7 +33,6 @@ import contextlib
 import enum
 import fcntl
 import functools
-import gc
 import itertools
 import logging
 import math
@@ -41,10 +40,11 @@ import operator
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from array import array
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import NamedTuple, TypeVar, cast
+from typing import NamedTuple, TypeVar, cast, overload
 
 import anyio
 import anyio.to_thread
@@ -69,9 +69,10 @@ from streamlet.wal.format import (
     FrameFault,
     check_frame,
     check_segment_header,
-    encode_frame,
     encode_frames,
+    encode_frames_joined,
     encode_segment_header,
+    frame_header,
     is_torn,
     parse_segment_name,
     scan,
@@ -100,7 +101,6 @@ LOCK_NAME = "LOCK"
 _SCAN_CHUNK = 4 * 2**20  # bytes read per worker call when scanning or replaying
 _SLOW_SYNC = 1.0  # seconds; an fsync slower than this is logged (the disk is struggling)
 _WRITER_LINGER = 1.0  # seconds the writer thread waits for more appends before it returns
-_OVERLAP_POSITIONS = 256  # records in an append_many from which positions overlap the fsync
 
 
 class Durability(enum.StrEnum):
@@ -129,6 +129,12 @@ class Position(NamedTuple):
     """Byte offset of the record's frame in that file."""
     length: int
     """The record's payload length in bytes."""
+
+
+_new_position = cast(
+    Callable[[tuple[int, int, int]], Position], functools.partial(tuple.__new__, Position)
+)
+"""``Position`` from a tuple, skipping the Python-level ``__new__`` (hot path of ``append``)."""
 
 
 # --------------------------------------------------------------------------
@@ -330,34 +336,25 @@ def lock_directory(directory: str) -> int:
 class _Chunk:
     """Frames queued for one segment, at a place fixed when they were queued."""
 
-    __slots__ = ("data", "future", "nbytes", "offset", "segment", "written")
+    __slots__ = ("data", "future", "nbytes", "offset", "segment")
 
     def __init__(
         self,
         segment: int,
         offset: int,
         nbytes: int,
-        data: bytes | list[bytes],
+        data: list[bytes],
         future: asyncio.Future[None] | None,
     ) -> None:
         self.segment = segment
         self.offset = offset
         self.nbytes = nbytes
-        self.data = data  # one frame, or pieces whose join is the frames
+        self.data = data  # pieces whose join is the frames; immutable bytes only
         self.future = future  # set on the last chunk of an append call only
-        # Resolved once the frames are written, before the fsync: a large
-        # append_many builds its positions meanwhile.
-        self.written: asyncio.Future[None] | None = None
 
     def fail(self, error: Callable[[], BaseException]) -> None:
         """Tell this chunk's caller, if it still waits, that it failed."""
-        if self.written is not None and not self.written.done():
-            # The caller waits on `written`: tell it there; nobody will await
-            # `future` (and an exception left in it would be logged as lost).
-            self.written.set_exception(error())
-            if self.future is not None:
-                self.future.cancel()
-        elif self.future is not None and not self.future.done():
+        if self.future is not None and not self.future.done():
             self.future.set_exception(error())
 
 
@@ -398,38 +395,78 @@ async def _in_thread(func: Callable[[], _T], *, abandoned: Callable[[_T | None],
         raise
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():  # its caller may have been cancelled
-        future.set_result(None)
-
-
 def _close_if_opened(file: File | None) -> None:
     if file is not None:
         file.close()
 
 
-def _positions(segment: int, offset: int, lengths: Sequence[int]) -> list[Position]:
-    """Positions of records written back to back from ``offset``."""
-    repeat = itertools.repeat
-    offsets = itertools.accumulate(
-        map(operator.add, lengths, repeat(FRAME_HEADER_SIZE)), initial=offset
+def _frame_offsets(start: int, lengths: Iterable[int]) -> Iterator[int]:
+    """Offsets of frames written back to back from ``start`` (one more: where the last ends)."""
+    return itertools.accumulate(
+        map(operator.add, lengths, itertools.repeat(FRAME_HEADER_SIZE)), initial=start
     )
-    # tuple.__new__ through map builds the named tuples with no Python-level
-    # call per record. Collection is paused meanwhile: tuples of ints make
-    # no cycles, but a large group's allocations would otherwise set off
-    # collections that walk the caller's whole heap again and again (a
-    # 200,000-record group took three times as long).
-    paused = len(lengths) > 1000 and gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        # offsets has one more item than lengths (the end of the last frame).
-        fields = zip(repeat(segment), offsets, lengths, strict=False)
-        made = map(tuple.__new__, repeat(Position), fields)
-        return cast(list[Position], list(made))
-    finally:
-        if paused:
-            gc.enable()
+
+
+class _Positions(Sequence[Position]):
+    """The positions of records written back to back, each made when asked for.
+
+    :meth:`WriteAheadLog.append_many` returns one: a block of 200,000 records
+    would otherwise cost 200,000 tuples before the call could return, on the
+    event loop. Indexing, slicing, iterating and ``len`` work as on a list,
+    and it compares equal to any sequence holding the same positions.
+    """
+
+    __slots__ = ("_lengths", "_offsets", "_segment", "_start", "_stride")
+
+    def __init__(self, segment: int, start: int, lengths: list[int], uniform: bool) -> None:
+        self._segment = segment
+        self._start = start
+        self._lengths = lengths
+        # Records of equal length sit at start + i * stride; other offsets are
+        # summed up on the first random access.
+        self._stride = FRAME_HEADER_SIZE + lengths[0] if uniform else 0
+        self._offsets: array[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    @overload
+    def __getitem__(self, index: int) -> Position: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Position]: ...
+
+    def __getitem__(self, index: int | slice) -> Position | list[Position]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self._lengths)))]
+        length = self._lengths[index]  # raises IndexError as a list would
+        if index < 0:
+            index += len(self._lengths)
+        if self._stride:
+            return Position(self._segment, self._start + index * self._stride, length)
+        if self._offsets is None:
+            self._offsets = array("q", _frame_offsets(self._start, self._lengths))
+        return Position(self._segment, self._offsets[index], length)
+
+    def __iter__(self) -> Iterator[Position]:
+        offsets: Iterable[int]
+        if self._stride:
+            offsets = itertools.count(self._start, self._stride)
+        else:
+            offsets = self._offsets or _frame_offsets(self._start, self._lengths)
+        # tuple.__new__ through map: no Python-level call per position.
+        fields = zip(itertools.repeat(self._segment), offsets, self._lengths, strict=False)
+        return cast(Iterator[Position], map(tuple.__new__, itertools.repeat(Position), fields))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes | bytearray):
+            return NotImplemented
+        return len(other) == len(self._lengths) and all(map(operator.eq, self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, so unhashable like them
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 
 class WriteAheadLog:
@@ -481,7 +518,12 @@ class WriteAheadLog:
         self._closing = False
         self._close_task: asyncio.Task[BaseException | None] | None = None
         # Shared with the writer thread.
-        self._work = threading.Event()  # wakes the writer thread
+        # Wakes the writer thread. A bare lock used as a binary semaphore:
+        # held = no news; the loop releases it when it queues work, the writer
+        # blocks acquiring it. Cheaper both ways than threading.Event, whose
+        # Python-level condition variable costs microseconds per append.
+        self._work = threading.Lock()
+        self._work.acquire()
         self._stop = threading.Event()
         self._writer_lock = threading.Lock()  # held while the writer thread runs
         self._dirty = False  # written but not synced (interval durability)
@@ -668,55 +710,51 @@ class WriteAheadLog:
         length = len(data)
         if length > self._max_record_size:
             raise self._too_large(length)
-        frame = encode_frame(data)
-        segment, offset = self._reserve(len(frame))
+        if type(data) is not bytes:  # what is queued must not change: keep a copy
+            data = bytes(data)
+        # Header and payload stay apart until the writer joins its group, so
+        # the payload is copied once on its way to the disk, not twice.
+        pieces = [frame_header(data), data]
+        nbytes = FRAME_HEADER_SIZE + length
+        segment, offset = self._reserve(nbytes)
         future = self._loop.create_future()
-        self._submit((_Chunk(segment, offset, len(frame), frame, future),))
+        self._submit((_Chunk(segment, offset, nbytes, pieces, future),))
         # If this task is cancelled, the future is cancelled with it and the
         # writer skips it; the frame is still written, in its place.
         await future
-        return Position(segment, offset, length)
+        return _new_position((segment, offset, length))
 
-    async def append_many(self, records: Sequence[bytes]) -> list[Position]:
+    async def append_many(self, records: Sequence[bytes]) -> Sequence[Position]:
         """Append records as one group; return their positions once all are durable.
 
         The records are written contiguously and in order, and share the
         guarantees of :meth:`append`. A group that does not fit in one segment
-        is spread over several, each record whole in one of them.
+        is spread over several, each record whole in one of them. The
+        positions come as a sequence that makes each one when it is asked for
+        (a large group does not wait for them to be built); use it as a list.
         """
         self._check_writable()
         if not records:
             return []
         lengths = list(map(len, records))
-        largest = max(lengths)
+        count = len(lengths)
+        uniform = lengths.count(lengths[0]) == count
+        largest = lengths[0] if uniform else max(lengths)
         if largest > self._max_record_size:
             raise self._too_large(largest, index=lengths.index(largest))
-        pieces = encode_frames(records, lengths)
-        total = sum(lengths) + FRAME_HEADER_SIZE * len(lengths)
+        total = (largest * count if uniform else sum(lengths)) + FRAME_HEADER_SIZE * count
         future = self._loop.create_future()
-        if not (len(lengths) == 1 or total + SEGMENT_HEADER_SIZE <= self._segment_size):
-            positions = self._queue_spread(pieces, lengths, future)
+        if not (count == 1 or total + SEGMENT_HEADER_SIZE <= self._segment_size):
+            positions = self._queue_spread(encode_frames(records, lengths), lengths, future)
             await future
             return positions
+        # Encoded before the space is reserved: a bad record fails the call
+        # before it can leave a hole in the segment.
+        data = encode_frames_joined(records, lengths)
         segment, offset = self._reserve(total)
-        chunk = _Chunk(segment, offset, total, pieces, future)
-        if len(lengths) < _OVERLAP_POSITIONS or self._durability is not Durability.ALWAYS:
-            positions = _positions(segment, offset, lengths)
-            self._submit((chunk,))
-            await future
-            return positions
-        # Many records: build their positions while the group's fsync runs
-        # (it lets go of the GIL), not before the write, which would delay it.
-        chunk.written = written = self._loop.create_future()
-        self._submit((chunk,))
-        try:
-            await written
-        except BaseException:
-            future.cancel()  # nobody waits on it now; it is still written
-            raise
-        positions = _positions(segment, offset, lengths)
+        self._submit((_Chunk(segment, offset, total, [data], future),))
         await future
-        return positions
+        return _Positions(segment, offset, lengths, uniform)
 
     def _queue_spread(
         self, pieces: list[bytes], lengths: list[int], future: asyncio.Future[None]
@@ -749,7 +787,7 @@ class WriteAheadLog:
         self._tail_seq += 1
         self._tail_size = SEGMENT_HEADER_SIZE
         future = self._loop.create_future()
-        self._submit((_Chunk(self._tail_seq, SEGMENT_HEADER_SIZE, 0, b"", future),))
+        self._submit((_Chunk(self._tail_seq, SEGMENT_HEADER_SIZE, 0, [], future),))
         await future
 
     def _reserve(self, nbytes: int) -> tuple[int, int]:
@@ -808,10 +846,16 @@ class WriteAheadLog:
 
     def _submit(self, chunks: Iterable[_Chunk]) -> None:
         self._queue.extend(chunks)
-        if not self._work.is_set():  # a cheap read; set() takes a lock
-            self._work.set()
+        self._wake_writer()
         if not self._writing:  # else the running writer takes them; no task switch needed
             self._wakeup.set()
+
+    def _wake_writer(self) -> None:
+        """Release the writer thread's wait (a no-op if it was released already)."""
+        work = self._work
+        if work.locked():
+            with contextlib.suppress(RuntimeError):  # released meanwhile: as good
+                work.release()
 
     async def _flush_loop(self) -> None:
         """Keep a writer thread running while there is anything to write."""
@@ -854,7 +898,6 @@ class WriteAheadLog:
             queue, work = self._queue, self._work
             idle_since = time.monotonic()
             while not self._stop.is_set():
-                work.clear()
                 if queue:
                     group = self._take_group()
                     try:
@@ -881,7 +924,8 @@ class WriteAheadLog:
                     timeout = idle_since + _WRITER_LINGER - now
                     if timeout <= 0:
                         return
-                work.wait(timeout)
+                # Returns at once if work was queued since the last wait.
+                work.acquire(timeout=timeout)
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
@@ -905,8 +949,6 @@ class WriteAheadLog:
             future = chunk.future
             if future is not None and not future.done():
                 future.set_result(None)
-            if chunk.written is not None:
-                _resolve(chunk.written)
 
     def _fail(self, error: BaseException, group: Iterable[_Chunk]) -> None:
         """On the loop: refuse all further appends, and fail every waiting one."""
@@ -939,14 +981,9 @@ class WriteAheadLog:
                     f"internal error: frames queued for offset {chunk.offset} of segment "
                     f"{chunk.segment} would land at {size}"
                 )
-            if isinstance(chunk.data, bytes):
-                if chunk.data:
-                    pieces.append(chunk.data)
-            else:
-                pieces += chunk.data
+            pieces += chunk.data
             size += chunk.nbytes
         self._write_pieces(pieces)
-        self._announce_written(group)
         self._sync_per_policy()
 
     def _write_chunk(self, chunk: _Chunk) -> None:
@@ -955,15 +992,8 @@ class WriteAheadLog:
                 f"internal error: frames queued for offset {chunk.offset} of segment "
                 f"{chunk.segment} would land at {self._wsize}"
             )
-        data = chunk.data
-        self._write_pieces([data] if isinstance(data, bytes) else data)
-        self._announce_written((chunk,))
+        self._write_pieces(chunk.data)
         self._sync_per_policy()
-
-    def _announce_written(self, chunks: Iterable[_Chunk]) -> None:
-        for chunk in chunks:
-            if chunk.written is not None:
-                self._post(_resolve, chunk.written)
 
     def _sync_per_policy(self) -> None:
         durability = self._durability
@@ -976,6 +1006,8 @@ class WriteAheadLog:
             self._dirty = True
 
     def _write_pieces(self, pieces: list[bytes]) -> None:
+        if not pieces:
+            return
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if not data:
             return
@@ -1262,7 +1294,7 @@ class WriteAheadLog:
         first = self._close_task is None
         if self._close_task is None:
             self._closing = True
-            self._work.set()
+            self._wake_writer()
             self._wakeup.set()
             self._close_task = self._loop.create_task(self._close())
         # Shielded: a cancelled aclose still finishes closing in the background.

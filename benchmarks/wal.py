@@ -1,0 +1,426 @@
+"""Write-ahead log throughput, side by side with a plain write + fdatasync loop.
+
+Run from the repository root::
+
+    python -m benchmarks.wal            # about a minute
+    python -m benchmarks.wal --quick    # a few seconds, a smoke test
+
+What is measured
+----------------
+* **Appenders.** ``C`` tasks (1, 8, 64) each append ``S``-byte records
+  (100 B, 1 KiB, 64 KiB), one ``append`` at a time, to a log with durability
+  ``always``: every append returns after the fsync that holds it.
+* **Baseline.** The same I/O with no framework: the WAL round's writes to its
+  segment files and its syncs are recorded (the size of every write, every
+  fdatasync) and replayed in one thread as a plain loop of ``os.write`` and
+  ``os.fdatasync`` on a fresh file. Same durability, same group sizes, same
+  bytes on disk (frame headers included); the difference is everything the
+  WAL adds: framing, CRCs, futures, the hand-off to its writer thread and
+  back, segment creation. ``WAL/base`` is the ratio of the two record rates.
+* **Blocks.** One ``append_many`` per 200 ms block of 100-byte records, as a
+  block generator cutting every 200 ms would call it: blocks of 200,000
+  records (1,000,000 records/s) back to back. The rate reported is the payload
+  records/s the log sustains; each block has to be durable within its 200 ms.
+
+Noise: each case is split into short rounds (0.1 s of WAL time); rounds of
+all cases are run round robin, and every WAL round is followed at once by its
+baseline replay, so a busy neighbour slows both sides of a pair alike. The
+rates are totals over all rounds; ``WAL/base`` is the median over rounds of
+each pair's ratio (baseline time over WAL time for the same records), and
+``IQR`` the middle half of those ratios.
+
+The last line printed is one JSON object with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from streamlet.fs import File, OsFileSystem
+from streamlet.wal import WriteAheadLog
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SIZES = (100, 1024, 64 * 1024)
+CONCURRENCY = (1, 8, 64)
+TARGET_RATIO = 0.8
+BLOCK_INTERVAL = 0.2  # seconds: the block generator's default block interval
+BLOCK_RECORD_SIZE = 100
+TARGET_BLOCK_RATE = 1_000_000  # payload records/s
+ROUND_SECONDS = 0.1  # WAL seconds per round
+
+
+# ---- recording the WAL's I/O, to replay it as the baseline ------------------
+
+
+class _RecordingFile:
+    """A segment file that notes the size of every write and every sync (as 0)."""
+
+    __slots__ = ("_inner", "_ops")
+
+    def __init__(self, inner: File, ops: list[int]) -> None:
+        self._inner = inner
+        self._ops = ops
+
+    @property
+    def path(self) -> str:
+        return self._inner.path
+
+    def append(self, data: bytes) -> None:
+        self._inner.append(data)
+        self._ops.append(len(data))
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self._inner.read(offset, size)
+
+    def size(self) -> int:
+        return self._inner.size()
+
+    def sync(self) -> None:
+        self._inner.sync()
+        self._ops.append(0)
+
+    def truncate(self, size: int) -> None:
+        self._inner.truncate(size)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _RecordingFs(OsFileSystem):
+    """The real file system; writes and syncs of segments opened for appending are noted."""
+
+    def __init__(self) -> None:
+        self.ops: list[int] = []
+
+    def open(self, path: str, *, writable: bool = False) -> File:
+        file = super().open(path, writable=writable)
+        return _RecordingFile(file, self.ops) if writable else file
+
+
+class _Filler:
+    """Random bytes to write in the baseline, grown on demand."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def view(self, size: int) -> memoryview:
+        if len(self.data) < size:
+            self.data = os.urandom(size)
+        return memoryview(self.data)
+
+
+def replay_io(path: str, ops: Sequence[int], filler: _Filler) -> float:
+    """The baseline: ``ops`` as plain os.write / os.fdatasync calls in this thread; seconds."""
+    view = filler.view(max(ops, default=0))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    write, sync = os.write, os.fdatasync
+    try:
+        started = time.perf_counter()
+        for op in ops:
+            if op:
+                chunk = view[:op]
+                while chunk:
+                    chunk = chunk[write(fd, chunk) :]
+            else:
+                sync(fd)
+        return time.perf_counter() - started
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+# ---- the WAL side ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Round:
+    """One timed WAL run and its baseline replay."""
+
+    records: int
+    wal_seconds: float
+    base_seconds: float
+    syncs: int
+    block_seconds: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.base_seconds / self.wal_seconds
+
+
+async def appenders_round(
+    directory: str, size: int, concurrency: int, seconds: float
+) -> tuple[int, float, list[int]]:
+    """``concurrency`` tasks appending ``size``-byte records for ``seconds``."""
+    fs = _RecordingFs()
+    log = await WriteAheadLog.open(directory, durability="always", fs=fs)
+    counts = [0] * concurrency
+    try:
+        record = os.urandom(size)
+        fs.ops.clear()  # count only the appends' I/O, not the log's creation
+
+        async def appender(index: int, deadline: float) -> None:
+            append, clock = log.append, time.perf_counter
+            done = 0
+            while clock() < deadline:
+                await append(record)
+                done += 1
+            counts[index] = done
+
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(appender(i, deadline) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        ops = list(fs.ops)
+    finally:
+        await log.aclose()
+    return sum(counts), elapsed, ops
+
+
+async def blocks_round(
+    directory: str, blocks: Sequence[Sequence[bytes]], seconds: float
+) -> tuple[int, float, list[int], list[float]]:
+    """One append_many per block, back to back, for at least ``seconds`` (two blocks or more)."""
+    fs = _RecordingFs()
+    log = await WriteAheadLog.open(directory, durability="always", fs=fs)
+    latencies: list[float] = []
+    records = 0
+    try:
+        fs.ops.clear()
+        clock = time.perf_counter
+        started = clock()
+        while len(latencies) < 2 or clock() - started < seconds:
+            block = blocks[len(latencies) % len(blocks)]
+            begun = clock()
+            await log.append_many(block)
+            latencies.append(clock() - begun)
+            records += len(block)
+        elapsed = clock() - started
+        ops = list(fs.ops)
+    finally:
+        await log.aclose()
+    return records, elapsed, ops, latencies
+
+
+# ---- running and reporting ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Case:
+    """One row of the table: a record size and a number of appenders (0: blocks)."""
+
+    size: int
+    concurrency: int
+    rounds: list[Round] = dataclasses.field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        if self.concurrency == 0:
+            return f"block{self.size}B"
+        return f"{_size_label(self.size).replace(' ', '')}x{self.concurrency}"
+
+    def totals(self) -> tuple[int, float, float, int]:
+        return (
+            sum(r.records for r in self.rounds),
+            sum(r.wal_seconds for r in self.rounds),
+            sum(r.base_seconds for r in self.rounds),
+            sum(r.syncs for r in self.rounds),
+        )
+
+    @property
+    def ratio(self) -> float:
+        """The median of the rounds' paired ratios."""
+        return statistics.median(r.ratio for r in self.rounds)
+
+    def spread(self) -> tuple[float, float]:
+        """The quartiles of the rounds' paired ratios."""
+        ratios = sorted(r.ratio for r in self.rounds)
+        if len(ratios) < 4:
+            return ratios[0], ratios[-1]
+        low, _, high = statistics.quantiles(ratios, n=4)
+        return low, high
+
+
+def _size_label(size: int) -> str:
+    return f"{size // 1024} KiB" if size >= 1024 and size % 1024 == 0 else f"{size} B"
+
+
+def _fs_type(path: str) -> str:
+    """The file system type holding ``path`` (from /proc/self/mounts), or "?"."""
+    best, kind = "", "?"
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) > len(best):
+                    best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
+def run_round(
+    case: Case, workdir: str, seconds: float, filler: _Filler, blocks: list[list[bytes]]
+) -> None:
+    """One WAL round of ``case`` in a fresh log, then its baseline replay at once."""
+    directory = tempfile.mkdtemp(prefix="wal-", dir=workdir)
+    try:
+        if case.concurrency == 0:
+            records, wal_seconds, ops, latencies = asyncio.run(
+                blocks_round(os.path.join(directory, "wal"), blocks, seconds)
+            )
+        else:
+            records, wal_seconds, ops = asyncio.run(
+                appenders_round(
+                    os.path.join(directory, "wal"), case.size, case.concurrency, seconds
+                )
+            )
+            latencies = []
+        shutil.rmtree(directory)  # free the space before the baseline writes as much
+        base_seconds = replay_io(os.path.join(workdir, "baseline"), ops, filler)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    case.rounds.append(Round(records, wal_seconds, base_seconds, ops.count(0), latencies))
+
+
+def make_blocks(count: int) -> list[list[bytes]]:
+    per_block = int(TARGET_BLOCK_RATE * BLOCK_INTERVAL)
+    return [[os.urandom(BLOCK_RECORD_SIZE) for _ in range(per_block)] for _ in range(count)]
+
+
+def print_table(cases: list[Case], blocks: Case | None) -> None:
+    header = (
+        f"{'record':>7} {'appenders':>9} {'WAL rec/s':>11} {'WAL MB/s':>9} "
+        f"{'base rec/s':>11} {'base MB/s':>9} {'WAL/base':>8} {'IQR':>11} {'rec/sync':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        records, wal, base, syncs = case.totals()
+        low, high = case.spread()
+        mb = case.size / 1e6
+        print(
+            f"{_size_label(case.size):>7} {case.concurrency:>9} {records / wal:>11,.0f} "
+            f"{records / wal * mb:>9.2f} {records / base:>11,.0f} {records / base * mb:>9.2f} "
+            f"{case.ratio:>8.2f} {low:>5.2f}-{high:<5.2f} "
+            f"{records / max(syncs, 1):>8.1f}"
+        )
+    if blocks is not None:
+        records, wal, base, syncs = blocks.totals()
+        latencies = sorted(s for r in blocks.rounds for s in r.block_seconds)
+        per_block = records // len(latencies)
+        rate = records / wal
+        print()
+        print(
+            f"blocks: one append_many per {BLOCK_INTERVAL * 1000:.0f} ms block of "
+            f"{per_block:,} {BLOCK_RECORD_SIZE}-byte records, back to back"
+        )
+        print(
+            f"  WAL      {rate:>12,.0f} payload records/s ({rate * BLOCK_RECORD_SIZE / 1e6:.0f} "
+            f"MB/s); per block: median {statistics.median(latencies) * 1e3:.0f} ms, "
+            f"max {latencies[-1] * 1e3:.0f} ms (budget {BLOCK_INTERVAL * 1e3:.0f} ms)"
+        )
+        print(
+            f"  baseline {records / base:>12,.0f} records/s (the same bytes written and "
+            f"fdatasync'd); WAL/base {blocks.ratio:.2f}"
+        )
+        print(
+            f"  target   {TARGET_BLOCK_RATE:>12,} records/s: "
+            f"{'met' if rate >= TARGET_BLOCK_RATE else 'NOT met'}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.wal",
+        description="Write-ahead log throughput (durability always) beside a plain "
+        "os.write + os.fdatasync loop doing the same I/O.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a few seconds in all: a smoke test, noisy figures"
+    )
+    parser.add_argument(
+        "--dir",
+        help="where to write (default: a temporary directory in the repository, so on "
+        "its file system and not on a tmpfs); removed afterwards",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        help="WAL seconds per case, in rounds of 0.1 s (default 2, or 0.2 with --quick)",
+    )
+    args = parser.parse_args(argv)
+    seconds = args.seconds if args.seconds is not None else (0.2 if args.quick else 2.0)
+    if not seconds > 0:
+        parser.error("--seconds must be positive")
+    rounds = max(1, round(seconds / ROUND_SECONDS))
+    parent = os.path.abspath(args.dir) if args.dir else str(REPO_ROOT)
+    os.makedirs(parent, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix=".bench-wal-", dir=parent)
+    kind = _fs_type(workdir)
+    try:
+        print(
+            f"streamlet WAL benchmark: durability=always (fdatasync), {workdir} ({kind}), "
+            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"{rounds} round(s) x {seconds / rounds:.2f} s per case"
+        )
+        if kind in ("tmpfs", "ramfs"):
+            print(f"warning: {workdir} is on {kind}; fsync costs nothing there")
+        print(
+            "MB/s counts payload bytes (10^6; frames add 12 bytes a record). WAL/base: median\n"
+            "of the paired rounds' ratios, IQR their middle half; rec/sync: records per fsync.\n"
+        )
+        sys.stdout.flush()
+        cases = [Case(size, c) for size in SIZES for c in CONCURRENCY]
+        blocks_case = Case(BLOCK_RECORD_SIZE, 0)
+        blocks = make_blocks(2)
+        filler = _Filler()
+        # Warm-up, not counted: the heaviest cases once, so that the page cache
+        # and the heap have their memory before anything is timed (a VM's first
+        # touch of a page is slow, and would fall on whichever side runs first).
+        for case in (Case(SIZES[-1], CONCURRENCY[-1]), Case(BLOCK_RECORD_SIZE, 0)):
+            run_round(case, workdir, seconds / rounds, filler, blocks)
+        for _ in range(rounds):
+            for case in [*cases, blocks_case]:
+                run_round(case, workdir, seconds / rounds, filler, blocks)
+        print_table(cases, blocks_case)
+        block_records, block_wal, _, _ = blocks_case.totals()
+        block_latencies = [s for r in blocks_case.rounds for s in r.block_seconds]
+        ratios = {case.key: round(case.ratio, 3) for case in cases}
+        result = {
+            "benchmark": "wal",
+            "durability": "always",
+            "quick": args.quick,
+            "seconds_per_case": seconds,
+            "ratios": ratios,
+            "min_ratio": min(ratios.values()),
+            "target_ratio": TARGET_RATIO,
+            "block_records_per_s": round(block_records / block_wal),
+            "block_ms_max": round(max(block_latencies) * 1e3, 1),
+            "block_ratio": round(blocks_case.ratio, 3),
+            "target_block_records_per_s": TARGET_BLOCK_RATE,
+        }
+        print()
+        print(json.dumps(result, separators=(",", ":")))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
