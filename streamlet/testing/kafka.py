@@ -319,10 +319,18 @@ class EmbeddedKafka:
         config = self._write_config()
         began = time.monotonic()
         if not self._formatted:
+            # A Kafka cluster id is 16 random bytes in URL-safe base64; one that
+            # begins with "-" would be taken for an option, so it is passed
+            # as "--cluster-id=<id>".
             cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
             fmt = subprocess.run(
                 self._java(
-                    libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)
+                    libs,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    f"--cluster-id={cluster_id}",
+                    "-c",
+                    str(config),
                 ),
                 capture_output=True,
                 text=True,
