@@ -67,3 +67,66 @@ async def test_kafka_to_sqlite_counts_every_view_once_and_dead_letters_bad_json(
     assert letters[0]["partition"] == 0
     assert letters[0]["offset"] == 1500
     assert "JSONDecodeError" in letters[0]["error"]
+
+
+async def test_kafka_to_kafka_writes_each_order_total_once_across_a_crash(
+    tmp_path: Path, kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    orders_topic = await new_topic(partitions=2)
+    totals_topic = await new_topic(partitions=2)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for i in range(2000):
+            order = {"customer": f"c{i % 9}", "items": [{"price": 1.25, "qty": i % 4 + 1}]}
+            await producer.send(orders_topic, orjson.dumps(order), key=b"c%d" % (i % 9))
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    env = {
+        **os.environ,
+        "STREAMLET_KAFKA": kafka_bootstrap,
+        "STREAMLET_TOPIC": orders_topic,
+        "STREAMLET_OUTPUT_TOPIC": totals_topic,
+    }
+    command = [sys.executable, "-m", "streamlet", "run", "examples.kafka_to_kafka:app"]
+    with anyio.fail_after(240):
+        crashed = await anyio.run_process(
+            [*command, "--duration", "20", "--batch-interval", "0.1"],
+            cwd=tmp_path,
+            env={**env, "STREAMLET_CRASH_AT": "after_sink_commit:1"},
+            check=False,
+        )
+        assert crashed.returncode == -9, crashed.stderr.decode()
+        result = await anyio.run_process(
+            [*command, "--duration", "3", "--batch-interval", "0.1"],
+            cwd=tmp_path,
+            env=env,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr.decode()
+
+    consumer = AIOKafkaConsumer(
+        totals_topic,
+        bootstrap_servers=kafka_bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    totals: list[dict[str, object]] = []
+    try:
+        with anyio.fail_after(60):
+            while len(totals) < 2000:
+                got = await consumer.getmany(timeout_ms=1000)
+                totals.extend(orjson.loads(m.value or b"") for ms in got.values() for m in ms)
+        extra = await consumer.getmany(timeout_ms=1000)
+        assert not any(extra.values())
+    finally:
+        await consumer.stop()
+    positions = [(t["partition"], t["offset"]) for t in totals]
+    assert len(set(positions)) == 2000
+    assert sum(int(t["cents"]) for t in totals) == sum(125 * (i % 4 + 1) for i in range(2000))  # type: ignore[call-overload]

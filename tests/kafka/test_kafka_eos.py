@@ -1,12 +1,12 @@
 """Exactly-once from Kafka, through twenty SIGKILLs: Kafka, SQLite and file outputs, each once.
 
 A real ``streamlet run`` worker reads 200,000 keyed records from a Kafka topic
-(direct mode) and writes every record to a transactional KafkaSink, a
-SQLiteSink and a FileSink. It is SIGKILLed at random at least twenty times and
-restarted each time on the same state directory. In the end a
-``read_committed`` consumer of the output topic must see every record exactly
-once and in order per key, and the database and files must hold every record
-exactly once.
+(in direct mode, and in receiver mode through the data WAL) and writes every
+record to a transactional KafkaSink, a SQLiteSink and a FileSink. It is
+SIGKILLed at random at least twenty times and restarted each time on the same
+state directory. In the end a ``read_committed`` consumer of the output topic
+must see every record exactly once and in order per key, and the database and
+files must hold every record exactly once.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def insert(conn, batch, outputs):
 
 app = sl.App("eos", state_dir={state!r}, batch_interval=0.2, checkpoint_interval=1.0)
 source = sl.KafkaSource({topic!r}, bootstrap_servers={bootstrap!r}, group_id="eos-in",
-                        start="earliest", max_rate=2_500)
+                        start="earliest", max_rate=5_000, mode={mode!r})
 numbers = app.source(source, name="numbers")
 
 
@@ -126,8 +126,9 @@ def _start(cwd: Path, *args: str, capture: bool = False) -> subprocess.Popen[byt
     )
 
 
+@pytest.mark.parametrize("mode", ["direct", "receiver"])
 async def test_kafka_to_kafka_sqlite_and_files_exactly_once_through_twenty_kills(
-    tmp_path: Path, kafka_bootstrap: str, new_topic: TopicFactory
+    tmp_path: Path, kafka_bootstrap: str, new_topic: TopicFactory, mode: str
 ) -> None:
     source_topic = await new_topic(partitions=4)
     output_topic = await new_topic(partitions=4)
@@ -140,6 +141,7 @@ async def test_kafka_to_kafka_sqlite_and_files_exactly_once_through_twenty_kills
             bootstrap=kafka_bootstrap,
             db=str(tmp_path / "out.db"),
             files=str(tmp_path / "files"),
+            mode=mode,
         )
     )
     seed = int(os.environ.get("STREAMLET_TEST_SEED", "777"))
@@ -182,5 +184,5 @@ async def test_kafka_to_kafka_sqlite_and_files_exactly_once_through_twenty_kills
         number = int(value)
         assert number > last.get(key, -1), f"key {key!r} out of order at {number} (seed {seed})"
         last[key] = number
-    for log in ("tracker",):
+    for log in ("tracker", "data") if mode == "receiver" else ("tracker",):
         assert verify(tmp_path / "state" / log).problem is None
