@@ -205,6 +205,7 @@ class BatchScheduler:
         }
         self._limits = dict(self._static_limits)
         self._partitions = dict.fromkeys(self.sources, 1)
+        self._receiver_limits: dict[str, int | None] = {}
         self.set_receiver_rate = set_receiver_rate
         self.decoders = dict(decoders or {})
         self.cut_blocks = cut_blocks
@@ -289,6 +290,7 @@ class BatchScheduler:
             latest=latest,
             limits=self._limits,
             receivers=self.receivers,
+            receiver_limits=self._receiver_limits,
         )
         if alloc.empty:
             return None
@@ -555,8 +557,13 @@ class BatchScheduler:
                 adapted = max(1, math.ceil(rate * self.interval / self._partitions[name]))
                 static = self._static_limits[name]
                 self._limits[name] = adapted if static is None else min(static, adapted)
-            elif self.set_receiver_rate is not None:
-                self.set_receiver_rate(name, rate)
+            else:
+                # Throttle the receiver's intake, and take at most one
+                # interval's worth of its blocks per batch, so a backlog built
+                # while the handlers were slow drains over several batches.
+                self._receiver_limits[name] = max(1, math.ceil(rate * self.interval))
+                if self.set_receiver_rate is not None:
+                    self.set_receiver_rate(name, rate)
             log.debug("backpressure: %s rate now %.0f records/s", name, rate)
 
     async def _commit_sources(self, batch: Batch) -> None:

@@ -239,6 +239,7 @@ def plan_allocation(
     latest: Mapping[str, Mapping[int, int]],
     limits: Mapping[str, int | None],
     receivers: frozenset[str] = frozenset(),
+    receiver_limits: Mapping[str, int | None] | None = None,
 ) -> Allocation:
     """Decide the next batch's input; pure.
 
@@ -251,6 +252,10 @@ def plan_allocation(
         limits: per direct source, the most offsets a batch may take from
             one partition (``None``: no limit).
         receivers: receivers whose unallocated blocks the batch takes.
+        receiver_limits: per receiver, about the most records a batch takes
+            (whole blocks, oldest first, at least one); ``None``: all of them.
+            With backpressure this spreads a backlog over several batches
+            instead of reading it all into one.
 
     Returns:
         The allocation, holding only partitions with new offsets; it may be
@@ -269,7 +274,17 @@ def plan_allocation(
                 ranges.append(OffsetRange(source, partition, start, until))
     blocks: list[BlockRef] = []
     for source in sorted(receivers):
-        blocks.extend(state.blocks.get(source, ()))
+        waiting = state.blocks.get(source, ())
+        limit = (receiver_limits or {}).get(source)
+        if limit is None:
+            blocks.extend(waiting)
+            continue
+        taken = 0
+        for block in waiting:
+            if taken and taken + block.records > limit:
+                break
+            blocks.append(block)
+            taken += block.records
     return Allocation(state.next_batch_id, batch_time, tuple(ranges), tuple(blocks))
 
 

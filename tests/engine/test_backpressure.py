@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,3 +99,70 @@ async def test_backpressure_shrinks_batches_when_the_handler_slows_and_grows_the
     assert max(slow_sizes) <= 1500, slow_sizes
     assert min(recovered_sizes) > max(slow_sizes) * 2, (slow_sizes, recovered_sizes)
     assert max(i.records for i in infos) <= 200_000 * 0.05
+
+
+async def test_backpressure_throttles_a_receiver_when_the_handler_slows(tmp_path: Path) -> None:
+    from streamlet.records import Record
+    from streamlet.sources.receiver import Receiver, ReceiverContext
+
+    class Steady(Receiver):
+        """Offers 20,000 records/s; stores wait only when backpressure holds them."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stored = 0
+
+        async def run(self, context: ReceiverContext) -> None:
+            start = time.monotonic()
+            while not context.stopping.is_set():
+                due = start + (self.stored + 50) / 20_000
+                await anyio.sleep(max(0.0, due - time.monotonic()))
+                await context.store([Record(b"x")] * 50)
+                self.stored += 50
+
+    app = App(
+        "bpr",
+        state_dir=tmp_path / "state",
+        batch_interval=0.05,
+        block_interval=0.01,
+        backpressure=True,
+        min_rate=50,
+        durability="none",
+    )
+    receiver = app.source(Steady(), name="steady")
+    slow = {"on": False}
+
+    @app.handler(receiver, sink=NullSink())
+    async def work(batch: Batch) -> list[int]:
+        await anyio.sleep(len(batch) * (2e-4 if slow["on"] else 1e-6))
+        return []
+
+    infos: list[BatchInfo] = []
+    wanted = {"count": 0, "event": anyio.Event()}
+
+    def on_batch(info: BatchInfo) -> None:
+        infos.append(info)
+        if len(infos) >= wanted["count"]:
+            wanted["event"].set()
+
+    async def batches(more: int) -> list[int]:
+        wanted["count"], wanted["event"] = len(infos) + more, anyio.Event()
+        await wanted["event"].wait()
+        return [i.records for i in infos[-5:]]
+
+    app.add_listener(on_batch)
+    async with anyio.create_task_group() as tg:
+        await tg.start(app.serve)
+        with anyio.fail_after(60):
+            fast_sizes = await batches(15)
+            slow["on"] = True
+            slow_sizes = await batches(25)
+            slow["on"] = False
+            recovered_sizes = await batches(25)
+        app.stop()
+    # Fast: each 50 ms batch holds what arrived, about 1,000 records. Slow
+    # (0.2 ms a record, 5,000 records/s at most): the intake is throttled and
+    # batches shrink toward 250; then they grow back.
+    assert min(fast_sizes) >= 500, fast_sizes
+    assert max(slow_sizes) <= 700, (fast_sizes, slow_sizes)
+    assert min(recovered_sizes) >= max(slow_sizes) * 1.3, (slow_sizes, recovered_sizes)

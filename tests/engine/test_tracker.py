@@ -99,3 +99,35 @@ def test_state_round_trips_through_json_at_any_point(
         if finish and state.pending:
             state.apply({"e": "done", "id": state.pending[0].id})
         assert TrackerState.from_json(state.to_json()) == state
+
+
+def test_a_receiver_limit_takes_whole_blocks_oldest_first_and_at_least_one() -> None:
+    from streamlet.records import BlockRef
+    from streamlet.tracker import TrackerState, plan_allocation
+
+    state = TrackerState()
+    for i, size in enumerate([300, 300, 300, 5000], start=1):
+        state.apply({"e": "block", "b": [i, "r", 1, 100 * i, 10, size]})
+    limited = plan_allocation(
+        state,
+        batch_time=0.0,
+        latest={},
+        limits={},
+        receivers=frozenset({"r"}),
+        receiver_limits={"r": 700},
+    )
+    assert [b.id for b in limited.blocks] == [1, 2]
+    one = plan_allocation(
+        state,
+        batch_time=0.0,
+        latest={},
+        limits={},
+        receivers=frozenset({"r"}),
+        receiver_limits={"r": 10},
+    )
+    assert [b.id for b in one.blocks] == [1]
+    unlimited = plan_allocation(
+        state, batch_time=0.0, latest={}, limits={}, receivers=frozenset({"r"})
+    )
+    assert [b.id for b in unlimited.blocks] == [1, 2, 3, 4]
+    assert isinstance(unlimited.blocks[0], BlockRef)
