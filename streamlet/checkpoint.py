@@ -22,6 +22,7 @@ commit point), then delete all but the newest ``keep`` checkpoints.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -46,7 +47,7 @@ _MAX_HEADER = 4096
 
 
 class CheckpointError(StreamletError):
-    """A checkpoint file is unreadable: bad header, length, checksum or version."""
+    """A checkpoint file is unreadable (bad header, length, checksum or version) or unwritable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,9 +140,31 @@ def write_checkpoint(
 
     Returns the path written. Older checkpoints beyond the newest ``keep``
     are deleted after the new one is durable.
+
+    Raises:
+        CheckpointError: a file operation failed (the ``OSError`` is the
+            cause); what is on disk is still recoverable: the tracker log
+            reaches back to the previous checkpoint.
     """
-    fs.makedirs(directory)
     final = os.path.join(directory, _name(batch_id))
+    try:
+        _write(fs, directory, final, body, keep)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            advice = "the disk is full: free space on it"
+        elif exc.errno == errno.EIO:
+            advice = "the disk reported an I/O error: check the device (kernel log)"
+        else:
+            advice = "check the directory and the disk"
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {exc}; {advice}. Batch {batch_id} is done and"
+            " logged; a restart recovers from the tracker log and the previous checkpoint"
+        ) from exc
+    return final
+
+
+def _write(fs: FileSystem, directory: str, final: str, body: Mapping[str, Any], keep: int) -> None:
+    fs.makedirs(directory)
     temp = final + ".tmp"
     if fs.exists(temp):
         fs.remove(temp)
@@ -158,7 +181,6 @@ def write_checkpoint(
         fs.remove(path)
     if stale:
         fs.sync_dir(directory)
-    return final
 
 
 def load_latest(fs: FileSystem, directory: str) -> Checkpoint | None:

@@ -341,3 +341,81 @@ def send(file: str, host: str, port: int, client_id: str | None, timeout: float)
         f"{summary.lines} lines: {summary.sent} sent, {summary.skipped} skipped as already"
         f" durable; acknowledged through seq {summary.acked} (client id {client_id})"
     )
+
+
+@main.command("chaos")
+@click.option(
+    "--profile",
+    type=click.Choice(["short", "long"]),
+    default="short",
+    show_default=True,
+    help="short: the CI profile (minutes); long: 1,000,000+ records and 200+ process kills.",
+)
+@click.option("--records", type=click.IntRange(min=1), help="Input records of every run.")
+@click.option("--faults", type=click.IntRange(min=1), help="Faults injected in every run.")
+@click.option("--seed", type=int, help="Seed of every random choice (default: a new one).")
+@click.option("--scenarios", help="Comma-separated scenarios to run (default: all of the profile).")
+@click.option(
+    "--pipelines", help="Comma-separated pipelines to keep: sequence, tcp (default: all)."
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=str),
+    help="Where runs keep their state and outputs (default: a temp dir, deleted if all pass).",
+)
+@click.option("--keep", is_flag=True, help="Keep the working directory even if all runs pass.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Write the JSON report here (default: benchmarks/results/chaos-<profile>.json).",
+)
+def chaos(
+    profile: str,
+    records: int | None,
+    faults: int | None,
+    seed: int | None,
+    scenarios: str | None,
+    pipelines: str | None,
+    workdir: str | None,
+    keep: bool,
+    output: str | None,
+) -> None:
+    """Break a real worker on purpose, over and over, and count every record.
+
+    Runs the chaos scenarios (SIGKILL, SIGTERM, crash points, slow and
+    failing fsyncs, a full disk, torn and corrupted logs, failing handlers,
+    clock jumps) against real `streamlet run` processes, then prints a
+    reliability report: faults injected, records in and out, lost,
+    duplicated, recovery times, and one JSON line. Exits 1 if any run broke
+    a guarantee. See streamlet.testing.chaos.
+    """
+    import shlex
+
+    import orjson
+
+    from streamlet.testing.chaos import run_profile, write_report
+
+    given = sys.argv[1:]
+    command = shlex.join(["streamlet", "chaos", *(given[1:] if given[:1] == ["chaos"] else given)])
+    try:
+        report = run_profile(
+            profile,
+            records=records,
+            faults=faults,
+            seed=seed,
+            scenarios=[s for s in (scenarios or "").split(",") if s] or None,
+            pipelines=[p for p in (pipelines or "").split(",") if p] or None,
+            workdir=workdir,
+            keep=keep,
+            command=command,
+            echo=click.echo,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(report.table())
+    path = output or os.path.join("benchmarks", "results", f"chaos-{profile}.json")
+    write_report(report, path)
+    click.echo(orjson.dumps({**report.to_json(), "runs": len(report.results)}).decode())
+    click.echo(f"report written to {path}")
+    if not report.ok:
+        raise click.exceptions.Exit(1)

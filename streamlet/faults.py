@@ -1,24 +1,70 @@
-"""Named crash points for crash tests of the commit protocol.
+"""Fault hooks for crash and chaos tests, switched on by environment variables.
 
-Setting ``STREAMLET_CRASH_AT=<point>`` (or ``<point>:<batch id>``) in a
-worker's environment makes it SIGKILL itself when it reaches that point of
-the commit protocol (for that batch, or for the first batch that gets
-there). Tests use it to prove recovery from every step; in production the
-variable is unset and a crash point is one dictionary lookup.
+In production none of the variables is set and each hook costs one lookup.
+They let a test make a real worker process (``streamlet run``) misbehave
+without changing its code:
 
-Points, in protocol order: ``after_allocate``, ``after_handler``,
-``after_sink_commit``, ``before_done``, ``after_done``.
+``STREAMLET_CRASH_AT=<point>[:<batch id>]``
+    SIGKILL this process when it reaches that point of the commit protocol
+    (for that batch, or for the first batch that gets there). Points, in
+    protocol order: ``after_allocate``, ``after_handler``,
+    ``after_sink_commit``, ``before_done``, ``after_done``.
+
+``STREAMLET_FAULT_FS=<fault>[;<fault>...]``
+    The file layer that :class:`~streamlet.app.App` and
+    :class:`~streamlet.sinks.file.FileSink` use by default
+    (:func:`file_system`) injects I/O faults into the files whose absolute
+    path matches a glob (``fnmatch``; ``*`` also matches ``/``):
+
+    * ``fsync_eio:<glob>:<n>``: the first ``n`` fsyncs of matching files and
+      directories succeed; every later one fails with EIO (a disk that broke).
+    * ``enospc:<glob>:<bytes>``: writes to matching files fail with ENOSPC
+      once ``bytes`` bytes were written to them (the write that crosses the
+      limit writes what fits first, as a full disk does), and so does
+      creating a matching file after that.
+    * ``slow_fsync:<ms>[:<glob>]``: every fsync of a matching file or
+      directory (all of them without a glob) takes ``ms`` milliseconds longer.
+
+    Counts are per process: a restarted worker starts them afresh.
+
+``STREAMLET_FAULT_CLOCK=<seconds>@<after>[;<seconds>@<after>...]``
+    The wall clock (``time.time``) jumps by ``seconds`` (negative: back)
+    ``after`` seconds after this module is imported; jumps add up. The
+    monotonic clock is left alone, as the kernel leaves it when the system
+    time is set. Used to check that nothing durable depends on wall time.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import os
 import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-__all__ = ["POINTS", "crash_point"]
+from streamlet.errors import ConfigError
+from streamlet.fs import File, FileSystem, OsFileSystem
+
+__all__ = [
+    "CLOCK_ENV",
+    "ENV",
+    "FS_ENV",
+    "POINTS",
+    "FaultyFileSystem",
+    "FsFault",
+    "crash_point",
+    "file_system",
+    "parse_fs_faults",
+]
 
 ENV = "STREAMLET_CRASH_AT"
+FS_ENV = "STREAMLET_FAULT_FS"
+CLOCK_ENV = "STREAMLET_FAULT_CLOCK"
 POINTS = ("after_allocate", "after_handler", "after_sink_commit", "before_done", "after_done")
+FS_FAULTS = ("fsync_eio", "enospc", "slow_fsync")
 
 
 def _parse(value: str | None) -> tuple[str, int | None] | None:
@@ -40,3 +86,203 @@ def crash_point(point: str, batch_id: int) -> None:
     name, batch = _TARGET
     if name == point and (batch is None or batch == batch_id):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- file system faults ----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FsFault:
+    """One injected I/O fault; see the module docstring for the kinds.
+
+    Attributes:
+        kind: ``"fsync_eio"``, ``"enospc"`` or ``"slow_fsync"``.
+        pattern: glob over absolute paths the fault applies to.
+        amount: syncs that succeed (fsync_eio), bytes that fit (enospc) or
+            the added delay in milliseconds (slow_fsync).
+        used: syncs or bytes counted so far in this process.
+    """
+
+    kind: str
+    pattern: str
+    amount: int
+    used: int = field(default=0)
+
+    def matches(self, path: str) -> bool:
+        return fnmatch.fnmatchcase(path, self.pattern)
+
+
+def _parse_fs_fault(part: str) -> FsFault:
+    kind, _, rest = part.partition(":")
+    if kind == "slow_fsync":
+        ms, _, pattern = rest.partition(":")
+        return FsFault(kind, pattern or "*", int(ms))
+    if kind not in FS_FAULTS:
+        raise ValueError(f"unknown fault {kind!r}")
+    pattern, _, amount = rest.rpartition(":")
+    if not pattern:
+        raise ValueError("no glob")
+    return FsFault(kind, pattern, int(amount))
+
+
+def parse_fs_faults(spec: str) -> list[FsFault]:
+    """Parse a ``STREAMLET_FAULT_FS`` value.
+
+    Raises:
+        ConfigError: naming the part that is not a fault.
+    """
+    faults: list[FsFault] = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        try:
+            faults.append(_parse_fs_fault(part))
+        except ValueError as exc:
+            raise ConfigError(
+                f"{FS_ENV}: {part!r} is not a fault ({exc}); use fsync_eio:<glob>:<n>,"
+                " enospc:<glob>:<bytes> or slow_fsync:<ms>[:<glob>]"
+            ) from None
+    return faults
+
+
+class _FaultyFile:
+    """A :class:`File` whose appends and syncs go through the fault rules."""
+
+    __slots__ = ("_fs", "_inner")
+
+    def __init__(self, inner: File, fs: FaultyFileSystem) -> None:
+        self._inner = inner
+        self._fs = fs
+
+    @property
+    def path(self) -> str:
+        return self._inner.path
+
+    def append(self, data: bytes) -> None:
+        fits = self._fs.room(self._inner.path, len(data))
+        if fits < len(data):
+            if fits > 0:
+                self._inner.append(data[:fits])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._inner.path)
+        self._inner.append(data)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self._inner.read(offset, size)
+
+    def size(self) -> int:
+        return self._inner.size()
+
+    def sync(self) -> None:
+        self._fs.before_sync(self._inner.path)
+        self._inner.sync()
+
+    def truncate(self, size: int) -> None:
+        self._inner.truncate(size)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class FaultyFileSystem(OsFileSystem):
+    """The real file system with :class:`FsFault` rules applied; thread-safe.
+
+    A subclass of :class:`OsFileSystem`, so everything that treats the real
+    file system specially (directory locks, permission checks) still does.
+    """
+
+    def __init__(self, faults: list[FsFault], *, sleep: Callable[[float], None] = time.sleep):
+        self.faults = faults
+        self._sleep = sleep
+        self._lock = threading.Lock()
+
+    def room(self, path: str, size: int) -> int:
+        """How many of ``size`` bytes may be written to ``path`` (counting them)."""
+        path = os.path.abspath(path)
+        fits = size
+        with self._lock:
+            for fault in self.faults:
+                if fault.kind == "enospc" and fault.matches(path):
+                    fits = min(fits, max(0, fault.amount - fault.used))
+            for fault in self.faults:
+                if fault.kind == "enospc" and fault.matches(path):
+                    fault.used += fits
+        return fits
+
+    def before_sync(self, path: str) -> None:
+        """Delay or fail an fsync of ``path`` as the rules say."""
+        path = os.path.abspath(path)
+        delay = 0.0
+        failed = False
+        with self._lock:
+            for fault in self.faults:
+                if not fault.matches(path):
+                    continue
+                if fault.kind == "slow_fsync":
+                    delay += fault.amount / 1000
+                elif fault.kind == "fsync_eio":
+                    fault.used += 1
+                    failed = failed or fault.used > fault.amount
+        if delay:
+            self._sleep(delay)
+        if failed:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+
+    def create(self, path: str) -> File:
+        full = os.path.abspath(path)
+        with self._lock:
+            full_disk = any(
+                f.kind == "enospc" and f.used >= f.amount and f.matches(full) for f in self.faults
+            )
+        if full_disk:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return _FaultyFile(super().create(path), self)
+
+    def open(self, path: str, *, writable: bool = False) -> File:
+        file = super().open(path, writable=writable)
+        return _FaultyFile(file, self) if writable else file
+
+    def sync_dir(self, path: str) -> None:
+        self.before_sync(path)
+        super().sync_dir(path)
+
+
+def file_system() -> FileSystem:
+    """The default file layer: the real one, or a :class:`FaultyFileSystem` if asked.
+
+    Raises:
+        ConfigError: ``STREAMLET_FAULT_FS`` is set but not understood.
+    """
+    spec = os.environ.get(FS_ENV)
+    if not spec:
+        return OsFileSystem()
+    return FaultyFileSystem(parse_fs_faults(spec))
+
+
+# -- wall clock jumps ---------------------------------------------------------------
+
+
+def _parse_clock(value: str) -> list[tuple[float, float]]:
+    jumps: list[tuple[float, float]] = []
+    for part in filter(None, (p.strip() for p in value.split(";"))):
+        offset, at, after = part.partition("@")
+        try:
+            jumps.append((float(after) if at else 0.0, float(offset)))
+        except ValueError:
+            raise ConfigError(
+                f"{CLOCK_ENV}: {part!r} is not a jump; use <seconds>@<after seconds>"
+            ) from None
+    return sorted(jumps)
+
+
+def _install_clock(value: str) -> None:
+    jumps = _parse_clock(value)
+    real_time = time.time
+    origin = time.monotonic()
+
+    def skewed() -> float:
+        elapsed = time.monotonic() - origin
+        return real_time() + sum(offset for after, offset in jumps if elapsed >= after)
+
+    time.time = skewed
+
+
+if os.environ.get(CLOCK_ENV):
+    _install_clock(os.environ[CLOCK_ENV])

@@ -39,6 +39,7 @@ import anyio.to_thread
 import orjson
 
 from streamlet.errors import ConfigError, SinkError
+from streamlet.faults import file_system
 from streamlet.fs import File, FileSystem, OsFileSystem
 from streamlet.records import Batch
 from streamlet.sinks.base import Sink, SinkContext, encode_output
@@ -111,7 +112,8 @@ class FileSink(Sink):
         encode: Callable[[object], bytes] = encode_output,
     ) -> None:
         self._directory = os.fspath(directory)
-        self._fs: FileSystem = fs if fs is not None else OsFileSystem()
+        # The real file system, unless STREAMLET_FAULT_FS asks for injected faults.
+        self._fs: FileSystem = fs if fs is not None else file_system()
         self._encode = encode
         self._context: SinkContext | None = None
         # Serializes commits of this sink; the scheduler commits in order anyway.
