@@ -113,6 +113,9 @@ class Batch:
     def for_sources(self, names: Sequence[str]) -> Batch:
         """The same batch restricted to records, ranges and blocks of ``names``."""
         wanted = set(names)
+        present = {r.source for r in self.ranges} | {b.source for b in self.blocks}
+        if present <= wanted and all(r.source in wanted for r in self.records):
+            return self  # nothing to leave out: no copy per handler
         return Batch(
             id=self.id,
             time=self.time,

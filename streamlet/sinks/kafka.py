@@ -748,7 +748,13 @@ class KafkaSink(Sink):
         self._source_group = distinct[0] if distinct else None
 
     def _settings(self, context: SinkContext) -> dict[str, Any]:
-        settings: dict[str, Any] = {"client_id": f"streamlet.{context.app}.{context.handler}"}
+        settings: dict[str, Any] = {
+            "client_id": f"streamlet.{context.app}.{context.handler}",
+            # A transaction begun right after the previous commit may be told
+            # NOT_ENOUGH_REPLICAS for a moment; aiokafka's default 100 ms wait
+            # before retrying made up the whole p99 of short batches.
+            "retry_backoff_ms": 10,
+        }
         settings.update(self._config)
         settings["bootstrap_servers"] = self._servers
         if self._transactional:
