@@ -346,7 +346,17 @@ class TcpClient:
             try:
                 with anyio.fail_after(attempt):
                     return await self._hello()
-            except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                anyio.EndOfStream,
+                anyio.IncompleteRead,
+                anyio.DelimiterNotFound,
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+            ) as exc:
+                # A server that stops (or is killed) between accepting the
+                # connection and answering the hello is not reached yet.
                 reason = _describe(exc)
             except _Busy as exc:
                 reason = str(exc)

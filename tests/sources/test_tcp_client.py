@@ -233,3 +233,45 @@ async def test_after_a_server_restart_the_client_resends_and_every_line_is_store
     assert 0 < recovered["c1"] < total
     assert min(r.offset for r in second_run.records) == recovered["c1"] + 1
     assert client.acked == total
+
+
+async def test_a_server_that_closes_before_answering_the_hello_is_tried_again() -> None:
+    """A worker killed (or stopping) right after accepting must not end the client."""
+    port = free_port()
+    hangups = 0
+    hung_up_enough = anyio.Event()
+    client_done = anyio.Event()
+    ctx = FakeContext()
+
+    async def hanging_up_server(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        nonlocal hangups
+        async with await anyio.create_tcp_listener(
+            local_host="127.0.0.1", local_port=port
+        ) as listener:
+            task_status.started()
+            while hangups < 3:
+                async with await listener.listeners[0].accept() as stream:
+                    await stream.receive()  # the hello
+                    await stream.send(b"@res")  # half an answer, then gone
+                hangups += 1
+        hung_up_enough.set()
+
+    async def real_server() -> None:
+        await hung_up_enough.wait()
+        async with running(TcpSource(port=port), ctx):
+            await client_done.wait()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(hanging_up_server)
+        tg.start_soon(real_server)
+        with anyio.fail_after(20):
+            async with TcpClient(
+                "127.0.0.1", port, "c1", reconnect_backoff=0.01, max_backoff=0.05
+            ) as client:
+                for i in range(1, 6):
+                    await client.send(b"line %d" % i)
+                await client.flush()
+                assert client.acked == 5
+        client_done.set()
+    assert hangups == 3
+    assert [r.offset for r in ctx.durable_records()] == [1, 2, 3, 4, 5]
