@@ -121,3 +121,61 @@ def test_run_refuses_a_state_dir_of_another_app(app_dir: Path) -> None:
     assert result.returncode == 2
     assert "belongs to a different app" in result.stderr
     assert "sources" in result.stderr
+
+
+SLOW_APP = """
+import os
+
+import anyio
+import streamlet as sl
+
+app = sl.App("slow", state_dir={state_dir!r}, batch_interval=0.05)
+numbers = app.source(sl.SequenceSource(rate=None, limit=10), name="numbers")
+
+
+@app.handler(numbers, sink=sl.FileSink({files!r}))
+async def crawl(batch: sl.Batch) -> list[int]:
+    print("handling", batch.id, flush=True)
+    if os.environ.get("SLOW"):
+        await anyio.sleep(60)
+    return [len(batch)]
+"""
+
+
+def test_a_second_signal_stops_at_once_and_the_batch_runs_again(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from streamlet.sinks.file import FileSink
+
+    (tmp_path / "slowapp.py").write_text(
+        SLOW_APP.format(state_dir=str(tmp_path / "state"), files=str(tmp_path / "out"))
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "streamlet", "run", "slowapp:app"],
+        cwd=tmp_path,
+        env={**os.environ, "SLOW": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().startswith("handling 1")
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert worker.poll() is None  # graceful: waits for the batch under way
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=10)  # the second one does not wait
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert "stopping after the batch under way" in stderr
+    assert "again: stopping now" in stderr
+    assert FileSink.read_committed(tmp_path / "out") == {}
+
+    again = streamlet_cli(tmp_path, "run", "slowapp:app", "--duration", "0.3")
+    assert again.returncode == 0, again.stderr
+    assert "recovered" in again.stdout
+    assert FileSink.read_committed(tmp_path / "out") == {1: [b"10"]}
