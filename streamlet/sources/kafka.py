@@ -856,7 +856,23 @@ class _Progress:
     reusable: bool = True
 
 
-class KafkaDirectSource(DirectSource):
+class _ConsumedTopic:
+    """What a KafkaSink's ``consume_from`` reads of either kind of Kafka source."""
+
+    config: KafkaSourceConfig
+
+    @property
+    def topic(self) -> str:
+        """The topic read (what a KafkaSink's ``consume_from`` commits offsets for)."""
+        return self.config.topic
+
+    @property
+    def group_id(self) -> str | None:
+        """The consumer group offsets are committed to, if any."""
+        return self.config.group_id
+
+
+class KafkaDirectSource(_ConsumedTopic, DirectSource):
     """A Kafka topic read by offset ranges (Spark's direct API); see the module docs.
 
     Build it with :func:`KafkaSource` (``mode="direct"``, the default).
@@ -870,16 +886,6 @@ class KafkaDirectSource(DirectSource):
         self.config = config
         self._link = _Link(config)
         self._cursors: dict[int, _Cursor] = {}
-
-    @property
-    def topic(self) -> str:
-        """The topic read (what a KafkaSink's ``consume_from`` commits offsets for)."""
-        return self.config.topic
-
-    @property
-    def group_id(self) -> str | None:
-        """The consumer group offsets are committed to, if any."""
-        return self.config.group_id
 
     async def start(self) -> None:
         """Connect and assign the topic's partitions.
@@ -1035,7 +1041,7 @@ class _Pending(NamedTuple):
     offsets: dict[int, int]
 
 
-class KafkaReceiver(Receiver):
+class KafkaReceiver(_ConsumedTopic, Receiver):
     """A Kafka topic consumed into the data WAL (a reliable receiver); see the module docs.
 
     Build it with :func:`KafkaSource` and ``mode="receiver"``. Each chunk is
@@ -1050,16 +1056,6 @@ class KafkaReceiver(Receiver):
     def __init__(self, config: KafkaSourceConfig) -> None:
         super().__init__(name=config.name or config.topic)
         self.config = config
-
-    @property
-    def topic(self) -> str:
-        """The topic read (what a KafkaSink's ``consume_from`` commits offsets for)."""
-        return self.config.topic
-
-    @property
-    def group_id(self) -> str | None:
-        """The consumer group offsets are committed to, if any."""
-        return self.config.group_id
 
     async def run(self, context: ReceiverContext) -> None:
         """Consume until ``context.stopping`` is set, then wait for what was stored.
