@@ -383,6 +383,24 @@ async def test_outputs_of_a_sigkilled_writer_stay_invisible(
     assert await _values(kafka_bootstrap, topic) == [b"real-0", b"real-1"]
 
 
+async def _offsets_partitions(bootstrap: str, admin: AIOKafkaAdminClient) -> int:
+    """Partitions of __consumer_offsets; a fresh broker makes it at the first group lookup."""
+    described = await admin.describe_topics(["__consumer_offsets"])
+    if described and described[0].get("partitions"):
+        return len(described[0]["partitions"])
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="streamlet-test-bootstrap")
+    await consumer.start()  # looks up the group coordinator, which creates the topic
+    try:
+        with anyio.fail_after(30):
+            while True:
+                described = await admin.describe_topics(["__consumer_offsets"])
+                if described and described[0].get("partitions"):
+                    return len(described[0]["partitions"])
+                await anyio.sleep(0.1)
+    finally:
+        await consumer.stop()
+
+
 async def test_consume_from_offsets_commit_with_the_batch(
     kafka_bootstrap: str, new_topic: TopicFactory, admin: AIOKafkaAdminClient
 ) -> None:
@@ -392,8 +410,7 @@ async def test_consume_from_offsets_commit_with_the_batch(
     # A group whose __consumer_offsets partition differs from the plain
     # marker group's: committing both in one transaction then works only
     # because the marker group is named into the same partition.
-    described = await admin.describe_topics(["__consumer_offsets"])
-    count = len(described[0]["partitions"])
+    count = await _offsets_partitions(kafka_bootstrap, admin)
 
     def partition_of(group: str) -> int:
         h = java_string_hash(group)
