@@ -356,7 +356,8 @@ def send(file: str, host: str, port: int, client_id: str | None, timeout: float)
 @click.option("--seed", type=int, help="Seed of every random choice (default: a new one).")
 @click.option("--scenarios", help="Comma-separated scenarios to run (default: all of the profile).")
 @click.option(
-    "--pipelines", help="Comma-separated pipelines to keep: sequence, tcp (default: all)."
+    "--pipelines",
+    help="Comma-separated pipelines to keep: sequence, tcp, kafka, kafka-receiver (default: all).",
 )
 @click.option(
     "--workdir",

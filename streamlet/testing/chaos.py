@@ -172,8 +172,13 @@ class Worker:
     @property
     def first_batch_after(self) -> float | None:
         """Seconds from the start to the first batch done, if one was."""
+        return self.first_batch_since(self.started)
+
+    def first_batch_since(self, moment: float) -> float | None:
+        """Seconds from ``moment`` (monotonic) to the first batch done after it, if any."""
         with self._changed:
-            return self.batches[0][0] - self.started if self.batches else None
+            later = [when for when, _, _, _ in self.batches if when >= moment]
+        return later[0] - moment if later else None
 
     def alive(self) -> bool:
         return self._proc.poll() is None
@@ -304,7 +309,7 @@ async def to_files(batch):
 )
 async def to_db(batch):
     return await outputs(batch)
-'''
+{extra}'''
 
 _POISON = f"""number = int(value.rpartition(":")[2])
         if number % {RAISE_EVERY} == {RAISE_AT}:
@@ -336,6 +341,8 @@ class Pipeline(ABC):
     name: ClassVar[str]
     receiver: ClassVar[bool]
     """True when input goes through the data WAL (a receiver)."""
+    sinks: ClassVar[tuple[tuple[str, str], ...]] = (("file", "to_files"), ("sqlite", "to_db"))
+    """The exactly-once sinks checked: (name in reports, handler)."""
 
     def __init__(self, workdir: Path, *, records: int, pace: float, dead_letter: bool) -> None:
         self.workdir = workdir
@@ -359,6 +366,17 @@ class Pipeline(ABC):
     def expected(self) -> dict[str, range]:
         """Per key, the record numbers that must come out, in order."""
 
+    def extra_code(self) -> str:
+        """More of the app module (handlers of further sinks), appended to it."""
+        return ""
+
+    def extra_outputs(self) -> dict[str, list[str]]:
+        """What further sinks hold, by sink name, in commit order (blocking)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the pipeline started (a broker); called after the checks."""
+
     def write_app(self) -> None:
         """Write the app module into the working directory."""
         settings = ""
@@ -372,6 +390,7 @@ class Pipeline(ABC):
             poison=_POISON if self.dead_letter else "",
             files=str(self.files),
             db=str(self.db),
+            extra=self.extra_code(),
         )
         (self.workdir / f"{APP_MODULE}.py").write_text(code)
 
@@ -452,10 +471,7 @@ class TcpPipeline(Pipeline):
         return {f"c{c}": range(1, self.per_client + 1) for c in range(self.clients)}
 
     def start_input(self) -> None:
-        # The client reports each reconnect; here they are the point, not news.
-        client_log = logging.getLogger("streamlet.tcp")
-        if not any(isinstance(h, logging.NullHandler) for h in client_log.handlers):
-            client_log.addHandler(logging.NullHandler())
+        _quiet("streamlet.tcp")  # the client reports each reconnect: here they are the point
         self._thread = threading.Thread(target=self._feed, name="chaos-tcp-feeder", daemon=True)
         self._thread.start()
 
@@ -524,7 +540,227 @@ class TcpPipeline(Pipeline):
         self._done += 1
 
 
-PIPELINES: dict[str, type[Pipeline]] = {"sequence": SequencePipeline, "tcp": TcpPipeline}
+class KafkaPipeline(Pipeline):
+    """A direct ``KafkaSource`` to a transactional ``KafkaSink``, besides the file and SQLite sinks.
+
+    The pipeline runs its own broker (:class:`~streamlet.testing.kafka.EmbeddedKafka`,
+    jars from ``STREAMLET_KAFKA_CACHE`` or its default cache), so that a
+    scenario may kill and restart it. Input is produced to a
+    3-partition topic, key ``k<p>`` to partition ``p``, paced by worker
+    uptime. The output topic is read with ``read_committed``.
+    """
+
+    name = "kafka"
+    receiver = False
+    mode = "direct"
+    partitions = 3
+    sinks = (("file", "to_files"), ("sqlite", "to_db"), ("kafka", "to_kafka"))
+
+    def __init__(self, workdir: Path, *, records: int, pace: float, dead_letter: bool) -> None:
+        from streamlet.testing.kafka import EmbeddedKafka
+
+        super().__init__(workdir, records=records, pace=pace, dead_letter=dead_letter)
+        _quiet("aiokafka")  # its clients report every broker outage the scenario causes
+        self.broker = EmbeddedKafka(
+            work_dir=workdir / "kafka", cache_dir=os.environ.get("STREAMLET_KAFKA_CACHE")
+        )
+        self._started = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._produced = 0
+        self._error: str | None = None
+
+    @property
+    def per_partition(self) -> int:
+        return -(-self.records // self.partitions)
+
+    def write_app(self) -> None:
+        if not self._started:
+            self.broker.start(timeout=180)
+            self._started = True
+        super().write_app()
+
+    def source_code(self) -> str:
+        return (
+            f"sl.KafkaSource('input', bootstrap_servers={self.broker.bootstrap!r},"
+            f" group_id='chaos', start='earliest', max_rate=20000, mode={self.mode!r})"
+        )
+
+    def extra_code(self) -> str:
+        return f"""
+
+from streamlet.sinks.kafka import KafkaSink
+
+
+@app.handler(
+    source,
+    sink=KafkaSink(
+        "output",
+        bootstrap_servers={self.broker.bootstrap!r},
+        key=lambda o: o.partition(":")[0].encode(),
+        value=lambda o: o.encode(),
+        consume_from=source,
+        open_timeout=60,
+    ),
+)
+async def to_kafka(batch):
+    return await outputs(batch)
+"""
+
+    def expected(self) -> dict[str, range]:
+        return {f"k{p}": range(self.per_partition) for p in range(self.partitions)}
+
+    def start_input(self) -> None:
+        anyio.run(self._create_topics)
+        self._thread = threading.Thread(target=self._feed, name="chaos-kafka-feeder", daemon=True)
+        self._thread.start()
+
+    def stop_input(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def input_done(self) -> bool:
+        return self._produced == self.per_partition
+
+    def input_error(self) -> str | None:
+        return self._error
+
+    async def _create_topics(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.broker.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [NewTopic(name, self.partitions, 1) for name in ("input", "output")]
+            )
+        finally:
+            with anyio.CancelScope(shield=True):  # close its connections even when cancelled
+                await admin.close()
+
+    def _feed(self) -> None:
+        try:
+            anyio.run(self._feed_all)
+        except Exception as exc:
+            self._error = f"the Kafka feeder failed: {exc!r}"
+
+    async def _feed_all(self) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def produce() -> None:
+                await self._produce()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(produce)
+            await anyio.to_thread.run_sync(self._stop.wait, abandon_on_cancel=True)
+            tg.cancel_scope.cancel()
+
+    async def _produce(self) -> None:
+        """Produce the input paced by worker uptime, like the other pipelines' feeders.
+
+        Idempotent, with a long request timeout: a send caught by a broker
+        kill is retried by the producer once the broker is back, never twice.
+        """
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.broker.bootstrap,
+            enable_idempotence=True,
+            linger_ms=5,
+            request_timeout_ms=600_000,
+        )
+        await producer.start()
+        interval = self.pace / self.per_partition if self.pace > 0 else 0.0
+        try:
+            for first in range(0, self.per_partition, 25):
+                numbers = range(first, min(first + 25, self.per_partition))
+                sent = [
+                    await producer.send("input", b"k%d:%d" % (p, n), key=b"k%d" % p, partition=p)
+                    for n in numbers
+                    for p in range(self.partitions)
+                ]
+                for future in sent:
+                    await future
+                self._produced = numbers[-1] + 1
+                ahead = self._produced * interval - self.uptime()
+                if ahead > 0:
+                    await anyio.sleep(ahead)
+        finally:
+            with anyio.CancelScope(shield=True):  # close its connections even when cancelled
+                await producer.stop()
+
+    def consumed(self, state: Any) -> bool:
+        if not self.input_done():
+            return False
+        if state.pending or any(state.blocks.get(name) for name in state.blocks):
+            return False
+        try:
+            conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return False
+        try:
+            (count,) = conn.execute("SELECT count(*) FROM seen").fetchone()
+        except sqlite3.Error:
+            return False
+        finally:
+            conn.close()
+        return int(count) >= self.per_partition * self.partitions
+
+    def extra_outputs(self) -> dict[str, list[str]]:
+        return {"kafka": anyio.run(self._read_output)}
+
+    async def _read_output(self) -> list[str]:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(
+            "output",
+            bootstrap_servers=self.broker.bootstrap,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        seen: list[str] = []
+        want = self.per_partition * self.partitions
+        try:
+            idle = 0
+            # Read until nothing new comes for a while once everything (or more) is in.
+            while idle < (4 if len(seen) >= want else 20):
+                batches = await consumer.getmany(timeout_ms=500, max_records=50_000)
+                got = [m.value.decode() for msgs in batches.values() for m in msgs]
+                seen.extend(got)
+                idle = 0 if got else idle + 1
+        finally:
+            with anyio.CancelScope(shield=True):  # close its connections even when cancelled
+                await consumer.stop()
+        return seen
+
+    def close(self) -> None:
+        self.broker.stop()
+
+
+class KafkaReceiverPipeline(KafkaPipeline):
+    """The same with ``KafkaSource(mode="receiver")``: records go through the data WAL."""
+
+    name = "kafka-receiver"
+    receiver = True
+    mode = "receiver"
+
+
+def _quiet(logger: str) -> None:
+    """Keep a client library's warnings off stderr (unless logging is set up)."""
+    log = logging.getLogger(logger)
+    if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
+
+
+PIPELINES: dict[str, type[Pipeline]] = {
+    "sequence": SequencePipeline,
+    "tcp": TcpPipeline,
+    "kafka": KafkaPipeline,
+    "kafka-receiver": KafkaReceiverPipeline,
+}
 """Pipelines by name; add a :class:`Pipeline` subclass here to test another app."""
 
 
@@ -582,9 +818,8 @@ def read_outputs(pipeline: Pipeline) -> Outputs:
                     base64.b64decode(letter["value"]).decode()
                 )
                 errors[str(letter["error"]).partition(":")[0]] += 1
-    return Outputs(
-        {"file": in_files, "sqlite": in_db}, dead, errors, set(parts), db_batches, commit_times
-    )
+    by_sink = {"file": in_files, "sqlite": in_db, **pipeline.extra_outputs()}
+    return Outputs(by_sink, dead, errors, set(parts), db_batches, commit_times)
 
 
 @dataclass
@@ -665,6 +900,7 @@ class ScenarioResult:
     records_in: int = 0
     records_out: dict[str, int] = field(default_factory=dict)
     dead_letters: int = 0
+    """Dead letters written, over both handlers (each failed record once per handler)."""
     lost: int = 0
     duplicated: int = 0
     unexpected: int = 0
@@ -765,9 +1001,13 @@ class Run:
         """Seconds workers of this run have been running, in all."""
         return sum(w.uptime() for w in list(self.workers))
 
-    def note_recovery(self, worker: Worker) -> None:
-        """Record the worker's recovery time if it follows a fault."""
-        took = worker.first_batch_after
+    def note_recovery(self, worker: Worker, since: float | None = None) -> None:
+        """Record the worker's recovery time if it follows a fault.
+
+        That is from its start (or from ``since``, when the fault was not a
+        restart) to its first batch done.
+        """
+        took = worker.first_batch_after if since is None else worker.first_batch_since(since)
         if took is not None and self._after_fault:
             self.result.recovery.append(took)
             self._after_fault = False
@@ -873,7 +1113,7 @@ class Run:
         result.records_in = sum(len(r) for r in expected.values())
         outputs = read_outputs(pipeline)
         result.dead_letters = sum(len(v) for v in outputs.dead.values())
-        for sink, handler in (("file", "to_files"), ("sqlite", "to_db")):
+        for sink, handler in pipeline.sinks:
             check = check_sink(expected, outputs.by_sink[sink], outputs.dead.get(handler, []))
             result.records_out[sink] = check.out
             result.lost += check.lost
@@ -1210,6 +1450,9 @@ def _bitflip(run: Run) -> None:
             ok, text = wal_verify(path.parent)
             if ok or f"{path} at offset {frame}:" not in text:
                 run.problem(f"streamlet wal verify did not report {path} at {frame}: {text}")
+        if not path.exists():
+            run.problem(f"{path}, damaged, was deleted by a worker that should have refused it")
+            return
         with path.open("r+b") as stream:  # the operator restores the damaged byte
             stream.seek(at)
             stream.write(original)
@@ -1238,6 +1481,48 @@ def _clock_jump(run: Run) -> None:
             return
 
 
+def _broker_kill(run: Run) -> None:
+    broker = getattr(run.pipeline, "broker", None)
+    if broker is None:
+        run.problem(f"pipeline {run.pipeline.name} has no broker to kill")
+        return
+    worker = run.start()
+    try:
+        for _ in range(run.faults_wanted):
+            if not worker.wait_batches(len(worker.batches) + 1, run.timeout):
+                run.problem(f"no batch was done before the broker kill:\n{worker.stderr()[-1500:]}")
+                return
+            run.note_recovery(worker)
+            time.sleep(run.rng.uniform(0.05, 1.0))
+            moving = run.input_left()
+            broker.kill()
+            run.fault("broker_kill")
+            time.sleep(run.rng.uniform(0.5, 4.0))
+            broker.start(timeout=180)
+            back = time.monotonic()
+            if not worker.alive():
+                # Failing loudly while the broker is gone is allowed; hanging is not.
+                code = worker.wait(10)
+                if code != 1 or "error: " not in worker.stderr():
+                    run.problem(f"the worker died with {code} without an error line")
+                    return
+                worker = run.start()
+            done = len(worker.batches)
+            if not moving:
+                run.problem("the input ran out before the broker kill: give the run more records")
+                return
+            if not worker.wait_batches(done + 1, run.timeout * 2):
+                tail = worker.stderr()[-1500:]
+                run.problem(f"no batch was done after the broker came back:\n{tail}")
+                return
+            run.note_recovery(worker, since=back)
+    finally:
+        if worker.alive():
+            run.kill(worker, signal.SIGTERM)
+        else:
+            worker.wait(10)
+
+
 def _verify_clock(run: Run, outputs: Outputs) -> None:
     ids = sorted(outputs.file_batches)
     if ids != list(range(1, len(ids) + 1)):
@@ -1249,12 +1534,19 @@ def _verify_clock(run: Run, outputs: Outputs) -> None:
         run.problem("no batch was committed under a jumped clock: the fault did not take")
 
 
-register(Scenario("sigkill_random", _sigkill_random, "SIGKILL at random moments"))
+_ALL_PIPELINES = ("sequence", "tcp", "kafka", "kafka-receiver")
+
+register(
+    Scenario(
+        "sigkill_random", _sigkill_random, "SIGKILL at random moments", pipelines=_ALL_PIPELINES
+    )
+)
 register(
     Scenario(
         "sigkill_steps",
         _sigkill_steps,
         "SIGKILL at each named step of the commit protocol (STREAMLET_CRASH_AT)",
+        pipelines=_ALL_PIPELINES,
         uptime_per_fault=1.0,
     )
 )
@@ -1263,6 +1555,7 @@ register(
         "sigterm_random",
         _sigterm_random,
         "SIGTERM at random moments: exit 0, nothing left pending",
+        pipelines=_ALL_PIPELINES,
     )
 )
 register(
@@ -1325,6 +1618,18 @@ register(
 )
 
 
+register(
+    Scenario(
+        "broker_kill",
+        _broker_kill,
+        "the Kafka broker SIGKILLed and restarted under a running worker",
+        pipelines=("kafka", "kafka-receiver"),
+        # A broker restart takes tens of seconds, and the input goes on meanwhile.
+        uptime_per_fault=30.0,
+    )
+)
+
+
 def run_scenario(
     scenario: str,
     pipeline: str,
@@ -1357,15 +1662,16 @@ def run_scenario(
     if pace is None:
         pace = max(3.0, faults * chosen.uptime_per_fault)
     pipe = PIPELINES[pipeline](path, records=records, pace=pace, dead_letter=chosen.dead_letter)
-    pipe.write_app()
     run = Run(chosen, pipe, faults=faults, seed=seed, timeout=timeout)
     started = time.monotonic()
-    pipe.start_input()
     try:
+        pipe.write_app()
+        pipe.start_input()
         chosen.inject(run)
         run.finish()
     finally:
         pipe.stop_input()
+        pipe.close()
         run.result.seconds = time.monotonic() - started
     return run.result
 
@@ -1406,6 +1712,8 @@ PROFILES: dict[str, tuple[Plan, ...]] = {
             ("bitflip", "tcp", 3000, 2),
             ("dead_letter", "sequence", 12000, 3),
             ("clock_jump", "sequence", 3000, 2),
+            ("sigkill_random", "kafka-receiver", 3000, 3),
+            ("broker_kill", "kafka", 3000, 2),
         ]
     ),
     "long": _plans(
@@ -1430,6 +1738,12 @@ PROFILES: dict[str, tuple[Plan, ...]] = {
             ("dead_letter", "tcp", 30_000, 8),
             ("clock_jump", "sequence", 10_000, 4),
             ("clock_jump", "tcp", 10_000, 4),
+            ("sigkill_random", "kafka", 60_000, 25),
+            ("sigkill_random", "kafka-receiver", 60_000, 25),
+            ("sigkill_steps", "kafka", 10_000, 10),
+            ("sigkill_steps", "kafka-receiver", 10_000, 10),
+            ("broker_kill", "kafka", 10_000, 4),
+            ("broker_kill", "kafka-receiver", 10_000, 4),
         ]
     ),
 }
@@ -1540,7 +1854,8 @@ class Report:
         lines.append(
             f"{t['runs']} runs of {len(t['scenarios'])} scenarios, {t['faults']} faults"
             f" ({t['process_kills']} process kills); {t['records_in']} records in,"
-            f" {t['records_out']} out + {t['dead_letters']} dead letters per sink;"
+            f" {t['records_out']} out per sink, {t['dead_letters']} dead letters (both"
+            " handlers);"
             f" lost {t['lost']}, duplicated {t['duplicated']}, out of order"
             f" {t['out_of_order']}; recovery p50 {_seconds(t['recovery_p50_s'])},"
             f" max {_seconds(t['recovery_max_s'])}; {self.seconds:.0f}s; seed {self.seed}:"
@@ -1594,6 +1909,13 @@ def run_profile(
                 ]
     if pipelines:
         plans = [p for p in plans if p.pipeline in pipelines]
+    if any(p.pipeline.startswith("kafka") for p in plans):
+        from streamlet.testing.kafka import missing_tools
+
+        missing = missing_tools()
+        if missing:
+            echo(f"chaos: skipping the Kafka pipelines: they need {' and '.join(missing)}")
+            plans = [p for p in plans if not p.pipeline.startswith("kafka")]
     root = (
         Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="streamlet-chaos-"))
     )
