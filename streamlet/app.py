@@ -528,6 +528,7 @@ class App:
         assert self._stop is not None
         stop = self._stop
         failure: list[BaseException] = []
+        scheduler_error: Exception | None = None
         running = len(receivers)
         receivers_done = anyio.Event()
 
@@ -562,6 +563,7 @@ class App:
                     await scheduler.run(stop, duration=duration)
                 except Exception as exc:
                     # Raised below, outside the task groups, as itself.
+                    scheduler_error = exc
                     failure.insert(0, exc)
                 generator.stopping.set()
                 with anyio.move_on_after(0 if failure else self.receiver_stop_timeout) as waited:
@@ -575,6 +577,8 @@ class App:
             if not failure:
                 await generator.close()
             generator_group.cancel_scope.cancel()
+        if scheduler_error is not None:
+            raise scheduler_error
         if failure:
             error = failure[0]
             if isinstance(error, StreamletError):
