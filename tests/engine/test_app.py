@@ -361,3 +361,36 @@ async def test_a_failing_read_is_retried_with_the_same_ranges(tmp_path: Path) ->
     await _serve_until(app, done)
     assert source.calls[:3] == [(0, 20)] * 3
     assert len(sink.values()) == 20
+
+
+async def test_a_corrupt_checkpoint_falls_back_and_two_are_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    from streamlet.checkpoint import CheckpointError
+
+    sink = ListSink()
+    app = _counting_app(tmp_path / "state", sink, limit=50, checkpoint_interval=0)
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set() if info.batch_id >= 3 else None)
+    await _serve_until(app, done)
+    checkpoints = sorted((tmp_path / "state" / "checkpoints").glob("checkpoint-*.json"))
+    assert len(checkpoints) == 2
+
+    # The newest is damaged: the older one and the tracker log recover all of it.
+    checkpoints[-1].write_bytes(checkpoints[-1].read_bytes()[:-3] + b"xyz")
+    resumed = ListSink()
+    again = _counting_app(tmp_path / "state", resumed, limit=80, checkpoint_interval=0)
+    more = anyio.Event()
+    again.add_listener(lambda info: more.set())
+    await _serve_until(again, more)
+    first = len(sink.values())
+    assert sink.values() == list(range(first))
+    assert resumed.values()[0] == first  # nothing repeated, nothing skipped
+    assert resumed.values() == list(range(first, first + len(resumed.values())))
+
+    # Both damaged: refused with the files named, nothing run.
+    for path in sorted((tmp_path / "state" / "checkpoints").glob("checkpoint-*.json")):
+        path.write_bytes(b"garbage")
+    refused = _counting_app(tmp_path / "state", ListSink(), limit=80)
+    with anyio.fail_after(20), pytest.raises(CheckpointError, match="no readable checkpoint"):
+        await refused.serve()
