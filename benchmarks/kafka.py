@@ -117,14 +117,12 @@ import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from benchmarks.common import PERCENTILES, REPO_ROOT, RESULTS, ms, percentiles
 from streamlet import App, Batch
 from streamlet.metrics import BatchInfo
 from streamlet.sinks.kafka import KafkaSink
 from streamlet.sources.kafka import KafkaSource, KafkaSourceConfig
 from streamlet.testing.kafka import KAFKA_VERSION, EmbeddedKafka, wait_for_broker
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS = REPO_ROOT / "benchmarks" / "results"
 
 PARTITIONS = 4
 RECORDS = 1_000_000  # input records of the throughput runs
@@ -138,7 +136,6 @@ PACE = 0.001  # seconds between sends of the paced producer
 POLL_MS = 200  # getmany timeout of the plain loop: the source's own poll
 TARGET_RATIO = 0.9  # consume throughput: streamlet / plain aiokafka
 DRAIN_TIMEOUT = 60.0  # seconds to wait for the last records of a window
-PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))
 
 _SEQ = struct.Struct("<q")
 _STAMPED = struct.Struct("<qd")  # sequence number, time.monotonic() at produce
@@ -555,8 +552,8 @@ class EosResult:
             "cpu": round(self.cpu, 2),
             "batches": len(self.batches),
             "median_batch_records": round(statistics.median(b.records for b in self.batches)),
-            "median_processing_ms": _ms(statistics.median(processing)),
-            "median_commit_ms": _ms(statistics.median(commit)),
+            "median_processing_ms": ms(statistics.median(processing)),
+            "median_commit_ms": ms(statistics.median(commit)),
             "produce_retries": self.retries,
             "output_records": self.verdict.records,
             "duplicates": self.verdict.duplicates,
@@ -754,28 +751,17 @@ class LatencyResult:
             "records": self.measured,
             "records_in_window": self.in_window,
             "duplicates": self.duplicates,
-            **{f"{k}_ms": _ms(v) for k, v in self.percentiles.items()},
+            **{f"{k}_ms": ms(v) for k, v in self.percentiles.items()},
             "batches": len(self.batches),
             "median_batch_records": (
                 round(statistics.median(b.records for b in self.batches)) if self.batches else 0
             ),
-            "median_processing_ms": _ms(statistics.median(processing)) if processing else None,
-            "median_commit_ms": _ms(statistics.median(commit)) if commit else None,
-            "max_scheduling_delay_ms": _ms(max(delay)) if delay else None,
+            "median_processing_ms": ms(statistics.median(processing)) if processing else None,
+            "median_commit_ms": ms(statistics.median(commit)) if commit else None,
+            "max_scheduling_delay_ms": ms(max(delay)) if delay else None,
             "produce_retries": self.retries,
             "pass": self.passed,
         }
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1e3, 1)
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    """Nearest-rank percentiles of ``values`` (not empty)."""
-    ordered = sorted(values)
-    count = len(ordered)
-    return {name: ordered[max(0, math.ceil(q * count) - 1)] for name, q in PERCENTILES}
 
 
 async def run_latency(

@@ -88,14 +88,12 @@ from typing import Any
 
 import anyio
 
+from benchmarks.common import PERCENTILES, REPO_ROOT, RESULTS, fs_type, ms, percentiles
 from streamlet import App, Batch, Record
 from streamlet.metrics import BatchInfo
 from streamlet.sinks.base import Sink, SinkContext
 from streamlet.sinks.file import FileSink
 from streamlet.sources.receiver import Receiver, ReceiverContext
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS = REPO_ROOT / "benchmarks" / "results"
 
 INTERVALS = (0.02, 0.1, 0.5)  # batch intervals of the latency runs, seconds
 MAX_BLOCK_INTERVAL = 0.02  # block interval = min(this, batch interval)
@@ -108,7 +106,6 @@ FLOOD_CHUNK = 1_000  # records per store of the flooding receiver
 FLOOD_BATCH_INTERVAL = 0.1
 FLOOD_BLOCK_INTERVAL = 0.02
 FLOOD_WINDOW = 200_000  # records stored but not yet committed, at most
-PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))
 
 _STAMP = struct.Struct("<d")
 _PAD = b"x" * (RECORD_SIZE - _STAMP.size)
@@ -243,23 +240,12 @@ class LatencyResult:
             "records_stored": self.stored,
             **{f"{k}_ms": round(v * 1e3, 1) for k, v in self.percentiles.items()},
             "batches": len(self.batches),
-            "median_processing_ms": _ms(statistics.median(processing)) if processing else None,
-            "median_commit_ms": _ms(statistics.median(commit)) if commit else None,
-            "max_scheduling_delay_ms": _ms(max(delay)) if delay else None,
+            "median_processing_ms": ms(statistics.median(processing)) if processing else None,
+            "median_commit_ms": ms(statistics.median(commit)) if commit else None,
+            "max_scheduling_delay_ms": ms(max(delay)) if delay else None,
             "target_p99_ms": round(self.target * 1e3, 1),
             "pass": self.passed,
         }
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1e3, 1)
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    """Nearest-rank percentiles of ``values`` (not empty)."""
-    ordered = sorted(values)
-    count = len(ordered)
-    return {name: ordered[max(0, math.ceil(q * count) - 1)] for name, q in PERCENTILES}
 
 
 async def run_latency(
@@ -550,24 +536,6 @@ def plot(
     plt.close(fig)
 
 
-def _fs_type(path: str) -> str:
-    """The file system type holding ``path`` (from /proc/self/mounts), or "?"."""
-    best, kind = "", "?"
-    try:
-        with open("/proc/self/mounts", encoding="utf-8") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                point = fields[1].replace("\\040", " ")
-                inside = path == point or path.startswith(point.rstrip("/") + "/")
-                if inside and len(point) > len(best):
-                    best, kind = point, fields[2]
-    except OSError:
-        pass
-    return kind
-
-
 # ---- main -------------------------------------------------------------------
 
 
@@ -639,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parent = os.path.abspath(args.dir) if args.dir else str(REPO_ROOT)
     os.makedirs(parent, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix=".bench-latency-", dir=parent)
-    kind = _fs_type(workdir)
+    kind = fs_type(workdir)
     try:
         print(
             f"streamlet latency benchmark: {workdir} ({kind}), {os.cpu_count()} CPUs,"

@@ -46,12 +46,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
+from benchmarks.common import REPO_ROOT, fs_type
 from streamlet.fs import File, OsFileSystem
 from streamlet.wal import WriteAheadLog
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZES = (100, 1024, 64 * 1024)
 CONCURRENCY = (1, 8, 64)
 TARGET_RATIO = 0.8
@@ -256,24 +255,6 @@ def _size_label(size: int) -> str:
     return f"{size // 1024} KiB" if size >= 1024 and size % 1024 == 0 else f"{size} B"
 
 
-def _fs_type(path: str) -> str:
-    """The file system type holding ``path`` (from /proc/self/mounts), or "?"."""
-    best, kind = "", "?"
-    try:
-        with open("/proc/self/mounts", encoding="utf-8") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                point = fields[1].replace("\\040", " ")
-                inside = path == point or path.startswith(point.rstrip("/") + "/")
-                if inside and len(point) > len(best):
-                    best, kind = point, fields[2]
-    except OSError:
-        pass
-    return kind
-
-
 def run_round(
     case: Case, workdir: str, seconds: float, filler: _Filler, blocks: list[list[bytes]]
 ) -> None:
@@ -372,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parent = os.path.abspath(args.dir) if args.dir else str(REPO_ROOT)
     os.makedirs(parent, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix=".bench-wal-", dir=parent)
-    kind = _fs_type(workdir)
+    kind = fs_type(workdir)
     try:
         print(
             f"streamlet WAL benchmark: durability=always (fdatasync), {workdir} ({kind}), "
