@@ -442,11 +442,57 @@ class SequencePipeline(Pipeline):
         )
 
 
-class TcpPipeline(Pipeline):
+class _FedPipeline(Pipeline):
+    """A pipeline whose input a feeder thread sends while the worker runs.
+
+    Subclasses write ``_feed_all`` (run in the thread's own event loop until
+    all input is sent or ``_stop`` is set) and may prepare in ``_before_feed``.
+    """
+
+    feeder: ClassVar[str]
+    """What the feeder talks to, for its thread name and its error."""
+
+    def __init__(self, workdir: Path, *, records: int, pace: float, dead_letter: bool) -> None:
+        super().__init__(workdir, records=records, pace=pace, dead_letter=dead_letter)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+
+    def _before_feed(self) -> None:
+        """Runs in the harness before the feeder starts."""
+
+    @abstractmethod
+    async def _feed_all(self) -> None:
+        """Send all input (until ``_stop`` is set)."""
+
+    def start_input(self) -> None:
+        self._before_feed()
+        self._thread = threading.Thread(
+            target=self._feed, name=f"chaos-{self.feeder.lower()}-feeder", daemon=True
+        )
+        self._thread.start()
+
+    def stop_input(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def input_error(self) -> str | None:
+        return self._error
+
+    def _feed(self) -> None:
+        try:
+            anyio.run(self._feed_all)
+        except Exception as exc:
+            self._error = f"the {self.feeder} feeder failed: {exc!r}"
+
+
+class TcpPipeline(_FedPipeline):
     """A receiver: ``TcpSource`` fed by 3 ``TcpClient`` s, each numbering its lines."""
 
     name = "tcp"
     receiver = True
+    feeder = "TCP"
     clients = 3
 
     def __init__(self, workdir: Path, *, records: int, pace: float, dead_letter: bool) -> None:
@@ -454,10 +500,7 @@ class TcpPipeline(Pipeline):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._done = 0
-        self._error: str | None = None
         self.acked: dict[str, int] = {}
 
     @property
@@ -470,21 +513,11 @@ class TcpPipeline(Pipeline):
     def expected(self) -> dict[str, range]:
         return {f"c{c}": range(1, self.per_client + 1) for c in range(self.clients)}
 
-    def start_input(self) -> None:
+    def _before_feed(self) -> None:
         _quiet("streamlet.tcp")  # the client reports each reconnect: here they are the point
-        self._thread = threading.Thread(target=self._feed, name="chaos-tcp-feeder", daemon=True)
-        self._thread.start()
-
-    def stop_input(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
 
     def input_done(self) -> bool:
         return self._done == self.clients
-
-    def input_error(self) -> str | None:
-        return self._error
 
     def consumed(self, state: Any) -> bool:
         return (
@@ -492,12 +525,6 @@ class TcpPipeline(Pipeline):
             and not state.pending
             and not any(state.blocks.get(name) for name in state.blocks)
         )
-
-    def _feed(self) -> None:
-        try:
-            anyio.run(self._feed_all)
-        except Exception as exc:
-            self._error = f"the TCP feeder failed: {exc!r}"
 
     async def _feed_all(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -540,7 +567,7 @@ class TcpPipeline(Pipeline):
         self._done += 1
 
 
-class KafkaPipeline(Pipeline):
+class KafkaPipeline(_FedPipeline):
     """A direct ``KafkaSource`` to a transactional ``KafkaSink``, besides the file and SQLite sinks.
 
     The pipeline runs its own broker (:class:`~streamlet.testing.kafka.EmbeddedKafka`,
@@ -553,6 +580,7 @@ class KafkaPipeline(Pipeline):
     name = "kafka"
     receiver = False
     mode = "direct"
+    feeder = "Kafka"
     partitions = 3
     sinks = (("file", "to_files"), ("sqlite", "to_db"), ("kafka", "to_kafka"))
 
@@ -565,10 +593,7 @@ class KafkaPipeline(Pipeline):
             work_dir=workdir / "kafka", cache_dir=os.environ.get("STREAMLET_KAFKA_CACHE")
         )
         self._started = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._produced = 0
-        self._error: str | None = None
 
     @property
     def per_partition(self) -> int:
@@ -610,21 +635,11 @@ async def to_kafka(batch):
     def expected(self) -> dict[str, range]:
         return {f"k{p}": range(self.per_partition) for p in range(self.partitions)}
 
-    def start_input(self) -> None:
+    def _before_feed(self) -> None:
         anyio.run(self._create_topics)
-        self._thread = threading.Thread(target=self._feed, name="chaos-kafka-feeder", daemon=True)
-        self._thread.start()
-
-    def stop_input(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
 
     def input_done(self) -> bool:
         return self._produced == self.per_partition
-
-    def input_error(self) -> str | None:
-        return self._error
 
     async def _create_topics(self) -> None:
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -638,12 +653,6 @@ async def to_kafka(batch):
         finally:
             with anyio.CancelScope(shield=True):  # close its connections even when cancelled
                 await admin.close()
-
-    def _feed(self) -> None:
-        try:
-            anyio.run(self._feed_all)
-        except Exception as exc:
-            self._error = f"the Kafka feeder failed: {exc!r}"
 
     async def _feed_all(self) -> None:
         async with anyio.create_task_group() as tg:
