@@ -85,6 +85,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, TypeVar, overload
 
+import aiokafka
+import aiokafka.consumer.fetcher as _fetcher
 import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError, OffsetOutOfRangeError
@@ -296,6 +298,120 @@ class KafkaSourceConfig:
         return f"KafkaSource(topic={self.topic!r}, partitions={parts}, mode={mode})"
 
 
+# -- records straight from the fetch buffers -------------------------------------
+#
+# aiokafka turns every fetched record into a ConsumerRecord (a dataclass of
+# eleven fields, headers copied into a tuple) and the source would then turn
+# that into a Record: two objects and two Python-level constructions per
+# record, the larger share of a direct read's CPU time. Here a consumer of
+# ours tags itself through its value_deserializer, and the fetch buffers of a
+# tagged consumer build Records themselves. Everything else (batches, CRCs,
+# control batches, aborted transactions, positions) stays aiokafka's own.
+#
+# This leans on one private seam of aiokafka: the fetcher module's
+# PartitionRecords class, constructed once per fetched partition response,
+# and its _consumer_record(tp, record) method. aiokafka is pinned below its
+# next minor version for that reason, and tests/kafka/test_kafka_fast_path.py
+# fails when the seam moves. If it has moved, nothing breaks: the tag is an
+# identity deserializer, _Consumer.getmany converts ConsumerRecords as before,
+# and a warning says that reads are slower than they should be.
+
+
+class _RecordTag:
+    """A tagged consumer's value_deserializer: where its Records say they came from."""
+
+    __slots__ = ("source",)
+
+    def __init__(self) -> None:
+        self.source = ""
+
+    def __call__(self, value: bytes | None) -> bytes | None:
+        return value  # only reached when the fast path is not installed
+
+
+_PartitionRecords: Any = _fetcher.PartitionRecords
+
+
+class _RecordBuffers(_PartitionRecords):  # type: ignore[misc]
+    """A tagged consumer's fetch buffer: yields Records rather than ConsumerRecords."""
+
+    def _consumer_record(self, tp: Any, record: Any) -> Record:
+        # tuple.__new__ rather than Record(...): the named tuple's __new__ is
+        # a Python-level call. The tuple's order is _RECORD_FIELDS.
+        value = record.value
+        stamp = record.timestamp
+        return _new_tuple(
+            Record,
+            (
+                b"" if value is None else value,
+                record.key,
+                stamp / 1000.0 if stamp is not None and stamp > 0 else 0.0,
+                self._value_deserializer.source,
+                tp.partition,
+                record.offset,
+                None,
+            ),
+        )
+
+
+_new_tuple = tuple.__new__
+
+
+def _partition_records(
+    tp: Any,
+    records: Any,
+    aborted_transactions: Any,
+    fetch_offset: int,
+    key_deserializer: Any,
+    value_deserializer: Any,
+    *args: Any,
+) -> Any:
+    """Stands in for aiokafka's PartitionRecords: untagged consumers get the original."""
+    cls = _RecordBuffers if type(value_deserializer) is _RecordTag else _PartitionRecords
+    return cls(
+        tp, records, aborted_transactions, fetch_offset, key_deserializer, value_deserializer, *args
+    )
+
+
+def _seam_intact() -> bool:
+    init = inspect.signature(_PartitionRecords.__init__)
+    convert = getattr(_PartitionRecords, "_consumer_record", None)
+    return (
+        list(init.parameters)[1:7]
+        == [
+            "tp",
+            "records",
+            "aborted_transactions",
+            "fetch_offset",
+            "key_deserializer",
+            "value_deserializer",
+        ]
+        and callable(convert)
+        and list(inspect.signature(convert).parameters) == ["self", "tp", "record"]
+    )
+
+
+def _install_record_buffers() -> bool:
+    """Route fetch buffers through _partition_records; False if aiokafka's seam moved."""
+    current = _fetcher.PartitionRecords
+    if current is _partition_records:
+        return True
+    if current is not _PartitionRecords or not _seam_intact():
+        return False
+    _fetcher.PartitionRecords = _partition_records
+    return True
+
+
+_FAST_READS = _install_record_buffers()
+if not _FAST_READS:
+    log.warning(
+        "aiokafka %s does not have the fetch-buffer seam streamlet builds records in"
+        " (aiokafka.consumer.fetcher.PartitionRecords._consumer_record); Kafka reads work"
+        " but take about twice the CPU. Install the aiokafka version streamlet pins.",
+        aiokafka.__version__,
+    )
+
+
 # -- the typed adapter over aiokafka's consumer ---------------------------------
 
 
@@ -317,7 +433,8 @@ class _Consumer:
         self, topic: str, kwargs: Mapping[str, object], *, paused: Iterable[int] = ()
     ) -> None:
         self.topic = topic
-        self._consumer: Any = AIOKafkaConsumer(**kwargs)
+        self._tag = _RecordTag()
+        self._consumer: Any = AIOKafkaConsumer(**kwargs, value_deserializer=self._tag)
         self._assigned: frozenset[int] = frozenset()
         if paused:
             # Assigned before start, never fetched from: see _Group.
@@ -390,16 +507,16 @@ class _Consumer:
         """
         tps = [self._tp(p) for p in partitions]
         assert tps, "getmany() without partitions would read every partition"
+        self._tag.source = source  # what the fetch buffers put in Record.source
         try:
             fetched = await self._consumer.getmany(*tps, timeout_ms=int(wait * 1000))
         except OffsetOutOfRangeError as exc:
             raw = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
             raise _OutOfRange({int(tp.partition): int(o) for tp, o in raw.items()}) from exc
+        if _FAST_READS:  # the fetch buffers built Records (see _RecordBuffers)
+            return {tp.partition: messages for tp, messages in fetched.items()}
         out: dict[int, list[Record]] = {}
-        # tuple.__new__ rather than Record(...): the named tuple's __new__ is a
-        # Python-level call, about 100 ns of the ~1 us this loop spends on each
-        # record. The tuple's order is _RECORD_FIELDS, checked at import.
-        new = tuple.__new__
+        new = _new_tuple
         for tp, messages in fetched.items():
             partition = int(tp.partition)
             out[partition] = [
