@@ -90,12 +90,15 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     ProducerFenced,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
     for_code,
 )
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.protocol.commit import OffsetFetchRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamlet.errors import ConfigError, FencedError, SinkError
@@ -154,6 +157,7 @@ _OWNED_SETTINGS = frozenset(
     }
 )
 _CLOSE_TIMEOUT = 10.0
+_MAX_REQUEST_SIZE = 1_048_576  # aiokafka's default max_request_size
 _FIRST_BACKOFF = 0.25
 _MAX_BACKOFF = 5.0
 _HASH_MODULUS = 1 << 32
@@ -280,8 +284,10 @@ class _Producer:
     typed values here.
     """
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, partitioner: Partitioner, max_request_size: int) -> None:
         self._raw = raw
+        self._partitioner = partitioner
+        self._max_request_size = max_request_size
 
     @classmethod
     async def start(cls, settings: Mapping[str, Any]) -> _Producer:
@@ -297,7 +303,11 @@ class _Producer:
             with anyio.CancelScope(shield=True):
                 await _stop(raw)
             raise
-        return cls(raw)
+        return cls(
+            raw,
+            settings.get("partitioner") or DefaultPartitioner(),
+            int(settings.get("max_request_size", _MAX_REQUEST_SIZE)),
+        )
 
     async def partitions(self, topic: str) -> set[int]:
         """The topic's partitions; waits for its metadata (KafkaTimeoutError if none)."""
@@ -306,13 +316,53 @@ class _Producer:
     async def begin(self) -> None:
         await self._raw.begin_transaction()
 
-    async def send(self, topic: str, message: _Message) -> asyncio.Future[Any]:
-        """Queue one record; the returned future resolves when the broker has it."""
-        future: asyncio.Future[Any] = await self._raw.send(
-            topic, value=message.value, key=message.key, headers=message.headers or None
-        )
-        future.add_done_callback(_retrieve)
-        return future
+    async def send_many(
+        self, topic: str, messages: Sequence[_Message]
+    ) -> list[asyncio.Future[Any]]:
+        """Queue records in order; the futures resolve when the broker has them all.
+
+        Records are partitioned here and packed into one record batch per
+        partition (as many as ``max_batch_size`` calls for) with aiokafka's
+        batch API, rather than sent one ``send()`` at a time: ``send()``
+        costs about twenty microseconds a record in Python, most of a
+        Kafka-to-Kafka pipeline's time. Order per partition is kept, and a
+        transactional producer adds each partition to its transaction as the
+        first batch for it is queued, as ``send()`` would.
+        """
+        raw = self._raw
+        all_partitions = sorted(await raw.partitions_for(topic))
+        available = sorted(raw.client.cluster.available_partitions_for_topic(topic) or ())
+        partitioner = self._partitioner
+        limit = self._max_request_size
+        builders: dict[int, Any] = {}
+        futures: list[asyncio.Future[Any]] = []
+        for index, message in enumerate(messages):
+            key, value, headers = message
+            if (len(key) if key else 0) + (len(value) if value else 0) > limit - 1024 and (
+                DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers) > limit
+            ):
+                raise MessageSizeTooLargeError(
+                    f"output {index} is larger than the producer's max_request_size of"
+                    f" {limit} bytes; raise it in producer_config (and the topic's"
+                    " max.message.bytes), or write smaller outputs"
+                )
+            try:
+                partition = partitioner(key, all_partitions, available)
+            except _PartitionerFailed as exc:
+                raise _PartitionerFailed(f"on output {index}: {exc}") from exc.__cause__ or exc
+            builder = builders.get(partition)
+            if builder is None:
+                builder = builders[partition] = raw.create_batch()
+            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                futures.append(await raw.send_batch(builder, topic, partition=partition))
+                builder = builders[partition] = raw.create_batch()
+                # An empty batch takes any one record that fits a request.
+                builder.append(timestamp=None, key=key, value=value, headers=headers)
+        for partition, builder in builders.items():
+            futures.append(await raw.send_batch(builder, topic, partition=partition))
+        for future in futures:
+            future.add_done_callback(_retrieve)
+        return futures
 
     async def send_offsets(
         self, group: str, offsets: Mapping[TopicPartition, int], metadata: str = ""
@@ -969,10 +1019,8 @@ class KafkaSink(Sink):
         try:
             with anyio.fail_after(self._transaction_timeout):
                 await producer.begin()
-                futures: list[asyncio.Future[Any]] = []
-                for index, message in enumerate(messages):
-                    stage = f"sending output {index}"
-                    futures.append(await producer.send(self._topic, message))
+                stage = "sending the outputs"
+                futures = await producer.send_many(self._topic, messages)
                 # Invariant: the marker and the outputs commit or abort together.
                 stage = "adding the marker and source offsets"
                 await producer.send_offsets(
@@ -1092,7 +1140,7 @@ class KafkaSink(Sink):
         """Non-transactional: send and wait for every acknowledgement."""
         try:
             with anyio.fail_after(self._transaction_timeout):
-                futures = [await producer.send(self._topic, m) for m in messages]
+                futures = await producer.send_many(self._topic, messages)
                 await _delivered(futures)
         except Exception as exc:
             cause = producer.failure() or exc

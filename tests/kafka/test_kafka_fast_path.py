@@ -11,7 +11,7 @@ its markers; and that consumers other than streamlet's are left alone.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import aiokafka
@@ -87,9 +87,9 @@ async def _read_all(getmany: Any, end: int, positions: Any) -> list[Any]:
 
 
 @pytest.fixture
-async def topic(kafka_bootstrap: str, new_topic: TopicFactory) -> AsyncIterator[tuple[str, int]]:
+async def topic(kafka_bootstrap: str, new_topic: TopicFactory) -> tuple[str, int]:
     name = await new_topic(1, prefix="fast")
-    yield name, await _fill(kafka_bootstrap, name)
+    return name, await _fill(kafka_bootstrap, name)
 
 
 async def _reference(bootstrap: str, topic: str, end: int) -> list[Any]:
@@ -145,9 +145,11 @@ async def test_fast_records_equal_aiokafkas_own(
     name, end = topic
     reference = await _reference(kafka_bootstrap, name, end)
     # The untagged consumer was not touched: it still gets ConsumerRecords.
-    assert reference and all(type(m) is aiokafka.ConsumerRecord for m in reference)
+    assert reference
+    assert all(type(m) is aiokafka.ConsumerRecord for m in reference)
     values = [m.value for m in reference]
-    assert b"committed-4" in values and b"after" in values
+    assert b"committed-4" in values
+    assert b"after" in values
     assert not any(v is not None and v.startswith(b"aborted") for v in values)
     assert None in values  # the tombstone
 
@@ -157,7 +159,9 @@ async def test_fast_records_equal_aiokafkas_own(
     assert fast[0].timestamp == 1_700_000_000.123
     # Offsets have gaps where the transaction markers and aborted records are.
     offsets = [r.offset for r in fast]
-    assert offsets == sorted(offsets) and offsets[-1] < end - 1 and len(offsets) < end
+    assert offsets == sorted(offsets)
+    assert offsets[-1] < end - 1
+    assert len(offsets) < end
 
 
 async def test_without_the_seam_records_are_the_same(

@@ -333,6 +333,8 @@ async def test_exception_between_sends_and_commit_aborts_the_batch(
             bootstrap_servers=kafka_bootstrap,
             key=lambda output: str(output).encode(),
             partitioner=partitioner,
+            # One record per record batch: "lost-1" is queued before "boom".
+            producer_config={"max_batch_size": 16},
         ),
         _context(),
     )
@@ -340,7 +342,7 @@ async def test_exception_between_sends_and_commit_aborts_the_batch(
         with pytest.raises(SinkError) as caught:
             await sink.commit(_batch(1), ["lost-1", "lost-2", "boom", "lost-3"])
         assert "partitioner" in str(caught.value)
-        assert "sending output 2 of batch 1" in str(caught.value)
+        assert "of batch 1: on output 2:" in str(caught.value)
         assert not caught.value.retriable
         # The aborted transaction did not move the marker: batch 1 is written.
         assert await sink.commit(_batch(1), ["kept-1"])
@@ -349,7 +351,7 @@ async def test_exception_between_sends_and_commit_aborts_the_batch(
     assert await _values(kafka_bootstrap, topic) == [b"kept-1"]
     # The aborted records did reach the log; only isolation hides them.
     raw = await _values(kafka_bootstrap, topic, isolation="read_uncommitted")
-    assert raw == [b"lost-1", b"lost-2", b"kept-1"]
+    assert raw == [b"lost-1", b"kept-1"]
 
 
 async def test_outputs_of_a_sigkilled_writer_stay_invisible(
@@ -493,6 +495,62 @@ async def test_keys_headers_and_partitioner_are_honoured(
         assert record.partition == output["k"] % 3
         assert list(record.headers) == [("n", str(output["n"]).encode()), ("kind", b"test")]
     assert sorted(json.loads(r.value)["k"] for r in records) == list(range(9))
+
+
+@pytest.mark.parametrize("transactional", [True, False])
+async def test_outputs_spanning_many_record_batches_keep_order_per_partition(
+    kafka_bootstrap: str, new_topic: TopicFactory, transactional: bool
+) -> None:
+    """Outputs are packed into record batches per partition; a small batch size makes many."""
+    topic = await new_topic(partitions=3)
+    sink = await _open(
+        KafkaSink(
+            topic,
+            bootstrap_servers=kafka_bootstrap,
+            transactional=transactional,
+            key=lambda o: b"k%d" % (o % 7),  # type: ignore[operator]
+            value=lambda o: b"%06d" % o + b"." * 100,  # type: ignore[str-bytes-safe]
+            producer_config={"max_batch_size": 1024},
+        ),
+        _context(),
+    )
+    try:
+        assert await sink.commit(_batch(1), list(range(3000)))
+        assert await sink.commit(_batch(2), list(range(3000, 3500)))
+    finally:
+        await sink.aclose()
+    records = await _read_all(kafka_bootstrap, topic, partitions=3)
+    numbers = [int(r.value[:6]) for r in records]
+    assert sorted(numbers) == list(range(3500))
+    by_key: dict[bytes, list[int]] = {}
+    partition_of: dict[bytes, set[int]] = {}
+    for record, n in zip(records, numbers, strict=True):
+        assert record.key == b"k%d" % (n % 7)
+        by_key.setdefault(record.key, []).append(n)
+        partition_of.setdefault(record.key, set()).add(record.partition)
+    assert all(len(p) == 1 for p in partition_of.values())  # one key, one partition
+    assert all(ns == sorted(ns) for ns in by_key.values())  # in order per key
+    assert len({p for ps in partition_of.values() for p in ps}) > 1
+
+
+async def test_an_output_over_max_request_size_fails_the_batch_cleanly(
+    kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    topic = await new_topic()
+    sink = await _open(
+        KafkaSink(
+            topic, bootstrap_servers=kafka_bootstrap, producer_config={"max_request_size": 4096}
+        ),
+        _context(),
+    )
+    try:
+        with pytest.raises(SinkError, match="max_request_size") as caught:
+            await sink.commit(_batch(1), [b"small", b"x" * 10_000])
+        assert not caught.value.retriable
+        assert await sink.commit(_batch(1), [b"small"])
+    finally:
+        await sink.aclose()
+    assert await _values(kafka_bootstrap, topic) == [b"small"]
 
 
 async def test_unencodable_output_fails_the_batch_before_kafka(
