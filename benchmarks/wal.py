@@ -17,6 +17,17 @@ What is measured
   bytes on disk (frame headers included); the difference is everything the
   WAL adds: framing, CRCs, futures, the hand-off to its writer thread and
   back, segment creation. ``WAL/base`` is the ratio of the two record rates.
+* **Floor.** What any design of this shape pays, without the WAL: ``C``
+  tasks, one future per append, one persistent writer thread that takes
+  everything queued as a group, writes it with one ``os.write`` (the bytes of
+  as many frames, copied once into one buffer, as the WAL joins its pieces)
+  and ``os.fdatasync``, and completes the futures through
+  ``call_soon_threadsafe``; no framing, CRCs, positions or segments. Its gap
+  to the baseline is the hand-off from the event loop to a thread and back
+  and the waking of the tasks, which every design that keeps blocking I/O off
+  the event loop pays; ``WAL/floor`` is what is left: the WAL's own cost.
+  Groups form the same way on both sides (every appender waits for the group
+  in flight), so they are as large (``records_per_sync`` in the JSON).
 * **Blocks.** One ``append_many`` per 200 ms block of 100-byte records, as a
   block generator cutting every 200 ms would call it: blocks of 200,000
   records (1,000,000 records/s) back to back. The rate reported is the payload
@@ -24,18 +35,24 @@ What is measured
 
 Noise: each case is split into short rounds (0.1 s of WAL time); rounds of
 all cases are run round robin, and every WAL round is followed at once by its
-baseline replay, so a busy neighbour slows both sides of a pair alike. The
-rates are totals over all rounds; ``WAL/base`` is the median over rounds of
-each pair's ratio (baseline time over WAL time for the same records), and
-``IQR`` the middle half of those ratios.
+baseline replay, and by a floor round just before or after the two (in turn,
+so neither side always runs first), so a busy neighbour slows all three
+sides of a round alike. The rates are totals over all rounds; ``WAL/base``
+is the median over rounds of each round's ratio (baseline time over WAL time
+for the same records), ``IQR`` the middle half of those ratios, and
+``floor/base`` and ``WAL/floor`` are the medians of the rounds' ratios of
+record rates.
 
-The last line printed is one JSON object with the ratios.
+The last line printed is one JSON object with the ratios, the three sides'
+record rates and the records per fsync of the WAL and the floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -44,12 +61,14 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 
 from benchmarks.common import REPO_ROOT, fs_type
 from streamlet.fs import File, OsFileSystem
 from streamlet.wal import WriteAheadLog
+from streamlet.wal.format import FRAME_HEADER_SIZE
 
 SIZES = (100, 1024, 64 * 1024)
 CONCURRENCY = (1, 8, 64)
@@ -145,17 +164,35 @@ def replay_io(path: str, ops: Sequence[int], filler: _Filler) -> float:
 
 @dataclasses.dataclass
 class Round:
-    """One timed WAL run and its baseline replay."""
+    """One timed WAL run, its baseline replay, and (appender cases) a floor run."""
 
     records: int
     wal_seconds: float
     base_seconds: float
     syncs: int
     block_seconds: list[float] = dataclasses.field(default_factory=list)
+    floor_records: int = 0
+    floor_seconds: float = 0.0
+    floor_syncs: int = 0
 
     @property
     def ratio(self) -> float:
+        """WAL/base: the WAL's record rate over the baseline's (same records)."""
         return self.base_seconds / self.wal_seconds
+
+    @property
+    def floor_rate(self) -> float:
+        return self.floor_records / self.floor_seconds
+
+    @property
+    def floor_ratio(self) -> float:
+        """floor/base: the floor's record rate over the baseline's."""
+        return self.floor_rate * self.base_seconds / self.records
+
+    @property
+    def wal_floor_ratio(self) -> float:
+        """WAL/floor: the WAL's record rate over the floor's."""
+        return self.records / self.wal_seconds / self.floor_rate
 
 
 async def appenders_round(
@@ -212,6 +249,83 @@ async def blocks_round(
     return records, elapsed, ops, latencies
 
 
+# ---- the floor: the same shape with nothing of the WAL in it ---------------------
+
+
+async def floor_round(
+    path: str, size: int, concurrency: int, seconds: float
+) -> tuple[int, float, list[int]]:
+    """``concurrency`` tasks appending ``size``-byte records to the floor for ``seconds``.
+
+    The floor is the least any log can do with blocking I/O off the event
+    loop and one future per append: queue the future, wake one persistent
+    writer thread, which takes everything queued as a group, writes as many
+    frames' bytes with one ``os.write``, ``os.fdatasync``s them, and completes
+    the group's futures on the loop with one ``call_soon_threadsafe``. The
+    hand-off is the WAL's (a bare lock as the wake-up, a deque as the queue).
+    Returns ``(records, seconds, groups)``: ``groups`` holds the records of
+    each fdatasync, for a baseline to replay (see ``benchmarks.wal_uring``).
+    """
+    loop = asyncio.get_running_loop()
+    frame = os.urandom(size + FRAME_HEADER_SIZE)  # as many bytes as a WAL frame
+    queue: collections.deque[asyncio.Future[None]] = collections.deque()
+    work = threading.Lock()  # held = nothing new to write; released to wake the writer
+    work.acquire()
+    stopping = False
+    groups: list[int] = []
+
+    def acknowledge(futures: list[asyncio.Future[None]]) -> None:
+        for future in futures:
+            future.set_result(None)
+
+    def writer(fd: int) -> None:
+        while not stopping:
+            work.acquire()
+            while queue:
+                futures = [queue.popleft() for _ in range(len(queue))]
+                view = memoryview(frame * len(futures))
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fdatasync(fd)
+                groups.append(len(futures))
+                loop.call_soon_threadsafe(acknowledge, futures)
+
+    def wake() -> None:
+        if work.locked():
+            with contextlib.suppress(RuntimeError):  # released meanwhile: as good
+                work.release()
+
+    counts = [0] * concurrency
+
+    async def appender(index: int, deadline: float) -> None:
+        clock, create_future = time.perf_counter, loop.create_future
+        done = 0
+        while clock() < deadline:
+            future = create_future()
+            queue.append(future)
+            if work.locked():  # inline, not wake(): the floor is to cost the least it can
+                wake()
+            await future
+            done += 1
+        counts[index] = done
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    thread = threading.Thread(target=writer, args=(fd,), name="floor-writer", daemon=True)
+    thread.start()
+    try:
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(appender(i, deadline) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    finally:
+        stopping = True
+        wake()
+        await asyncio.to_thread(thread.join)
+        os.close(fd)
+        os.unlink(path)
+    return sum(counts), elapsed, groups
+
+
 # ---- running and reporting ------------------------------------------------------
 
 
@@ -237,10 +351,27 @@ class Case:
             sum(r.syncs for r in self.rounds),
         )
 
+    def floor_totals(self) -> tuple[int, float, int]:
+        return (
+            sum(r.floor_records for r in self.rounds),
+            sum(r.floor_seconds for r in self.rounds),
+            sum(r.floor_syncs for r in self.rounds),
+        )
+
     @property
     def ratio(self) -> float:
         """The median of the rounds' paired ratios."""
         return statistics.median(r.ratio for r in self.rounds)
+
+    @property
+    def floor_ratio(self) -> float:
+        """floor/base: the median over rounds."""
+        return statistics.median(r.floor_ratio for r in self.rounds)
+
+    @property
+    def wal_floor_ratio(self) -> float:
+        """WAL/floor: the median over rounds."""
+        return statistics.median(r.wal_floor_ratio for r in self.rounds)
 
     def spread(self) -> tuple[float, float]:
         """The quartiles of the rounds' paired ratios."""
@@ -258,7 +389,16 @@ def _size_label(size: int) -> str:
 def run_round(
     case: Case, workdir: str, seconds: float, filler: _Filler, blocks: list[list[bytes]]
 ) -> None:
-    """One WAL round of ``case`` in a fresh log, then its baseline replay at once."""
+    """One WAL round of ``case`` in a fresh log, then its baseline replay at once.
+
+    For appender cases, a floor round of the same length runs right before
+    the pair in every other round and right after it in the others.
+    """
+    floor_first = len(case.rounds) % 2 == 1
+    floor: tuple[int, float, int] = (0, 0.0, 0)
+    floor_path = os.path.join(workdir, "floor")
+    if case.concurrency and floor_first:
+        floor = _floor(floor_path, case, seconds)
     directory = tempfile.mkdtemp(prefix="wal-", dir=workdir)
     try:
         if case.concurrency == 0:
@@ -276,7 +416,15 @@ def run_round(
         base_seconds = replay_io(os.path.join(workdir, "baseline"), ops, filler)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    case.rounds.append(Round(records, wal_seconds, base_seconds, ops.count(0), latencies))
+    if case.concurrency and not floor_first:
+        floor = _floor(floor_path, case, seconds)
+    case.rounds.append(Round(records, wal_seconds, base_seconds, ops.count(0), latencies, *floor))
+
+
+def _floor(path: str, case: Case, seconds: float) -> tuple[int, float, int]:
+    """One floor round of ``case``: (records, seconds, syncs)."""
+    records, took, groups = asyncio.run(floor_round(path, case.size, case.concurrency, seconds))
+    return records, took, len(groups)
 
 
 def make_blocks(count: int) -> list[list[bytes]]:
@@ -287,18 +435,22 @@ def make_blocks(count: int) -> list[list[bytes]]:
 def print_table(cases: list[Case], blocks: Case | None) -> None:
     header = (
         f"{'record':>7} {'appenders':>9} {'WAL rec/s':>11} {'WAL MB/s':>9} "
-        f"{'base rec/s':>11} {'base MB/s':>9} {'WAL/base':>8} {'IQR':>11} {'rec/sync':>8}"
+        f"{'base rec/s':>11} {'base MB/s':>9} {'floor rec/s':>11} {'WAL/base':>8} {'IQR':>11} "
+        f"{'floor/base':>10} {'WAL/floor':>9} {'rec/sync':>8}"
     )
     print(header)
     print("-" * len(header))
     for case in cases:
         records, wal, base, syncs = case.totals()
+        floor_records, floor_seconds, _ = case.floor_totals()
         low, high = case.spread()
         mb = case.size / 1e6
         print(
             f"{_size_label(case.size):>7} {case.concurrency:>9} {records / wal:>11,.0f} "
             f"{records / wal * mb:>9.2f} {records / base:>11,.0f} {records / base * mb:>9.2f} "
+            f"{floor_records / floor_seconds:>11,.0f} "
             f"{case.ratio:>8.2f} {low:>5.2f}-{high:<5.2f} "
+            f"{case.floor_ratio:>10.2f} {case.wal_floor_ratio:>9.2f} "
             f"{records / max(syncs, 1):>8.1f}"
         )
     if blocks is not None:
@@ -364,7 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warning: {workdir} is on {kind}; fsync costs nothing there")
         print(
             "MB/s counts payload bytes (10^6; frames add 12 bytes a record). WAL/base: median\n"
-            "of the paired rounds' ratios, IQR their middle half; rec/sync: records per fsync.\n"
+            "of the paired rounds' ratios, IQR their middle half; floor: asyncio tasks and a\n"
+            "writer thread doing the same I/O with nothing of the WAL (see the module doc);\n"
+            "floor/base and WAL/floor: medians over rounds; rec/sync: WAL records per fsync.\n"
         )
         sys.stdout.flush()
         cases = [Case(size, c) for size in SIZES for c in CONCURRENCY]
@@ -383,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         block_records, block_wal, _, _ = blocks_case.totals()
         block_latencies = [s for r in blocks_case.rounds for s in r.block_seconds]
         ratios = {case.key: round(case.ratio, 3) for case in cases}
+        wal_floor = {case.key: round(case.wal_floor_ratio, 3) for case in cases}
         result = {
             "benchmark": "wal",
             "durability": "always",
@@ -391,6 +546,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratios": ratios,
             "min_ratio": min(ratios.values()),
             "target_ratio": TARGET_RATIO,
+            "floor_ratios": {case.key: round(case.floor_ratio, 3) for case in cases},
+            "wal_floor_ratios": wal_floor,
+            "min_wal_floor_ratio": min(wal_floor.values()),
+            "records_per_s": {
+                case.key: {
+                    "wal": round(case.totals()[0] / case.totals()[1]),
+                    "base": round(case.totals()[0] / case.totals()[2]),
+                    "floor": round(case.floor_totals()[0] / case.floor_totals()[1]),
+                }
+                for case in cases
+            },
+            "records_per_sync": {
+                case.key: {
+                    "wal": round(case.totals()[0] / max(case.totals()[3], 1), 1),
+                    "floor": round(case.floor_totals()[0] / max(case.floor_totals()[2], 1), 1),
+                }
+                for case in cases
+            },
             "block_records_per_s": round(block_records / block_wal),
             "block_ms_max": round(max(block_latencies) * 1e3, 1),
             "block_ratio": round(blocks_case.ratio, 3),

@@ -18,7 +18,7 @@ completion is signalled on an eventfd the loop watches. This benchmark puts
 both floors side by side, each against a baseline that replays its own groups
 (same sizes, same syncs) as a plain loop in one thread:
 
-* **thread floor**: as in ``benchmarks.wal``;
+* **thread floor**: ``benchmarks.wal.floor_round``, the floor of that benchmark;
 * **io_uring floor**: the same appenders and futures; one group in flight at a
   time (a second group may not be made durable before the first: a crash
   would leave a hole before intact records, which recovery must call
@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import contextlib
 import ctypes
 import json
 import mmap
@@ -48,11 +46,12 @@ import statistics
 import struct
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 
 from benchmarks.common import REPO_ROOT, fs_type
+from benchmarks.wal import floor_round
+from streamlet.wal.format import FRAME_HEADER_SIZE
 
 SIZES = (100, 1024, 64 * 1024)
 CONCURRENCY = (1, 8, 64)
@@ -209,54 +208,12 @@ async def _appenders(
     return count, time.perf_counter() - started
 
 
-async def thread_floor(
-    fd: int, size: int, concurrency: int, seconds: float
-) -> tuple[int, float, list[int]]:
-    """Writer thread: write + fdatasync per group, results back by call_soon_threadsafe."""
-    loop = asyncio.get_running_loop()
-    frame = b"x" * (size + 8)
-    queue: collections.deque[asyncio.Future[None]] = collections.deque()
-    wake = threading.Lock()
-    wake.acquire()
-    stop = threading.Event()
-    groups: list[int] = []
-
-    def acknowledge(futures: list[asyncio.Future[None]]) -> None:
-        for future in futures:
-            future.set_result(None)
-
-    def writer() -> None:
-        while not stop.is_set():
-            wake.acquire(timeout=0.05)
-            while queue:
-                futures = [queue.popleft() for _ in range(len(queue))]
-                os.write(fd, frame * len(futures))
-                os.fdatasync(fd)
-                groups.append(len(futures))
-                loop.call_soon_threadsafe(acknowledge, futures)
-
-    def enqueue(future: asyncio.Future[None]) -> None:
-        queue.append(future)
-        if wake.locked():
-            with contextlib.suppress(RuntimeError):  # released meanwhile: as good
-                wake.release()
-
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    try:
-        count, took = await _appenders(concurrency, seconds, enqueue)
-    finally:
-        stop.set()
-        thread.join()
-    return count, took, groups
-
-
 async def uring_floor(
     ring: Ring, fd: int, size: int, concurrency: int, seconds: float
 ) -> tuple[int, float, list[int]]:
     """io_uring: linked write + fdatasync per group from the loop, completions by eventfd."""
     loop = asyncio.get_running_loop()
-    frame = b"x" * (size + 8)
+    frame = os.urandom(size + FRAME_HEADER_SIZE)  # as many bytes as a WAL frame
     waiting: list[asyncio.Future[None]] = []
     in_flight: list[tuple[list[asyncio.Future[None]], bytes]] = []
     drained = asyncio.Event()
@@ -319,7 +276,7 @@ async def uring_floor(
 
 def baseline(path: str, size: int, groups: Sequence[int]) -> float:
     """The same groups as a plain write + fdatasync loop in this thread; seconds."""
-    frame = b"x" * (size + 8)
+    frame = os.urandom(size + FRAME_HEADER_SIZE)  # as many bytes as a WAL frame
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
         started = time.perf_counter()
@@ -370,7 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     key = f"{size}x{concurrency}"
                     for side in ("thread", "uring"):
                         floor = (
-                            thread_floor(fd, size, concurrency, ROUND_SECONDS)
+                            floor_round(
+                                os.path.join(workdir, "floor"), size, concurrency, ROUND_SECONDS
+                            )
                             if side == "thread"
                             else uring_floor(ring, fd, size, concurrency, ROUND_SECONDS)
                         )

@@ -334,28 +334,28 @@ def lock_directory(directory: str) -> int:
 
 
 class _Chunk:
-    """Frames queued for one segment, at a place fixed when they were queued."""
+    """Frames queued for one segment, at a place fixed when they were queued, and their waiters.
 
-    __slots__ = ("data", "future", "nbytes", "offset", "segment")
+    The appends queued while the writer thread is busy share one chunk (see
+    "the open chunk" in :class:`WriteAheadLog`).
+    """
 
-    def __init__(
-        self,
-        segment: int,
-        offset: int,
-        nbytes: int,
-        data: list[bytes],
-        future: asyncio.Future[None] | None,
-    ) -> None:
+    __slots__ = ("futures", "nbytes", "offset", "pieces", "segment")
+
+    def __init__(self, segment: int, offset: int) -> None:
         self.segment = segment
         self.offset = offset
-        self.nbytes = nbytes
-        self.data = data  # pieces whose join is the frames; immutable bytes only
-        self.future = future  # set on the last chunk of an append call only
+        self.nbytes = 0  # grows while the chunk is open
+        self.pieces: list[bytes] = []  # whose join is the frames; immutable bytes only
+        # Set once the frames are durable (or the log failed): one per call,
+        # so that cancelling one caller cancels its own future only.
+        self.futures: list[asyncio.Future[None]] = []
 
     def fail(self, error: Callable[[], BaseException]) -> None:
-        """Tell this chunk's caller, if it still waits, that it failed."""
-        if self.future is not None and not self.future.done():
-            self.future.set_exception(error())
+        """Tell this chunk's callers that still wait that it failed."""
+        for future in self.futures:
+            if not future.done():
+                future.set_exception(error())
 
 
 class _Reader:
@@ -477,6 +477,16 @@ class WriteAheadLog:
     the writer thread writes a group with one write and one fsync (plus the
     sync of a segment it fills up), and meanwhile the next group gathers, so
     many appends share one fsync. See the module docstring for the invariants.
+
+    The open chunk: the last queued :class:`_Chunk` stays open while the
+    writer thread has not taken it, and later appends add their frames to it
+    instead of queueing chunks of their own. So the appends that gather while
+    a group is synced (typically every task woken by the previous group's
+    acknowledgement) make one queue entry, and the writer thread, which holds
+    the GIL (and so blocks the event loop) for every step of Python it takes,
+    handles one chunk per group instead of one per append. The open chunk
+    always ends at the tail of the log: every reservation goes into it, or
+    closes it first. ``_queue_lock`` guards the queue and the open chunk.
     """
 
     def __init__(
@@ -510,6 +520,7 @@ class WriteAheadLog:
         self._first = 0
         self._loop = asyncio.get_running_loop()
         self._queue: collections.deque[_Chunk] = collections.deque()
+        self._open: _Chunk | None = None  # the last queued chunk, if not taken yet
         self._wakeup = asyncio.Event()  # wakes the flusher task
         self._flusher: asyncio.Task[None] | None = None
         self._writing = False  # a writer thread call is under way
@@ -524,6 +535,10 @@ class WriteAheadLog:
         # Python-level condition variable costs microseconds per append.
         self._work = threading.Lock()
         self._work.acquire()
+        # Guards the queue and the open chunk: the loop adds to the open chunk
+        # while the writer may take it. Held for a few steps of Python only,
+        # never across I/O; uncontended, it costs a fraction of a microsecond.
+        self._queue_lock = threading.Lock()
         self._stop = threading.Event()
         self._writer_lock = threading.Lock()  # held while the writer thread runs
         self._dirty = False  # written but not synced (interval durability)
@@ -712,17 +727,18 @@ class WriteAheadLog:
             raise self._too_large(length)
         if type(data) is not bytes:  # what is queued must not change: keep a copy
             data = bytes(data)
-        # Header and payload stay apart until the writer joins its group, so
-        # the payload is copied once on its way to the disk, not twice.
-        pieces = [frame_header(data), data]
-        nbytes = FRAME_HEADER_SIZE + length
-        segment, offset = self._reserve(nbytes)
+        header = frame_header(data)
         future = self._loop.create_future()
-        self._submit((_Chunk(segment, offset, nbytes, pieces, future),))
+        with self._queue_lock:
+            chunk, offset = self._place(FRAME_HEADER_SIZE + length)
+            # Header and payload stay apart until the writer joins its group,
+            # so the payload is copied once on its way to the disk, not twice.
+            chunk.pieces += header, data
+            chunk.futures.append(future)
         # If this task is cancelled, the future is cancelled with it and the
         # writer skips it; the frame is still written, in its place.
         await future
-        return _new_position((segment, offset, length))
+        return _new_position((chunk.segment, offset, length))
 
     async def append_many(self, records: Sequence[bytes]) -> Sequence[Position]:
         """Append records as one group; return their positions once all are durable.
@@ -751,10 +767,12 @@ class WriteAheadLog:
         # Encoded before the space is reserved: a bad record fails the call
         # before it can leave a hole in the segment.
         data = encode_frames_joined(records, lengths)
-        segment, offset = self._reserve(total)
-        self._submit((_Chunk(segment, offset, total, [data], future),))
+        with self._queue_lock:
+            chunk, offset = self._place(total)
+            chunk.pieces.append(data)
+            chunk.futures.append(future)
         await future
-        return _Positions(segment, offset, lengths, uniform)
+        return _Positions(chunk.segment, offset, lengths, uniform)
 
     def _queue_spread(
         self, pieces: list[bytes], lengths: list[int], future: asyncio.Future[None]
@@ -763,18 +781,21 @@ class WriteAheadLog:
         positions: list[Position] = []
         chunks: list[_Chunk] = []
         start = 0
-        for index, length in enumerate(lengths):
-            segment, offset = self._reserve(length + FRAME_HEADER_SIZE)
-            if not chunks or chunks[-1].segment != segment:
-                if chunks:
-                    chunks[-1].data = pieces[2 * start : 2 * index]
-                chunks.append(_Chunk(segment, offset, 0, [], None))
-                start = index
-            chunks[-1].nbytes += length + FRAME_HEADER_SIZE
-            positions.append(Position(segment, offset, length))
-        chunks[-1].data = pieces[2 * start :]
-        chunks[-1].future = future
-        self._submit(chunks)
+        with self._queue_lock:
+            self._open = None  # later appends go after these frames
+            for index, length in enumerate(lengths):
+                segment, offset = self._reserve(length + FRAME_HEADER_SIZE)
+                if not chunks or chunks[-1].segment != segment:
+                    if chunks:
+                        chunks[-1].pieces = pieces[2 * start : 2 * index]
+                    chunks.append(_Chunk(segment, offset))
+                    start = index
+                chunks[-1].nbytes += length + FRAME_HEADER_SIZE
+                positions.append(Position(segment, offset, length))
+            chunks[-1].pieces = pieces[2 * start :]
+            chunks[-1].futures.append(future)
+            self._queue.extend(chunks)
+            self._notify()
         return positions
 
     async def roll(self) -> None:
@@ -784,14 +805,19 @@ class WriteAheadLog:
         records so far eligible for :meth:`clean` as soon as they are released.
         """
         self._check_writable()
-        self._tail_seq += 1
-        self._tail_size = SEGMENT_HEADER_SIZE
         future = self._loop.create_future()
-        self._submit((_Chunk(self._tail_seq, SEGMENT_HEADER_SIZE, 0, [], future),))
+        with self._queue_lock:
+            self._tail_seq += 1
+            self._tail_size = SEGMENT_HEADER_SIZE
+            # An empty chunk at the start of the new segment: the writer rolls to it.
+            self._open_chunk(self._tail_seq, SEGMENT_HEADER_SIZE).futures.append(future)
         await future
 
     def _reserve(self, nbytes: int) -> tuple[int, int]:
-        """Fix where the next ``nbytes`` of frames go: (segment, offset)."""
+        """Fix where the next ``nbytes`` of frames go: (segment, offset).
+
+        With ``_queue_lock`` held and no chunk open (the frames go elsewhere).
+        """
         segment, size = self._tail_seq, self._tail_size
         # Roll when these frames would overflow the segment, unless it is
         # empty: a record larger than a segment goes alone into its own.
@@ -801,6 +827,42 @@ class WriteAheadLog:
         self._tail_seq = segment
         self._tail_size = size + nbytes
         return segment, size
+
+    def _place(self, nbytes: int) -> tuple[_Chunk, int]:
+        """Fix where the next ``nbytes`` of frames go: (their chunk, offset).
+
+        With ``_queue_lock`` held, which the caller keeps until it has added
+        the frames and its future to the chunk. The frames go into the open
+        chunk unless they start a new segment or would take a chunk past
+        ``max_group_bytes``.
+        """
+        segment, offset = self._tail_seq, self._tail_size
+        chunk = self._open
+        # Roll when these frames would overflow the segment, unless it is
+        # empty: a record larger than a segment goes alone into its own.
+        if offset + nbytes > self._segment_size and offset > SEGMENT_HEADER_SIZE:
+            segment += 1
+            offset = SEGMENT_HEADER_SIZE
+            self._tail_seq = segment
+            chunk = None
+        if chunk is None or (chunk.nbytes and chunk.nbytes + nbytes > self._max_group_bytes):
+            chunk = self._open_chunk(segment, offset)
+        chunk.nbytes += nbytes
+        self._tail_size = offset + nbytes
+        return chunk, offset
+
+    def _open_chunk(self, segment: int, offset: int) -> _Chunk:
+        """Queue an empty chunk at the tail and make it the open one (lock held)."""
+        chunk = self._open = _Chunk(segment, offset)
+        self._queue.append(chunk)
+        self._notify()
+        return chunk
+
+    def _notify(self) -> None:
+        """Chunks were queued: wake the writer thread, or the flusher if none runs."""
+        self._wake_writer()
+        if not self._writing:  # else the running writer takes them; no task switch needed
+            self._wakeup.set()
 
     def _check_writable(self) -> None:
         if self._closing:
@@ -840,15 +902,10 @@ class WriteAheadLog:
     # and the writer takes it as soon as the sync returns. Completions go
     # back to the loop through call_soon_threadsafe, in order.
     #
-    # The queue is a deque: the loop only appends to it and the writer only
-    # pops from it (both atomic under the GIL), except that _fail clears it
-    # once the writer has stopped.
-
-    def _submit(self, chunks: Iterable[_Chunk]) -> None:
-        self._queue.extend(chunks)
-        self._wake_writer()
-        if not self._writing:  # else the running writer takes them; no task switch needed
-            self._wakeup.set()
+    # The queue is a deque of chunks, guarded with the open chunk by
+    # _queue_lock: the loop appends chunks and adds frames to the open one,
+    # the writer pops chunks (the open one included: it is then closed), and
+    # _fail empties it once the writer has stopped.
 
     def _wake_writer(self) -> None:
         """Release the writer thread's wait (a no-op if it was released already)."""
@@ -882,14 +939,13 @@ class WriteAheadLog:
             # aclose): nobody will write the queue, so no caller may wait on it.
             self._stop.set()
             self._closing = True
-            for chunk in self._queue:
+            for chunk in self._waiting_chunks():
                 chunk.fail(
                     lambda: WALClosedError(
                         f"the write-ahead log in {self._directory} was shut down "
                         f"(its flusher task was cancelled) before this append was written"
                     )
                 )
-            self._queue.clear()
             raise
 
     def _write_loop(self) -> None:
@@ -898,8 +954,12 @@ class WriteAheadLog:
             queue, work = self._queue, self._work
             idle_since = time.monotonic()
             while not self._stop.is_set():
-                if queue:
-                    group = self._take_group()
+                # The last group stays referenced until the next one is taken:
+                # dropping it (a large append_many's buffer) as soon as it was
+                # written made back-to-back large append_many calls a fifth
+                # slower (benchmarks.wal, blocks), an effect of when the
+                # memory goes back to the allocator.
+                if queue and (group := self._take_group()):
                     try:
                         self._write_group(group)
                     except Exception as exc:
@@ -932,13 +992,19 @@ class WriteAheadLog:
             self._loop.call_soon_threadsafe(callback, *args)
 
     def _take_group(self) -> list[_Chunk]:
+        """The chunks to write next: at least one, unless the queue was emptied."""
         queue = self._queue
-        group = [queue.popleft()]
-        size = group[0].nbytes
-        while queue and size + queue[0].nbytes <= self._max_group_bytes:
-            chunk = queue.popleft()
-            group.append(chunk)
-            size += chunk.nbytes
+        with self._queue_lock:
+            if not queue:  # by a cancelled flusher, since the writer looked
+                return []
+            group = [queue.popleft()]
+            size = group[0].nbytes
+            while queue and size + queue[0].nbytes <= self._max_group_bytes:
+                chunk = queue.popleft()
+                group.append(chunk)
+                size += chunk.nbytes
+            if group[-1] is self._open:  # the open chunk is the last queued
+                self._open = None  # taken: closed to later appends
         return group
 
     def _written(self, group: list[_Chunk], segment: int, size: int) -> None:
@@ -946,9 +1012,9 @@ class WriteAheadLog:
         self._written_seq = segment
         self._written_size = size
         for chunk in group:
-            future = chunk.future
-            if future is not None and not future.done():
-                future.set_result(None)
+            for future in chunk.futures:
+                if not future.done():  # else cancelled (or failed by _fail)
+                    future.set_result(None)
 
     def _fail(self, error: BaseException, group: Iterable[_Chunk]) -> None:
         """On the loop: refuse all further appends, and fail every waiting one."""
@@ -960,13 +1026,20 @@ class WriteAheadLog:
                 self._directory,
                 error,
             )
-        for chunk in itertools.chain(group, self._queue):
+        for chunk in itertools.chain(group, self._waiting_chunks()):
             chunk.fail(self._failed_error)
-        self._queue.clear()
+
+    def _waiting_chunks(self) -> list[_Chunk]:
+        """Empty the queue, returning what it held: the writer will not write it."""
+        with self._queue_lock:
+            waiting = list(self._queue)
+            self._queue.clear()
+            self._open = None
+        return waiting
 
     def _write_group(self, group: list[_Chunk]) -> None:
         if len(group) == 1 and group[0].segment == self._wseq:
-            self._write_chunk(group[0])  # the common case of one large append_many
+            self._write_chunk(group[0])  # e.g. one large append_many: no copy of its pieces
             return
         pieces: list[bytes] = []
         size = self._wsize
@@ -981,7 +1054,7 @@ class WriteAheadLog:
                     f"internal error: frames queued for offset {chunk.offset} of segment "
                     f"{chunk.segment} would land at {size}"
                 )
-            pieces += chunk.data
+            pieces += chunk.pieces
             size += chunk.nbytes
         self._write_pieces(pieces)
         self._sync_per_policy()
@@ -992,7 +1065,7 @@ class WriteAheadLog:
                 f"internal error: frames queued for offset {chunk.offset} of segment "
                 f"{chunk.segment} would land at {self._wsize}"
             )
-        self._write_pieces(chunk.data)
+        self._write_pieces(chunk.pieces)
         self._sync_per_policy()
 
     def _sync_per_policy(self) -> None:

@@ -7,6 +7,7 @@ import errno
 import gc
 import logging
 import os
+import random
 import re
 import stat
 import tempfile
@@ -83,6 +84,47 @@ class CountingFs(OsFileSystem):
 
     def open(self, path: str, *, writable: bool = False) -> File:
         return CountingFile(super().open(path, writable=writable), self)
+
+
+class GatedFile(CountingFile):
+    """A counting file whose syncs wait at its file system's gate."""
+
+    def __init__(self, inner: File, owner: GatedFs) -> None:
+        super().__init__(inner, owner)
+        self._gated = owner
+
+    def sync(self) -> None:
+        self._gated.held.set()
+        assert self._gated.gate.wait(10), "the test never opened the gate"
+        super().sync()
+
+
+class GatedFs(CountingFs):
+    """A counting file system whose file syncs wait while ``gate`` is clear.
+
+    ``held`` is set when a sync reaches the gate: the writer thread is then
+    busy, and appends made meanwhile gather for the next group.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()
+
+    def create(self, path: str) -> File:
+        return GatedFile(OsFileSystem.create(self, path), self)
+
+    def open(self, path: str, *, writable: bool = False) -> File:
+        return GatedFile(OsFileSystem.open(self, path, writable=writable), self)
+
+    async def hold_writer(self, log: WriteAheadLog) -> asyncio.Task[Position]:
+        """Close the gate and start an append; return once its sync waits at the gate."""
+        self.gate.clear()
+        self.held.clear()
+        task = asyncio.create_task(log.append(b"holds the writer"))
+        assert await anyio.to_thread.run_sync(self.held.wait, 5), "no sync reached the gate"
+        return task
 
 
 async def replay_all(
@@ -185,6 +227,115 @@ async def test_concurrent_appends_share_syncs_and_are_all_durable(tmp_path: Path
         assert await replay_all(log) == sorted(zip(positions, records, strict=True))
     finally:
         await log.aclose()
+
+
+async def test_appends_made_while_a_group_syncs_are_written_with_one_write(
+    tmp_path: Path,
+) -> None:
+    fs = GatedFs()
+    async with await WriteAheadLog.open(tmp_path / "wal", fs=fs) as log:
+        holder = await fs.hold_writer(log)
+        fs.syncs = fs.appends = 0
+        records = [bytes([i]) * (i + 1) for i in range(60)]
+        tasks = [asyncio.create_task(log.append(r)) for r in records[:40]]
+        await asyncio.sleep(0)  # these are queued, and more come in a later loop iteration
+        tasks += [asyncio.create_task(log.append(r)) for r in records[40:]]
+        await asyncio.sleep(0)
+        fs.gate.set()
+        positions = await asyncio.gather(*tasks)
+        await holder
+        assert (fs.appends, fs.syncs) == (1, 2)  # the held group's sync, then theirs
+        for position, following, record in zip(positions, positions[1:], records, strict=False):
+            assert following.offset == position.offset + 12 + len(record)
+        assert (await replay_all(log))[1:] == list(zip(positions, records, strict=True))
+
+
+async def test_mixed_calls_made_while_a_group_syncs_keep_call_order(tmp_path: Path) -> None:
+    fs = GatedFs()
+    async with await WriteAheadLog.open(
+        tmp_path / "wal", fs=fs, segment_size=600, max_group_bytes=300
+    ) as log:
+        holder = await fs.hold_writer(log)
+        calls: list[tuple[str, list[bytes]]] = [
+            ("append", [b"a" * 40]),
+            ("many", [b"b" * 30, b"c" * 10]),
+            ("roll", []),
+            ("append", [b"d" * 200]),
+            ("append", [b"e" * 200]),  # past max_group_bytes: a chunk of its own
+            ("many", [bytes([i]) * 100 for i in range(8)]),  # larger than a segment: spread
+            ("append", [b"f"]),
+            ("append", [b"g" * 700]),  # larger than a segment: alone in one
+            ("append", [b"h" * 5]),
+            ("roll", []),
+            ("roll", []),
+            ("many", [b"i" * 50] * 3),
+            ("append", [b"j" * 7]),
+        ]
+
+        async def call(kind: str, records: list[bytes]) -> list[Position]:
+            if kind == "append":
+                return [await log.append(records[0])]
+            if kind == "many":
+                return list(await log.append_many(records))
+            await log.roll()
+            return []
+
+        tasks = [asyncio.create_task(call(kind, records)) for kind, records in calls[:7]]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(call(kind, records)) for kind, records in calls[7:]]
+        await asyncio.sleep(0)
+        fs.gate.set()
+        results = await asyncio.gather(*tasks)
+        await holder
+        positions = [p for result in results for p in result]
+        records = [r for _, rs in calls for r in rs]
+        assert positions == sorted(positions)
+        assert len(set(positions)) == len(positions)
+        assert results[3][0].segment == results[1][0].segment + 1  # the roll came between
+        assert results[7][0].offset == SEGMENT_HEADER_SIZE
+        assert results[11][0].segment == results[8][0].segment + 2  # two rolls
+        assert (await replay_all(log))[1:] == list(zip(positions, records, strict=True))
+
+
+@pytest.mark.parametrize("durability", ["none", "always"])
+async def test_many_tasks_mixing_calls_are_replayed_in_call_order(
+    tmp_path: Path, durability: str
+) -> None:
+    """The writer thread takes chunks while the loop adds to them: nothing is lost or moved."""
+    rng = random.Random(7)
+    calls: list[tuple[list[bytes], asyncio.Future[list[Position]]]] = []  # in call order
+
+    async def worker(log: WriteAheadLog, seed: int) -> None:
+        choose = random.Random(seed)
+        for _ in range(60):
+            kind = choose.random()
+            done: asyncio.Future[list[Position]] = asyncio.get_running_loop().create_future()
+            if kind < 0.75:
+                record = rng.randbytes(choose.choice([0, 1, 50, 300, 2000]))
+                calls.append(([record], done))  # in the same step as the call
+                done.set_result([await log.append(record)])
+            elif kind < 0.95:
+                records = [rng.randbytes(choose.choice([10, 500])) for _ in range(3)]
+                calls.append((records, done))
+                done.set_result(list(await log.append_many(records)))
+            else:
+                calls.append(([], done))
+                await log.roll()
+                done.set_result([])
+            if choose.random() < 0.2:
+                await asyncio.sleep(0)
+
+    async with await WriteAheadLog.open(
+        tmp_path / "wal", durability=durability, segment_size=8192, max_group_bytes=3000
+    ) as log:
+        await asyncio.gather(*(worker(log, seed) for seed in range(24)))
+    expected = [
+        (position, record)
+        for records, done in calls
+        for position, record in zip(done.result(), records, strict=True)
+    ]
+    async with await WriteAheadLog.open(tmp_path / "wal") as log:
+        assert await replay_all(log) == expected
 
 
 async def test_append_many_is_one_group(tmp_path: Path) -> None:
