@@ -47,6 +47,9 @@ class Record(NamedTuple):
     """``value`` decoded by the source's ``decode`` function (``app.source(...,
     decode=...)``); None when the source has none. Never stored: a re-run
     decodes again, so ``decode`` must be deterministic."""
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    """Kafka record headers, ``(name, value)`` in order, when the source is
+    asked for them (``KafkaSource(headers=True)``); () otherwise."""
 
 
 class OffsetRange(NamedTuple):
@@ -127,34 +130,93 @@ class Batch:
 
 # Block payload layout (little-endian), version 1:
 #   header:  version u8 | count u32
-#   record:  flags u8 (bit 0: key present) | timestamp f64 | partition i32
-#            | offset i64 | key_len u32 | value_len u32 | key | value
+#   record:  flags u8 (bit 0: key present, bit 1: headers present)
+#            | timestamp f64 | partition i32 | offset i64 | key_len u32
+#            | value_len u32 | key | value [| headers]
+#   headers: count u16, then per header: name_len u16 | value_len u32
+#            (0xFFFFFFFF: null) | name (UTF-8) | value
 # The source name is not repeated per record: a block belongs to one source.
+# Headers came after the first release of this layout; a block without them
+# is byte for byte what that release wrote.
 _BLOCK_VERSION = 1
 _HEADER = struct.Struct("<BI")
 _RECORD = struct.Struct("<BdiqII")
+_HEADER_COUNT = struct.Struct("<H")
+_HEADER_SIZES = struct.Struct("<HI")
+_NULL = 0xFFFFFFFF
+_KEY, _HEADERS = 1, 2
+
+
+def _encode_headers(headers: tuple[tuple[str, bytes | None], ...]) -> bytes:
+    parts = [_HEADER_COUNT.pack(len(headers))]
+    for name, value in headers:
+        raw = name.encode()
+        parts.append(_HEADER_SIZES.pack(len(raw), _NULL if value is None else len(value)))
+        parts.append(raw)
+        if value:
+            parts.append(value)
+    return b"".join(parts)
 
 
 def encode_records(records: Sequence[Record]) -> bytes:
-    """Encode one source's records as a block payload for the data WAL."""
+    """Encode one source's records as a block payload for the data WAL.
+
+    Raises:
+        ValueError: a record has more than 65,535 headers or a header name over
+            65,535 bytes (Kafka allows neither in practice).
+    """
     parts: list[bytes] = [_HEADER.pack(_BLOCK_VERSION, len(records))]
     pack = _RECORD.pack
     for record in records:
         key = record.key
-        parts.append(
-            pack(
-                1 if key is not None else 0,
-                record.timestamp,
-                record.partition,
-                record.offset,
-                len(key) if key is not None else 0,
-                len(record.value),
+        headers = record.headers
+        try:
+            parts.append(
+                pack(
+                    (_KEY if key is not None else 0) | (_HEADERS if headers else 0),
+                    record.timestamp,
+                    record.partition,
+                    record.offset,
+                    len(key) if key is not None else 0,
+                    len(record.value),
+                )
             )
-        )
-        if key:
-            parts.append(key)
-        parts.append(record.value)
+            if key:
+                parts.append(key)
+            parts.append(record.value)
+            if headers:
+                parts.append(_encode_headers(headers))
+        except struct.error as exc:
+            raise ValueError(f"record at offset {record.offset} cannot be stored: {exc}") from exc
     return b"".join(parts)
+
+
+def _decode_headers(
+    payload: bytes, pos: int, end_of_payload: int
+) -> tuple[tuple[tuple[str, bytes | None], ...], int]:
+    if pos + _HEADER_COUNT.size > end_of_payload:
+        raise ValueError(f"block payload cut short at byte {pos}")
+    (count,) = _HEADER_COUNT.unpack_from(payload, pos)
+    if count == 0:
+        raise ValueError(f"block payload has an empty header list at byte {pos}")
+    pos += _HEADER_COUNT.size
+    headers: list[tuple[str, bytes | None]] = []
+    for _ in range(count):
+        if pos + _HEADER_SIZES.size > end_of_payload:
+            raise ValueError(f"block payload cut short at byte {pos}")
+        name_len, value_len = _HEADER_SIZES.unpack_from(payload, pos)
+        pos += _HEADER_SIZES.size
+        end = pos + name_len + (0 if value_len == _NULL else value_len)
+        if end > end_of_payload:
+            raise ValueError(f"block payload cut short at byte {pos}")
+        try:
+            name = payload[pos : pos + name_len].decode()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"block payload has a header name that is not UTF-8 at {pos}") from exc
+        value = None if value_len == _NULL else payload[pos + name_len : end]
+        headers.append((name, value))
+        pos = end
+    return tuple(headers), pos
 
 
 def decode_records(payload: bytes, source: str) -> list[Record]:
@@ -184,14 +246,19 @@ def decode_records(payload: bytes, source: str) -> list[Record]:
         if pos + size > end_of_payload:
             raise ValueError(f"block payload cut short at byte {pos}")
         flags, ts, partition, offset, key_len, value_len = unpack(payload, pos)
+        if flags & ~(_KEY | _HEADERS) or (key_len and not flags & _KEY):
+            raise ValueError(f"block payload has a malformed record at byte {pos}")
         pos += size
         end = pos + key_len + value_len
         if end > end_of_payload:
             raise ValueError(f"block payload cut short at byte {pos}")
-        key = payload[pos : pos + key_len] if flags & 1 else None
+        key = payload[pos : pos + key_len] if flags & _KEY else None
         value = payload[pos + key_len : end]
         pos = end
-        append(make(Record, (value, key, ts, source, partition, offset, None)))
+        headers: tuple[tuple[str, bytes | None], ...] = ()
+        if flags & _HEADERS:
+            headers, pos = _decode_headers(payload, pos, end_of_payload)
+        append(make(Record, (value, key, ts, source, partition, offset, None, headers)))
     if pos != len(payload):
         raise ValueError(f"block payload has {len(payload) - pos} unexpected trailing bytes")
     return out

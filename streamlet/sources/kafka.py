@@ -42,9 +42,10 @@ error if it cannot make progress for ``fetch_timeout`` seconds.
 **Records** are ``Record(value, key, timestamp, source, partition,
 offset)``: bytes as stored, the Kafka timestamp in seconds, ``source`` the
 source's name (the topic unless named). A tombstone's null value arrives as
-``b""``; headers are not carried. ``max_rate`` caps records per second per
-partition: the scheduler clamps direct ranges by it, and a receiver paces
-each partition's fetches.
+``b""``. With ``headers=True`` the record headers come in
+``Record.headers``. ``max_rate`` caps records per second per partition: the
+scheduler clamps direct ranges by it, and a receiver paces each partition's
+fetches.
 
 **Lost data.** When offsets a batch needs were deleted (retention,
 ``kafka-delete-records``) the fetch is out of range, and ``on_out_of_range``
@@ -134,7 +135,16 @@ _MANAGED = {
 _CONSUMER_ARGS = frozenset(inspect.signature(AIOKafkaConsumer.__init__).parameters) - {"self"}
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 #: Record's fields, in the order _Consumer.getmany builds them (see there).
-_RECORD_FIELDS = ("value", "key", "timestamp", "source", "partition", "offset", "data")
+_RECORD_FIELDS = (
+    "value",
+    "key",
+    "timestamp",
+    "source",
+    "partition",
+    "offset",
+    "data",
+    "headers",
+)
 if Record._fields != _RECORD_FIELDS:
     raise RuntimeError(
         f"streamlet.records.Record has fields {Record._fields}; update"
@@ -177,6 +187,7 @@ class KafkaSourceConfig:
     fetch_timeout: float = 30.0
     consumer_config: Mapping[str, object] = field(default_factory=dict)
     name: str | None = None
+    headers: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.topic, str) or not _TOPIC_NAME.fullmatch(self.topic):
@@ -269,6 +280,10 @@ class KafkaSourceConfig:
         object.__setattr__(self, "consumer_config", dict(self.consumer_config))
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
             raise ConfigError(f"KafkaSource({self.topic!r}) name must be a non-empty string")
+        if not isinstance(self.headers, bool):
+            raise ConfigError(
+                f"KafkaSource({self.topic!r}) headers must be True or False, not {self.headers!r}"
+            )
 
     @property
     def servers(self) -> str:
@@ -320,10 +335,11 @@ class KafkaSourceConfig:
 class _RecordTag:
     """A tagged consumer's value_deserializer: where its Records say they came from."""
 
-    __slots__ = ("source",)
+    __slots__ = ("headers", "source")
 
-    def __init__(self) -> None:
+    def __init__(self, headers: bool) -> None:
         self.source = ""
+        self.headers = headers  # carry record headers (KafkaSource(headers=True))
 
     def __call__(self, value: bytes | None) -> bytes | None:
         return value  # only reached when the fast path is not installed
@@ -340,16 +356,18 @@ class _RecordBuffers(_PartitionRecords):  # type: ignore[misc]
         # a Python-level call. The tuple's order is _RECORD_FIELDS.
         value = record.value
         stamp = record.timestamp
+        tag = self._value_deserializer
         return _new_tuple(
             Record,
             (
                 b"" if value is None else value,
                 record.key,
                 stamp / 1000.0 if stamp is not None and stamp > 0 else 0.0,
-                self._value_deserializer.source,
+                tag.source,
                 tp.partition,
                 record.offset,
                 None,
+                tuple(record.headers) if tag.headers else (),
             ),
         )
 
@@ -430,10 +448,15 @@ class _Consumer:
     """
 
     def __init__(
-        self, topic: str, kwargs: Mapping[str, object], *, paused: Iterable[int] = ()
+        self,
+        topic: str,
+        kwargs: Mapping[str, object],
+        *,
+        paused: Iterable[int] = (),
+        headers: bool = False,
     ) -> None:
         self.topic = topic
-        self._tag = _RecordTag()
+        self._tag = _RecordTag(headers)
         self._consumer: Any = AIOKafkaConsumer(**kwargs, value_deserializer=self._tag)
         self._assigned: frozenset[int] = frozenset()
         if paused:
@@ -517,6 +540,7 @@ class _Consumer:
             return {tp.partition: messages for tp, messages in fetched.items()}
         out: dict[int, list[Record]] = {}
         new = _new_tuple
+        headers = self._tag.headers
         for tp, messages in fetched.items():
             partition = int(tp.partition)
             out[partition] = [
@@ -530,6 +554,7 @@ class _Consumer:
                         partition,
                         m.offset,
                         None,
+                        m.headers if headers else (),
                     ),
                 )
                 for m in messages
@@ -689,7 +714,7 @@ class _Link:
         delay = 0.25
         while True:
             attempt += 1
-            consumer = _Consumer(config.topic, config.consumer_kwargs())
+            consumer = _Consumer(config.topic, config.consumer_kwargs(), headers=config.headers)
             error: BaseException | None = None
             with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
                 try:
@@ -1332,6 +1357,7 @@ def KafkaSource(
     fetch_timeout: float = 30.0,
     consumer_config: Mapping[str, object] | None = None,
     name: str | None = None,
+    headers: bool = False,
 ) -> KafkaDirectSource: ...
 
 
@@ -1351,6 +1377,7 @@ def KafkaSource(
     fetch_timeout: float = 30.0,
     consumer_config: Mapping[str, object] | None = None,
     name: str | None = None,
+    headers: bool = False,
 ) -> KafkaReceiver: ...
 
 
@@ -1369,6 +1396,7 @@ def KafkaSource(
     fetch_timeout: float = 30.0,
     consumer_config: Mapping[str, object] | None = None,
     name: str | None = None,
+    headers: bool = False,
 ) -> KafkaDirectSource | KafkaReceiver:
     """A source reading one Kafka topic; pass it to ``app.source()``.
 
@@ -1398,6 +1426,9 @@ def KafkaSource(
             passed through (SASL/SSL, client_id, fetch sizes...).
         name: the source's name in the app (records' ``source``); default
             the topic.
+        headers: carry each record's Kafka headers in ``Record.headers``
+            (receiver mode: stored in the data WAL with the record). Off by
+            default: it costs a tuple per record.
 
     Returns:
         A :class:`KafkaDirectSource` or, with ``mode="receiver"``, a
@@ -1419,6 +1450,7 @@ def KafkaSource(
         fetch_timeout=fetch_timeout,
         consumer_config=consumer_config if consumer_config is not None else {},
         name=name,
+        headers=headers,
     )
     if mode == "direct":
         return KafkaDirectSource(config)

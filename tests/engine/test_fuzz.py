@@ -88,10 +88,34 @@ def test_block_decode_of_arbitrary_bytes_raises_only_value_error(data: bytes) ->
     assert encode_records(records) == data
 
 
-@given(st.lists(st.tuples(st.binary(max_size=20), st.none() | st.binary(max_size=5)), max_size=5))
-def test_blocks_round_trip(items: list[tuple[bytes, bytes | None]]) -> None:
-    records = [Record(v, k, 1.5, "src", 2, i) for i, (v, k) in enumerate(items)]
+_HEADERS = st.lists(st.tuples(st.text(max_size=8), st.none() | st.binary(max_size=6)), max_size=3)
+
+
+@given(
+    st.lists(
+        st.tuples(st.binary(max_size=20), st.none() | st.binary(max_size=5), _HEADERS),
+        max_size=5,
+    )
+)
+def test_blocks_round_trip(
+    items: list[tuple[bytes, bytes | None, list[tuple[str, bytes | None]]]],
+) -> None:
+    records = [
+        Record(v, k, 1.5, "src", 2, i, headers=tuple(h)) for i, (v, k, h) in enumerate(items)
+    ]
     assert decode_records(encode_records(records), "src") == records
+
+
+def test_a_block_without_headers_is_the_original_layout() -> None:
+    """Blocks written before headers existed read the same, and are written the same."""
+    old = bytes.fromhex(
+        "0102000000"  # version 1, two records
+        "01" "000000000000f83f" "02000000" "0700000000000000" "01000000" "02000000" "6b" "7631"
+        "00" "0000000000000000" "00000000" "0800000000000000" "00000000" "00000000"
+    )  # fmt: skip
+    records = [Record(b"v1", b"k", 1.5, "src", 2, 7), Record(b"", None, 0.0, "src", 0, 8)]
+    assert decode_records(old, "src") == records
+    assert encode_records(records) == old
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

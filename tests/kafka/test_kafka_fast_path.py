@@ -110,8 +110,10 @@ async def _reference(bootstrap: str, topic: str, end: int) -> list[Any]:
     return records
 
 
-async def _streamlet(bootstrap: str, topic: str, end: int) -> list[Any]:
-    consumer = kafka_source._Consumer(topic, KafkaSourceConfig(topic, bootstrap).consumer_kwargs())
+async def _streamlet(bootstrap: str, topic: str, end: int, *, headers: bool = False) -> list[Any]:
+    consumer = kafka_source._Consumer(
+        topic, KafkaSourceConfig(topic, bootstrap).consumer_kwargs(), headers=headers
+    )
     await consumer.start()
     try:
         consumer.assign([0])
@@ -125,7 +127,7 @@ async def _streamlet(bootstrap: str, topic: str, end: int) -> list[Any]:
         await consumer.stop()
 
 
-def _expected(reference: Iterable[Any]) -> list[Record]:
+def _expected(reference: Iterable[Any], *, headers: bool = False) -> list[Record]:
     return [
         Record(
             value=b"" if m.value is None else m.value,
@@ -134,6 +136,7 @@ def _expected(reference: Iterable[Any]) -> list[Record]:
             source=SOURCE,
             partition=m.partition,
             offset=m.offset,
+            headers=tuple(m.headers) if headers else (),
         )
         for m in reference
     ]
@@ -162,6 +165,21 @@ async def test_fast_records_equal_aiokafkas_own(
     assert offsets == sorted(offsets)
     assert offsets[-1] < end - 1
     assert len(offsets) < end
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_headers_come_when_asked_for(
+    kafka_bootstrap: str, topic: tuple[str, int], monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    name, end = topic
+    if not fast:
+        monkeypatch.setattr(fetcher, "PartitionRecords", kafka_source._PartitionRecords)
+        monkeypatch.setattr(kafka_source, "_FAST_READS", False)
+    records = await _streamlet(kafka_bootstrap, name, end, headers=True)
+    monkeypatch.undo()
+    reference = await _reference(kafka_bootstrap, name, end)
+    assert records == _expected(reference, headers=True)
+    assert (("h", b"1"), ("h2", b"")) in [r.headers for r in records]
 
 
 async def test_without_the_seam_records_are_the_same(

@@ -680,6 +680,74 @@ async def test_app_processes_every_record_once_and_a_restart_continues(
     assert sorted(v for _, _, v in resumed.values()) == second
 
 
+@pytest.mark.parametrize("mode", ["direct", "receiver"])
+async def test_headers_reach_the_handler_when_asked_for(
+    kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path, mode: str
+) -> None:
+    """headers=True: each record's headers, in order, null values too; receiver mode
+    keeps them through the data WAL. Default: none."""
+    topic = await new_topic(partitions=2)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i in range(200):
+            headers = [("n", b"%d" % i), ("trace-ü", None if i % 3 == 0 else b"t")] if i % 2 else []
+            await producer.send(topic, b"%d" % i, key=b"%d" % i, headers=headers)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    def expected(i: int) -> tuple[tuple[str, bytes | None], ...]:
+        if not i % 2:
+            return ()
+        return (("n", b"%d" % i), ("trace-ü", None if i % 3 == 0 else b"t"))
+
+    for wanted in (True, False):
+        if mode == "receiver":
+            seen = await _headers_seen(
+                tmp_path / f"state-{wanted}",
+                KafkaSource(
+                    topic, bootstrap_servers=kafka_bootstrap, mode="receiver", headers=wanted
+                ),
+                200,
+            )
+        else:
+            seen = await _headers_seen(
+                tmp_path / f"state-{wanted}",
+                KafkaSource(topic, bootstrap_servers=kafka_bootstrap, headers=wanted),
+                200,
+            )
+        assert seen == {i: expected(i) if wanted else () for i in range(200)}
+
+
+async def _headers_seen(
+    state_dir: Path, source: KafkaDirectSource | KafkaReceiver, count: int
+) -> dict[int, object]:
+    """Run an app on ``source`` until ``count`` records are in; their headers by value."""
+    app = App("headers", state_dir=state_dir, batch_interval=0.1)
+    if isinstance(source, KafkaReceiver):
+        app.source(source)
+    else:
+        app.source(source)
+    seen: dict[int, object] = {}
+    done = anyio.Event()
+
+    @app.handler(source)
+    async def collect(batch: Batch) -> list[int]:
+        for r in batch:
+            seen[int(r.value)] = r.headers
+        if len(seen) >= count:
+            done.set()
+        return []
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(app.serve)
+        with anyio.fail_after(30):
+            await done.wait()
+        app.stop()
+    return seen
+
+
 @pytest.mark.slow
 async def test_a_broker_restart_mid_run_loses_and_repeats_nothing(tmp_path: Path) -> None:
     if missing_tools():
