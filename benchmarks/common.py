@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PERCENTILES", "REPO_ROOT", "RESULTS", "fs_type", "ms", "percentiles"]
+__all__ = [
+    "PERCENTILES",
+    "REPO_ROOT",
+    "RESULTS",
+    "add_output_options",
+    "fs_type",
+    "ms",
+    "output_paths",
+    "percentiles",
+    "work_directory",
+    "write_result",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -42,3 +58,54 @@ def fs_type(path: str) -> str:
     except OSError:
         pass
     return kind
+
+
+def work_directory(requested: str | None, name: str) -> tuple[str, str]:
+    """A fresh directory for one run, and its file system type.
+
+    Inside ``requested`` (``--dir``), or else inside the repository: on the
+    disk the project lives on, not on a tmpfs where fsync costs nothing
+    (printed as a warning if it is one anyway). The caller removes it.
+    """
+    parent = os.path.abspath(requested) if requested else str(REPO_ROOT)
+    os.makedirs(parent, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix=f".bench-{name}-", dir=parent)
+    kind = fs_type(workdir)
+    if kind in ("tmpfs", "ramfs"):
+        print(f"warning: {workdir} is on {kind}; fsync costs nothing there")
+    return workdir, kind
+
+
+def add_output_options(parser: argparse.ArgumentParser, name: str, plot: str) -> None:
+    """``--plot`` and ``--json``: where a run's figures go (see :func:`output_paths`)."""
+    parser.add_argument(
+        "--plot",
+        help=f"PNG plot {plot} (default benchmarks/results/{name}.png; with --quick,"
+        f" {name}-quick.png in the temporary directory, so that a smoke test leaves the"
+        " published figures alone)",
+    )
+    parser.add_argument(
+        "--json",
+        help=f"where the JSON result goes too (default benchmarks/results/{name}.json;"
+        f" with --quick, {name}-quick.json in the temporary directory)",
+    )
+
+
+def output_paths(args: argparse.Namespace, name: str) -> tuple[str, str]:
+    """(plot, json) paths: as given, else published ones, else (--quick) temporary ones."""
+    out_dir = Path(tempfile.gettempdir()) if args.quick else RESULTS
+    suffix = "-quick" if args.quick else ""
+    return (
+        args.plot or str(out_dir / f"{name}{suffix}.png"),
+        args.json or str(out_dir / f"{name}{suffix}.json"),
+    )
+
+
+def write_result(result: dict[str, Any], json_path: str, plot_path: str) -> None:
+    """Write ``result`` to ``json_path``, say where both files are, and print it as one line."""
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w", encoding="utf-8") as out:
+        json.dump(result, out, indent=2)
+        out.write("\n")
+    print(f"\nplot: {plot_path}\njson: {json_path}\n")
+    print(json.dumps(result, separators=(",", ":"), ensure_ascii=False))

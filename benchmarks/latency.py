@@ -69,7 +69,6 @@ import argparse
 import collections
 import functools
 import itertools
-import json
 import logging
 import math
 import os
@@ -83,12 +82,19 @@ import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anyio
 
-from benchmarks.common import PERCENTILES, REPO_ROOT, RESULTS, fs_type, ms, percentiles
+from benchmarks.common import (
+    PERCENTILES,
+    add_output_options,
+    ms,
+    output_paths,
+    percentiles,
+    work_directory,
+    write_result,
+)
 from streamlet import App, Batch, Record
 from streamlet.metrics import BatchInfo
 from streamlet.sinks.base import Sink, SinkContext
@@ -576,24 +582,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where the state directories go (default: a temporary directory in the "
         "repository, on its file system and not on a tmpfs); removed afterwards",
     )
-    parser.add_argument(
-        "--plot",
-        help="PNG plot of the latency percentiles (default benchmarks/results/latency.png;"
-        " with --quick, latency-quick.png in the temporary directory, so that a smoke"
-        " test leaves the published figures alone)",
-    )
-    parser.add_argument(
-        "--json",
-        help="where the JSON result goes too (default benchmarks/results/latency.json;"
-        " with --quick, latency-quick.json in the temporary directory)",
-    )
+    add_output_options(parser, "latency", "of the latency percentiles")
     args_given = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(args_given)
     quick = args.quick
-    out_dir = Path(tempfile.gettempdir()) if quick else RESULTS
-    suffix = "-quick" if quick else ""
-    plot_path = args.plot or str(out_dir / f"latency{suffix}.png")
-    json_path = args.json or str(out_dir / f"latency{suffix}.json")
+    plot_path, json_path = output_paths(args, "latency")
     seconds = args.seconds if args.seconds is not None else (1.0 if quick else 10.0)
     warmup = args.warmup if args.warmup is not None else (0.5 if quick else 1.0)
     rounds = args.rounds if args.rounds is not None else (1 if quick else 5)
@@ -604,10 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--seconds, --rate, --rounds and --round-seconds must be positive")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    parent = os.path.abspath(args.dir) if args.dir else str(REPO_ROOT)
-    os.makedirs(parent, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix=".bench-latency-", dir=parent)
-    kind = fs_type(workdir)
+    workdir, kind = work_directory(args.dir, "latency")
     try:
         print(
             f"streamlet latency benchmark: {workdir} ({kind}), {os.cpu_count()} CPUs,"
@@ -615,8 +605,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" latency {warmup:g} s warm-up + {seconds:g} s per interval,"
             f" throughput {rounds} round(s) x {round_seconds:g} s per case\n"
         )
-        if kind in ("tmpfs", "ramfs"):
-            print(f"warning: {workdir} is on {kind}; fsync costs nothing there")
         sys.stdout.flush()
         latency = [
             anyio.run(run_latency, workdir, interval, args.rate, seconds, warmup)
@@ -659,12 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     plot(latency, throughput, args.rate, plot_path)
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w", encoding="utf-8") as out:
-        json.dump(result, out, indent=2)
-        out.write("\n")
-    print(f"\nplot: {plot_path}\njson: {json_path}\n")
-    print(json.dumps(result, separators=(",", ":"), ensure_ascii=False))
+    write_result(result, json_path, plot_path)
     return 0
 
 

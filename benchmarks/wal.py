@@ -65,7 +65,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from benchmarks.common import REPO_ROOT, fs_type
+from benchmarks.common import work_directory
 from streamlet.fs import File, OsFileSystem
 from streamlet.wal import WriteAheadLog
 from streamlet.wal.format import FRAME_HEADER_SIZE
@@ -502,18 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not seconds > 0:
         parser.error("--seconds must be positive")
     rounds = max(1, round(seconds / ROUND_SECONDS))
-    parent = os.path.abspath(args.dir) if args.dir else str(REPO_ROOT)
-    os.makedirs(parent, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix=".bench-wal-", dir=parent)
-    kind = fs_type(workdir)
+    workdir, kind = work_directory(args.dir, "wal")
     try:
         print(
             f"streamlet WAL benchmark: durability=always (fdatasync), {workdir} ({kind}), "
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
             f"{rounds} round(s) x {seconds / rounds:.2f} s per case"
         )
-        if kind in ("tmpfs", "ramfs"):
-            print(f"warning: {workdir} is on {kind}; fsync costs nothing there")
         print(
             "MB/s counts payload bytes (10^6; frames add 12 bytes a record). WAL/base: median\n"
             "of the paired rounds' ratios, IQR their middle half; floor: asyncio tasks and a\n"

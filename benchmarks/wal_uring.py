@@ -45,11 +45,10 @@ import shutil
 import statistics
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 
-from benchmarks.common import REPO_ROOT, fs_type
+from benchmarks.common import work_directory
 from benchmarks.wal import floor_round
 from streamlet.wal.format import FRAME_HEADER_SIZE
 
@@ -299,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per case (default 8)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 8)
-    workdir = tempfile.mkdtemp(prefix=".bench-uring-", dir=REPO_ROOT)
+    workdir, kind = work_directory(None, "uring")
     try:
         try:
             ring = Ring()
@@ -308,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(
             f"io_uring vs writer-thread floor: {os.cpu_count()} CPUs, Python"
-            f" {platform.python_version()}, kernel {platform.release()}, {fs_type(workdir)};"
+            f" {platform.python_version()}, kernel {platform.release()}, {kind};"
             f" {rounds} round(s) of {ROUND_SECONDS:g} s per side and case, round robin\n"
         )
         cases = [(size, c) for size in SIZES for c in CONCURRENCY]
