@@ -91,9 +91,7 @@ and a plot (latency percentiles per interval, throughput bars) to ``--plot``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import json
 import logging
 import math
 import multiprocessing
@@ -107,22 +105,35 @@ import tempfile
 import time
 import uuid
 from array import array
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from benchmarks.common import PERCENTILES, REPO_ROOT, RESULTS, ms, percentiles
+from benchmarks.common import (
+    PERCENTILES,
+    REPO_ROOT,
+    add_output_options,
+    ms,
+    output_paths,
+    percentiles,
+    work_directory,
+    write_result,
+)
 from streamlet import App, Batch
 from streamlet.metrics import BatchInfo
 from streamlet.sinks.kafka import KafkaSink
 from streamlet.sources.kafka import KafkaSource, KafkaSourceConfig
-from streamlet.testing.kafka import KAFKA_VERSION, EmbeddedKafka, wait_for_broker
+from streamlet.testing.kafka import (
+    KAFKA_VERSION,
+    EmbeddedKafka,
+    admin_client,
+    wait_for_broker,
+)
+from streamlet.testing.kafka import create_topics as kafka_topics
 
 PARTITIONS = 4
 RECORDS = 1_000_000  # input records of the throughput runs
@@ -170,42 +181,16 @@ PRODUCE_RETRIES = _RetryCounter()
 # ---- topics -----------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _admin(bootstrap: str) -> AsyncIterator[Any]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        yield admin
-    finally:
-        await admin.close()
-
-
 async def create_topics(bootstrap: str, names: Sequence[str], partitions: int) -> None:
     """Create ``names`` and wait until the broker describes all their partitions."""
-    async with _admin(bootstrap) as admin:
-        await admin.create_topics(
-            [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in names]
-        )
-        for name in names:
-            for _ in range(200):
-                described = await admin.describe_topics([name])
-                topic = described[0] if described else {}
-                parts = topic.get("partitions", ())
-                if (
-                    topic.get("error_code", 0) == 0
-                    and len(parts) == partitions
-                    and all(p.get("leader", -1) >= 0 for p in parts)
-                ):
-                    break
-                await anyio.sleep(0.05)
-            else:
-                raise RuntimeError(f"topic {name} did not appear with {partitions} partitions")
+    async with admin_client(bootstrap) as admin:
+        await kafka_topics(admin, names, partitions)
 
 
 async def delete_topics(bootstrap: str, names: Sequence[str]) -> None:
     """Delete ``names``; failures are logged, not raised (this is clean-up)."""
     try:
-        async with _admin(bootstrap) as admin:
+        async with admin_client(bootstrap) as admin:
             await admin.delete_topics(list(names))
     except Exception as exc:
         log.warning("deleting topics %s failed: %r", ", ".join(names), exc)
@@ -1133,23 +1118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where state directories (and the embedded broker) go (default: a temporary"
         " directory in the repository, on its file system); removed afterwards",
     )
-    parser.add_argument(
-        "--plot",
-        help="PNG plot (default benchmarks/results/kafka.png; with --quick, kafka-quick.png"
-        " in the temporary directory, so that a smoke test leaves the published figures alone)",
-    )
-    parser.add_argument(
-        "--json",
-        help="where the JSON result goes too (default benchmarks/results/kafka.json; with"
-        " --quick, kafka-quick.json in the temporary directory)",
-    )
+    add_output_options(parser, "kafka", "(latency percentiles per interval, throughput bars)")
     args_given = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(args_given)
     quick = args.quick
-    out_dir = Path(tempfile.gettempdir()) if quick else RESULTS
-    suffix = "-quick" if quick else ""
-    plot_path = args.plot or str(out_dir / f"kafka{suffix}.png")
-    json_path = args.json or str(out_dir / f"kafka{suffix}.json")
+    plot_path, json_path = output_paths(args, "kafka")
     settings = Settings(
         records=args.records or (QUICK_RECORDS if quick else RECORDS),
         rounds=args.rounds or (1 if quick else 5),
@@ -1171,9 +1144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka.producer.sender").addFilter(PRODUCE_RETRIES)
 
-    parent = os.path.abspath(args.dir) if args.dir else str(REPO_ROOT)
-    os.makedirs(parent, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix=".bench-kafka-", dir=parent)
+    workdir, _ = work_directory(args.dir, "kafka")
     broker: EmbeddedKafka | None = None
     try:
         if args.bootstrap:
@@ -1237,12 +1208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     plot(consume, eos, latency, settings.rate, plot_path)
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w", encoding="utf-8") as out:
-        json.dump(result, out, indent=2)
-        out.write("\n")
-    print(f"\nplot: {plot_path}\njson: {json_path}\n")
-    print(json.dumps(result, separators=(",", ":"), ensure_ascii=False))
+    write_result(result, json_path, plot_path)
     return 0
 
 

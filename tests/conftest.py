@@ -12,17 +12,24 @@ without a broker.
 
 from __future__ import annotations
 
-import asyncio
 import os
+import subprocess
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streamlet.testing.kafka import BrokerError, EmbeddedKafka, missing_tools, wait_for_broker
+from streamlet.testing.kafka import (
+    BrokerError,
+    EmbeddedKafka,
+    admin_client,
+    create_topics,
+    missing_tools,
+    wait_for_broker,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_ENV = "STREAMLET_TEST_KAFKA"
@@ -84,24 +91,38 @@ TopicFactory = Callable[..., Coroutine[Any, Any, str]]
 @pytest.fixture
 async def new_topic(kafka_bootstrap: str) -> AsyncIterator[TopicFactory]:
     """Create a uniquely named topic: ``await new_topic(partitions=3)``."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
+    async with admin_client(kafka_bootstrap) as admin:
 
-    async def create(partitions: int = 1, *, prefix: str = "t") -> str:
-        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-        # Metadata for a new topic reaches the broker's cache asynchronously.
-        for _ in range(100):
-            topics = await admin.describe_topics([name])
-            described = topics[0] if topics else {}
-            if described.get("error_code", 0) == 0 and len(described.get("partitions", ())) == (
-                partitions
-            ):
-                return name
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"topic {name} did not appear with {partitions} partitions")
+        async def create(partitions: int = 1, *, prefix: str = "t") -> str:
+            name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+            await create_topics(admin, [name], partitions)
+            return name
 
-    try:
         yield create
-    finally:
-        await admin.close()
+
+
+class StdoutLines:
+    """Collects a child process's stdout lines on a thread, as they come.
+
+    For tests that kill the child at a moment of their choosing: ``first`` is
+    set at the first line, and after the kill :meth:`close` waits for the
+    reader and closes the pipe; ``lines`` then holds everything printed (the
+    last one possibly cut by the kill, without its newline).
+    """
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self._stdout = proc.stdout
+        self.lines: list[str] = []
+        self.first = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._stdout:
+            self.lines.append(line)
+            self.first.set()
+
+    def close(self, timeout: float) -> None:
+        self._reader.join(timeout=timeout)
+        self._stdout.close()

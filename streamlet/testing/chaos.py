@@ -642,17 +642,10 @@ async def to_kafka(batch):
         return self._produced == self.per_partition
 
     async def _create_topics(self) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from streamlet.testing.kafka import admin_client, create_topics
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.broker.bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics(
-                [NewTopic(name, self.partitions, 1) for name in ("input", "output")]
-            )
-        finally:
-            with anyio.CancelScope(shield=True):  # close its connections even when cancelled
-                await admin.close()
+        async with admin_client(self.broker.bootstrap) as admin:
+            await create_topics(admin, ("input", "output"), self.partitions)
 
     async def _feed_all(self) -> None:
         async with anyio.create_task_group() as tg:

@@ -33,13 +33,19 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
+
+import anyio
 
 __all__ = [
     "KAFKA_VERSION",
     "SCALA_VERSION",
     "BrokerError",
     "EmbeddedKafka",
+    "admin_client",
+    "create_topics",
     "ensure_broker_jars",
     "missing_tools",
     "wait_for_broker",
@@ -163,17 +169,60 @@ def _free_port() -> int:
         return port
 
 
+#: How long create_topics waits for a new topic to be usable.
+_TOPIC_READY_SECONDS = 10.0
+
+
+@contextlib.asynccontextmanager
+async def admin_client(bootstrap: str, **settings: Any) -> AsyncIterator[Any]:
+    """A started ``AIOKafkaAdminClient``, closed on the way out (even when cancelled)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **settings)
+    try:
+        await admin.start()
+        yield admin
+    finally:
+        with anyio.CancelScope(shield=True):
+            await admin.close()
+
+
+async def create_topics(admin: Any, names: Sequence[str], partitions: int) -> None:
+    """Create ``names`` and wait until the broker describes each with all partitions led.
+
+    A new topic reaches the brokers' metadata caches asynchronously; a client
+    that used it at once could be told it does not exist.
+
+    Raises:
+        BrokerError: a topic is not ready within 10 seconds.
+    """
+    from aiokafka.admin import NewTopic
+
+    await admin.create_topics(
+        [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in names]
+    )
+    deadline = time.monotonic() + _TOPIC_READY_SECONDS
+    for name in names:
+        while True:
+            described = await admin.describe_topics([name])
+            topic = described[0] if described else {}
+            parts = topic.get("partitions", ())
+            if (
+                topic.get("error_code", 0) == 0
+                and len(parts) == partitions
+                and all(p.get("leader", -1) >= 0 for p in parts)
+            ):
+                break
+            if time.monotonic() > deadline:
+                raise BrokerError(f"topic {name} did not appear with {partitions} partitions")
+            await anyio.sleep(0.05)
+
+
 async def _probe(bootstrap: str) -> None:
     # A metadata round trip through the real client: an open port alone does
     # not mean the broker has finished joining its own KRaft quorum.
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-    try:
-        await admin.start()
+    async with admin_client(bootstrap, request_timeout_ms=5000) as admin:
         await admin.describe_cluster()
-    finally:
-        await admin.close()
 
 
 def wait_for_broker(bootstrap: str, timeout: float = 60.0) -> None:

@@ -6,6 +6,7 @@ import os
 import shutil
 import sqlite3
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -18,6 +19,25 @@ from tests.conftest import TopicFactory
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.kafka
+
+
+async def _crash_then_run(
+    target: str, cwd: Path, env: dict[str, str], *, crashed: Sequence[str], then: Sequence[str]
+) -> None:
+    """``streamlet run target``: killed right after its first sink commit, then 3 s clean."""
+    command = [sys.executable, "-m", "streamlet", "run", target]
+    with anyio.fail_after(240):
+        first = await anyio.run_process(
+            [*command, "--duration", "20", *crashed],
+            cwd=cwd,
+            env={**env, "STREAMLET_CRASH_AT": "after_sink_commit:1"},
+            check=False,
+        )
+        assert first.returncode == -9, first.stderr.decode()
+        second = await anyio.run_process(
+            [*command, "--duration", "3", *then], cwd=cwd, env=env, check=False
+        )
+    assert second.returncode == 0, second.stderr.decode()
 
 
 async def test_kafka_to_sqlite_counts_every_view_once_and_dead_letters_bad_json(
@@ -36,23 +56,10 @@ async def test_kafka_to_sqlite_counts_every_view_once_and_dead_letters_bad_json(
 
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     env = {**os.environ, "STREAMLET_KAFKA": kafka_bootstrap, "STREAMLET_TOPIC": topic}
-    command = [sys.executable, "-m", "streamlet", "run", "examples.kafka_to_sqlite:app"]
     # A crash mid-batch first, then a clean run: counts must still be exact.
-    with anyio.fail_after(240):
-        crashed = await anyio.run_process(
-            [*command, "--duration", "20"],
-            cwd=tmp_path,
-            env={**env, "STREAMLET_CRASH_AT": "after_sink_commit:1"},
-            check=False,
-        )
-        assert crashed.returncode == -9, crashed.stderr.decode()
-        result = await anyio.run_process(
-            [*command, "--duration", "3", "--batch-interval", "0.2"],
-            cwd=tmp_path,
-            env=env,
-            check=False,
-        )
-    assert result.returncode == 0, result.stderr.decode()
+    await _crash_then_run(
+        "examples.kafka_to_sqlite:app", tmp_path, env, crashed=(), then=("--batch-interval", "0.2")
+    )
     with sqlite3.connect(tmp_path / "out" / "page_views.db") as conn:
         counted = dict(conn.execute("SELECT page, views FROM views"))
     conn.close()
@@ -93,22 +100,8 @@ async def test_kafka_to_kafka_writes_each_order_total_once_across_a_crash(
         "STREAMLET_TOPIC": orders_topic,
         "STREAMLET_OUTPUT_TOPIC": totals_topic,
     }
-    command = [sys.executable, "-m", "streamlet", "run", "examples.kafka_to_kafka:app"]
-    with anyio.fail_after(240):
-        crashed = await anyio.run_process(
-            [*command, "--duration", "20", "--batch-interval", "0.1"],
-            cwd=tmp_path,
-            env={**env, "STREAMLET_CRASH_AT": "after_sink_commit:1"},
-            check=False,
-        )
-        assert crashed.returncode == -9, crashed.stderr.decode()
-        result = await anyio.run_process(
-            [*command, "--duration", "3", "--batch-interval", "0.1"],
-            cwd=tmp_path,
-            env=env,
-            check=False,
-        )
-    assert result.returncode == 0, result.stderr.decode()
+    fast = ("--batch-interval", "0.1")
+    await _crash_then_run("examples.kafka_to_kafka:app", tmp_path, env, crashed=fast, then=fast)
 
     consumer = AIOKafkaConsumer(
         totals_topic,

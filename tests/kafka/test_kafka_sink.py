@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -43,7 +42,8 @@ from streamlet.sinks.kafka import (
     marker_group,
     transactional_id,
 )
-from tests.conftest import TopicFactory
+from streamlet.testing.kafka import admin_client
+from tests.conftest import StdoutLines, TopicFactory
 
 pytestmark = pytest.mark.kafka
 
@@ -72,12 +72,8 @@ def _batch(batch_id: int, ranges: Sequence[OffsetRange] = ()) -> Batch:
 
 @pytest.fixture
 async def admin(kafka_bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
-    client = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await client.start()
-    try:
+    async with admin_client(kafka_bootstrap) as client:
         yield client
-    finally:
-        await client.close()
 
 
 async def _read_all(
@@ -509,7 +505,7 @@ async def test_outputs_spanning_many_record_batches_keep_order_per_partition(
             bootstrap_servers=kafka_bootstrap,
             transactional=transactional,
             key=lambda o: b"k%d" % (o % 7),  # type: ignore[operator]
-            value=lambda o: b"%06d" % o + b"." * 100,  # type: ignore[str-bytes-safe]
+            value=lambda o: b"%06d" % o + b"." * 100,  # type: ignore[str-format]
             producer_config={"max_batch_size": 1024},
         ),
         _context(),
@@ -715,22 +711,11 @@ def _run_until_killed(
         proc = subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=errors, text=True
         )
-    assert proc.stdout is not None
-    lines: list[str] = []
-    first = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            first.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    output = StdoutLines(proc)
     try:
         if kill == "random":
             deadline = time.monotonic() + 60
-            while not first.wait(timeout=0.05):
+            while not output.first.wait(timeout=0.05):
                 assert proc.poll() is None, f"app exited with {proc.returncode}:\n{log.read_text()}"
                 assert time.monotonic() < deadline, f"no batch in 60 s:\n{log.read_text()}"
             time.sleep(rng.uniform(0.05, 0.6))  # the chaos, not a synchronisation
@@ -739,10 +724,9 @@ def _run_until_killed(
     finally:
         proc.kill()  # a no-op if it died at its crash point
         proc.wait(timeout=30)
-        reader.join(timeout=30)
-        proc.stdout.close()
+        output.close(timeout=30)
     assert proc.returncode == -signal.SIGKILL, log.read_text()
-    done = [line for line in lines if line.startswith("batch ") and line.endswith("\n")]
+    done = [line for line in output.lines if line.startswith("batch ") and line.endswith("\n")]
     return Run(kill, len(done), sum("(recovered)" in line for line in done))
 
 

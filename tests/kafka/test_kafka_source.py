@@ -14,7 +14,7 @@ from typing import cast
 import anyio
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.admin import NewPartitions, NewTopic
 from aiokafka.admin.records_to_delete import RecordsToDelete
 
 from streamlet.app import App
@@ -23,7 +23,7 @@ from streamlet.records import Batch, OffsetRange, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources import KafkaSource
 from streamlet.sources.kafka import KafkaDirectSource, KafkaReceiver, OutOfRangePolicy
-from streamlet.testing.kafka import EmbeddedKafka, missing_tools
+from streamlet.testing.kafka import EmbeddedKafka, admin_client, missing_tools
 from tests.conftest import REPO_ROOT, TopicFactory
 
 pytestmark = pytest.mark.kafka
@@ -47,16 +47,6 @@ async def _produce(
 
 
 @asynccontextmanager
-async def _admin(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        yield admin
-    finally:
-        await admin.close()
-
-
-@asynccontextmanager
 async def _started(source: KafkaDirectSource) -> AsyncIterator[KafkaDirectSource]:
     await source.start()
     try:
@@ -66,7 +56,7 @@ async def _started(source: KafkaDirectSource) -> AsyncIterator[KafkaDirectSource
 
 
 async def _group_offsets(bootstrap: str, group: str) -> dict[int, int]:
-    async with _admin(bootstrap) as admin:
+    async with admin_client(bootstrap) as admin:
         found = await admin.list_consumer_group_offsets(group)
     return {tp.partition: meta.offset for tp, meta in found.items()}
 
@@ -215,7 +205,7 @@ async def test_start_positions_follow_start(
 ) -> None:
     topic = await new_topic(partitions=1)
     await _produce(kafka_bootstrap, topic, [str(i).encode() for i in range(10)], partition=0)
-    async with _admin(kafka_bootstrap) as admin:
+    async with admin_client(kafka_bootstrap) as admin:
         await admin.delete_records({TopicPartition(topic, 0): RecordsToDelete(2)})
     group = f"{topic}-g"
 
@@ -267,7 +257,7 @@ async def test_deleted_offsets_follow_on_out_of_range_and_are_logged(
 ) -> None:
     topic = await new_topic(partitions=1)
     await _produce(kafka_bootstrap, topic, [str(i).encode() for i in range(10)], partition=0)
-    async with _admin(kafka_bootstrap) as admin:
+    async with admin_client(kafka_bootstrap) as admin:
         await admin.delete_records({TopicPartition(topic, 0): RecordsToDelete(5)})
     planned = [_r(topic, 0, 0, 10)]  # allocated before retention removed 0-4
 
@@ -301,7 +291,7 @@ async def test_a_partition_added_while_running_is_read_from_its_start(
     )
     async with _started(source):
         assert await source.latest() == {0: 0}
-        async with _admin(kafka_bootstrap) as admin:
+        async with admin_client(kafka_bootstrap) as admin:
             await admin.create_partitions({topic: NewPartitions(total_count=2)})
         await _produce(kafka_bootstrap, topic, [b"new"], partition=1)
         latest: Mapping[int, int] = {}
@@ -353,7 +343,7 @@ async def test_a_missing_topic_is_a_config_error_and_is_not_created(
     source = KafkaSource(topic, bootstrap_servers=kafka_bootstrap, connect_timeout=1.0)
     with pytest.raises(ConfigError, match=f"topic {topic!r} does not exist"):
         await source.start()
-    async with _admin(kafka_bootstrap) as admin:
+    async with admin_client(kafka_bootstrap) as admin:
         assert topic not in await admin.list_topics()
 
 
@@ -546,7 +536,7 @@ async def test_receiver_applies_on_out_of_range_to_deleted_offsets(
 ) -> None:
     topic = await new_topic(partitions=1)
     await _produce(kafka_bootstrap, topic, [str(i).encode() for i in range(8)], partition=0)
-    async with _admin(kafka_bootstrap) as admin:
+    async with admin_client(kafka_bootstrap) as admin:
         await admin.delete_records({TopicPartition(topic, 0): RecordsToDelete(5)})
 
     failing = KafkaSource(topic, bootstrap_servers=kafka_bootstrap, mode="receiver")
@@ -759,7 +749,7 @@ async def test_a_broker_restart_mid_run_loses_and_repeats_nothing(tmp_path: Path
     await anyio.to_thread.run_sync(broker.start)
     try:
         bootstrap = broker.bootstrap
-        async with _admin(bootstrap) as admin:
+        async with admin_client(bootstrap) as admin:
             await admin.create_topics(
                 [NewTopic(t, num_partitions=2, replication_factor=1) for t in ("d", "r")]
             )

@@ -17,7 +17,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 
@@ -59,27 +58,20 @@ def run_until_killed(
     The kill comes 20-300 ms after the first printed batch, so that every run
     commits something and most kills land inside a commit.
     """
+    # Here, not at the top: this file also runs as the worker script, where
+    # the tests package is not importable.
+    from tests.conftest import StdoutLines
+
     proc = subprocess.Popen(
         [sys.executable, __file__, kind, target, str(start)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    lines: list[str] = []
-    first = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            first.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    output = StdoutLines(proc)
     try:
         deadline = time.monotonic() + 20
-        while not first.wait(timeout=0.05) and proc.poll() is None:
+        while not output.first.wait(timeout=0.05) and proc.poll() is None:
             if time.monotonic() > deadline:
                 raise AssertionError("crash worker printed nothing in 20 s")
         time.sleep(rng.uniform(0.02, 0.3))
@@ -87,8 +79,7 @@ def run_until_killed(
         # A zombie can still be signalled: this is safe if the worker died.
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        reader.join(timeout=10)
-        proc.stdout.close()
+        output.close(timeout=10)
         assert proc.stderr is not None
         errors = proc.stderr.read()
         proc.stderr.close()
@@ -96,7 +87,7 @@ def run_until_killed(
         f"crash worker exited with {proc.returncode} before it was killed:\n{errors}"
     )
     done: list[tuple[int, bool]] = []
-    for line in lines:
+    for line in output.lines:
         if not line.endswith("\n"):
             break  # cut by the kill: not a complete report
         batch_id, wrote = line.split()
