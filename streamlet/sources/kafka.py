@@ -346,6 +346,7 @@ class _RecordTag:
 
 
 _PartitionRecords: Any = _fetcher.PartitionRecords
+_new_tuple = tuple.__new__
 
 
 class _RecordBuffers(_PartitionRecords):  # type: ignore[misc]
@@ -370,9 +371,6 @@ class _RecordBuffers(_PartitionRecords):  # type: ignore[misc]
                 tuple(record.headers) if tag.headers else (),
             ),
         )
-
-
-_new_tuple = tuple.__new__
 
 
 def _partition_records(
