@@ -128,7 +128,7 @@ class Batch:
         )
 
 
-# Block payload layout (little-endian), version 1:
+# Block payload layout (little-endian):
 #   header:  version u8 | count u32
 #   record:  flags u8 (bit 0: key present, bit 1: headers present)
 #            | timestamp f64 | partition i32 | offset i64 | key_len u32
@@ -136,9 +136,12 @@ class Batch:
 #   headers: count u16, then per header: name_len u16 | value_len u32
 #            (0xFFFFFFFF: null) | name (UTF-8) | value
 # The source name is not repeated per record: a block belongs to one source.
-# Headers came after the first release of this layout; a block without them
-# is byte for byte what that release wrote.
+# Version 1 has no headers (bit 1 never set): blocks without headers are
+# still written as version 1, byte for byte as before headers existed.
+# Version 2 is a block with headers on at least one record, so a streamlet
+# that predates them refuses it by its version rather than misreading it.
 _BLOCK_VERSION = 1
+_HEADERS_VERSION = 2
 _HEADER = struct.Struct("<BI")
 _RECORD = struct.Struct("<BdiqII")
 _HEADER_COUNT = struct.Struct("<H")
@@ -165,8 +168,9 @@ def encode_records(records: Sequence[Record]) -> bytes:
         ValueError: a record has more than 65,535 headers or a header name over
             65,535 bytes (Kafka allows neither in practice).
     """
-    parts: list[bytes] = [_HEADER.pack(_BLOCK_VERSION, len(records))]
+    parts: list[bytes] = [b""]  # the header, once the version is known
     pack = _RECORD.pack
+    version = _BLOCK_VERSION
     for record in records:
         key = record.key
         headers = record.headers
@@ -186,8 +190,10 @@ def encode_records(records: Sequence[Record]) -> bytes:
             parts.append(record.value)
             if headers:
                 parts.append(_encode_headers(headers))
+                version = _HEADERS_VERSION
         except struct.error as exc:
             raise ValueError(f"record at offset {record.offset} cannot be stored: {exc}") from exc
+    parts[0] = _HEADER.pack(version, len(records))
     return b"".join(parts)
 
 
@@ -230,11 +236,13 @@ def decode_records(payload: bytes, source: str) -> list[Record]:
     if len(payload) < _HEADER.size:
         raise ValueError(f"block payload of {len(payload)} bytes is shorter than its header")
     version, count = _HEADER.unpack_from(payload, 0)
-    if version != _BLOCK_VERSION:
+    if version not in (_BLOCK_VERSION, _HEADERS_VERSION):
         raise ValueError(
             f"block format version {version} is not readable by this streamlet"
-            f" (reads version {_BLOCK_VERSION})"
+            f" (reads versions {_BLOCK_VERSION} and {_HEADERS_VERSION})"
         )
+    allowed = _KEY | (_HEADERS if version == _HEADERS_VERSION else 0)
+    with_headers = 0
     pos = _HEADER.size
     unpack = _RECORD.unpack_from
     size = _RECORD.size
@@ -246,7 +254,7 @@ def decode_records(payload: bytes, source: str) -> list[Record]:
         if pos + size > end_of_payload:
             raise ValueError(f"block payload cut short at byte {pos}")
         flags, ts, partition, offset, key_len, value_len = unpack(payload, pos)
-        if flags & ~(_KEY | _HEADERS) or (key_len and not flags & _KEY):
+        if flags & ~allowed or (key_len and not flags & _KEY):
             raise ValueError(f"block payload has a malformed record at byte {pos}")
         pos += size
         end = pos + key_len + value_len
@@ -258,7 +266,10 @@ def decode_records(payload: bytes, source: str) -> list[Record]:
         headers: tuple[tuple[str, bytes | None], ...] = ()
         if flags & _HEADERS:
             headers, pos = _decode_headers(payload, pos, end_of_payload)
+            with_headers += 1
         append(make(Record, (value, key, ts, source, partition, offset, None, headers)))
+    if version == _HEADERS_VERSION and not with_headers:
+        raise ValueError(f"block of version {version} has no record with headers")
     if pos != len(payload):
         raise ValueError(f"block payload has {len(payload) - pos} unexpected trailing bytes")
     return out

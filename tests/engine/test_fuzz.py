@@ -116,6 +116,14 @@ def test_a_block_without_headers_is_the_original_layout() -> None:
     records = [Record(b"v1", b"k", 1.5, "src", 2, 7), Record(b"", None, 0.0, "src", 0, 8)]
     assert decode_records(old, "src") == records
     assert encode_records(records) == old
+    # With headers the block is version 2, which a streamlet from before
+    # headers refuses by its version; version 1 never carries headers.
+    headed = encode_records([records[0]._replace(headers=(("h", b"x"),)), records[1]])
+    assert headed[0] == 2
+    with pytest.raises(ValueError, match="malformed record"):
+        decode_records(b"\x01" + headed[1:], "src")
+    with pytest.raises(ValueError, match="block format version 3 is not readable"):
+        decode_records(b"\x03" + headed[1:], "src")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
