@@ -5,15 +5,8 @@ pipeline from left to right: state directory (lock, manifest) → checkpoint →
 tracker (replayed) → sources → sinks → scheduler (recovery first, then new
 batches). It does no batch work itself.
 
-State directory layout::
-
-    <state_dir>/app.json         what the app is: sources, handlers, sinks
-    <state_dir>/tracker/         the tracker's write-ahead log
-    <state_dir>/data/            the data WAL: receivers' blocks (only with receivers)
-    <state_dir>/checkpoints/     checkpoint-<batch id>.json
-
-The manifest stops a state directory from being resumed by a different app,
-whose batches would not mean the same thing.
+The state directory (its lock, layout and manifest) is
+:mod:`streamlet.statedir`'s.
 """
 
 from __future__ import annotations
@@ -21,26 +14,25 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import stat
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
-import orjson
 from anyio.abc import TaskStatus
 
 from streamlet.blocks import BlockGenerator
 from streamlet.checkpoint import load_latest
 from streamlet.errors import ConfigError, StreamletError
 from streamlet.faults import file_system
-from streamlet.fs import FileSystem, OsFileSystem
+from streamlet.fs import FileSystem
 from streamlet.handlers import HandlerFn, HandlerSpec
 from streamlet.metrics import BatchInfo
 from streamlet.scheduler import BatchScheduler, FailurePolicy, RetryPolicy
 from streamlet.sinks.base import Sink, SinkContext
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver
+from streamlet.statedir import MANIFEST_FORMAT, MANIFEST_VERSION, StateDir
+from streamlet.tracker import SEGMENT_SIZE as TRACKER_SEGMENT_SIZE
 from streamlet.tracker import Tracker, TrackerState, restore
 from streamlet.wal import Position, WriteAheadLog
 
@@ -49,9 +41,6 @@ __all__ = ["App"]
 log = logging.getLogger("streamlet.app")
 
 DEFAULT_BLOCK_INTERVAL = 0.2
-MANIFEST = "app.json"
-MANIFEST_FORMAT = "streamlet.app"
-MANIFEST_VERSION = 1
 
 AnySource = DirectSource | Receiver
 _S = TypeVar("_S", DirectSource, Receiver)
@@ -69,6 +58,40 @@ def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, not {value!r}")
     return value
+
+
+def sink_ahead(
+    handler: str,
+    sink: str,
+    committed: int | None,
+    allocated: int,
+    done: int,
+    state_dir: str,
+) -> str | None:
+    """Why a sink is ahead of the state directory, or None when it is not; pure.
+
+    Args:
+        handler: the handler the sink serves.
+        sink: the sink's description.
+        committed: the newest batch id the sink committed for this app,
+            handler and state directory (None: the sink cannot tell).
+        allocated: the newest batch id the state directory allocated.
+        done: the newest batch id the state directory marked done.
+        state_dir: the state directory's path, for the message.
+    """
+    if committed is None or committed <= allocated:
+        return None
+    return (
+        f"sink {sink} of handler {handler!r} holds batches up to {committed}, but state_dir"
+        f" {state_dir} allocated batches only up to {allocated} (done up to {done}): the"
+        " state directory is older than the sink's outputs, as after restoring a backup of"
+        " the state directory alone, or after its tracker log lost its tail. New batches"
+        f" {allocated + 1}..{committed} would be skipped by the sink as already committed"
+        " and their input lost, so the app does not start. Restore the newest copy of the"
+        " state directory, or restore the state directory and the sink's outputs from the"
+        " same backup (taken while the app was stopped); to start over, use a new"
+        " state_dir together with a new sink location"
+    )
 
 
 class App:
@@ -103,6 +126,8 @@ class App:
             failing handler's input records to ``dead_letter`` and goes on.
         dead_letter: the sink for dead letters.
         durability: the tracker log's fsync policy (``"always"``; see the WAL).
+        tracker_segment_bytes: size of the tracker log's segment files; the
+            log is cleaned behind checkpoints a whole segment at a time.
         fs: the file layer (tests inject a fault-injecting one).
     """
 
@@ -125,6 +150,7 @@ class App:
         on_failure: FailurePolicy = "stop",
         dead_letter: Sink | None = None,
         durability: str = "always",
+        tracker_segment_bytes: int = TRACKER_SEGMENT_SIZE,
         fs: FileSystem | None = None,
     ) -> None:
         if not name or not all(c.isalnum() or c in "-_." for c in name):
@@ -172,6 +198,7 @@ class App:
                 f"durability must be 'always', 'interval' or 'none', not {durability!r}"
             )
         self.durability = durability
+        self.tracker_segment_bytes = _positive_int("tracker_segment_bytes", tracker_segment_bytes)
         # The real file system, unless STREAMLET_FAULT_FS asks for injected faults.
         self.fs: FileSystem = fs if fs is not None else file_system()
         self._sources: dict[str, AnySource] = {}
@@ -180,7 +207,6 @@ class App:
         self._listeners: list[Callable[[BatchInfo], object]] = []
         self._stop: anyio.Event | None = None
         self._stop_requested = False
-        self._state_id = ""
 
     # -- registration ------------------------------------------------------------
 
@@ -304,81 +330,6 @@ class App:
                 if source not in self._sources:
                     raise ConfigError(f"handler {h.name!r} reads unknown source {source!r}")
 
-    def _prepare_state_dir(self) -> None:
-        path = self.state_dir
-        try:
-            self.fs.makedirs(path)
-            if isinstance(self.fs, OsFileSystem):
-                mode = stat.S_IMODE(os.stat(path).st_mode)
-                if mode & 0o022:
-                    raise ConfigError(
-                        f"state_dir {path} is writable by other users (mode {mode:o});"
-                        f" run 'chmod 700 {path}' or choose another state_dir"
-                    )
-                if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-                    raise ConfigError(
-                        f"state_dir {path} is not readable and writable by this user;"
-                        " fix its permissions or choose another state_dir"
-                    )
-            manifest_path = os.path.join(path, MANIFEST)
-            wanted = self.manifest()
-            if self.fs.exists(manifest_path):
-                file = self.fs.open(manifest_path)
-                try:
-                    raw = file.read(0, file.size())
-                finally:
-                    file.close()
-                try:
-                    found = orjson.loads(raw)
-                except orjson.JSONDecodeError as exc:
-                    raise ConfigError(
-                        f"{manifest_path} is not valid JSON ({exc}); the state directory is"
-                        " damaged: restore it or choose another state_dir"
-                    ) from None
-                state_id = found.pop("state_id", "") if isinstance(found, dict) else ""
-                if found != wanted:
-                    raise ConfigError(self._manifest_mismatch(manifest_path, found, wanted))
-                self._state_id = str(state_id)
-            else:
-                temp = manifest_path + ".tmp"
-                if self.fs.exists(temp):
-                    self.fs.remove(temp)
-                self._state_id = uuid.uuid4().hex
-                file = self.fs.create(temp)
-                try:
-                    body = {**wanted, "state_id": self._state_id}
-                    file.append(orjson.dumps(body, option=orjson.OPT_INDENT_2))
-                    file.sync()
-                finally:
-                    file.close()
-                self.fs.rename(temp, manifest_path)
-                self.fs.sync_dir(path)
-        except OSError as exc:
-            raise ConfigError(
-                f"state_dir {path} cannot be used: {exc}; fix the path or its permissions,"
-                " or choose another state_dir"
-            ) from exc
-
-    def _manifest_mismatch(self, path: str, found: Any, wanted: dict[str, Any]) -> str:
-        differences = []
-        if not isinstance(found, dict):
-            differences.append("the manifest is not a JSON object")
-        else:
-            for key in ("format", "version", "app", "sources", "handlers"):
-                if found.get(key) != wanted[key]:
-                    differences.append(
-                        f"{key}: state has {found.get(key)!r}, app has {wanted[key]!r}"
-                    )
-        return (
-            f"state_dir {self.state_dir} belongs to a different app ({path}): "
-            + "; ".join(differences)
-            + ". Batches recorded there would not mean the same to this app. Use a new"
-            " state_dir for the changed app, or restore the original sources and handlers."
-        )
-
-    def _sink_context(self, handler: str) -> SinkContext:
-        return SinkContext(self.name, handler, self.state_dir, self._state_id)
-
     async def serve(
         self,
         *,
@@ -408,9 +359,18 @@ class App:
                     h.sink.describe(),
                     h.sink.guarantee,
                 )
-        await anyio.to_thread.run_sync(self._prepare_state_dir)
-        checkpoint_dir = os.path.join(self.state_dir, "checkpoints")
-        checkpoint = await anyio.to_thread.run_sync(load_latest, self.fs, checkpoint_dir)
+        statedir = await anyio.to_thread.run_sync(
+            StateDir.open, self.state_dir, self.fs, self.manifest()
+        )
+        try:
+            await self._serve_locked(statedir, duration=duration, task_status=task_status)
+        finally:
+            statedir.close()
+
+    async def _serve_locked(
+        self, statedir: StateDir, *, duration: float | None, task_status: TaskStatus[None]
+    ) -> None:
+        checkpoint = await anyio.to_thread.run_sync(load_latest, self.fs, statedir.checkpoints)
         base: TrackerState | None = None
         after: Position | None = None
         if checkpoint is not None:
@@ -422,11 +382,12 @@ class App:
             base, after = restore(body, checkpoint.path)
             log.info("loaded checkpoint %s (batch %d)", checkpoint.path, checkpoint.batch_id)
         tracker = await Tracker.open(
-            os.path.join(self.state_dir, "tracker"),
+            statedir.tracker,
             base=base,
             after=after,
             fs=self.fs,
             durability=self.durability,
+            segment_size=self.tracker_segment_bytes,
         )
         direct = {n: src for n, src in self._sources.items() if isinstance(src, DirectSource)}
         receivers = {n: src for n, src in self._sources.items() if isinstance(src, Receiver)}
@@ -437,7 +398,7 @@ class App:
             generator: BlockGenerator | None = None
             if receivers:
                 data_wal = await WriteAheadLog.open(
-                    os.path.join(self.state_dir, "data"), durability=self.durability, fs=self.fs
+                    statedir.data, durability=self.durability, fs=self.fs
                 )
                 generator = BlockGenerator(
                     wal=data_wal,
@@ -449,17 +410,13 @@ class App:
             for source in direct.values():
                 await source.start()
                 started_sources.append(source)
-            for h in self._handlers:
-                if h.sink is not None:
-                    await h.sink.open(
-                        SinkContext(self.name, h.name, self.state_dir, self._state_id)
-                    )
-                    opened_sinks.append(h.sink)
+            sinks = [(h.name, h.sink) for h in self._handlers if h.sink is not None]
             if self.dead_letter is not None:
-                await self.dead_letter.open(
-                    SinkContext(self.name, "dead-letter", self.state_dir, self._state_id)
-                )
-                opened_sinks.append(self.dead_letter)
+                sinks.append(("dead-letter", self.dead_letter))
+            for handler, sink in sinks:
+                await sink.open(SinkContext(self.name, handler, self.state_dir, statedir.state_id))
+                opened_sinks.append(sink)
+            await self._check_sinks_not_ahead(sinks, tracker.state)
             scheduler = BatchScheduler(
                 app=self.name,
                 tracker=tracker,
@@ -470,9 +427,9 @@ class App:
                 on_failure=self.on_failure,
                 dead_letter=self.dead_letter,
                 fs=self.fs,
-                checkpoint_dir=checkpoint_dir,
+                checkpoint_dir=statedir.checkpoints,
                 checkpoint_interval=self.checkpoint_interval,
-                last_checkpoint_event=after,
+                last_checkpoint=(checkpoint.batch_id, after) if checkpoint is not None else None,
                 read_blocks=generator.read if generator is not None else None,
                 receivers=frozenset(receivers),
                 release_blocks=generator.release if generator is not None else None,
@@ -485,6 +442,7 @@ class App:
             )
             await scheduler.recover()
             if generator is None:
+                assert self._stop is not None
                 task_status.started()
                 await scheduler.run(self._stop, duration=duration)
             else:
@@ -505,9 +463,32 @@ class App:
                         await source.aclose()
                     except Exception:
                         log.exception("closing source %s failed", source.name)
-                if data_wal is not None:
-                    await data_wal.aclose()
-                await tracker.aclose()
+                # Each close runs even when an earlier one raised: the tracker's
+                # lock and the data WAL's must both be released.
+                try:
+                    if data_wal is not None:
+                        await data_wal.aclose()
+                finally:
+                    await tracker.aclose()
+
+    async def _check_sinks_not_ahead(
+        self, sinks: Sequence[tuple[str, Sink]], state: TrackerState
+    ) -> None:
+        """Refuse to start when a sink committed batches this state never allocated.
+
+        That happens when the state directory was restored from a backup
+        older than the sink's outputs (or its tracker log lost its tail):
+        the next batches would get ids the sink already holds, and it would
+        skip them as "already committed", dropping new input without a word.
+        """
+        allocated = state.next_batch_id - 1
+        for handler, sink in sinks:
+            committed = await sink.last_committed()
+            problem = sink_ahead(
+                handler, sink.describe(), committed, allocated, state.last_done, self.state_dir
+            )
+            if problem is not None:
+                raise ConfigError(problem)
 
     async def _serve_receivers(
         self,

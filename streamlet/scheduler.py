@@ -54,7 +54,13 @@ from streamlet.sources.base import DirectSource
 from streamlet.tracker import Allocation, Tracker, plan_allocation
 from streamlet.wal import Position
 
-__all__ = ["BatchScheduler", "FailurePolicy", "RetryPolicy"]
+__all__ = [
+    "BatchScheduler",
+    "FailurePolicy",
+    "RetainedCheckpoint",
+    "RetryPolicy",
+    "retain_checkpoint",
+]
 
 log = logging.getLogger("streamlet.scheduler")
 
@@ -117,6 +123,34 @@ def _dead_letter(
     }
 
 
+RetainedCheckpoint = tuple[int, Position | None]
+"""A checkpoint kept on disk: its batch id and the tracker event it covers (None: unknown)."""
+
+
+def retain_checkpoint(
+    retained: Sequence[RetainedCheckpoint], new: RetainedCheckpoint, keep: int = 2
+) -> tuple[list[RetainedCheckpoint], Position | None]:
+    """The checkpoints kept after writing ``new``, and how far the tracker log may be cleaned.
+
+    Mirrors :func:`~streamlet.checkpoint.write_checkpoint`, which keeps the
+    newest ``keep`` checkpoints by batch id and replaces one of the same
+    batch id. The log must reach back to the oldest kept checkpoint, so that
+    recovery can fall back to it if a newer one is unreadable. When that
+    checkpoint's event is not known (a checkpoint this process did not
+    write, or fewer than ``keep`` known), nothing is cleaned. Pure.
+
+    Returns:
+        The retained checkpoints, newest first, and the position up to which
+        the tracker log may be cleaned (None: clean nothing).
+    """
+    kept = sorted(
+        [new, *(c for c in retained if c[0] != new[0])], key=lambda c: c[0], reverse=True
+    )[:keep]
+    if len(kept) < keep:
+        return kept, None
+    return kept, kept[-1][1]
+
+
 class BatchScheduler:
     """Runs batches; see the module docstring for the protocol.
 
@@ -134,9 +168,10 @@ class BatchScheduler:
         fs: the file layer, for checkpoints.
         checkpoint_dir: where checkpoints go.
         checkpoint_interval: seconds between checkpoints (0: every batch).
-        last_checkpoint_event: the tracker position the loaded checkpoint
-            covers; the tracker log is cleaned up to the older of the two
-            newest checkpoints, so either can be recovered from.
+        last_checkpoint: the batch id and tracker position of the loaded
+            checkpoint (None: none was loaded); the tracker log is cleaned
+            up to the older of the two retained checkpoints, so either can be
+            recovered from (:func:`retain_checkpoint`).
         read_blocks: reads receivers' blocks from the data WAL.
         receivers: names of receivers whose blocks batches take.
         release_blocks: called after a checkpoint with the data WAL position
@@ -170,7 +205,7 @@ class BatchScheduler:
         fs: FileSystem,
         checkpoint_dir: str,
         checkpoint_interval: float,
-        last_checkpoint_event: Position | None,
+        last_checkpoint: RetainedCheckpoint | None,
         read_blocks: BlockReader | None = None,
         receivers: frozenset[str] = frozenset(),
         release_blocks: Callable[[Position | None], Awaitable[object]] | None = None,
@@ -192,7 +227,9 @@ class BatchScheduler:
         self.fs = fs
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_interval = checkpoint_interval
-        self._older_checkpoint_event = last_checkpoint_event
+        self._retained: list[RetainedCheckpoint] = (
+            [last_checkpoint] if last_checkpoint is not None else []
+        )
         self._last_checkpoint_at = time.monotonic()
         self._checkpointed_batch = tracker.state.last_done
         self.read_blocks = read_blocks
@@ -609,9 +646,11 @@ class BatchScheduler:
         self._checkpointed_batch = state.last_done
         # Keep the log back to the older of the two retained checkpoints, so a
         # corrupt newest checkpoint can still be recovered from the older one.
-        if self._older_checkpoint_event is not None:
-            await self.tracker.clean(self._older_checkpoint_event)
-        self._older_checkpoint_event = event
+        # A forced checkpoint at stop may rewrite the newest under its own
+        # name: then the older one is still the one the log must reach.
+        self._retained, clean_to = retain_checkpoint(self._retained, (state.last_done, event))
+        if clean_to is not None:
+            await self.tracker.clean(clean_to)
         if self.release_blocks is not None:
             await self.release_blocks(self._oldest_needed_block())
 

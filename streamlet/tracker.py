@@ -50,6 +50,8 @@ __all__ = [
 log = logging.getLogger("streamlet.tracker")
 
 STATE_VERSION = 1
+SEGMENT_SIZE = 4 * 2**20
+"""Default size of the tracker log's segment files."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +113,44 @@ class TrackerState:
     next_block_id: int = 1
     acks: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def apply(self, event: Mapping[str, Any]) -> None:
-        """Apply one logged event; raises StreamletError on an impossible one."""
+    def check(self, event: Mapping[str, Any]) -> None:
+        """Raise StreamletError if ``event`` cannot be applied to this state; pure.
+
+        The tracker checks an event before it appends it: an impossible event
+        that reached the log would make every later replay of the log fail.
+        """
         kind = event.get("e")
+        try:
+            if kind == "block":
+                BlockRef(int(event["b"][0]), str(event["b"][1]), *map(int, event["b"][2:]))
+                for seq in (event.get("acks") or {}).values():
+                    int(seq)
+            elif kind == "alloc":
+                alloc = Allocation.from_json(event)
+                if alloc.id != self.next_batch_id:
+                    raise StreamletError(
+                        f"tracker log allocates batch {alloc.id} where {self.next_batch_id}"
+                        " was next"
+                    )
+            elif kind == "done":
+                batch_id = int(event["id"])
+                if not self.pending or self.pending[0].id != batch_id:
+                    oldest = self.pending[0].id if self.pending else None
+                    raise StreamletError(
+                        f"tracker log marks batch {batch_id} done while the oldest pending"
+                        f" is {oldest}"
+                    )
+            else:
+                raise StreamletError(f"unknown tracker event {kind!r}: {dict(event)!r}")
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise StreamletError(
+                f"malformed tracker event {dict(event)!r}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def apply(self, event: Mapping[str, Any]) -> None:
+        """Apply one logged event; raises StreamletError (changing nothing) on an impossible one."""
+        self.check(event)
+        kind = event["e"]
         if kind == "block":
             ref = BlockRef(int(event["b"][0]), str(event["b"][1]), *map(int, event["b"][2:]))
             self.blocks.setdefault(ref.source, []).append(ref)
@@ -125,10 +162,6 @@ class TrackerState:
                     mine[str(client)] = max(int(seq), mine.get(str(client), -1))
         elif kind == "alloc":
             alloc = Allocation.from_json(event)
-            if alloc.id != self.next_batch_id:
-                raise StreamletError(
-                    f"tracker log allocates batch {alloc.id} where {self.next_batch_id} was next"
-                )
             for r in alloc.ranges:
                 self.positions.setdefault(r.source, {})[r.partition] = r.until
             taken = {b.id for b in alloc.blocks}
@@ -137,19 +170,11 @@ class TrackerState:
                     self.blocks[source] = [b for b in refs if b.id not in taken]
             self.pending.append(alloc)
             self.next_batch_id = alloc.id + 1
-        elif kind == "done":
-            batch_id = int(event["id"])
-            if not self.pending or self.pending[0].id != batch_id:
-                oldest = self.pending[0].id if self.pending else None
-                raise StreamletError(
-                    f"tracker log marks batch {batch_id} done while the oldest pending is {oldest}"
-                )
+        else:  # "done"
             alloc = self.pending.pop(0)
             for r in alloc.ranges:
                 self.committed.setdefault(r.source, {})[r.partition] = r.until
-            self.last_done = batch_id
-        else:
-            raise StreamletError(f"unknown tracker event {kind!r}: {dict(event)!r}")
+            self.last_done = alloc.id
 
     def to_json(self) -> dict[str, Any]:
         """A checkpoint body; read back with :meth:`from_json`."""
@@ -315,10 +340,16 @@ class Tracker:
         after: Position | None,
         fs: FileSystem | None = None,
         durability: str = "always",
+        segment_size: int = SEGMENT_SIZE,
     ) -> Tracker:
-        """Open the log and replay the events newer than ``after`` over ``base``."""
+        """Open the log and replay the events newer than ``after`` over ``base``.
+
+        ``segment_size`` is the size of the log's segment files: the log is
+        cleaned a whole segment at a time, so smaller segments free space
+        sooner (tests use tiny ones to exercise cleaning).
+        """
         wal = await WriteAheadLog.open(
-            directory, durability=durability, segment_size=4 * 2**20, fs=fs
+            directory, durability=durability, segment_size=segment_size, fs=fs
         )
         state = base if base is not None else TrackerState()
         last = after
@@ -339,12 +370,20 @@ class Tracker:
 
     async def _log(self, event: dict[str, Any]) -> None:
         async with self._lock:
+            # Invariant: only an event that applies is appended (checked first).
+            self.state.check(event)
             position = await self._wal.append(orjson.dumps(event))
             self.state.apply(event)
             self.last_event = position
 
     async def _log_many(self, events: Sequence[dict[str, Any]]) -> None:
         async with self._lock:
+            # Only block events come in groups; each applies independently of
+            # the others, so checking each against the current state suffices.
+            for event in events:
+                if event.get("e") != "block":
+                    raise StreamletError(f"only block events are logged in groups, not {event!r}")
+                self.state.check(event)
             positions = await self._wal.append_many([orjson.dumps(e) for e in events])
             for event in events:
                 self.state.apply(event)
@@ -359,13 +398,6 @@ class Tracker:
         known = self.state.positions.setdefault(source, {})
         for partition, offset in positions.items():
             known.setdefault(partition, offset)
-
-    async def log_block(self, ref: BlockRef, acks: Mapping[str, int] | None = None) -> None:
-        """Record that ``ref`` is durable in the data WAL."""
-        event: dict[str, Any] = {"e": "block", "b": list(ref)}
-        if acks:
-            event["acks"] = dict(acks)
-        await self._log(event)
 
     async def log_blocks(self, blocks: Sequence[tuple[BlockRef, Mapping[str, int]]]) -> None:
         """Record that every block is durable in the data WAL, in one group commit.

@@ -66,6 +66,17 @@ class Sink(ABC):
                 batch is visible (sinks commit atomically).
         """
 
+    async def last_committed(self) -> int | None:
+        """The newest batch id this sink committed for its app, handler and state directory.
+
+        Called after :meth:`open`. The app refuses to start when it is above
+        every batch its state directory allocated (a state directory restored
+        from a backup older than the sink): new batches would reuse ids the
+        sink holds and be skipped. None (the default) means the sink does not
+        know, as at-least-once sinks do not; 0 means nothing was committed.
+        """
+        return None
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources; called once at shutdown."""
 

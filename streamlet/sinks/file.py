@@ -349,6 +349,14 @@ class FileSink(Sink):
             # leftover part file is complete.
             log.warning("FileSink could not remove %s after a failed commit: %s", path, exc)
 
+    async def last_committed(self) -> int | None:
+        """The newest batch id with a part file in the directory (0: none)."""
+        return await anyio.to_thread.run_sync(self._last_committed_sync)
+
+    def _last_committed_sync(self) -> int:
+        found = [int(m.group(1)) for m in map(_PART.match, self._fs.listdir(self._directory)) if m]
+        return max(found, default=0)
+
     @classmethod
     def read_committed(
         cls, directory: str | os.PathLike[str], *, fs: FileSystem | None = None

@@ -396,6 +396,18 @@ class SQLiteSink(Sink):
         ).fetchall()
         return [int(row[0]) for row in rows]
 
+    async def last_committed(self) -> int | None:
+        """The newest batch id this app and handler committed (0: none)."""
+        return await self._run(self._last_committed_sync)
+
+    def _last_committed_sync(self) -> int:
+        conn, context = self._state()
+        row = conn.execute(
+            "SELECT MAX(batch_id) FROM streamlet_batches WHERE app = ? AND handler = ?",
+            (context.app, context.handler),
+        ).fetchone()
+        return int(row[0]) if row is not None and row[0] is not None else 0
+
     async def committed_ranges(self) -> dict[tuple[str, int], OffsetRange]:
         """Per ``(source, partition)``, the range of the newest committed batch.
 

@@ -394,3 +394,33 @@ async def test_a_corrupt_checkpoint_falls_back_and_two_are_refused_by_name(
     refused = _counting_app(tmp_path / "state", ListSink(), limit=80)
     with anyio.fail_after(20), pytest.raises(CheckpointError, match="no readable checkpoint"):
         await refused.serve()
+
+
+async def test_a_graceful_stop_keeps_the_log_the_older_checkpoint_needs(tmp_path: Path) -> None:
+    """Stopping rewrites the newest checkpoint; the older one must stay recoverable.
+
+    Tiny tracker segments make the log cleaning behind checkpoints real: with
+    the default 4 MiB segments nothing would ever be cleaned here.
+    """
+    state = tmp_path / "state"
+    sink = ListSink()
+    app = _counting_app(state, sink, limit=40, checkpoint_interval=0, tracker_segment_bytes=200)
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set() if info.batch_id >= 4 else None)
+    await _serve_until(app, done)
+    # The stop's forced checkpoint rewrote checkpoint-<last done> and cleaned.
+    assert len(list((state / "tracker").iterdir())) < 10
+    checkpoints = sorted((state / "checkpoints").glob("checkpoint-*.json"))
+    assert len(checkpoints) == 2
+    checkpoints[-1].write_bytes(b"garbage")
+
+    resumed = ListSink()
+    again = _counting_app(
+        state, resumed, limit=60, checkpoint_interval=0, tracker_segment_bytes=200
+    )
+    more = anyio.Event()
+    again.add_listener(lambda info: more.set())
+    await _serve_until(again, more)
+    first = len(sink.values())
+    assert sink.values() == list(range(first))
+    assert resumed.values() == list(range(first, first + len(resumed.values())))

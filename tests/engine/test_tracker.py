@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -131,3 +133,39 @@ def test_a_receiver_limit_takes_whole_blocks_oldest_first_and_at_least_one() -> 
     )
     assert [b.id for b in unlimited.blocks] == [1, 2, 3, 4]
     assert isinstance(unlimited.blocks[0], BlockRef)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"e": "done", "id": 99},
+        {"e": "alloc", "id": 7, "t": 0.0, "r": [], "b": []},
+        {"e": "block", "b": ["x"]},
+        {"e": "nonsense"},
+    ],
+)
+async def test_an_impossible_event_is_refused_before_it_is_logged(
+    tmp_path: Path, event: dict[str, object]
+) -> None:
+    from streamlet.tracker import Tracker
+
+    directory = str(tmp_path / "tracker")
+    tracker = await Tracker.open(directory, base=None, after=None)
+    try:
+        with pytest.raises(StreamletError):
+            await tracker._log(dict(event))
+        assert tracker.state == TrackerState()
+        assert tracker.last_event is None
+        if event["e"] == "done":
+            with pytest.raises(StreamletError, match="done while the oldest pending is None"):
+                await tracker.log_done(99)
+        # A valid event still goes through after the refusal.
+        await tracker.log_blocks([(BlockRef(1, "r", 1, 0, 10, 1), {})])
+    finally:
+        await tracker.aclose()
+    # Had the bad event been appended, every reopen would fail replaying it.
+    reopened = await Tracker.open(directory, base=None, after=None)
+    try:
+        assert [b.id for b in reopened.state.blocks["r"]] == [1]
+    finally:
+        await reopened.aclose()
