@@ -266,15 +266,6 @@ def checkpoint_show(directory: str, as_json: bool) -> None:
         click.echo(view.describe())
 
 
-def _default_client_id(path: str) -> str:
-    """A client id stable for one file on one host, so a re-send skips what is durable."""
-    import hashlib
-    import socket
-
-    where = f"{socket.gethostname()}:{os.path.realpath(path)}"
-    return "file-" + hashlib.sha256(where.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
-
 @main.command("send")
 @click.argument(
     "file",
@@ -286,9 +277,16 @@ def _default_client_id(path: str) -> str:
 @click.option("--port", type=click.IntRange(1, 65535), required=True, help="The TcpSource's port.")
 @click.option(
     "--client-id",
-    help="Names this sender for the server's duplicate filter. Default for a FILE: derived from"
-    " this host and the file's path, so sending it again skips lines already durable; for"
-    " stdin: a new random id.",
+    help="Names this sender for the server's duplicate filter: lines the server already holds"
+    " as durable for it are skipped. Default for a FILE: an id naming this host, the file's"
+    " path, device and inode and its first lines, so sending the same file again, or after"
+    " lines were appended to it, skips what is durable, while a file rewritten or replaced at"
+    " that path is sent in full; for stdin (or a pipe): a new random id.",
+)
+@click.option(
+    "--no-resume",
+    is_flag=True,
+    help="Send every line, under a new random client id, even if the file was sent before.",
 )
 @click.option(
     "--timeout",
@@ -298,49 +296,126 @@ def _default_client_id(path: str) -> str:
     help="Seconds to keep trying to reach the server, at the start and after a lost"
     " connection, before giving up.",
 )
-def send(file: str, host: str, port: int, client_id: str | None, timeout: float) -> None:
+def send(
+    file: str, host: str, port: int, client_id: str | None, no_resume: bool, timeout: float
+) -> None:
     """Send each line of FILE (or stdin) to a TcpSource and wait until all are durable.
 
-    Line i is sent with sequence number i, so running the same command again
-    with the same client id sends only the lines the server does not have
-    yet. Exits 1 if the server cannot be reached or refuses a line.
+    Line i is sent with sequence number i, and lines the server already
+    holds as durable for the client id are skipped (the output says how
+    many). Running the command again on the same file, unchanged or with
+    lines appended, sends only the lines the server does not have yet; a
+    file rewritten or replaced at the same path is sent in full. Exits 1 if
+    the server cannot be reached or refuses a line, or if it holds more
+    lines for the client id than the input has.
     """
     import io
+    import socket
+    import stat
     import uuid
     from typing import cast
 
     import anyio
 
     from streamlet.sources.tcp import check_client_id
-    from streamlet.tcp import ClientError, SendSummary, send_stream
+    from streamlet.tcp import (
+        FILE_PREFIX_BYTES,
+        ClientError,
+        FileClientId,
+        SendSummary,
+        choose_client_id,
+        file_client_ids,
+        send_stream,
+    )
 
-    if client_id is None:
-        client_id = f"stdin-{uuid.uuid4().hex[:16]}" if file == "-" else _default_client_id(file)
+    if client_id is not None:
+        if no_resume:
+            raise click.UsageError(
+                "--no-resume sends under a new client id; give --client-id to resume under"
+                " that id, or --no-resume, not both"
+            )
+        try:
+            check_client_id(client_id)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--client-id") from exc
+    what = "stdin" if file == "-" else file
+    chosen: str | None = client_id
+    picked: FileClientId | None = None
+
+    async def go(stream: io.BufferedIOBase, candidates: list[FileClientId]) -> SendSummary:
+        nonlocal chosen, picked
+        if chosen is None:
+            picked = await choose_client_id(candidates, host, port, connect_timeout=timeout)
+            chosen = picked.client_id
+        return await send_stream(stream, host, port, chosen, connect_timeout=timeout)
+
     try:
-        check_client_id(client_id)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--client-id") from exc
-
-    async def go(stream: io.BufferedIOBase) -> SendSummary:
-        return await send_stream(stream, host, port, client_id, connect_timeout=timeout)
-
-    try:
-        with click.open_file(file, "rb") as stream:
-            summary = anyio.run(go, cast(io.BufferedIOBase, stream))
+        with click.open_file(file, "rb") as opened:
+            stream = cast(io.BufferedIOBase, opened)
+            candidates: list[FileClientId] = []
+            if file == "-" or not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                # A stream read once: nothing to recognise it by the next time.
+                if chosen is None:
+                    chosen = f"{'stdin' if file == '-' else 'stream'}-{uuid.uuid4().hex[:16]}"
+            elif no_resume:
+                chosen = f"new-{uuid.uuid4().hex[:16]}"
+            elif chosen is None:
+                info = os.fstat(stream.fileno())
+                prefix = stream.read(FILE_PREFIX_BYTES)
+                stream.seek(0)
+                candidates = file_client_ids(
+                    prefix,
+                    host=socket.gethostname(),
+                    path=os.path.realpath(file),
+                    device=info.st_dev,
+                    inode=info.st_ino,
+                )
+            summary = anyio.run(go, stream, candidates)
     except ClientError as exc:
         click.echo(f"error: {exc}", err=True)
         raise click.exceptions.Exit(1) from exc
     except KeyboardInterrupt:
-        click.echo(
-            "interrupted: lines not yet acknowledged may not be durable; run the same command"
-            f" with --client-id {client_id} to send them (lines already durable are skipped)",
-            err=True,
-        )
+        if chosen is None:
+            click.echo("interrupted before any line was sent", err=True)
+        else:
+            click.echo(
+                "interrupted: lines not yet acknowledged may not be durable; to send them, run"
+                f" streamlet send again with --client-id {chosen} (and without --no-resume):"
+                " lines already durable are skipped",
+                err=True,
+            )
         raise click.exceptions.Exit(130) from None
     click.echo(
         f"{summary.lines} lines: {summary.sent} sent, {summary.skipped} skipped as already"
-        f" durable; acknowledged through seq {summary.acked} (client id {client_id})"
+        f" durable; acknowledged through seq {summary.acked} (client id {chosen})"
     )
+    if client_id is None:
+        again = "pass --no-resume"
+    else:
+        again = "give another --client-id, or --no-resume instead of --client-id"
+    if summary.resumed_at > summary.lines:
+        click.echo(
+            f"error: the server already holds {summary.resumed_at} lines durably for client id"
+            f" {chosen}, more than the {summary.lines} of {what}: {what} is not what was sent"
+            f" under this id before, or it was cut short, and none of its lines were sent; to"
+            f" send them, {again}",
+            err=True,
+        )
+        raise click.exceptions.Exit(1)
+    if summary.skipped:
+        if picked is None:
+            why = "sent before under this id"
+        elif picked.lines:
+            why = f"sent before from this file: same path, inode and first {picked.lines} line(s)"
+        else:
+            why = (
+                f"sent before from this file: same path, inode and first {FILE_PREFIX_BYTES} bytes"
+            )
+        click.echo(
+            f"{summary.skipped} line(s) skipped: the server already holds lines 1 to"
+            f" {summary.skipped} durably for client id {chosen} ({why}); to send them again,"
+            f" {again}"
+        )
 
 
 @main.command("chaos")

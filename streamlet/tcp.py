@@ -8,18 +8,26 @@ delivers every line once, across restarts of either side, as long as the
 client keeps its client id (and, when restarted, its numbering: see
 ``start_seq``). The protocol is written down in :mod:`streamlet.sources.tcp`.
 
-:func:`send_stream` is ``streamlet send``: line ``i`` of a file is sent with
-sequence number ``i``, so sending the same file twice under the same client
-id sends nothing new the second time.
+:func:`send_stream` is ``streamlet send``: line ``i`` of its input is sent
+with sequence number ``i``, so sending the same lines twice under the same
+client id sends nothing new the second time. That makes the client id the
+whole of what a re-send trusts: lines the server has as durable for it are
+skipped unseen. :func:`file_client_ids` therefore names a file by where it
+is (host, real path, device and inode) and by the content of its first
+lines, and :func:`choose_client_id` asks the server which of a file's ids a
+previous send used: a file sent again unchanged, or after lines were
+appended to it, resumes where it left off, while a file rewritten or replaced
+at the same path gets a new id and is sent in full.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,11 +40,16 @@ from streamlet.errors import ConfigError, StreamletError
 from streamlet.sources.tcp import check_client_id
 
 __all__ = [
+    "FILE_PREFIX_BYTES",
     "ClientError",
+    "FileClientId",
     "RejectedError",
     "SendSummary",
     "TcpClient",
     "UnreachableError",
+    "choose_client_id",
+    "durable_through",
+    "file_client_ids",
     "send_stream",
 ]
 
@@ -548,6 +561,127 @@ def _describe(exc: BaseException) -> str:
 
 # -- streamlet send ---------------------------------------------------------
 
+FILE_PREFIX_BYTES = 4096
+"""The bytes at the start of a file whose complete lines its client ids name."""
+_PROBES_AT_ONCE = 4
+"""Client ids :func:`choose_client_id` asks the server about at the same time."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileClientId:
+    """A client id :func:`file_client_ids` offers for a file.
+
+    Attributes:
+        client_id: the id.
+        lines: how many of the file's first lines it names by their content;
+            0 when the file's first :data:`FILE_PREFIX_BYTES` bytes hold no
+            complete line (the id then names those bytes).
+    """
+
+    client_id: str
+    lines: int
+
+
+def file_client_ids(
+    prefix: bytes, *, host: str, path: str, device: int, inode: int
+) -> list[FileClientId]:
+    """The client ids ``streamlet send`` may use for a file, the most specific first.
+
+    Each id names the file's host, real ``path``, ``device`` and ``inode``
+    and the content of its first ``2**j`` complete lines, for each ``j``
+    from the largest whose lines all end within ``prefix`` down to 0.
+    ``prefix`` is the file's first :data:`FILE_PREFIX_BYTES` bytes (the
+    whole file if it is shorter).
+
+    A send uses the first id unless the server has lines of another
+    (:func:`choose_client_id`). Lines appended to the file leave its first
+    lines as they were, so the id of an earlier send is among those of the
+    longer file, and the send resumes. A file rewritten in place whose first
+    lines differ from the earlier version's, or replaced by another file (a
+    new inode), has none of the earlier ids and is sent in full. What an id
+    does not vouch for: the lines after those it names. An id names at least
+    half of the complete lines the first 4 KiB of the file held when it was
+    chosen, so a rewrite that keeps all of those but changes lines after
+    them is taken for the same file.
+    """
+    place = hashlib.sha256()
+    for part in (host, path, str(device), str(inode)):
+        place.update(part.encode("utf-8", "surrogateescape") + b"\0")
+
+    def named(lines: int, content: bytes) -> FileClientId:
+        digest = place.copy()
+        digest.update(b"%d\0" % lines)
+        digest.update(content)
+        return FileClientId("file-" + digest.hexdigest()[:16], lines)
+
+    prefix = prefix[:FILE_PREFIX_BYTES]
+    ends: list[int] = []
+    end = prefix.find(b"\n")
+    while end >= 0:
+        ends.append(end)
+        end = prefix.find(b"\n", end + 1)
+    if not ends:
+        return [named(0, prefix)]
+    return [
+        named(2**j, prefix[: ends[2**j - 1] + 1]) for j in range(len(ends).bit_length() - 1, -1, -1)
+    ]
+
+
+async def durable_through(
+    host: str, port: int, client_id: str, *, connect_timeout: float | None = 10.0
+) -> int:
+    """What the server has as durable for ``client_id`` (its ``@resume``; 0: nothing).
+
+    Connects, says hello and closes without sending a line.
+
+    Raises:
+        UnreachableError: the server could not be reached within ``connect_timeout``.
+        RejectedError: the server refused the hello.
+    """
+    async with TcpClient(host, port, client_id, connect_timeout=connect_timeout) as client:
+        return client.resumed_at
+
+
+async def choose_client_id(
+    candidates: Sequence[FileClientId],
+    host: str,
+    port: int,
+    *,
+    connect_timeout: float | None = 10.0,
+) -> FileClientId:
+    """The first of ``candidates`` the server has lines of; the first of all if none.
+
+    With the ids of :func:`file_client_ids`, that is the id an earlier send
+    of the file (or of its first lines, before more were appended) used.
+
+    Raises:
+        ValueError: ``candidates`` is empty.
+        UnreachableError: the server could not be reached within ``connect_timeout``.
+        RejectedError: the server refused a hello.
+    """
+    if not candidates:
+        raise ValueError("choose_client_id needs at least one candidate")
+    durable = [0] * len(candidates)
+    failures: list[ClientError] = []
+    limiter = anyio.CapacityLimiter(_PROBES_AT_ONCE)
+    async with anyio.create_task_group() as tg:
+
+        async def ask(index: int, client_id: str) -> None:
+            try:
+                async with limiter:
+                    durable[index] = await durable_through(
+                        host, port, client_id, connect_timeout=connect_timeout
+                    )
+            except ClientError as exc:
+                failures.append(exc)
+                tg.cancel_scope.cancel()
+
+        for index, candidate in enumerate(candidates):
+            tg.start_soon(ask, index, candidate.client_id)
+    if failures:
+        raise failures[0]
+    return next((c for c, n in zip(candidates, durable, strict=True) if n > 0), candidates[0])
+
 
 @dataclass(frozen=True, slots=True)
 class SendSummary:
@@ -558,12 +692,15 @@ class SendSummary:
         sent: lines sent (the server did not have them as durable).
         skipped: lines skipped: the server already had them as durable.
         acked: the highest sequence number acknowledged at the end.
+        resumed_at: what the server had as durable for the client id when
+            the send began (its ``@resume``): the lines up to it were skipped.
     """
 
     lines: int
     sent: int
     skipped: int
     acked: int
+    resumed_at: int = 0
 
 
 async def _read_chunks(source: io.BufferedIOBase) -> AsyncIterator[bytes]:
@@ -587,7 +724,9 @@ async def send_stream(
 
     A last line without ``\\n`` is sent too; ``\\r\\n`` line ends are
     accepted. Lines the server already has as durable for ``client_id`` are
-    skipped without being sent.
+    skipped without being sent (and without being compared with what was
+    sent before: the client id must name this input, see
+    :func:`file_client_ids`); :attr:`SendSummary.resumed_at` says how many.
 
     Raises:
         UnreachableError: the server could not be reached within ``connect_timeout``.
@@ -608,4 +747,10 @@ async def send_stream(
             lines += 1
             await client.send(rest[:-1] if rest.endswith(b"\r") else rest)
         await client.flush()
-    return SendSummary(lines=lines, sent=client.sent, skipped=client.skipped, acked=client.acked)
+    return SendSummary(
+        lines=lines,
+        sent=client.sent,
+        skipped=client.skipped,
+        acked=client.acked,
+        resumed_at=client.resumed_at,
+    )
