@@ -10,6 +10,11 @@ number), whose state is logged with every block as the receiver's acks, keeps
 a line sent twice from being stored twice. :class:`streamlet.tcp.TcpClient`
 and ``streamlet send`` are the client side.
 
+A plain client (``nc``, or anything that sends lines without ``@hello``)
+gets no acknowledgement: its lines are at-most-once. The source says so in a
+warning when it starts and in a log line per plain connection;
+``TcpSource(allow_plain=False)`` refuses plain clients.
+
 Protocol, version 1
 ===================
 
@@ -32,10 +37,16 @@ Mode
       data that begins with ``@``).
     - any other line: plain mode, and this line is the first record.
 
-    Unless its first byte is something other than ``@``, the first line must
-    be complete within ``hello_timeout`` seconds of the connection opening
-    (a person typing plain lines into ``nc`` may be slow; a numbered client
-    that never says hello holds a connection for nothing).
+    A source made with ``allow_plain=False`` takes numbered clients only: to
+    ``@plain``, and as soon as the first byte of a connection is something
+    other than ``@``, it answers ``@error plain clients are refused: ...``
+    and closes the connection; nothing the connection sent is stored.
+
+    Unless its first byte is something other than ``@`` and plain clients
+    are allowed, the first line must be complete within ``hello_timeout``
+    seconds of the connection opening (a person typing plain lines into
+    ``nc`` may be slow; a numbered client that never says hello holds a
+    connection for nothing).
 
 Plain mode
     Every line is one record: value = the line, key = None, offset = -1,
@@ -87,7 +98,9 @@ Server messages
     Errors: a line longer than ``max_line`` (``@error line too long (max N
     bytes)``; nothing of that line is stored); a malformed numbered line or
     sequence numbers that do not increase; a bad or missing hello; an
-    unknown command; a connection taken over by another with the same id.
+    unknown command; a connection taken over by another with the same id;
+    a plain client when plain clients are not allowed (``@error plain
+    clients are refused: ...``).
 
 Stopping
     On a graceful stop (:attr:`ReceiverContext.stopping`) the server stops
@@ -137,6 +150,11 @@ _LINGER_BYTES = 4 * 2**20
 """How long, and how much, a refused client may go on sending before its socket is closed."""
 _ACK_QUEUE = 256
 """Reads whose acks may wait on durability before a connection stops reading (backpressure)."""
+_PLAIN_REFUSED = (
+    "plain clients are refused: this TcpSource takes numbered clients only, whose lines are"
+    " acknowledged once durable; send '@hello <client-id>' first and number the lines"
+    " (streamlet send, streamlet.tcp.TcpClient)"
+)
 
 
 def check_client_id(client_id: str) -> str:
@@ -326,6 +344,11 @@ class TcpSource(Receiver):
             (unless that line does not begin with ``@``); None: no limit.
         drain_timeout: on a graceful stop, seconds to wait for the acks of
             lines already stored before closing connections anyway.
+        allow_plain: accept plain clients (no ``@hello``; ``nc`` is one),
+            whose lines are at-most-once: not acknowledged, and lost if the
+            worker dies before they are durable. False refuses them with
+            ``@error``, so that every line stored was sent by a numbered
+            client (``streamlet send``, :class:`streamlet.tcp.TcpClient`).
 
     Raises:
         ConfigError: a setting is out of range.
@@ -341,6 +364,7 @@ class TcpSource(Receiver):
         max_connections: int = 64,
         hello_timeout: float | None = 10.0,
         drain_timeout: float = 5.0,
+        allow_plain: bool = True,
     ) -> None:
         super().__init__(name=name)
         if not host:
@@ -364,6 +388,7 @@ class TcpSource(Receiver):
         self.max_connections = max_connections
         self.hello_timeout = hello_timeout
         self.drain_timeout = drain_timeout
+        self.allow_plain = allow_plain
         self._port = port
         self._address: tuple[str, int] | None = None
         self._clients: dict[str, _Client] = {}
@@ -426,6 +451,14 @@ class TcpSource(Receiver):
         self._port = port
         self._address = (ip, port)
         log.info("TcpSource %r listening on %s:%d", context.name, self.host, self._port)
+        if self.allow_plain:
+            log.warning(
+                "TcpSource %r accepts plain clients (no '@hello' line, e.g. nc): their lines"
+                " are at-most-once, not acknowledged and lost if the worker dies before they"
+                " are durable; numbered clients (streamlet send, TcpClient) are exactly-once;"
+                " TcpSource(allow_plain=False) refuses plain clients",
+                context.name,
+            )
         if not all(_is_loopback(sub) for sub in listener.listeners):
             log.warning(
                 "TcpSource %r listens on %s, beyond this machine: whoever can connect can add"
@@ -528,14 +561,19 @@ class TcpSource(Receiver):
             math.inf if self.hello_timeout is None else anyio.current_time() + self.hello_timeout
         )
         while True:
+            if buf and buf[0] != ord("@"):
+                if not self.allow_plain:
+                    # Refused at the first byte: a person typing into nc
+                    # learns it before typing a whole line.
+                    await self._refuse(conn, context, _PLAIN_REFUSED)
+                    return
+                deadline = math.inf  # plain data: a person may be typing
             newline = buf.find(b"\n", scan_from)
             if newline >= 0:
                 break
             if len(buf) > self.max_line:
                 await self._refuse(conn, context, self._too_long())
                 return
-            if buf and buf[0] != ord("@"):
-                deadline = math.inf  # plain data: a person may be typing
             scan_from = len(buf)
             try:
                 chunk = await conn.receive(deadline)
@@ -560,6 +598,9 @@ class TcpSource(Receiver):
             return
         del buf[: newline + 1]
         if first == b"@plain":
+            if not self.allow_plain:
+                await self._refuse(conn, context, _PLAIN_REFUSED)
+                return
             await self._plain(conn, buf, context)
         elif first.startswith(b"@hello "):
             try:
@@ -595,6 +636,12 @@ class TcpSource(Receiver):
         """Store every line; acknowledge nothing (at-most-once)."""
         scan_from = 0
         name = context.name
+        log.info(
+            "TcpSource %r: plain client %s (no '@hello'): its lines are at-most-once, not"
+            " acknowledged and lost if the worker dies before they are durable",
+            name,
+            conn.peer,
+        )
         while True:
             lines, too_long = _take_lines(buf, scan_from, self.max_line)
             if lines:

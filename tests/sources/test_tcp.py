@@ -119,6 +119,77 @@ async def test_a_slow_plain_first_line_is_not_timed_out() -> None:
     assert [r.value for r in ctx.records] == [b"typed slowly"]
 
 
+async def test_a_source_that_allows_plain_clients_warns_at_start_that_they_are_at_most_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="streamlet.sources.tcp"):
+        async with running(TcpSource(), FakeContext(name="lines")):
+            pass
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "TcpSource 'lines' accepts plain clients" in warnings[0]
+    assert "at-most-once" in warnings[0]
+    assert "allow_plain=False" in warnings[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="streamlet.sources.tcp"):
+        async with running(TcpSource(allow_plain=False), FakeContext(name="lines")):
+            pass
+    assert "plain" not in caplog.text
+
+
+async def test_each_plain_connection_is_logged_once_as_at_most_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ctx = FakeContext()
+    with caplog.at_level(logging.INFO, logger="streamlet.sources.tcp"):
+        async with running(TcpSource(), ctx) as port:
+            for data in (b"a\nb\nc\n", b"@plain\nd\ne\n"):
+                async with LineConn.open(port, data) as conn:
+                    await conn.stream.send_eof()
+                    assert await conn.rest() == []
+            async with LineConn.open(port, b"@hello c1\n1 numbered\n") as conn:
+                assert await conn.line() == b"@resume 0"
+                assert await conn.acks_until(1) == [1]
+    plain = [r for r in caplog.records if "plain client 127.0.0.1:" in r.getMessage()]
+    assert len(plain) == 2
+    assert all(r.levelno == logging.INFO for r in plain)
+    assert all("at-most-once" in r.getMessage() for r in plain)
+    assert [r.value for r in ctx.records] == [b"a", b"b", b"c", b"d", b"e", b"numbered"]
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [b"plain line\nmore\n", b"@plain\ndata\n", b"p", b"x" * 100],
+    ids=["plain-line", "at-plain", "first-byte", "long-unfinished"],
+)
+async def test_allow_plain_false_refuses_plain_clients_and_stores_nothing(
+    opening: bytes,
+) -> None:
+    ctx = FakeContext()
+    source = TcpSource(allow_plain=False, hello_timeout=None, max_line=50)
+    async with running(source, ctx) as port:
+        async with LineConn.open(port, opening) as conn:
+            lines = await conn.rest()
+        async with LineConn.open(port, b"@hello c1\n1 numbered\n") as conn:
+            assert await conn.line() == b"@resume 0"
+            assert await conn.acks_until(1) == [1]
+    assert len(lines) == 1
+    assert lines[0].startswith(b"@error plain clients are refused: ")
+    assert b"'@hello <client-id>'" in lines[0]
+    assert [r.value for r in ctx.records] == [b"numbered"]
+
+
+async def test_a_refused_plain_client_reads_the_error_while_it_keeps_sending() -> None:
+    ctx = FakeContext()
+    async with running(TcpSource(allow_plain=False), ctx) as port, LineConn.open(port) as conn:
+        for i in range(200):
+            await conn.send(b"line %d\n" % i)
+        line = await conn.line()
+    assert line.startswith(b"@error plain clients are refused")
+    assert ctx.records == []
+
+
 # -- numbered mode --------------------------------------------------------------
 
 
