@@ -707,6 +707,15 @@ class TcpSource(Receiver):
         finally:
             if client.owner is conn:
                 client.owner = None
+                if (
+                    client.stored == context.acks.get(client_id, 0)
+                    and not client.pending
+                    and self._clients.get(client_id) is client
+                ):
+                    # Nothing stored since the start: a new entry would be the
+                    # same. Ids that only asked where to resume (streamlet send
+                    # asks about several per file) do not pile up.
+                    del self._clients[client_id]
 
     async def _read_numbered(
         self,

@@ -193,6 +193,30 @@ async def test_a_refused_plain_client_reads_the_error_while_it_keeps_sending() -
 # -- numbered mode --------------------------------------------------------------
 
 
+async def test_a_client_id_that_stored_nothing_is_forgotten_when_its_connection_ends() -> None:
+    ctx = FakeContext(acks={"old": 5})
+    source = TcpSource()
+    async with running(source, ctx) as port:
+        for client_id in ("asked-1", "asked-2", "old"):
+            async with LineConn.open(port, b"@hello %s\n" % client_id.encode()) as conn:
+                assert await conn.line() == b"@resume %d" % ctx.acks.get(client_id, 0)
+        async with LineConn.open(port, b"@hello kept\n1 a\n") as conn:
+            assert await conn.line() == b"@resume 0"
+            assert await conn.acks_until(1) == [1]
+        for _ in range(500):  # the server forgets once it has seen each connection end
+            if set(source._clients) == {"kept"}:
+                break
+            await anyio.sleep(0.01)
+        assert set(source._clients) == {"kept"}
+        # Asked again, each says the same as before; "kept" still drops duplicates.
+        async with LineConn.open(port, b"@hello old\n") as conn:
+            assert await conn.line() == b"@resume 5"
+        async with LineConn.open(port, b"@hello kept\n1 a\n2 b\n") as conn:
+            assert await conn.line() == b"@resume 1"
+            assert await conn.acks_until(2) == [2]
+    assert [(r.key, r.offset) for r in ctx.records] == [(b"kept", 1), (b"kept", 2)]
+
+
 async def test_numbered_lines_are_keyed_records_acked_only_once_durable() -> None:
     ctx = FakeContext(delay=None)
     async with running(TcpSource(), ctx) as port, LineConn.open(port, b"@hello c1\n") as conn:
