@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from streamlet.app import App
 from streamlet.errors import (
-    CommitError,
     ConfigError,
     DecodeError,
     FencedError,
     HandlerError,
+    OutputError,
     RecordTooLargeError,
     SinkError,
     StreamletError,
@@ -37,7 +37,6 @@ __all__ = [
     "BatchInfo",
     "BlockRef",
     "CallbackSink",
-    "CommitError",
     "ConfigError",
     "DecodeError",
     "DirectSource",
@@ -47,6 +46,7 @@ __all__ = [
     "KafkaSink",
     "KafkaSource",
     "OffsetRange",
+    "OutputError",
     "PrintSink",
     "Receiver",
     "ReceiverContext",

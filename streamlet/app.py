@@ -25,7 +25,7 @@ from streamlet.checkpoint import load_latest
 from streamlet.errors import ConfigError, StreamletError
 from streamlet.faults import file_system
 from streamlet.fs import FileSystem
-from streamlet.handlers import HandlerFn, HandlerSpec
+from streamlet.handlers import HandlerFn, HandlerSpec, check_handler
 from streamlet.metrics import BatchInfo
 from streamlet.scheduler import BatchScheduler, FailurePolicy, RetryPolicy
 from streamlet.sinks.base import Sink, SinkContext
@@ -35,6 +35,7 @@ from streamlet.statedir import MANIFEST_FORMAT, MANIFEST_VERSION, StateDir
 from streamlet.tracker import SEGMENT_SIZE as TRACKER_SEGMENT_SIZE
 from streamlet.tracker import Tracker, TrackerState, restore
 from streamlet.wal import Position, WriteAheadLog
+from streamlet.watchdog import watched
 
 __all__ = ["App"]
 
@@ -128,6 +129,9 @@ class App:
         durability: the tracker log's fsync policy (``"always"``; see the WAL).
         tracker_segment_bytes: size of the tracker log's segment files; the
             log is cleaned behind checkpoints a whole segment at a time.
+        blocked_loop_warning: seconds a handler may block the event loop
+            before a warning names it (None: no watch); see ``thread=True``
+            in :meth:`handler` for blocking code.
         fs: the file layer (tests inject a fault-injecting one).
     """
 
@@ -151,6 +155,7 @@ class App:
         dead_letter: Sink | None = None,
         durability: str = "always",
         tracker_segment_bytes: int = TRACKER_SEGMENT_SIZE,
+        blocked_loop_warning: float | None = 1.0,
         fs: FileSystem | None = None,
     ) -> None:
         if not name or not all(c.isalnum() or c in "-_." for c in name):
@@ -199,6 +204,11 @@ class App:
             )
         self.durability = durability
         self.tracker_segment_bytes = _positive_int("tracker_segment_bytes", tracker_segment_bytes)
+        self.blocked_loop_warning = (
+            None
+            if blocked_loop_warning is None
+            else _positive("blocked_loop_warning", blocked_loop_warning)
+        )
         # The real file system, unless STREAMLET_FAULT_FS asks for injected faults.
         self.fs: FileSystem = fs if fs is not None else file_system()
         self._sources: dict[str, AnySource] = {}
@@ -261,9 +271,22 @@ class App:
         return source
 
     def handler(
-        self, sources: SourcesArg, *, sink: Sink | None = None, name: str | None = None
+        self,
+        sources: SourcesArg,
+        *,
+        sink: Sink | None = None,
+        name: str | None = None,
+        thread: bool = False,
     ) -> Callable[[HandlerFn], HandlerFn]:
-        """Decorate an ``async def handler(batch)`` to run on every batch of ``sources``."""
+        """Decorate an ``async def handler(batch)`` to run on every batch of ``sources``.
+
+        Handlers share the event loop with receivers' acknowledgements and the
+        batch ticks, so they must not block it. For blocking code (a
+        synchronous client, heavy CPU work) decorate a plain ``def`` with
+        ``thread=True``: it runs in a worker thread. A plain ``def`` without
+        it is refused here, before it could run (``handler_timeout`` cannot
+        interrupt a thread: it is reported once the call returns).
+        """
         items = [sources] if isinstance(sources, (DirectSource, Receiver, str)) else list(sources)
         names: list[str] = []
         for item in items:
@@ -282,6 +305,7 @@ class App:
 
         def register(fn: HandlerFn) -> HandlerFn:
             handler_name = name or getattr(fn, "__name__", "") or f"handler-{len(self._handlers)}"
+            check_handler(handler_name, fn, thread=thread)
             if any(h.name == handler_name for h in self._handlers):
                 raise ConfigError(f"the app already has a handler named {handler_name!r}")
             if sink is not None and any(h.sink is sink for h in self._handlers):
@@ -289,7 +313,7 @@ class App:
                     f"handler {handler_name!r} reuses another handler's sink object;"
                     " give each handler its own sink"
                 )
-            self._handlers.append(HandlerSpec(handler_name, fn, tuple(names), sink))
+            self._handlers.append(HandlerSpec(handler_name, fn, tuple(names), sink, thread))
             return fn
 
         return register
@@ -440,15 +464,20 @@ class App:
                 decoders=self._decoders,
                 cut_blocks=generator.cut if generator is not None else None,
             )
-            await scheduler.recover()
-            if generator is None:
-                assert self._stop is not None
-                task_status.started()
-                await scheduler.run(self._stop, duration=duration)
-            else:
-                await self._serve_receivers(
-                    scheduler, generator, receivers, duration=duration, task_status=task_status
-                )
+            stop = self._stop
+            assert stop is not None
+
+            async def work() -> None:
+                await scheduler.recover()
+                if generator is None:
+                    task_status.started()
+                    await scheduler.run(stop, duration=duration)
+                else:
+                    await self._serve_receivers(
+                        scheduler, generator, receivers, duration=duration, task_status=task_status
+                    )
+
+            await watched(self.blocked_loop_warning, lambda: dict(scheduler.running), work)
             await scheduler.maybe_checkpoint(force=True)
             log.info("app %r stopped after batch %d", self.name, tracker.state.last_done)
         finally:

@@ -10,11 +10,11 @@ topic-partition, batch) and what the user can do about it.
 from __future__ import annotations
 
 __all__ = [
-    "CommitError",
     "ConfigError",
     "DecodeError",
     "FencedError",
     "HandlerError",
+    "OutputError",
     "RecordTooLargeError",
     "SinkError",
     "StreamletError",
@@ -105,5 +105,12 @@ class FencedError(SinkError):
     """
 
 
-class CommitError(StreamletError):
-    """Committing a batch's source positions failed."""
+class OutputError(SinkError):
+    """A handler's output cannot be written by its sink: the output is at fault.
+
+    Raised when an output cannot be encoded, is too large, or is refused by
+    the user's own code in the sink (a partitioner, an apply function). The
+    same outputs would fail again, so it is never retried; the scheduler
+    treats it as the handler failing on the batch (``on_failure`` applies:
+    with ``"dead_letter"`` the handler's input goes to the dead-letter sink).
+    """

@@ -5,22 +5,31 @@ returns its outputs (a list or any iterable, or None for none), or it is an
 async generator that yields them. Either way the outputs of one call are
 collected in full before its sink commits them, so a batch's outputs are
 committed atomically or not at all.
+
+Handlers run on the event loop that also acknowledges receivers' records and
+ticks batches, so they must not block it (``time.sleep``, blocking I/O, long
+CPU work). Blocking code goes in a plain ``def`` registered with
+``thread=True``, which runs in a worker thread; a plain ``def`` without it is
+refused when it is registered (:func:`check_handler`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from streamlet.errors import HandlerError
+import anyio.to_thread
+
+from streamlet.errors import ConfigError, HandlerError
 from streamlet.records import Batch
 from streamlet.sinks.base import Sink
 
-__all__ = ["HandlerFn", "HandlerSpec", "invoke"]
+__all__ = ["HandlerFn", "HandlerSpec", "check_handler", "invoke"]
 
-HandlerFn: TypeAlias = Callable[[Batch], Awaitable[Any] | AsyncIterator[Any]]
+HandlerFn: TypeAlias = Callable[[Batch], Awaitable[Any] | AsyncIterator[Any] | Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,12 +41,51 @@ class HandlerSpec:
         fn: the user's function.
         sources: names of the sources whose records it receives.
         sink: where its outputs go, or None to discard them.
+        thread: a plain ``def`` to run in a worker thread (blocking code).
     """
 
     name: str
     fn: HandlerFn
     sources: tuple[str, ...]
     sink: Sink | None
+    thread: bool = False
+
+
+def _is_async(fn: object) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    return call is not None and (
+        inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+    )
+
+
+def check_handler(name: str, fn: object, *, thread: bool) -> None:
+    """Refuse a handler that cannot be run as declared, at registration; pure.
+
+    A plain ``def`` would otherwise be called (its side effects done) on
+    every retry before its result was found not to be awaitable.
+
+    Raises:
+        ConfigError: ``fn`` is not callable, is a plain ``def`` without
+            ``thread=True``, or is async with ``thread=True``.
+    """
+    if not callable(fn):
+        raise ConfigError(f"handler {name!r} must be a function, not {type(fn).__name__}")
+    if thread and _is_async(fn):
+        raise ConfigError(
+            f"handler {name!r} is async, so it runs on the event loop: drop thread=True"
+            " (thread=True is for a plain def with blocking code)"
+        )
+    if not thread and not _is_async(fn):
+        raise ConfigError(
+            f"handler {name!r} is a plain def: handlers are async def (or async"
+            " generators) and must not block the event loop. Make it async def, or, for"
+            " blocking code, register it with @app.handler(..., thread=True) to run it in a"
+            " worker thread"
+        )
 
 
 async def invoke(spec: HandlerSpec, batch: Batch) -> list[object]:
@@ -47,6 +95,8 @@ async def invoke(spec: HandlerSpec, batch: Batch) -> list[object]:
         HandlerError: the handler returned something that is not a collection
             of outputs (its own exceptions propagate unchanged, for retries).
     """
+    if spec.thread:
+        return _outputs(spec, batch, await anyio.to_thread.run_sync(spec.fn, batch))
     result = spec.fn(batch)
     if inspect.isasyncgen(result):
         return [item async for item in result]
@@ -55,7 +105,10 @@ async def invoke(spec: HandlerSpec, batch: Batch) -> list[object]:
             f"handler {spec.name!r} must be an async def (or async generator);"
             f" calling it returned {type(result).__name__}"
         )
-    value = await result
+    return _outputs(spec, batch, await result)
+
+
+def _outputs(spec: HandlerSpec, batch: Batch, value: object) -> list[object]:
     if value is None:
         return []
     if isinstance(value, (str, bytes, bytearray, dict)) or not isinstance(value, Iterable):

@@ -37,10 +37,10 @@ import anyio
 from streamlet.backpressure import RateEstimator
 from streamlet.checkpoint import write_checkpoint
 from streamlet.errors import (
-    ConfigError,
     DecodeError,
     FencedError,
     HandlerError,
+    OutputError,
     SinkError,
     StreamletError,
 )
@@ -49,6 +49,7 @@ from streamlet.fs import FileSystem
 from streamlet.handlers import HandlerSpec, invoke
 from streamlet.metrics import BatchInfo
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
+from streamlet.retry import GaveUp, RetryPolicy, retrying
 from streamlet.sinks.base import Sink
 from streamlet.sources.base import DirectSource
 from streamlet.tracker import Allocation, Tracker, plan_allocation
@@ -67,36 +68,6 @@ log = logging.getLogger("streamlet.scheduler")
 FailurePolicy = Literal["stop", "dead_letter"]
 BlockReader = Callable[[Sequence[BlockRef]], Awaitable[list[Record]]]
 Listener = Callable[[BatchInfo], object]
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How often and how patiently a failing handler or sink is tried again.
-
-    Attributes:
-        max_retries: tries after the first one (0: no retry).
-        backoff: the wait before the first retry, in seconds; doubles per try.
-        max_backoff: the longest wait between tries.
-        timeout: the most one handler call may take (None: no limit); a call
-            over it counts as a failure.
-    """
-
-    max_retries: int = 3
-    backoff: float = 0.2
-    max_backoff: float = 5.0
-    timeout: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_retries < 0:
-            raise ConfigError(f"max_retries must be >= 0, not {self.max_retries!r}")
-        if self.backoff < 0 or self.max_backoff < 0:
-            raise ConfigError("retry backoff times must be >= 0 seconds")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ConfigError(f"handler_timeout must be > 0 seconds, not {self.timeout!r}")
-
-    def delay(self, attempt: int) -> float:
-        """The wait before retry number ``attempt`` (1-based)."""
-        return float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
 
 
 @dataclass(slots=True)
@@ -246,6 +217,8 @@ class BatchScheduler:
         self.set_receiver_rate = set_receiver_rate
         self.decoders = dict(decoders or {})
         self.cut_blocks = cut_blocks
+        #: The handlers under way now: name → batch id (read by the loop watchdog).
+        self.running: dict[str, int] = {}
         self._estimators = (
             {
                 name: RateEstimator(batch_interval=interval, min_rate=min_rate)
@@ -371,26 +344,14 @@ class BatchScheduler:
         self, batch_id: int, name: str, source: DirectSource, ranges: Sequence[OffsetRange]
     ) -> list[Record]:
         """Read a batch's ranges, trying again with backoff (a broker restart passes)."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await source.read(ranges)
-            except Exception as exc:
-                if attempt > self.retry.max_retries:
-                    raise
-                delay = self.retry.delay(attempt)
-                log.warning(
-                    "reading batch %d from source %r failed (attempt %d of %d): %r;"
-                    " retrying in %.2fs",
-                    batch_id,
-                    name,
-                    attempt,
-                    self.retry.max_retries + 1,
-                    exc,
-                    delay,
-                )
-                await anyio.sleep(delay)
+        try:
+            return await retrying(
+                self.retry,
+                f"reading batch {batch_id} from source {name!r}",
+                lambda: source.read(ranges),
+            )
+        except GaveUp as gave_up:
+            raise gave_up.error from None
 
     async def _read_input(self, alloc: Allocation) -> list[Record]:
         records: list[Record] = []
@@ -412,78 +373,87 @@ class BatchScheduler:
         return records
 
     async def _call_handler(self, spec: HandlerSpec, batch: Batch) -> list[object] | _Failure:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                if self.retry.timeout is not None:
-                    with anyio.fail_after(self.retry.timeout):
-                        return await invoke(spec, batch)
-                return await invoke(spec, batch)
-            except Exception as exc:
-                if attempt > self.retry.max_retries:
-                    return _Failure(exc, attempt)
-                delay = self.retry.delay(attempt)
-                log.warning(
-                    "handler %r failed on batch %d (attempt %d of %d): %r; retrying in %.2fs",
-                    spec.name,
-                    batch.id,
-                    attempt,
-                    self.retry.max_retries + 1,
-                    exc,
-                    delay,
-                )
-                await anyio.sleep(delay)
+        async def once() -> list[object]:
+            if self.retry.timeout is not None:
+                with anyio.fail_after(self.retry.timeout):
+                    return await invoke(spec, batch)
+            return await invoke(spec, batch)
+
+        try:
+            return await retrying(self.retry, f"handler {spec.name!r} on batch {batch.id}", once)
+        except GaveUp as gave_up:
+            return _Failure(gave_up.error, gave_up.attempts)
 
     async def _commit_sink(
-        self,
-        name: str,
-        sink: Sink,
-        batch: Batch,
-        outputs: list[object],
-        errors: list[SinkError],
-    ) -> None:
-        try:
-            await self._commit_sink_with_retries(name, sink, batch, outputs)
-        except SinkError as exc:
-            # Collected, not raised: raising inside the task group would
-            # cancel the other sinks mid-commit and wrap the error in a group.
-            errors.append(exc)
-
-    async def _commit_sink_with_retries(
         self, name: str, sink: Sink, batch: Batch, outputs: list[object]
-    ) -> None:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                await sink.commit(batch, outputs)
-            except Exception as exc:
-                # Another worker took over: retrying would only fight it.
-                if isinstance(exc, FencedError):
-                    raise
-                if attempt > self.retry.max_retries:
-                    raise SinkError(
-                        f"sink {sink.describe()} of handler {name!r} failed to commit batch"
-                        f" {batch.id} after {attempt} attempt(s): {exc}. The batch is not done"
-                        " and runs again when the app restarts"
-                    ) from exc
-                delay = self.retry.delay(attempt)
-                log.warning(
-                    "sink of handler %r failed on batch %d (attempt %d): %r; retrying in %.2fs",
-                    name,
-                    batch.id,
-                    attempt,
-                    exc,
-                    delay,
-                )
-                await anyio.sleep(delay)
-            else:
-                return
+    ) -> SinkError | None:
+        """Commit with retries; the error that stopped it, returned rather than raised.
 
-    def _dead_letters(self, spec: HandlerSpec, view: Batch, failure: _Failure) -> list[object]:
-        error = f"{type(failure.error).__name__}: {failure.error}"
-        return [_dead_letter(r, view.id, error, spec.name, failure.attempts) for r in view.records]
+        Returned, not raised: raising inside the task group would cancel the
+        other sinks mid-commit and wrap the error in a group.
+        """
+        try:
+            await retrying(
+                self.retry,
+                f"sink {sink.describe()} of handler {name!r} on batch {batch.id}",
+                lambda: sink.commit(batch, outputs),
+            )
+        except GaveUp as gave_up:
+            exc = gave_up.error
+            # Another worker took over (retrying would only fight it), or the
+            # outputs themselves are at fault: passed on as they are.
+            if isinstance(exc, (FencedError, OutputError)):
+                return exc
+            error = SinkError(
+                f"sink {sink.describe()} of handler {name!r} failed to commit batch"
+                f" {batch.id} after {gave_up.attempts} attempt(s): {exc}. The batch is not done"
+                " and runs again when the app restarts"
+            )
+            error.__cause__ = exc
+            return error
+        return None
+
+    def _route_failures(
+        self,
+        batch: Batch,
+        views: Mapping[str, Batch],
+        failures: Mapping[str, _Failure],
+        dead: list[object],
+    ) -> None:
+        """Apply ``on_failure`` to handlers that failed on ``batch``.
+
+        With ``"dead_letter"``, each failed handler's input records join
+        ``dead``; otherwise the app stops with the batch uncommitted.
+        """
+        for name, failure in failures.items():
+            view = views[name]
+            if self.on_failure == "stop" or self.dead_letter is None:
+                if isinstance(failure.error, OutputError):
+                    raise failure.error
+                raise HandlerError(
+                    f"handler {name!r} failed on batch {batch.id} after"
+                    f" {failure.attempts} attempt(s): {failure.error!r}. The app stops with"
+                    " the batch uncommitted; it runs again on restart (fix the handler,"
+                    " or set on_failure='dead_letter' with a dead_letter sink)"
+                ) from failure.error
+            what = (
+                "its sink refused its outputs"
+                if isinstance(failure.error, OutputError)
+                else f"it failed after {failure.attempts} attempt(s)"
+            )
+            log.error(
+                "handler %r on batch %d: %s (%r); its %d input record(s) go to the"
+                " dead-letter sink",
+                name,
+                batch.id,
+                what,
+                failure.error,
+                len(view),
+            )
+            error = f"{type(failure.error).__name__}: {failure.error}"
+            dead.extend(
+                _dead_letter(r, view.id, error, name, failure.attempts) for r in view.records
+            )
 
     async def _run_batch(
         self, alloc: Allocation, *, scheduled: float | None, recovered: bool
@@ -496,54 +466,53 @@ class BatchScheduler:
         results: dict[str, list[object] | _Failure] = {}
 
         async def run_one(spec: HandlerSpec) -> None:
-            results[spec.name] = await self._call_handler(spec, views[spec.name])
+            self.running[spec.name] = batch.id
+            try:
+                results[spec.name] = await self._call_handler(spec, views[spec.name])
+            finally:
+                del self.running[spec.name]
 
         async with anyio.create_task_group() as tg:
             for spec in self.handlers:
                 tg.start_soon(run_one, spec)
         processed = time.monotonic()
 
-        dead_handlers: list[str] = []
-        for spec in self.handlers:
-            result = results[spec.name]
-            if isinstance(result, _Failure):
-                if self.on_failure == "stop" or self.dead_letter is None:
-                    raise HandlerError(
-                        f"handler {spec.name!r} failed on batch {batch.id} after"
-                        f" {result.attempts} attempt(s): {result.error!r}. The app stops with"
-                        " the batch uncommitted; it runs again on restart (fix the handler,"
-                        " or set on_failure='dead_letter' with a dead_letter sink)"
-                    ) from result.error
-                log.error(
-                    "handler %r failed on batch %d after %d attempt(s): %r;"
-                    " its %d input record(s) go to the dead-letter sink",
-                    spec.name,
-                    batch.id,
-                    result.attempts,
-                    result.error,
-                    len(views[spec.name]),
-                )
-                dead.extend(self._dead_letters(spec, views[spec.name], result))
-                dead_handlers.append(spec.name)
+        failed = {n: r for n, r in results.items() if isinstance(r, _Failure)}
+        self._route_failures(batch, views, failed, dead)
         crash_point("after_handler", batch.id)
 
-        outputs = 0
-        errors: list[SinkError] = []
+        # Handlers' sinks first, then the dead letters: a sink refusing a
+        # handler's outputs (OutputError) is that handler failing, and its
+        # input joins this batch's dead letters, which commit once.
+        to_commit = {
+            spec.name: (spec.sink, result)
+            for spec in self.handlers
+            if spec.sink is not None and not isinstance(result := results[spec.name], _Failure)
+        }
+        committed: dict[str, SinkError | None] = {}
+
+        async def commit_one(name: str, sink: Sink, outputs: list[object]) -> None:
+            committed[name] = await self._commit_sink(name, sink, views[name], outputs)
+
         async with anyio.create_task_group() as tg:
-            for spec in self.handlers:
-                result = results[spec.name]
-                if isinstance(result, _Failure) or spec.sink is None:
-                    continue
-                outputs += len(result)
-                tg.start_soon(
-                    self._commit_sink, spec.name, spec.sink, views[spec.name], result, errors
-                )
-            if dead and self.dead_letter is not None:
-                tg.start_soon(
-                    self._commit_sink, "dead-letter", self.dead_letter, batch, dead, errors
-                )
-        if errors:
-            raise errors[0]
+            for name, (sink, result) in to_commit.items():
+                tg.start_soon(commit_one, name, sink, result)
+        errors = [e for e in committed.values() if e is not None]
+        for error in errors:
+            if not isinstance(error, OutputError):
+                raise error
+        refused = {
+            name: _Failure(error, 1)
+            for name, error in committed.items()
+            if isinstance(error, OutputError)
+        }
+        self._route_failures(batch, views, refused, dead)
+        if dead and self.dead_letter is not None:
+            dead_failure = await self._commit_sink("dead-letter", self.dead_letter, batch, dead)
+            if dead_failure is not None:
+                raise dead_failure
+        dead_handlers = [s.name for s in self.handlers if s.name in failed or s.name in refused]
+        outputs = sum(len(r) for n, (_, r) in to_commit.items() if n not in refused)
         crash_point("after_sink_commit", batch.id)
 
         await self._commit_sources(batch)

@@ -62,10 +62,13 @@ class CallbackSink(Sink):
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
-            raise SinkError(
+            error = SinkError(
                 f"the callback {_name(self._fn)} of handler {self._handler!r} failed on batch"
                 f" {batch.id}: {exc!r}; the batch is not done and is delivered again"
-            ) from exc
+            )
+            # The callback's failure may pass (a service that is down): try again.
+            error.retriable = True
+            raise error from exc
         return True
 
     def describe(self) -> str:

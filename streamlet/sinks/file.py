@@ -38,7 +38,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from streamlet.errors import ConfigError, SinkError
+from streamlet.errors import ConfigError, OutputError, SinkError
 from streamlet.faults import file_system
 from streamlet.fs import File, FileSystem, OsFileSystem
 from streamlet.records import Batch
@@ -73,6 +73,17 @@ def _read_all(fs: FileSystem, path: str) -> bytes:
         return file.read(0, file.size())
     finally:
         file.close()
+
+
+def _io_error(message: str) -> SinkError:
+    """A failed file operation of a commit: tried again, with a new temp file.
+
+    Retrying is safe because nothing of the batch is visible until the
+    rename; a failed fsync of the directory is the exception (never retried).
+    """
+    error = SinkError(message)
+    error.retriable = True
+    return error
 
 
 def _advice(exc: OSError) -> str:
@@ -276,13 +287,13 @@ class FileSink(Sink):
             try:
                 line = self._encode(output)
             except Exception as exc:
-                raise SinkError(
+                raise OutputError(
                     f"output {index} of handler {context.handler!r} in batch {batch_id} cannot"
                     f" be encoded for {self._directory}: {exc!r}; return bytes, str or"
                     " JSON-serializable values, or give FileSink an encode function"
                 ) from exc
             if _NEWLINE in line:
-                raise SinkError(
+                raise OutputError(
                     f"output {index} of handler {context.handler!r} in batch {batch_id}"
                     f" contains a newline; {self._directory} stores one output per line."
                     " Split it into several outputs, or give FileSink an encode function"
@@ -302,7 +313,7 @@ class FileSink(Sink):
             if fs.exists(final):
                 return False
         except OSError as exc:
-            raise SinkError(f"cannot check {final} for {where}: {exc}; {_advice(exc)}") from exc
+            raise _io_error(f"cannot check {final} for {where}: {exc}; {_advice(exc)}") from exc
         data = self._encode_all(context, batch.id, outputs)
         try:
             # A temp file here is from an earlier attempt of this process that failed.
@@ -310,13 +321,13 @@ class FileSink(Sink):
                 fs.remove(temp)
             file = fs.create(temp)
         except OSError as exc:
-            raise SinkError(f"cannot create {temp} for {where}: {exc}; {_advice(exc)}") from exc
+            raise _io_error(f"cannot create {temp} for {where}: {exc}; {_advice(exc)}") from exc
         try:
             self._write(file, data)
             fs.rename(temp, final)
         except OSError as exc:
             self._discard(temp)
-            raise SinkError(f"cannot write {final} for {where}: {exc}; {_advice(exc)}") from exc
+            raise _io_error(f"cannot write {final} for {where}: {exc}; {_advice(exc)}") from exc
         try:
             fs.sync_dir(directory)
         except OSError as exc:

@@ -62,12 +62,25 @@ Non-transactional mode (``transactional=False``) uses an idempotent producer
 (no duplicates from the producer's own retries) and writes a batch again
 when it runs again after a crash: at-least-once.
 
+**The marker names its state directory.** Batch ids restart from 1 in a new
+state directory, so a marker written under another one would make this sink
+take new batches for old ones and skip them, or, read naively, write every
+re-read input again. The marker's metadata is ``streamlet-sink/2 <state id>``
+and the group's name does not depend on the state directory: a sink opened
+under another state directory finds the marker and refuses to start (a wiped
+state directory, a relative ``state_dir`` resolved from another working
+directory, a second worker with its own state directory). The check runs
+with a plain producer before the transactional one starts, so a refused
+worker does not fence the one that owns the marker. Markers of older
+streamlets (``streamlet-sink/1`` under a group name holding the start of
+the state id) are still read as this state directory's.
+
 Limits: the marker lives as long as Kafka keeps the group's offsets
 (``offsets.retention.minutes``, 7 days by default, counted from the last
 commit): an app that crashed and stays down longer than that re-writes the
-batch that was in flight when it restarts. A new state directory restarts
-batch ids while the marker stays: give a fresh state directory a new app
-name (or delete the marker group while the app is stopped).
+batch that was in flight when it restarts, and a new state directory is
+then no longer refused. To start over on purpose, stop the app and delete
+the marker group, or give the app a new name.
 """
 
 from __future__ import annotations
@@ -101,12 +114,13 @@ from aiokafka.protocol.commit import OffsetFetchRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-from streamlet.errors import ConfigError, FencedError, SinkError
+from streamlet.errors import ConfigError, FencedError, OutputError, SinkError
 from streamlet.records import Batch
 from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output
 
 __all__ = [
     "MARKER_METADATA",
+    "MARKER_PREFIX",
     "ConsumedTopic",
     "HeadersFunction",
     "KafkaSink",
@@ -114,14 +128,34 @@ __all__ = [
     "Partitioner",
     "ValueFunction",
     "java_string_hash",
+    "legacy_marker_group",
     "marker_group",
+    "marker_metadata",
+    "marker_owner",
     "transactional_id",
 ]
 
 log = logging.getLogger("streamlet.sinks")
 
 MARKER_METADATA = "streamlet-sink/1"
-"""Metadata of every marker offset; a marker group offset without it is not ours."""
+"""Metadata of a marker written before markers named their state directory."""
+MARKER_PREFIX = "streamlet-sink/2 "
+"""Start of a marker's metadata; the state directory's id follows it."""
+
+
+def marker_metadata(state_id: str) -> str:
+    """The metadata of a marker written under the state directory ``state_id``."""
+    return MARKER_PREFIX + state_id
+
+
+def marker_owner(metadata: str) -> str | None:
+    """The state id a marker's metadata names ("" for an older marker); None: not a marker."""
+    if metadata == MARKER_METADATA:
+        return ""
+    if metadata.startswith(MARKER_PREFIX):
+        return metadata[len(MARKER_PREFIX) :]
+    return None
+
 
 KeyFunction = Callable[[object], bytes | None]
 """Maps one output to its record key (None: no key)."""
@@ -247,18 +281,29 @@ def transactional_id(context: SinkContext) -> str:
 def marker_group(context: SinkContext, source_group: str | None = None) -> str:
     """The consumer group holding the marker of ``context``'s app and handler.
 
-    Without a source group it is ``streamlet-sink.<app>.<handler>.<state>``,
-    ``<state>`` being the start of the state directory's id: batch ids restart
-    with a new state directory, and its batches must not be taken for ones
-    the old one committed. With
+    Without a source group it is ``streamlet-sink.<app>.<handler>``. With
     one, a suffix of capital letters gives the name the Java hash of
     ``source_group``, so that Kafka keeps both groups in the same partition
     of ``__consumer_offsets`` and one transaction can commit both (see the
-    module docstring).
+    module docstring). The name does not depend on the state directory: a
+    new state directory must find the marker of the old one and be refused.
+    """
+    return _group_name(f"streamlet-sink.{context.app}.{context.handler}", source_group)
+
+
+def legacy_marker_group(context: SinkContext, source_group: str | None = None) -> str:
+    """The marker group's name before markers named their state directory.
+
+    It held the start of the state directory's id; a sink still reads it, so
+    that an app upgraded in place keeps its count of written batches.
     """
     base = f"streamlet-sink.{context.app}.{context.handler}"
     if context.state_id:
         base += f".{context.state_id[:12]}"
+    return _group_name(base, source_group)
+
+
+def _group_name(base: str, source_group: str | None) -> str:
     if source_group is None:
         return base
     prefix = base + "."
@@ -444,6 +489,17 @@ class _Producer:
         await _stop(self._raw)
         # The sender's failure callbacks have run by now: read what they set.
         self.failure()
+
+
+def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings of a plain producer that only reads markers: no transactional id."""
+    probe = {
+        k: v
+        for k, v in settings.items()
+        if k not in ("transactional_id", "transaction_timeout_ms", "enable_idempotence")
+    }
+    probe["client_id"] = f"{settings.get('client_id', 'streamlet')}.probe"
+    return probe
 
 
 async def _stop(raw: Any) -> None:
@@ -695,6 +751,8 @@ class KafkaSink(Sink):
         # The next batch id not yet written (transactional mode); None while
         # unknown, i.e. until a producer started and read the marker.
         self._next: int | None = None
+        # Whether the marker's owner was checked before the first InitProducerId.
+        self._owner_checked = False
         # Set once fenced: this sink never starts another producer.
         self._fenced: str | None = None
         # Producers dropped by a cancelled commit, stopped by the next _retire.
@@ -746,13 +804,24 @@ class KafkaSink(Sink):
         # Opening again after being fenced is a deliberate restart: it takes
         # the transactional id back.
         self._fenced = None
+        self._owner_checked = False
         if self._transactional:
             self._transactional_id = transactional_id(context)
             base = marker_group(context)
             self._marker_group = marker_group(context, self._source_group)
             # The plain name too: the marker stays found when consume_from
-            # is added to or removed from an app between runs.
-            self._marker_groups = tuple(dict.fromkeys((self._marker_group, base)))
+            # is added to or removed from an app between runs; and the names
+            # of older streamlets, which held the state directory's id.
+            self._marker_groups = tuple(
+                dict.fromkeys(
+                    (
+                        self._marker_group,
+                        base,
+                        legacy_marker_group(context, self._source_group),
+                        legacy_marker_group(context),
+                    )
+                )
+            )
         try:
             async with self._lock:
                 await self._connect()
@@ -878,6 +947,17 @@ class KafkaSink(Sink):
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
     async def _start(self, settings: Mapping[str, Any]) -> tuple[_Producer, int | None]:
+        if self._transactional and not self._owner_checked:
+            # Before InitProducerId, which would fence the producer of a
+            # worker that may rightly own the marker: a refused start must
+            # not stop that worker.
+            probe = await _Producer.start(_probe_settings(settings))
+            try:
+                await self._read_marker(probe)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await probe.stop()
+            self._owner_checked = True
         producer = await _Producer.start(settings)
         try:
             # Waits for the topic's metadata: a missing topic fails here, not
@@ -891,22 +971,51 @@ class KafkaSink(Sink):
         return producer, next_batch
 
     async def _read_marker(self, producer: _Producer) -> int:
-        """The next batch id to write: the highest marker of the sink's groups."""
+        """The next batch id to write: the highest marker of the sink's groups.
+
+        Raises:
+            ConfigError: a marker group holds an offset no KafkaSink wrote, or
+                the marker was written under another state directory.
+        """
+        context = self._context
+        assert context is not None
         tp = TopicPartition(self._topic, 0)
         next_batch = 0
         for group in self._marker_groups:
             found = await producer.committed(group, tp)
             if found is None:
                 continue
-            if found.metadata != MARKER_METADATA:
+            owner = marker_owner(found.metadata)
+            if owner is None:
                 raise ConfigError(
                     f"consumer group {group!r} holds offset {found.offset} for {self._topic}[0]"
                     f" with metadata {found.metadata!r}, which no streamlet KafkaSink wrote;"
                     f" the group is reserved for {self._where()}. Delete the group"
                     " (kafka-consumer-groups --delete) if nothing of this app is pending"
                 )
+            if owner and context.state_id and owner != context.state_id and found.offset > 1:
+                raise ConfigError(self._foreign(group, owner, found.offset - 1))
             next_batch = max(next_batch, found.offset)
         return next_batch
+
+    def _foreign(self, group: str, owner: str, written: int) -> str:
+        """Why outputs of another state directory refuse this sink, and what to do."""
+        context = self._context
+        assert context is not None
+        return (
+            f"{self._where()}: topic {self._topic!r} already holds this handler's outputs of"
+            f" batches 1..{written} written under another state directory (id {owner}, see"
+            f" the marker in consumer group {group!r}); this app's state_dir"
+            f" {context.state_dir} has id {context.state_id}. Batch ids restart with a new"
+            " state directory, so every input it reads again would be written again (with"
+            " start='earliest', all of them). This happens when the state directory was"
+            " wiped or lost, when the app runs from another working directory (a relative"
+            " state_dir), or when a second worker with its own state_dir is started. Run"
+            " the app with its original state_dir; or, to start over on purpose, stop every"
+            f" worker of the app and delete the group (kafka-consumer-groups --delete --group"
+            f" {group}), knowing that outputs already in the topic may be written again; or"
+            " give the app or handler a new name"
+        )
 
     def _refused(self, exc: BaseException) -> BaseException:
         if isinstance(exc, InvalidTransactionTimeout):
@@ -975,13 +1084,25 @@ class KafkaSink(Sink):
                 return True
             return await self._transact(producer, batch, messages)
 
+    async def last_committed(self) -> int | None:
+        """The newest batch written, from the marker (None without transactions)."""
+        if not self._transactional:
+            return None
+        async with self._lock:
+            if self._next is None:
+                if self._fenced is not None:
+                    raise FencedError(self._fenced)
+                await self._connect()
+            assert self._next is not None
+            return max(0, self._next - 1)
+
     def _encode(self, batch: Batch, outputs: Sequence[object]) -> list[_Message]:
         messages: list[_Message] = []
         for index, output in enumerate(outputs):
             try:
                 message = self._encode_one(output)
             except Exception as exc:
-                raise SinkError(
+                raise OutputError(
                     f"output {index} of batch {batch.id} cannot be encoded for {self._where()}:"
                     f" {exc!r}. Return bytes, str or JSON-serializable values, or fix the sink's"
                     " key/value/headers functions; the batch is not written"
@@ -1026,7 +1147,7 @@ class KafkaSink(Sink):
                 await producer.send_offsets(
                     self._marker_group,
                     {TopicPartition(self._topic, 0): batch.id + 1},
-                    MARKER_METADATA,
+                    marker_metadata(self._context.state_id if self._context else ""),
                 )
                 if source_offsets:
                     assert self._source_group is not None
@@ -1072,13 +1193,19 @@ class KafkaSink(Sink):
             raise FencedError(self._fenced) from cause
         if isinstance(exc, _PartitionerFailed):
             await self._abort(producer, batch)
-            raise SinkError(
+            raise OutputError(
                 f"the partitioner of {self._where()} failed {stage} of batch {batch.id}:"
                 f" {exc}. The transaction was aborted; fix the partitioner"
             ) from exc.__cause__ or exc
         if not committing and not isinstance(exc, TimeoutError) and producer.failure() is None:
             # Not asked to commit: the transaction can only abort.
             await self._abort(producer, batch)
+            if isinstance(cause, MessageSizeTooLargeError):
+                raise OutputError(
+                    f"{self._where()} could not write batch {batch.id} ({stage}):"
+                    f" {_describe(cause)}. The transaction was aborted; nothing of the batch"
+                    " is visible"
+                ) from cause
             error = SinkError(
                 f"{self._where()} could not write batch {batch.id} ({stage}):"
                 f" {_describe(cause)}. The transaction was aborted; nothing of the batch is"
@@ -1148,10 +1275,14 @@ class KafkaSink(Sink):
             # wedge on a sequence error (aiokafka #1017).
             await self._retire()
             if isinstance(exc, _PartitionerFailed):
-                raise SinkError(
+                raise OutputError(
                     f"the partitioner of {self._where()} failed on batch {batch.id}: {exc};"
                     " fix the partitioner"
                 ) from exc.__cause__ or exc
+            if isinstance(cause, MessageSizeTooLargeError):
+                raise OutputError(
+                    f"{self._where()} could not write batch {batch.id}: {_describe(cause)}"
+                ) from cause
             error = SinkError(
                 f"{self._where()} could not write batch {batch.id}: {_describe(cause)}. Some"
                 " of its outputs may have been written; retrying writes them again"

@@ -41,7 +41,7 @@ from typing import TypeVar
 
 import orjson
 
-from streamlet.errors import ConfigError, SinkError
+from streamlet.errors import ConfigError, OutputError, SinkError
 from streamlet.fs import OsFileSystem
 from streamlet.records import Batch, OffsetRange
 from streamlet.sinks.base import Sink, SinkContext
@@ -369,10 +369,18 @@ class SQLiteSink(Sink):
             hint = ""
             if isinstance(cause, sqlite3.DatabaseError) and "not authorized" in str(cause):
                 hint = " (apply must not commit or roll back: the sink commits the batch)"
-            raise SinkError(
+            message = (
                 f"SQLiteSink {self._path}: the apply function failed on {where}: {cause!r}{hint}."
-                " The transaction was rolled back, nothing of the batch was written;"
-                " fix the function: the batch is tried again, and runs again on restart"
+                " The transaction was rolled back, nothing of the batch was written"
+            )
+            if isinstance(cause, sqlite3.Error) and not isinstance(cause, sqlite3.IntegrityError):
+                error = SinkError(message + f"; {_advice(cause)}")
+                error.retriable = _is_busy(cause)
+                raise error from cause
+            # The function, or a constraint, refused these outputs: the same
+            # outputs would fail again.
+            raise OutputError(
+                message + "; fix the function or the outputs (the batch runs again on restart)"
             ) from cause
         except sqlite3.Error as exc:
             error = SinkError(

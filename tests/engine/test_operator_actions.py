@@ -31,6 +31,9 @@ numbers = app.source(
 )
 
 
+DDL = "CREATE TABLE IF NOT EXISTS seen (n INTEGER NOT NULL)"
+
+
 def insert(conn, batch, outputs):
     conn.executemany("INSERT INTO seen (n) VALUES (?)", [(n,) for n in outputs])
 
@@ -42,7 +45,7 @@ async def to_files(batch: sl.Batch) -> list[int]:
 
 @app.handler(
     numbers,
-    sink=sl.SQLiteSink("out/seen.db", insert, table_ddl="CREATE TABLE IF NOT EXISTS seen (n INTEGER NOT NULL)"),
+    sink=sl.SQLiteSink("out/seen.db", insert, table_ddl=DDL),
 )
 async def to_sqlite(batch: sl.Batch) -> list[int]:
     return [int(r.value) for r in batch]

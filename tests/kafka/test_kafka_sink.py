@@ -39,7 +39,9 @@ from streamlet.sinks.kafka import (
     KafkaSink,
     _tail,
     java_string_hash,
+    legacy_marker_group,
     marker_group,
+    marker_metadata,
     transactional_id,
 )
 from streamlet.testing.kafka import admin_client
@@ -258,7 +260,7 @@ async def test_commit_is_visible_to_read_committed_with_its_marker(
     await _offsets_become(
         admin,
         f"streamlet-sink.{context.app}.copy",
-        {TopicPartition(topic, 0): OffsetAndMetadata(9, MARKER_METADATA)},
+        {TopicPartition(topic, 0): OffsetAndMetadata(9, marker_metadata(context.state_id))},
     )
 
 
@@ -794,3 +796,56 @@ async def test_sigkilled_app_writes_every_output_exactly_once_in_order(
             f"seed {seed}, runs {runs}: {len(values)} outputs for {RECORDS} records;"
             f" duplicates {duplicates}, missing {missing}"
         )
+
+
+async def _commit_marker(bootstrap: str, group: str, topic: str, offset: int, meta: str) -> None:
+    """Leave a marker as another (or an older) KafkaSink would have."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.commit({tp: OffsetAndMetadata(offset, meta)})
+    finally:
+        await consumer.stop()
+
+
+async def test_a_marker_of_another_state_directory_refuses_the_sink(
+    kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    topic = await new_topic()
+    context = _context()._replace(state_id="b" * 32)
+    group = marker_group(context)
+    await _commit_marker(kafka_bootstrap, group, topic, 6, marker_metadata("a" * 32))
+    sink = KafkaSink(topic, bootstrap_servers=kafka_bootstrap)
+    with pytest.raises(ConfigError, match=r"batches 1\.\.5 written under another state directory"):
+        await sink.open(context)
+    # The same state directory is welcome, and knows what it wrote.
+    mine = await _open(
+        KafkaSink(topic, bootstrap_servers=kafka_bootstrap), context._replace(state_id="a" * 32)
+    )
+    try:
+        assert await mine.last_committed() == 5
+        assert await mine.commit(_batch(5), ["again"]) is False
+        assert await mine.commit(_batch(6), ["six"])
+    finally:
+        await mine.aclose()
+    assert await _values(kafka_bootstrap, topic) == [b"six"]
+
+
+async def test_a_marker_of_an_older_streamlet_is_still_read_as_this_state_directorys(
+    kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    topic = await new_topic()
+    context = _context()._replace(state_id="c" * 32)
+    await _commit_marker(kafka_bootstrap, legacy_marker_group(context), topic, 4, MARKER_METADATA)
+    sink = await _open(KafkaSink(topic, bootstrap_servers=kafka_bootstrap), context)
+    try:
+        assert await sink.last_committed() == 3
+        assert await sink.commit(_batch(3), ["old"]) is False
+        assert await sink.commit(_batch(4), ["four"])
+    finally:
+        await sink.aclose()
+    assert await _values(kafka_bootstrap, topic) == [b"four"]

@@ -1,0 +1,161 @@
+"""Handlers as users get them wrong: plain defs, blocking code, outputs a sink cannot write."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import orjson
+import pytest
+
+from streamlet.app import App
+from streamlet.errors import ConfigError, OutputError, SinkError
+from streamlet.records import Batch
+from streamlet.sinks.base import Sink
+from streamlet.sinks.file import FileSink
+from streamlet.sources.sequence import SequenceSource
+from tests.engine.test_app import ListSink, _serve_until
+
+
+def _app(tmp_path: Path, **kwargs: object) -> tuple[App, SequenceSource]:
+    app = App("h", state_dir=tmp_path / "state", batch_interval=0.02, **kwargs)  # type: ignore[arg-type]
+    source = app.source(SequenceSource(rate=None, limit=20, max_rate=500), name="seq")
+    return app, source
+
+
+def test_a_plain_def_is_refused_when_registered_and_never_called(tmp_path: Path) -> None:
+    app, source = _app(tmp_path)
+    calls: list[int] = []
+
+    def plain(batch: Batch) -> list[int]:
+        calls.append(batch.id)
+        return []
+
+    with pytest.raises(ConfigError, match=r"'plain' is a plain def.*thread=True"):
+        app.handler(source)(plain)
+    assert calls == []
+
+    async def asynchronous(batch: Batch) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match="drop thread=True"):
+        app.handler(source, thread=True)(asynchronous)
+
+
+async def test_blocking_code_runs_in_a_thread_with_thread_true(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, source = _app(tmp_path, blocked_loop_warning=0.2)
+    sink = ListSink()
+
+    @app.handler(source, sink=sink, thread=True)
+    def blocking(batch: Batch) -> list[int]:
+        time.sleep(0.3)  # a synchronous client, say
+        return [int(r.value) for r in batch]
+
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set() if len(sink.values()) >= 20 else None)
+    with caplog.at_level(logging.WARNING, logger="streamlet.watchdog"):
+        await _serve_until(app, done)
+    assert sink.values() == list(range(20))
+    assert "blocked" not in caplog.text
+
+
+async def test_a_handler_blocking_the_loop_is_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, source = _app(tmp_path, blocked_loop_warning=0.2)
+    sink = ListSink()
+
+    @app.handler(source, sink=sink)
+    async def sleepy(batch: Batch) -> list[int]:
+        time.sleep(0.8)  # noqa: ASYNC251 - the mistake under test
+        return [int(r.value) for r in batch]
+
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set())
+    with caplog.at_level(logging.WARNING, logger="streamlet.watchdog"):
+        await _serve_until(app, done)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "streamlet.watchdog"]
+    assert any("has been blocked" in w and "handler 'sleepy' (batch 1)" in w for w in warnings)
+    assert any("was blocked for" in w and "'sleepy'" in w for w in warnings)
+
+
+async def test_an_output_the_sink_cannot_encode_is_dead_lettered_like_a_failure(
+    tmp_path: Path,
+) -> None:
+    """The batch's other handlers commit; the failing handler's input is set aside."""
+    dead_dir = tmp_path / "dead"
+    app, source = _app(
+        tmp_path, on_failure="dead_letter", dead_letter=FileSink(dead_dir), max_retries=2
+    )
+    good = ListSink()
+    files = tmp_path / "out"
+
+    @app.handler(source, sink=good)
+    async def fine(batch: Batch) -> list[int]:
+        return [int(r.value) for r in batch]
+
+    @app.handler(source, sink=FileSink(files))
+    async def odd(batch: Batch) -> list[object]:
+        # A set is not JSON: record 7's batch cannot be written.
+        return [{7} if int(r.value) == 7 else int(r.value) for r in batch]
+
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set() if len(good.values()) >= 20 else None)
+    await _serve_until(app, done)
+    assert good.values() == list(range(20))
+    written = FileSink.read_committed(files)
+    letters = [
+        orjson.loads(line) for lines in FileSink.read_committed(dead_dir).values() for line in lines
+    ]
+    assert letters, "the refused batch must be dead-lettered"
+    assert {entry["handler"] for entry in letters} == {"odd"}
+    assert all("OutputError" in entry["error"] for entry in letters)
+    assert all(entry["attempts"] == 1 for entry in letters)  # never retried
+    dead_offsets = sorted(entry["offset"] for entry in letters)
+    assert 7 in dead_offsets
+    kept = sorted(orjson.loads(line) for lines in written.values() for line in lines)
+    assert sorted(kept + dead_offsets) == list(range(20))
+    # The refused batches have no part file in the handler's directory.
+    assert {entry["batch_id"] for entry in letters}.isdisjoint(written)
+
+
+class _CountingSink(Sink):
+    def __init__(self, error: SinkError) -> None:
+        self.error = error
+        self.calls = 0
+
+    async def commit(self, batch: Batch, outputs: Sequence[object]) -> bool:
+        self.calls += 1
+        raise self.error
+
+
+@pytest.mark.parametrize(("retriable", "calls"), [(False, 1), (True, 3)])
+async def test_only_retriable_errors_are_tried_again(
+    tmp_path: Path, retriable: bool, calls: int
+) -> None:
+    error = SinkError("the sink said no")
+    error.retriable = retriable
+    sink = _CountingSink(error)
+    app, source = _app(tmp_path, max_retries=2, retry_backoff=0.01)
+    app.handler(source, sink=sink)(_echo)
+    with anyio.fail_after(20), pytest.raises(SinkError, match="after"):
+        await app.serve()
+    assert sink.calls == calls
+
+
+async def test_an_output_error_stops_the_app_by_default_without_retries(tmp_path: Path) -> None:
+    sink = _CountingSink(OutputError("output 0 cannot be encoded"))
+    app, source = _app(tmp_path, max_retries=3, retry_backoff=0.01)
+    app.handler(source, sink=sink)(_echo)
+    with anyio.fail_after(20), pytest.raises(OutputError, match="cannot be encoded"):
+        await app.serve()
+    assert sink.calls == 1
+
+
+async def _echo(batch: Batch) -> list[int]:
+    return [int(r.value) for r in batch]
