@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -202,3 +203,24 @@ async def test_bad_arguments_exit_2(args: list[str], message: str) -> None:
     code, _out, err = await streamlet_send(*args)
     assert code == 2
     assert message in err
+
+
+async def test_an_interrupted_send_names_the_client_id_that_resumes_it(tmp_path: Path) -> None:
+    path = tmp_path / "slow.txt"
+    path.write_text("a\nb\n")
+    ctx = FakeContext(delay=None)  # nothing becomes durable: the send waits for acks
+    async with running(TcpSource(), ctx) as port:
+        async with await anyio.open_process(
+            [sys.executable, "-m", "streamlet", "send", "--port", str(port), "--no-resume", path]
+        ) as process:
+            await ctx.wait_for_records(2, within=20)
+            process.send_signal(signal.SIGINT)
+            with anyio.fail_after(10):
+                code = await process.wait()
+            assert process.stderr is not None
+            err = b"".join([chunk async for chunk in process.stderr]).decode()
+        ctx.complete()
+    assert code == 130
+    client_id = ctx.records[0].key.decode()  # type: ignore[union-attr]
+    assert client_id.startswith("new-")
+    assert f"run streamlet send again with --client-id {client_id} (and without --no-resume)" in err
