@@ -280,8 +280,9 @@ def checkpoint_show(directory: str, as_json: bool) -> None:
     help="Names this sender for the server's duplicate filter: lines the server already holds"
     " as durable for it are skipped. Default for a FILE: an id naming this host, the file's"
     " path, device and inode and its first lines, so sending the same file again, or after"
-    " lines were appended to it, skips what is durable, while a file rewritten or replaced at"
-    " that path is sent in full; for stdin (or a pipe): a new random id.",
+    " lines were appended to it, skips what is durable, while a file rewritten with other first"
+    " lines, or replaced by another file, at that path is sent in full; for stdin (or a pipe):"
+    " a new random id.",
 )
 @click.option(
     "--no-resume",
@@ -305,9 +306,10 @@ def send(
     holds as durable for the client id are skipped (the output says how
     many). Running the command again on the same file, unchanged or with
     lines appended, sends only the lines the server does not have yet; a
-    file rewritten or replaced at the same path is sent in full. Exits 1 if
-    the server cannot be reached or refuses a line, or if it holds more
-    lines for the client id than the input has.
+    file rewritten with other first lines, or replaced by another file, at
+    the same path is sent in full. Exits 1 if the server cannot be reached
+    or refuses a line, or if it holds more lines for the client id than the
+    input has.
     """
     import io
     import socket

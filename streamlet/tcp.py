@@ -16,8 +16,9 @@ skipped unseen. :func:`file_client_ids` therefore names a file by where it
 is (host, real path, device and inode) and by the content of its first
 lines, and :func:`choose_client_id` asks the server which of a file's ids a
 previous send used: a file sent again unchanged, or after lines were
-appended to it, resumes where it left off, while a file rewritten or replaced
-at the same path gets a new id and is sent in full.
+appended to it, resumes where it left off, while a file rewritten with other
+first lines, or replaced by another file, at the same path gets a new id and
+is sent in full.
 """
 
 from __future__ import annotations
