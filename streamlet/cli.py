@@ -10,10 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 import streamlet
+
+if TYPE_CHECKING:
+    from streamlet.wal.tools import VerifyReport
 
 
 @click.group()
@@ -27,7 +31,11 @@ _LOG_DIR = click.Path(exists=True, file_okay=False, readable=True, path_type=str
 
 @main.group()
 def wal() -> None:
-    """Check, list and repair a write-ahead log directory (while no process has it open)."""
+    """Check, list and repair write-ahead logs.
+
+    verify and dump only read, so they may run beside a running app (verify
+    then says its result is a snapshot); repair refuses a log an app has open.
+    """
 
 
 def _unreadable(directory: str, exc: OSError) -> click.exceptions.Exit:
@@ -36,35 +44,151 @@ def _unreadable(directory: str, exc: OSError) -> click.exceptions.Exit:
     return click.exceptions.Exit(2)
 
 
+def _holds_segments(directory: str) -> bool:
+    from streamlet.wal.format import parse_segment_name
+
+    return any(parse_segment_name(name) is not None for name in os.listdir(directory))
+
+
+def _no_segments(directory: str) -> click.exceptions.Exit:
+    """Exit 2 for a directory without segments, pointing at the logs of a state directory."""
+    from streamlet.state import is_state_directory
+
+    message = f"error: {directory} holds no write-ahead log segments (*.wal)"
+    if is_state_directory(directory):
+        logs = ", ".join(
+            os.path.join(directory, name)
+            for name in ("tracker", "data")
+            if os.path.isdir(os.path.join(directory, name))
+        )
+        message += f"; it is an app's state directory: name one of its logs ({logs})"
+    click.echo(message, err=True)
+    return click.exceptions.Exit(2)
+
+
+def _log_lines(report: VerifyReport) -> tuple[bool, list[str]]:
+    """Whether one log is sound, and the lines saying so (the first without indentation)."""
+    summary = f"{report.segments} segments, {report.records} records, {report.bytes} bytes"
+    lines: list[str] = []
+    if report.problem is not None:
+        problem = report.problem
+        lines.append(f"corrupt: {problem.path} at offset {problem.offset}: {problem.reason}")
+        lines.append(f"  readable before it: {summary}")
+        stop = "stop the app, then " if report.live else ""
+        lines.append(f"  to cut the log there, {stop}run: streamlet wal repair {report.directory}")
+    else:
+        lines.append(f"ok: {summary}")
+    if report.torn_tail is not None:
+        torn = report.torn_tail
+        why = (
+            "an append in progress: the log is open"
+            if report.live
+            else "an unfinished write from a crash; cut off when the log is next opened"
+        )
+        lines.append(
+            f"  torn tail: {torn.dropped} bytes at {torn.path} offset {torn.offset} ({why})"
+        )
+    for temp in report.temp_files:
+        why = (
+            "a segment being created, or the leftover of a crash"
+            if report.live
+            else "deleted when the log is next opened"
+        )
+        lines.append(f"  leftover {temp} ({why})")
+    return report.ok, lines
+
+
+_LIVE_NOTE = (
+    "note: {what} is in use by a running app (it holds the lock {lock}), so this is a"
+    " snapshot of files that were changing while they were read: what was written since is"
+    " not checked. Stop the app for a definitive check."
+)
+
+
 @wal.command("verify")
 @click.argument("directory", metavar="DIR", type=_LOG_DIR)
 def wal_verify(directory: str) -> None:
-    """Check every segment and record; exit 1 at the first bad one."""
+    """Check every segment and record; exit 1 if any is bad.
+
+    DIR is one write-ahead log directory, or an app's state directory (the
+    one holding app.json, tracker/, data/ and checkpoints/): then the tracker
+    log, the data WAL and every checkpoint are checked and each is reported.
+    Safe beside a running app, whose logs are then checked as a snapshot (a
+    torn tail there is an append in progress, not damage).
+    """
+    from streamlet.wal.log import LOCK_NAME
     from streamlet.wal.tools import verify
 
     try:
+        if not _holds_segments(directory):
+            from streamlet.state import is_state_directory
+
+            if is_state_directory(directory):
+                _verify_state(directory)
+                return
+            raise _no_segments(directory)
         report = verify(directory)
     except OSError as exc:
         raise _unreadable(directory, exc) from exc
-    if report.segments == 0 and report.problem is None:
-        click.echo(f"error: {directory} holds no write-ahead log segments (*.wal)", err=True)
-        raise click.exceptions.Exit(2)
-    summary = f"{report.segments} segments, {report.records} records, {report.bytes} bytes"
-    if report.problem is not None:
-        problem = report.problem
-        click.echo(f"corrupt: {problem.path} at offset {problem.offset}: {problem.reason}")
-        click.echo(f"  readable before it: {summary}")
-        click.echo(f"  to cut the log there, run: streamlet wal repair {report.directory}")
+    ok, lines = _log_lines(report)
+    for line in lines:
+        click.echo(line)
+    if report.live:
+        lock = os.path.join(report.directory, LOCK_NAME)
+        click.echo(_LIVE_NOTE.format(what="the log", lock=lock))
+    if not ok:
         raise click.exceptions.Exit(1)
-    click.echo(f"ok: {summary}")
-    if report.torn_tail is not None:
-        torn = report.torn_tail
+
+
+def _verify_state(directory: str) -> None:
+    """``wal verify`` of a state directory: every log and checkpoint, one report each."""
+    from streamlet.state import verify_state
+    from streamlet.statedir import LOCK
+
+    check = verify_state(directory)
+    click.echo(f"state directory {check.directory}")
+    for name, report in (("tracker", check.tracker), ("data", check.data)):
+        if report is None:
+            missing = "no receivers" if name == "data" else "no batch run yet"
+            click.echo(f"  {name}: none ({missing})")
+            continue
+        _, lines = _log_lines(report)
+        click.echo(f"  {name}: {lines[0]}")
+        for line in lines[1:]:
+            click.echo(f"  {line}")
+    if not check.checkpoints:
+        click.echo("  checkpoints: none yet")
+    readable = [c for c in check.checkpoints if c.ok]
+    for checkpoint in check.checkpoints:
+        name = os.path.basename(checkpoint.path)
+        if checkpoint.ok:
+            click.echo(f"  {name}: ok (batch {checkpoint.batch_id})")
+            continue
+        click.echo(f"  {name}: bad: {checkpoint.error}")
+        if not readable:
+            advice = (
+                "no checkpoint is usable, so the app cannot recover: restore the state"
+                " directory from a backup, or move it away to start from scratch (its"
+                " batches would run again)"
+            )
+        elif readable[0].batch_id > checkpoint.batch_id:
+            advice = (
+                f"the app recovers from {os.path.basename(readable[0].path)}, but cannot"
+                " fall back to this one"
+            )
+        else:
+            advice = (
+                f"the app skips it and recovers from {os.path.basename(readable[0].path)}"
+                " and the tracker log after it"
+            )
+        click.echo(f"    {advice}")
+    if check.live:
         click.echo(
-            f"  torn tail: {torn.dropped} bytes at {torn.path} offset {torn.offset} "
-            f"(an unfinished write from a crash; cut off when the log is next opened)"
+            _LIVE_NOTE.format(what="the state directory", lock=os.path.join(check.directory, LOCK))
+            + " (Checkpoints were not matched against the tracker log.)"
         )
-    for temp in report.temp_files:
-        click.echo(f"  leftover {temp} (deleted when the log is next opened)")
+    if not check.ok:
+        raise click.exceptions.Exit(1)
 
 
 @wal.command("dump")
@@ -104,46 +228,53 @@ def wal_dump(directory: str) -> None:
 @click.argument("directory", metavar="DIR", type=_LOG_DIR)
 @click.option("--yes", is_flag=True, help="Repair without asking for confirmation.")
 def wal_repair(directory: str, yes: bool) -> None:
-    """Cut the log at its first bad record, keeping a .broken copy of each changed file."""
-    from streamlet.errors import StreamletError
-    from streamlet.wal.tools import repair
+    """Cut the log at its first bad record, keeping a .broken copy of each changed file.
+
+    Refused (exit 2) while a running app has the log open: stop the app
+    first. The log stays locked from the first read to the last change,
+    while you are asked too, so what you confirm is what is done.
+    """
+    from streamlet.errors import WALError
+    from streamlet.wal.tools import RepairResult, repair
+
+    def confirm(plan: RepairResult) -> bool:
+        assert plan.problem is not None
+        problem = plan.problem
+        click.echo(f"first bad record: {problem.path} at offset {problem.offset}: {problem.reason}")
+        if plan.truncated is not None:
+            click.echo(f"  will cut {plan.truncated[0]} to {plan.truncated[1]} bytes")
+        if plan.recreated is not None:
+            click.echo(f"  will replace {plan.recreated} by an empty segment")
+        for path in plan.removed:
+            click.echo(f"  will remove {path}")
+        click.echo(
+            f"  lost: {plan.lost_records} readable records ({plan.lost_bytes} bytes) after the"
+            " cut; a .broken copy of each changed file is kept"
+        )
+        return yes or click.confirm("Repair the log?", default=False)
 
     try:
-        plan = repair(directory, dry_run=True)
+        if not _holds_segments(directory):
+            raise _no_segments(directory)
+        done = repair(directory, confirm=confirm)
     except OSError as exc:
         raise _unreadable(directory, exc) from exc
-    if plan.problem is None:
-        message = f"nothing to repair in {plan.directory}"
-        if plan.torn_tail is not None:
-            torn = plan.torn_tail
+    except WALError as exc:  # in use
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(2) from exc
+    if done.problem is None:
+        message = f"nothing to repair in {done.directory}"
+        if done.torn_tail is not None:
+            torn = done.torn_tail
             message += (
                 f" (a torn tail of {torn.dropped} bytes at {torn.path} offset {torn.offset} "
                 f"is cut off when the log is next opened)"
             )
         click.echo(message)
         return
-    problem = plan.problem
-    click.echo(f"first bad record: {problem.path} at offset {problem.offset}: {problem.reason}")
-    if plan.truncated is not None:
-        click.echo(f"  will cut {plan.truncated[0]} to {plan.truncated[1]} bytes")
-    if plan.recreated is not None:
-        click.echo(f"  will replace {plan.recreated} by an empty segment")
-    for path in plan.removed:
-        click.echo(f"  will remove {path}")
-    click.echo(
-        f"  lost: {plan.lost_records} readable records ({plan.lost_bytes} bytes) after the cut; "
-        f"a .broken copy of each changed file is kept"
-    )
-    if not yes and not click.confirm("Repair the log?", default=False):
+    if not done.applied:
         click.echo("declined; nothing was changed")
         raise click.exceptions.Exit(1)
-    try:
-        done = repair(directory)
-    except OSError as exc:
-        raise _unreadable(directory, exc) from exc
-    except StreamletError as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise click.exceptions.Exit(1) from exc
     click.echo(f"repaired {done.directory}; copies kept:")
     for backup in done.backups:
         click.echo(f"  {backup}")

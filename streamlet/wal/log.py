@@ -90,6 +90,7 @@ __all__ = [
     "WriteAheadLog",
     "corruption_error",
     "inspect_log",
+    "is_locked",
     "lock_directory",
 ]
 
@@ -327,6 +328,29 @@ def lock_directory(directory: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def is_locked(directory: str) -> bool:
+    """Whether a writer holds the lock of the log in ``directory`` now; never waits.
+
+    For tools that read a log another process may have open. The probe takes a
+    shared ``flock`` on the lock file and drops it at once; it creates nothing
+    (no lock file: no writer ever opened the log). A writer opening the log in
+    that instant is refused as if the log were open, with the error that names
+    the lock; two probes do not disturb each other.
+    """
+    path = os.path.join(directory, LOCK_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the fd drops a lock taken here
+    return False
 
 
 # --------------------------------------------------------------------------

@@ -6,6 +6,13 @@ functions returning result objects so they can be used from Python too.
 a corrupt log short; it never runs by itself (opening a log refuses a corrupt
 one), and it keeps a ``.broken`` copy of every file it changes or removes.
 
+A log has one writer, which holds the ``flock`` of its ``LOCK`` file (see
+:func:`streamlet.wal.log.lock_directory`). ``repair`` takes that lock before it
+reads anything and keeps it until it is done, so it refuses a log that a
+running app has open and no app can open the log while it is repaired.
+``verify`` never takes it: it may look at a live log, and then says so
+(:attr:`VerifyReport.live`), since what it reads is changing under it.
+
 What counts as a torn tail and what as corruption is defined in
 :mod:`streamlet.wal.format`; the checks are the ones recovery uses
 (:func:`streamlet.wal.log.inspect_log`), applied to every segment.
@@ -13,10 +20,13 @@ What counts as a torn tail and what as corruption is defined in
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from streamlet.errors import WALError
 from streamlet.fs import File, FileSystem, OsFileSystem
 from streamlet.wal.format import (
     FRAME_HEADER_SIZE,
@@ -31,7 +41,16 @@ from streamlet.wal.format import (
     scan,
     segment_name,
 )
-from streamlet.wal.log import Position, Problem, TornTail, inspect_log, lock_directory
+from streamlet.wal.log import (
+    LOCK_NAME,
+    Inspection,
+    Position,
+    Problem,
+    TornTail,
+    inspect_log,
+    is_locked,
+    lock_directory,
+)
 
 __all__ = [
     "BROKEN_SUFFIX",
@@ -48,6 +67,7 @@ BROKEN_SUFFIX = ".broken"
 
 _CHUNK = 4 * 2**20
 _HEAD = 32  # payload bytes shown per record by dump
+_LIVE_ATTEMPTS = 5  # looks at a live log before a vanished segment or a problem is reported
 
 
 @dataclass(frozen=True)
@@ -67,11 +87,22 @@ class VerifyReport:
     """A torn tail of the last segment: not corruption; cut off on the next open."""
     temp_files: tuple[str, ...]
     """Leftovers of an interrupted segment creation, deleted on the next open."""
+    live: bool = False
+    """A writer held the log's lock while it was checked: the report is a snapshot
+    of a log that was changing. Its torn tail, if any, is an append in progress,
+    and records appended since are not checked."""
+    ends: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+    """Segment seq -> where its intact records end, for every segment checked."""
 
     @property
     def ok(self) -> bool:
         """True when the log opens and replays without error."""
         return self.problem is None
+
+    def holds(self, position: Position) -> bool:
+        """Whether the intact part of the log reaches past the record at ``position``."""
+        end = self.ends.get(position.segment)
+        return end is not None and position.offset + FRAME_HEADER_SIZE + position.length <= end
 
 
 @dataclass(frozen=True)
@@ -96,17 +127,46 @@ class RepairResult:
     backups: tuple[str, ...]
     """The ``.broken`` copies made; empty for a dry run."""
     applied: bool
-    """False for a dry run or when there was nothing to do."""
+    """False for a dry run, a declined repair, or when there was nothing to do."""
 
 
 def verify(directory: str | os.PathLike[str], *, fs: FileSystem | None = None) -> VerifyReport:
     """Check every segment header and record of the log in ``directory``; change nothing.
 
+    The log's lock is not taken, so a running app is not disturbed; whether a
+    writer held it is probed (before and after) and reported as
+    :attr:`VerifyReport.live`. A live log changes while it is read: its last
+    segment may end in an append in progress, which is a torn tail (never
+    corruption: a reader sees a prefix of what is being written), and the
+    writer deletes old segments when it cleans. So on a live log a segment
+    that vanishes between listing and reading, or a problem that a second
+    look does not find again at the same place, makes the check start over
+    (up to 5 looks in all) instead of being reported.
+
     Raises:
         OSError: the directory or a segment cannot be read.
     """
+    fs = fs or OsFileSystem()
     path = os.path.abspath(os.fspath(directory))
-    found = inspect_log(fs or OsFileSystem(), path, scan_all=True)
+    locks = isinstance(fs, OsFileSystem)  # other file layers have no writer lock to probe
+    live = locks and is_locked(path)
+    seen: Problem | None = None
+    for attempt in itertools.count(1):
+        try:
+            found = inspect_log(fs, path, scan_all=True)
+        except FileNotFoundError:
+            # A segment listed but gone when opened: a live writer cleaned it.
+            live = live or (locks and is_locked(path))
+            if not live or attempt >= _LIVE_ATTEMPTS:
+                raise
+            continue
+        if found.problem is not None and locks and attempt < _LIVE_ATTEMPTS:
+            live = live or is_locked(path)
+            if live and found.problem != seen:
+                seen = found.problem  # look again: is it still there?
+                continue
+        break
+    live = live or (locks and is_locked(path))
     return VerifyReport(
         directory=path,
         segments=len(found.segments),
@@ -115,7 +175,20 @@ def verify(directory: str | os.PathLike[str], *, fs: FileSystem | None = None) -
         problem=found.problem,
         torn_tail=found.torn_tail,
         temp_files=tuple(found.temp_files),
+        live=live,
+        ends=_ends(found),
     )
+
+
+def _ends(found: Inspection) -> dict[int, int]:
+    """Segment seq -> where its intact records end, for the segments ``found`` checked."""
+    ends = {s.seq: s.size for s in found.segments if s.scanned}
+    for stop in (found.problem, found.torn_tail):
+        if stop is not None:
+            seq = parse_segment_name(os.path.basename(stop.path))
+            if seq in ends:
+                ends[seq] = stop.offset
+    return ends
 
 
 def dump(
@@ -200,7 +273,11 @@ def read_records(
 
 
 def repair(
-    directory: str | os.PathLike[str], *, dry_run: bool = False, fs: FileSystem | None = None
+    directory: str | os.PathLike[str],
+    *,
+    dry_run: bool = False,
+    fs: FileSystem | None = None,
+    confirm: Callable[[RepairResult], bool] | None = None,
 ) -> RepairResult:
     """Cut the log in ``directory`` at its first bad record, keeping ``.broken`` copies.
 
@@ -209,18 +286,51 @@ def repair(
     an empty segment with the same seq) and every later segment is renamed to
     ``NAME.broken``. A torn tail alone needs no repair: opening the log cuts
     it off. With ``dry_run`` nothing is changed and the result says what
-    would be.
+    would be. ``confirm``, if given, is shown that plan (when there is
+    something to repair) and the repair goes ahead only if it returns True.
+
+    The log's writer lock is taken first (without waiting; the lock file is
+    created if missing, as a writer would) and held until the end, the
+    ``confirm`` call included: the plan is made from, and applied to, a log
+    no app can change or open meanwhile.
 
     Later segments go first, each rename made durable before the damaged
     segment is cut, so a crash during repair never leaves a log that opens
     with records missing from its middle; running repair again finishes it.
 
     Raises:
-        WALError: a writer has the log open.
+        WALError: the log is in use: a running app (or another process) holds
+            its lock. Nothing was read or changed.
         OSError: a file cannot be read, copied or changed.
     """
     fs = fs or OsFileSystem()
     path = os.path.abspath(os.fspath(directory))
+    lock = _lock_for_repair(path) if isinstance(fs, OsFileSystem) else None
+    try:
+        plan = _plan(fs, path)
+        if plan.problem is None or dry_run or (confirm is not None and not confirm(plan)):
+            return plan
+        return _apply(fs, plan)
+    finally:
+        if lock is not None:
+            os.close(lock)  # closing the fd drops the flock
+
+
+def _lock_for_repair(path: str) -> int:
+    """Take the log's writer lock without waiting; refuse a log in use, saying what to do."""
+    try:
+        return lock_directory(path)
+    except WALError:
+        raise WALError(
+            f"cannot repair the write-ahead log in {path}: it is in use. A running app (or "
+            f"another process) holds its lock {os.path.join(path, LOCK_NAME)}, and a log "
+            f"must not be changed under its writer. Stop the app first, then run "
+            f"`streamlet wal repair {path}` again."
+        ) from None
+
+
+def _plan(fs: FileSystem, path: str) -> RepairResult:
+    """What a repair of the log in ``path`` would do (lock held); changes nothing."""
     found = inspect_log(fs, path, scan_all=True)
     problem = found.problem
     if problem is None:
@@ -247,41 +357,6 @@ def repair(
         records, size = _count(fs, later, SEGMENT_HEADER_SIZE)
         lost_records += records
         lost_bytes += size
-
-    backups: list[str] = []
-    if not dry_run:
-        lock = lock_directory(path) if isinstance(fs, OsFileSystem) else None
-        try:
-            # Newest first: an interrupted repair leaves a gap-free prefix.
-            for later in reversed(removed):
-                backup = _free_name(fs, later + BROKEN_SUFFIX)
-                fs.rename(later, backup)
-                fs.sync_dir(path)
-                backups.append(backup)
-            if truncated is not None:
-                backups.append(_copy(fs, truncated[0]))
-                file = fs.open(truncated[0], writable=True)
-                try:
-                    file.truncate(truncated[1])
-                    file.sync()
-                finally:
-                    file.close()
-            if recreated is not None:
-                backups.append(_copy(fs, recreated))
-                temp = recreated + TEMP_SUFFIX
-                if fs.exists(temp):
-                    fs.remove(temp)
-                file = fs.create(temp)
-                try:
-                    file.append(encode_segment_header(bad_seq))
-                    file.sync()
-                finally:
-                    file.close()
-                fs.rename(temp, recreated)
-            fs.sync_dir(path)
-        finally:
-            if lock is not None:
-                os.close(lock)
     return RepairResult(
         directory=path,
         problem=problem,
@@ -291,9 +366,45 @@ def repair(
         removed=removed,
         lost_records=lost_records,
         lost_bytes=lost_bytes,
-        backups=tuple(backups),
-        applied=not dry_run,
+        backups=(),
+        applied=False,
     )
+
+
+def _apply(fs: FileSystem, plan: RepairResult) -> RepairResult:
+    """Carry out ``plan`` (lock held); return it with the backups made."""
+    path = plan.directory
+    backups: list[str] = []
+    # Newest first: an interrupted repair leaves a gap-free prefix.
+    for later in reversed(plan.removed):
+        backup = _free_name(fs, later + BROKEN_SUFFIX)
+        fs.rename(later, backup)
+        fs.sync_dir(path)
+        backups.append(backup)
+    if plan.truncated is not None:
+        backups.append(_copy(fs, plan.truncated[0]))
+        file = fs.open(plan.truncated[0], writable=True)
+        try:
+            file.truncate(plan.truncated[1])
+            file.sync()
+        finally:
+            file.close()
+    if plan.recreated is not None:
+        seq = parse_segment_name(os.path.basename(plan.recreated))
+        assert seq is not None
+        backups.append(_copy(fs, plan.recreated))
+        temp = plan.recreated + TEMP_SUFFIX
+        if fs.exists(temp):
+            fs.remove(temp)
+        file = fs.create(temp)
+        try:
+            file.append(encode_segment_header(seq))
+            file.sync()
+        finally:
+            file.close()
+        fs.rename(temp, plan.recreated)
+    fs.sync_dir(path)
+    return dataclasses.replace(plan, backups=tuple(backups), applied=True)
 
 
 def _walk(file: File, size: int, start: int) -> Iterator[tuple[int, FrameCheck, bytes]]:
