@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamlet.checkpoint import (
+    Checkpoint,
     CheckpointError,
     decode,
     encode,
@@ -19,6 +21,7 @@ from streamlet.checkpoint import (
     write_checkpoint,
 )
 from streamlet.fs import OsFileSystem
+from streamlet.testing.faultfs import CutMode, FaultFS, PowerCut
 
 FS = OsFileSystem()
 
@@ -117,3 +120,60 @@ def test_any_single_bit_flip_is_detected_or_harmless(
     # A flip that still decodes can only have hit the header's spelling of a
     # value that does not matter (never the body).
     assert decoded == body
+
+
+# ---- power cuts ------------------------------------------------------------------
+
+CHECKPOINTS = "/state/checkpoints"
+CUTS: list[tuple[CutMode, int]] = [("drop", 1), ("sectors", 6), ("garble", 6)]  # (mode, seeds)
+
+
+@pytest.mark.parametrize("earlier", [0, 1, 2])
+def test_a_power_cut_right_after_a_checkpoint_is_written_keeps_it(earlier: int) -> None:
+    # The rename is the commit: the file's data must be durable before it
+    # (fsync of the temp file), and the rename itself after it (fsync of the
+    # directory). With no earlier checkpoint or one, no later directory sync
+    # (the deletion of the oldest) would make up for a missing one.
+    fs = FaultFS()
+    for batch in range(1, earlier + 1):
+        write_checkpoint(fs, CHECKPOINTS, batch, {"batch": batch})
+    batch = earlier + 1
+    path = write_checkpoint(fs, CHECKPOINTS, batch, {"batch": batch})
+    for mode, seeds in CUTS:
+        for seed in range(seeds):
+            disk = fs.power_cut(mode, rng=random.Random(seed))
+            latest = load_latest(disk, CHECKPOINTS)
+            assert latest == Checkpoint(path, batch, {"batch": batch}), (mode, seed)
+
+
+def _write_four(fs: FaultFS, written: list[int]) -> None:
+    for batch in range(1, 5):
+        write_checkpoint(fs, CHECKPOINTS, batch, {"batch": batch})
+        written.append(batch)
+
+
+@pytest.mark.parametrize("when", ["at", "after"])
+def test_a_power_cut_at_any_operation_leaves_the_newest_checkpoint_written(when: str) -> None:
+    counted = FaultFS()
+    _write_four(counted, [])
+    ops = counted.ops
+    assert {op.name for op in ops} >= {"create", "append", "sync", "rename", "sync_dir", "remove"}
+    for index, op in enumerate(ops):
+        fs = FaultFS()
+        (fs.cut_at if when == "at" else fs.cut_after)(index)
+        written: list[int] = []
+        with pytest.raises(PowerCut):
+            _write_four(fs, written)
+        for mode, seeds in CUTS:
+            for seed in range(seeds):
+                where = f"cut {when} op {index} ({op.name} {op.path}), {mode}, seed {seed}"
+                disk = fs.power_cut(mode, rng=random.Random(seed))
+                latest = load_latest(disk, CHECKPOINTS)  # never "none readable"
+                if latest is None:
+                    assert written == [], f"{where}: checkpoint {written[-1]} is gone"
+                    continue
+                assert latest.body == {"batch": latest.batch_id}, where
+                assert latest.batch_id >= (written or [0])[-1], (
+                    f"{where}: checkpoint {written[-1]} was written, but the newest"
+                    f" readable is {latest.batch_id}"
+                )
