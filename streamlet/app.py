@@ -129,6 +129,12 @@ class App:
         durability: the tracker log's fsync policy (``"always"``; see the WAL).
         tracker_segment_bytes: size of the tracker log's segment files; the
             log is cleaned behind checkpoints a whole segment at a time.
+        max_batch_records: the most records one batch takes from one source
+            (default 100,000), so that a backlog drains over several batches
+            instead of one that may not fit in memory.
+        max_batch_bytes: about the most bytes (keys and values) one batch
+            takes from one source (default 64 MiB). A direct source's first
+            batch takes at most 1,000 records, until its record size is known.
         blocked_loop_warning: seconds a handler may block the event loop
             before a warning names it (None: no watch); see ``thread=True``
             in :meth:`handler` for blocking code.
@@ -155,6 +161,8 @@ class App:
         dead_letter: Sink | None = None,
         durability: str = "always",
         tracker_segment_bytes: int = TRACKER_SEGMENT_SIZE,
+        max_batch_records: int = 100_000,
+        max_batch_bytes: int = 64 * 2**20,
         blocked_loop_warning: float | None = 1.0,
         fs: FileSystem | None = None,
     ) -> None:
@@ -204,6 +212,8 @@ class App:
             )
         self.durability = durability
         self.tracker_segment_bytes = _positive_int("tracker_segment_bytes", tracker_segment_bytes)
+        self.max_batch_records = _positive_int("max_batch_records", max_batch_records)
+        self.max_batch_bytes = _positive_int("max_batch_bytes", max_batch_bytes)
         self.blocked_loop_warning = (
             None
             if blocked_loop_warning is None
@@ -463,6 +473,8 @@ class App:
                 set_receiver_rate=generator.set_rate if generator is not None else None,
                 decoders=self._decoders,
                 cut_blocks=generator.cut if generator is not None else None,
+                max_batch_records=self.max_batch_records,
+                max_batch_bytes=self.max_batch_bytes,
             )
             stop = self._stop
             assert stop is not None

@@ -94,6 +94,37 @@ def _dead_letter(
     }
 
 
+FIRST_BATCH_RECORDS = 1000
+"""The most records the first batch of a direct source takes, before its record size is known."""
+_SIZE_SAMPLE = 256
+"""Records per batch measured to estimate a source's bytes per record."""
+
+
+def size_limit(
+    *, partitions: int, max_records: int, max_bytes: int, record_bytes: float | None
+) -> int:
+    """The most offsets a batch takes from one partition of a direct source, by size; pure.
+
+    A batch's offset ranges are logged before they are read, and a batch
+    re-run after a crash reads exactly them again: a batch too large for
+    memory would fail again after every restart. So batches are bounded
+    before they are logged, by records and, from the records' measured size,
+    by bytes. Until a batch of the source was read its record size is
+    unknown, and the first batch takes at most :data:`FIRST_BATCH_RECORDS`.
+
+    Args:
+        partitions: the source's partitions (the limit is per partition).
+        max_records: the most records a batch takes from the source.
+        max_bytes: about the most bytes (keys and values) a batch takes from it.
+        record_bytes: the measured average size of its records (None: unknown).
+    """
+    if record_bytes is None:
+        records = min(max_records, FIRST_BATCH_RECORDS)
+    else:
+        records = min(max_records, int(max_bytes // max(record_bytes, 1.0)))
+    return max(1, records // max(1, partitions))
+
+
 RetainedCheckpoint = tuple[int, Position | None]
 """A checkpoint kept on disk: its batch id and the tracker event it covers (None: unknown)."""
 
@@ -153,6 +184,9 @@ class BatchScheduler:
             (:mod:`streamlet.backpressure`), within ``max_rate``.
         min_rate: the floor of an adapted rate, records/s per source.
         set_receiver_rate: applies an adapted rate to a receiver.
+        max_batch_records: the most records a batch takes from one source.
+        max_batch_bytes: about the most bytes a batch takes from one source
+            (see :func:`size_limit`; receivers: whole blocks, at least one).
         decoders: per source, a function from a record's value to its
             ``data``; a record it fails on goes to ``dead_letter`` (or, with
             none, stops the app with :class:`DecodeError`).
@@ -186,6 +220,8 @@ class BatchScheduler:
         set_receiver_rate: Callable[[str, float], object] | None = None,
         decoders: Mapping[str, Callable[[bytes], object]] | None = None,
         cut_blocks: Callable[[], Awaitable[object]] | None = None,
+        max_batch_records: int = 100_000,
+        max_batch_bytes: int = 64 * 2**20,
     ) -> None:
         self.app = app
         self.tracker = tracker
@@ -214,6 +250,10 @@ class BatchScheduler:
         self._limits = dict(self._static_limits)
         self._partitions = dict.fromkeys(self.sources, 1)
         self._receiver_limits: dict[str, int | None] = {}
+        self.max_batch_records = max_batch_records
+        self.max_batch_bytes = max_batch_bytes
+        # Per direct source, the measured average bytes per record (key + value).
+        self._record_bytes: dict[str, float] = {}
         self.set_receiver_rate = set_receiver_rate
         self.decoders = dict(decoders or {})
         self.cut_blocks = cut_blocks
@@ -294,13 +334,28 @@ class BatchScheduler:
                 self.tracker.seed_positions(name, await source.start_positions(unseen))
             latest[name] = available
             self._partitions[name] = max(1, len(available))
+        limits: dict[str, int | None] = {}
+        for name in latest:
+            by_size = size_limit(
+                partitions=self._partitions[name],
+                max_records=self.max_batch_records,
+                max_bytes=self.max_batch_bytes,
+                record_bytes=self._record_bytes.get(name),
+            )
+            by_rate = self._limits[name]
+            limits[name] = by_size if by_rate is None else min(by_rate, by_size)
+        receiver_limits = {
+            name: min(self.max_batch_records, self._receiver_limits.get(name) or math.inf)
+            for name in self.receivers
+        }
         alloc = plan_allocation(
             state,
             batch_time=batch_time,
             latest=latest,
-            limits=self._limits,
+            limits=limits,
             receivers=self.receivers,
-            receiver_limits=self._receiver_limits,
+            receiver_limits={n: int(v) for n, v in receiver_limits.items()},
+            receiver_max_bytes=self.max_batch_bytes,
         )
         if alloc.empty:
             return None
@@ -459,7 +514,10 @@ class BatchScheduler:
         self, alloc: Allocation, *, scheduled: float | None, recovered: bool
     ) -> BatchInfo:
         started = time.monotonic()
-        records, dead = self._decode(alloc.id, await self._read_input(alloc))
+        raw = await self._read_input(alloc)
+        if alloc.ranges:
+            self._measure(raw)
+        records, dead = self._decode(alloc.id, raw)
         batch = Batch(alloc.id, alloc.time, records, alloc.ranges, alloc.blocks)
         views = {spec.name: batch.for_sources(spec.sources) for spec in self.handlers}
 
@@ -542,6 +600,24 @@ class BatchScheduler:
                 log.exception("batch listener %r raised; ignored", listener)
         await self.maybe_checkpoint()
         return info
+
+    def _measure(self, records: Sequence[Record]) -> None:
+        """Update each direct source's average record size from a sample of a batch."""
+        step = max(1, len(records) // _SIZE_SAMPLE)
+        sizes: dict[str, list[int]] = {}
+        for record in records[::step]:
+            if record.source in self.sources:
+                key = record.key
+                sizes.setdefault(record.source, []).append(
+                    len(record.value) + (len(key) if key is not None else 0)
+                )
+        for name, found in sizes.items():
+            sample = sum(found) / len(found)
+            known = self._record_bytes.get(name)
+            # Leans to the larger: a burst of big records must shrink batches at once.
+            self._record_bytes[name] = (
+                sample if known is None else max(sample, (known + sample) / 2)
+            )
 
     def _adapt_rates(self, records: Sequence[Record], info: BatchInfo) -> None:
         """Feed the batch to each source's rate estimator and apply new rates."""

@@ -265,6 +265,7 @@ def plan_allocation(
     limits: Mapping[str, int | None],
     receivers: frozenset[str] = frozenset(),
     receiver_limits: Mapping[str, int | None] | None = None,
+    receiver_max_bytes: int | None = None,
 ) -> Allocation:
     """Decide the next batch's input; pure.
 
@@ -281,6 +282,8 @@ def plan_allocation(
             (whole blocks, oldest first, at least one); ``None``: all of them.
             With backpressure this spreads a backlog over several batches
             instead of reading it all into one.
+        receiver_max_bytes: per receiver, about the most block bytes a batch
+            takes (whole blocks, oldest first, at least one); None: no limit.
 
     Returns:
         The allocation, holding only partitions with new offsets; it may be
@@ -301,15 +304,19 @@ def plan_allocation(
     for source in sorted(receivers):
         waiting = state.blocks.get(source, ())
         limit = (receiver_limits or {}).get(source)
-        if limit is None:
+        if limit is None and receiver_max_bytes is None:
             blocks.extend(waiting)
             continue
-        taken = 0
+        taken = size = 0
         for block in waiting:
-            if taken and taken + block.records > limit:
+            if taken and (
+                (limit is not None and taken + block.records > limit)
+                or (receiver_max_bytes is not None and size + block.length > receiver_max_bytes)
+            ):
                 break
             blocks.append(block)
             taken += block.records
+            size += block.length
     return Allocation(state.next_batch_id, batch_time, tuple(ranges), tuple(blocks))
 
 

@@ -159,3 +159,37 @@ async def test_an_output_error_stops_the_app_by_default_without_retries(tmp_path
 
 async def _echo(batch: Batch) -> list[int]:
     return [int(r.value) for r in batch]
+
+
+def test_batch_size_limits_are_bounded_first_and_follow_record_size() -> None:
+    from streamlet.scheduler import FIRST_BATCH_RECORDS, size_limit
+
+    unknown = size_limit(partitions=4, max_records=100_000, max_bytes=2**26, record_bytes=None)
+    assert unknown == FIRST_BATCH_RECORDS // 4
+    small = size_limit(partitions=4, max_records=100_000, max_bytes=2**26, record_bytes=100.0)
+    assert small == 25_000  # by records
+    big = size_limit(partitions=4, max_records=100_000, max_bytes=2**26, record_bytes=2**20)
+    assert big == 16  # by bytes: 64 records of 1 MiB over 4 partitions
+    huge = size_limit(partitions=4, max_records=100_000, max_bytes=2**20, record_bytes=2**24)
+    assert huge == 1  # at least one: a record larger than the budget still runs
+
+
+async def test_a_backlog_drains_over_bounded_batches(tmp_path: Path) -> None:
+    app = App("h", state_dir=tmp_path / "state", batch_interval=0.02, max_batch_records=2_000)
+    source = app.source(SequenceSource(rate=None, limit=9_000), name="seq")
+    sink = ListSink()
+    app.handler(source, sink=sink)(_echo)
+    sizes: list[int] = []
+    done = anyio.Event()
+
+    def seen(info: object) -> None:
+        sizes.append(info.records)  # type: ignore[attr-defined]
+        if sum(sizes) >= 9_000:
+            done.set()
+
+    app.add_listener(seen)
+    await _serve_until(app, done)
+    assert sink.values() == list(range(9_000))
+    assert sizes[0] <= 1_000  # the first batch, before record sizes are known
+    assert max(sizes) <= 2_000
+    assert len(sizes) >= 5

@@ -160,3 +160,79 @@ async def test_a_refused_second_worker_does_not_fence_the_running_one(
     assert results["live"].returncode == 0, results["live"].stderr.decode()
     found = await _totals(kafka_bootstrap, totals, 200)
     assert sorted(found) == [(0, i) for i in range(200)]
+
+
+BACKLOG_APP = """
+import os
+
+import streamlet as sl
+
+SETTINGS = (("max_batch_records", "MAX_RECORDS"), ("max_batch_bytes", "MAX_BYTES"))
+limits = {
+    setting: int(os.environ[variable]) for setting, variable in SETTINGS if variable in os.environ
+}
+app = sl.App("backlog", state_dir="state", batch_interval=0.05, **limits)
+source = app.source(
+    sl.KafkaSource(os.environ["TOPIC"], bootstrap_servers=os.environ["KAFKA"], start="earliest"),
+    name="in",
+)
+
+
+@app.handler(source, sink=sl.FileSink("out"))
+async def keep(batch: sl.Batch) -> list[list[int]]:
+    return [[r.partition, r.offset] for r in batch]
+"""
+
+
+@pytest.mark.parametrize(
+    ("size", "max_records", "max_bytes", "bound"),
+    [(100, None, None, 20_000), (100, 4_000, None, 4_000), (2_000, None, 2**20, 600)],
+    ids=["defaults", "by-records", "by-bytes"],
+)
+async def test_a_fresh_start_on_a_backlog_drains_it_in_bounded_batches(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    new_topic: TopicFactory,
+    size: int,
+    max_records: int | None,
+    max_bytes: int | None,
+    bound: int,
+) -> None:
+    """A worker started on a large backlog takes it over many batches, every record once."""
+    from streamlet.sinks.file import FileSink
+
+    topic = await new_topic(partitions=2)
+    count = 20_000
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=20)
+    await producer.start()
+    try:
+        for i in range(count):
+            await producer.send(topic, b"x" * size, partition=i % 2)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    (tmp_path / "backlogapp.py").write_text(BACKLOG_APP)
+    env = {
+        **os.environ,
+        "KAFKA": kafka_bootstrap,
+        "TOPIC": topic,
+    }
+    if max_records is not None:
+        env["MAX_RECORDS"] = str(max_records)
+    if max_bytes is not None:
+        env["MAX_BYTES"] = str(max_bytes)
+    command = [sys.executable, "-m", "streamlet", "run", "backlogapp:app", "--duration", "8"]
+    with anyio.fail_after(120):
+        run = await anyio.run_process(command, cwd=tmp_path, env=env, check=False)
+    assert run.returncode == 0, run.stderr.decode()
+    sizes = [
+        int(line.split(": ")[1].split(" records")[0])
+        for line in run.stdout.decode().splitlines()
+        if line.startswith("batch ")
+    ]
+    assert sum(sizes) == count
+    assert sizes[0] <= 1_000  # before the records' size is known
+    assert max(sizes[1:]) <= bound, sizes
+    written = FileSink.read_committed(tmp_path / "out")
+    positions = [tuple(orjson.loads(line)) for lines in written.values() for line in lines]
+    assert sorted(positions) == sorted((i % 2, i // 2) for i in range(count))
