@@ -2,11 +2,20 @@
 
 Every ``interval`` seconds the scheduler fixes the next batch's input and
 logs it (``alloc``) before anything reads it, runs the batch's handlers
-concurrently, then drives the commit protocol of DESIGN.md in order:
+concurrently, then drives the commit protocol (docs/architecture.md, "The
+commit protocol") in order:
 
 1. sink commit: every handler's outputs, durable and idempotent by batch id;
+   then the batch's dead letters (records that failed to decode, input of
+   handlers that failed or whose outputs their sink refused), in one commit
+   of the dead-letter sink, so that a re-run finds them committed or not as
+   a whole;
 2. source commit: direct sources are told the ranges are done;
 3. ``done`` logged; a checkpoint now and then; logs cleaned behind it.
+
+Batch sizes are bounded before a batch is logged (:func:`size_limit`): a
+logged batch is re-read whole after every crash, so one too large for memory
+could never complete.
 
 Batches run one at a time, in id order, on a fixed schedule: a batch that
 takes longer than the interval delays the next one, which shows as
