@@ -41,9 +41,11 @@ class Stored(Protocol):
         """Return once the records are durable in the data WAL and the tracker.
 
         Raises:
-            WALError: the data WAL failed; the records are not durable and
-                must not be acknowledged.
-            StreamletError: the app stopped before the records' block was cut.
+            StreamletError: the records are not durable and must not be
+                acknowledged: the data WAL or the tracker log failed (that
+                failure, such as a :class:`~streamlet.errors.WALError`, is the
+                ``__cause__``), or the app stopped before the records' block
+                was cut.
         """
         ...
 
@@ -76,8 +78,9 @@ class ReceiverContext(Protocol):
         of each record is set to the receiver's name.
 
         Raises:
-            WALError: the data WAL has failed; nothing more can be stored.
-            StreamletError: the app is stopping and cuts no more blocks.
+            StreamletError: nothing more can be stored: the data WAL has
+                failed (its error is the ``__cause__``), or the app is
+                stopping and cuts no more blocks.
         """
         ...
 
