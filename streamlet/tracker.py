@@ -361,13 +361,28 @@ class Tracker:
         state = base if base is not None else TrackerState()
         last = after
         replayed = 0
+        # The log must still hold the event the checkpoint covers: one cut
+        # below it (a repair, an older copy of the log, a lost tail) would
+        # take new events at positions the next recovery skips as covered.
+        reached = after is None
         try:
             async for position, payload in wal.replay(after):
                 if after is not None and position[:2] <= after[:2]:
+                    reached = reached or position[:2] == after[:2]
                     continue
                 state.apply(orjson.loads(payload))
                 last = position
                 replayed += 1
+            if not reached:
+                assert after is not None
+                raise StreamletError(
+                    f"the tracker log in {directory} ends before the event the checkpoint"
+                    f" covers (segment {after.segment}, offset {after.offset}): the log was"
+                    " cut or lost its tail (a repair, an older copy of tracker/ restored, or"
+                    " a power loss with durability other than 'always'). Events written now"
+                    " would be skipped by the next recovery, so the app does not start."
+                    " Restore the whole state directory from a backup, or use a new one"
+                )
         except BaseException:
             await wal.aclose()
             raise

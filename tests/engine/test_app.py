@@ -424,3 +424,21 @@ async def test_a_graceful_stop_keeps_the_log_the_older_checkpoint_needs(tmp_path
     first = len(sink.values())
     assert sink.values() == list(range(first))
     assert resumed.values() == list(range(first, first + len(resumed.values())))
+
+
+async def test_a_tracker_log_cut_below_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    """After a repair or restore cut the log below the checkpoint, new events would be skipped."""
+    from streamlet.errors import StreamletError
+    from streamlet.wal.format import SEGMENT_HEADER_SIZE
+
+    state = tmp_path / "state"
+    app = _counting_app(state, ListSink(), limit=30, checkpoint_interval=0)
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set() if info.batch_id >= 3 else None)
+    await _serve_until(app, done)
+    segments = sorted((state / "tracker").glob("*.wal"))
+    with segments[-1].open("r+b") as f:
+        f.truncate(SEGMENT_HEADER_SIZE)  # every event gone, as a cut at the first record
+    again = _counting_app(state, ListSink(), limit=30, checkpoint_interval=0)
+    with anyio.fail_after(20), pytest.raises(StreamletError, match="ends before the event"):
+        await again.serve()
