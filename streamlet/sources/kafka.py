@@ -56,6 +56,15 @@ the partition). Both log the lost range at ERROR level: nothing is skipped
 silently. The same policy applies to a starting offset (committed or
 explicit) outside what the partition holds.
 
+**Brokers down.** At each tick a direct source waits about a second (twice
+``fetch_max_wait_ms``, at least one) for the partitions' end offsets; while
+the brokers do not answer, batches take no new offsets of the topic, so the
+app keeps ticking and a stop request is seen at once. If they stay silent
+for ``fetch_timeout`` the app stops with an error. A batch already reading
+waits for its records as usual. A receiver that is stopping gives its last
+group commit the same second: the data WAL's acks, not the group, say where
+it resumes. Closing a consumer takes at most 5 seconds, brokers up or down.
+
 **Partitions.** Without ``partitions`` the source reads every partition of
 the topic, and one added while the app runs is picked up (direct mode: by
 the next :meth:`~KafkaDirectSource.latest`) once the client's metadata refreshes
@@ -77,8 +86,10 @@ committed only after a batch is durable), ``auto_offset_reset`` (always
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
+import math
 import re
 import time
 from bisect import bisect_left
@@ -120,6 +131,15 @@ _T = TypeVar("_T")
 _POLL = 0.2
 #: Stored-but-not-yet-durable chunks a receiver may have queued for commit.
 _MAX_PENDING = 1024
+#: The longest a consumer's close may take. Closing needs no broker (nothing
+#: is committed on the way out), so a close that takes longer is waiting on
+#: brokers that are down, and is abandoned rather than holding up a stop.
+_CLOSE_TIMEOUT = 5.0
+#: How long a direct source's latest() waits at least for the brokers before
+#: it answers with the end offsets they last told (see there); at least twice
+#: the consumer's fetch_max_wait_ms too, as an offset lookup can queue behind
+#: a fetch the broker holds that long.
+_LATEST_PATIENCE = 1.0
 #: Consumer settings streamlet owns, and what to use instead.
 _MANAGED = {
     "topics": "the topic argument",
@@ -286,6 +306,13 @@ class KafkaSourceConfig:
             )
 
     @property
+    def patience(self) -> float:
+        """Seconds a live broker may take to answer an offset lookup (see ``_LATEST_PATIENCE``)."""
+        wait = self.consumer_config.get("fetch_max_wait_ms", 500)
+        fetch_wait = wait / 1000 if isinstance(wait, (int, float)) else 0.5
+        return min(self.fetch_timeout, max(_LATEST_PATIENCE, 2 * fetch_wait))
+
+    @property
     def servers(self) -> str:
         """The bootstrap servers as one comma-separated string, for messages."""
         servers = self.bootstrap_servers
@@ -431,6 +458,16 @@ if not _FAST_READS:
 # -- the typed adapter over aiokafka's consumer ---------------------------------
 
 
+def _cancel_requests() -> int:
+    """How many cancellations of the running task are pending (its cancel scopes' doing).
+
+    A ``CancelledError`` raised while this count stayed the same is not the
+    task's own: it escaped from some other task that aiokafka awaited.
+    """
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
 class _OutOfRange(Exception):
     """A fetch asked for offsets the partition no longer (or not yet) holds."""
 
@@ -469,7 +506,46 @@ class _Consumer:
         await self._consumer.start()
 
     async def stop(self) -> None:
-        await self._consumer.stop()
+        """Close the consumer within ``_CLOSE_TIMEOUT`` seconds, brokers up or down.
+
+        Never raises but for the caller's own cancellation: a stop must not
+        turn into an error of its own (the app is already on its way out,
+        and nothing of streamlet's state depends on the close).
+        """
+        before = _cancel_requests()
+        with anyio.move_on_after(_CLOSE_TIMEOUT) as waited:
+            try:
+                await self._consumer.stop()
+            except asyncio.CancelledError:
+                if _cancel_requests() > before:
+                    raise
+                # Not this task's cancellation: aiokafka 0.14's fetcher
+                # close cancels its fetch tasks and awaits them, and one
+                # that was sleeping out a retry backoff (the broker is down)
+                # re-raises its own CancelledError there, which leaves the
+                # rest of the close undone. Finish it.
+                await self._finish_stop()
+            except Exception as exc:
+                log.warning("closing the consumer of topic %r failed: %r", self.topic, exc)
+        if waited.cancelled_caught:
+            log.warning(
+                "closing the consumer of topic %r took over %.0f s (brokers down?); left"
+                " behind, its connections close with the process",
+                self.topic,
+                _CLOSE_TIMEOUT,
+            )
+
+    async def _finish_stop(self) -> None:
+        """The part of ``AIOKafkaConsumer.stop`` after a fetch task's cancellation escaped it."""
+        fetcher: Any = getattr(self._consumer, "_fetcher", None)
+        tasks = [t for t in getattr(fetcher, "_pending_tasks", ()) if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        client: Any = getattr(self._consumer, "_client", None)
+        if client is not None:
+            await client.close()
 
     async def topic_exists(self) -> bool:
         """Ask the cluster (without creating the topic, as a metadata lookup of it may)."""
@@ -778,10 +854,16 @@ class _Link:
             consumer.assign(consumer.assigned | new)
         return new
 
-    async def call(self, action: str, fn: Callable[[], Awaitable[_T]]) -> _T:
-        """Run a broker request, retrying transient errors for up to ``fetch_timeout``."""
+    async def call(
+        self, action: str, fn: Callable[[], Awaitable[_T]], *, since: float | None = None
+    ) -> _T:
+        """Run a broker request, retrying transient errors for up to ``fetch_timeout``.
+
+        ``since``: the monotonic time the wait began, when earlier calls
+        already waited for the same answer (default: now).
+        """
         config = self.config
-        deadline = time.monotonic() + config.fetch_timeout
+        deadline = (time.monotonic() if since is None else since) + config.fetch_timeout
         delay = 0.1
         while True:
             error: BaseException | None = None
@@ -814,9 +896,13 @@ class _Link:
             await anyio.sleep(min(delay, remaining))
             delay = min(delay * 2, 2.0)
 
-    async def end_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
+    async def end_offsets(
+        self, partitions: Iterable[int], *, since: float | None = None
+    ) -> dict[int, int]:
         wanted = sorted(partitions)
-        return await self.call("looking up end offsets", lambda: self.consumer.end_offsets(wanted))
+        return await self.call(
+            "looking up end offsets", lambda: self.consumer.end_offsets(wanted), since=since
+        )
 
     async def beginning_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
         wanted = sorted(partitions)
@@ -1026,6 +1112,13 @@ class KafkaDirectSource(_ConsumedTopic, DirectSource):
         self.config = config
         self._link = _Link(config)
         self._cursors: dict[int, _Cursor] = {}
+        #: The last end offsets the brokers told, and since when they have
+        #: not answered (None: the last lookup succeeded).
+        self._ends: dict[int, int] = {}
+        self._unanswered_since: float | None = None
+        #: Per partition, where the batches planned so far end (the
+        #: scheduler's next start): from start_positions, resume_from, read.
+        self._planned: dict[int, int] = {}
 
     async def start(self) -> None:
         """Connect and assign the topic's partitions.
@@ -1038,18 +1131,65 @@ class KafkaDirectSource(_ConsumedTopic, DirectSource):
         await self._link.connect()
 
     async def latest(self) -> Mapping[int, int]:
-        """Per partition, one past the newest readable offset (the LSO under read_committed)."""
-        if self._link.refresh_partitions():
+        """Per partition, one past the newest readable offset (the LSO under read_committed).
+
+        Called at every tick, between batches. When the brokers do not
+        answer within ``config.patience`` seconds, each partition's end is
+        given as where the batches planned so far end (never past what the
+        brokers last told): the next batch takes no new offsets, so no batch
+        starts that would wait on brokers that are down, and the scheduler
+        goes on ticking (and sees a stop request) instead of hanging in this
+        lookup. Only when no answer came for ``fetch_timeout`` seconds in a
+        row does it fail, as any other lookup does.
+
+        Raises:
+            StreamletError: no answer for ``fetch_timeout`` seconds, or a
+                lookup failed for good.
+        """
+        link = self._link
+        if link.refresh_partitions():
             self._cursors.clear()
-        return await self._link.end_offsets(self._link.partitions)
+        partitions = sorted(link.partitions)
+        known = self._ends
+        if any(p not in known for p in partitions):
+            ends = await link.end_offsets(partitions)  # nothing to fall back on
+        else:
+            began = time.monotonic()
+            since = self._unanswered_since
+            answer: dict[int, int] | None = None
+            with anyio.move_on_after(self.config.patience):
+                answer = await link.end_offsets(partitions, since=since)
+            if answer is None:
+                if since is None:
+                    self._unanswered_since = began
+                    log.warning(
+                        "Kafka at %s did not tell the end offsets of topic %r within %g s;"
+                        " batches take no new offsets of it until it does (the app stops if"
+                        " it does not answer within fetch_timeout=%g s)",
+                        self.config.servers,
+                        self.config.topic,
+                        self.config.patience,
+                        self.config.fetch_timeout,
+                    )
+                planned = self._planned
+                return {p: min(known[p], planned.get(p, known[p])) for p in partitions}
+            ends = answer
+        if self._unanswered_since is not None:
+            log.info("Kafka at %s answers again", self.config.servers)
+        self._unanswered_since = None
+        known.update(ends)
+        return ends
 
     async def start_positions(self, partitions: Iterable[int]) -> Mapping[int, int]:
         """Apply ``start`` (and ``on_out_of_range``) to partitions streamlet has not seen."""
-        return await self._link.start_positions(partitions)
+        positions = await self._link.start_positions(partitions)
+        self._planned.update(positions)
+        return positions
 
     def resume_from(self, positions: Mapping[int, int]) -> None:
         """Point the consumer at the next batch's starts, so it prefetches them."""
         consumer = self._link.consumer
+        self._planned.update(positions)
         for partition, offset in positions.items():
             if partition in consumer.assigned:
                 consumer.seek(partition, offset)
@@ -1074,6 +1214,7 @@ class KafkaDirectSource(_ConsumedTopic, DirectSource):
                 )
             if r.partition in progress:
                 raise StreamletError(f"two ranges for {link.where(r.partition)} in one read")
+            self._planned[r.partition] = max(self._planned.get(r.partition, 0), r.until)
             cursor = self._cursors.pop(r.partition, None)
             if cursor is not None and cursor.start == r.start:
                 taken, spill = _split(cursor.records, r.start, r.until)
@@ -1145,10 +1286,14 @@ class KafkaDirectSource(_ConsumedTopic, DirectSource):
     async def _stalled(self, progress: Mapping[int, _Progress], active: Iterable[int]) -> None:
         link = self._link
         stuck = sorted(active)
-        ends = await link.end_offsets(stuck)
+        ends: dict[int, int] = {}
+        # Only for the message: a broker that is down must not double the wait.
+        with anyio.move_on_after(self.config.patience):
+            ends = await link.end_offsets(stuck)
         details = "; ".join(
             f"{link.where(p)} at offset {progress[p].position} of range"
-            f" [{progress[p].range.start}, {progress[p].range.until}), readable up to {ends[p]}"
+            f" [{progress[p].range.start}, {progress[p].range.until}), "
+            + (f"readable up to {ends[p]}" if p in ends else "the brokers did not answer")
             for p in stuck
         )
         error = StreamletError(
@@ -1228,7 +1373,7 @@ class KafkaReceiver(_ConsumedTopic, Receiver):
             return
         send, receive = anyio.create_memory_object_stream[_Pending](_MAX_PENDING)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._commit_durable, link, receive)
+            tg.start_soon(self._commit_durable, link, receive, context.stopping)
             async with send:
                 await self._fetch(link, context, positions, send)
 
@@ -1288,13 +1433,17 @@ class KafkaReceiver(_ConsumedTopic, Receiver):
                 await stored_chunks.send(_Pending(stored, chunk))
 
     async def _commit_durable(
-        self, link: _Link, receive: MemoryObjectReceiveStream[_Pending]
+        self, link: _Link, receive: MemoryObjectReceiveStream[_Pending], stopping: anyio.Event
     ) -> None:
         """Commit the group's offsets of stored chunks, in order, once each is durable.
 
         Invariant: the group never holds an offset whose records are not
         durable in the WAL.
         """
+
+        async def commit(offsets: Mapping[int, int]) -> None:
+            await self._commit(link, offsets, stopping)
+
         offsets: dict[int, int] = {}
         async with receive:
             try:
@@ -1303,7 +1452,7 @@ class KafkaReceiver(_ConsumedTopic, Receiver):
                 return
             while True:
                 if not item.stored.done() and offsets:
-                    await self._commit(link, offsets)
+                    await commit(offsets)
                     offsets = {}
                 await item.stored.wait()
                 offsets.update(item.offsets)
@@ -1313,24 +1462,36 @@ class KafkaReceiver(_ConsumedTopic, Receiver):
                 except anyio.WouldBlock:
                     pass
                 except anyio.EndOfStream:
-                    await self._commit(link, offsets)
+                    await commit(offsets)
                     return
-                await self._commit(link, offsets)
+                await commit(offsets)
                 offsets = {}
                 try:
                     item = await receive.receive()
                 except anyio.EndOfStream:
                     return
 
-    async def _commit(self, link: _Link, offsets: Mapping[int, int]) -> None:
+    async def _commit(self, link: _Link, offsets: Mapping[int, int], stopping: anyio.Event) -> None:
         if self.config.group_id is None or not offsets:
             return
+        # The WAL's acks are the source of truth; the group's offsets only
+        # lag until the next commit. So once the app is stopping, a commit
+        # does not wait out fetch_timeout on brokers that do not answer.
+        patience = self.config.patience if stopping.is_set() else math.inf
         try:
-            await link.commit(offsets)
+            with anyio.move_on_after(patience) as waited:
+                await link.commit(offsets)
         except StreamletError as exc:
-            # The WAL's acks are the source of truth; the group's offsets
-            # only lag until the next commit.
             log.warning("%s; the group's offsets catch up with the next chunk", exc)
+            return
+        if waited.cancelled_caught:
+            log.warning(
+                "committing the group offsets of topic %r got no answer within %g s while"
+                " stopping; left behind (the data WAL's acks say where the next start"
+                " resumes; the group catches up with the next chunk it commits)",
+                self.config.topic,
+                patience,
+            )
 
     def describe(self) -> str:
         return self.config.describe("receiver")
