@@ -13,9 +13,11 @@ commit protocol") in order:
 2. source commit: direct sources are told the ranges are done;
 3. ``done`` logged; a checkpoint now and then; logs cleaned behind it.
 
-Batch sizes are bounded before a batch is logged (:func:`size_limit`): a
+Batch sizes are bounded before a batch is logged (:func:`size_budget`): a
 logged batch is re-read whole after every crash, so one too large for memory
-could never complete.
+could never complete. A batch cut short by that bound is followed at once by
+the next one, without waiting for the tick, until the backlog is taken: the
+bound limits a batch's size, never the throughput.
 
 Batches run one at a time, in id order, on a fixed schedule: a batch that
 takes longer than the interval delays the next one, which shows as
@@ -61,7 +63,7 @@ from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.retry import GaveUp, RetryPolicy, retrying
 from streamlet.sinks.base import Sink
 from streamlet.sources.base import DirectSource
-from streamlet.tracker import Allocation, Tracker, plan_allocation
+from streamlet.tracker import Allocation, Tracker, TrackerState, plan_allocation
 from streamlet.wal import Position
 
 __all__ = [
@@ -109,10 +111,8 @@ _SIZE_SAMPLE = 256
 """Records per batch measured to estimate a source's bytes per record."""
 
 
-def size_limit(
-    *, partitions: int, max_records: int, max_bytes: int, record_bytes: float | None
-) -> int:
-    """The most offsets a batch takes from one partition of a direct source, by size; pure.
+def size_budget(*, max_records: int, max_bytes: int, record_bytes: float | None) -> int:
+    """The most offsets a batch takes from a direct source, all partitions together; pure.
 
     A batch's offset ranges are logged before they are read, and a batch
     re-run after a crash reads exactly them again: a batch too large for
@@ -120,18 +120,17 @@ def size_limit(
     before they are logged, by records and, from the records' measured size,
     by bytes. Until a batch of the source was read its record size is
     unknown, and the first batch takes at most :data:`FIRST_BATCH_RECORDS`.
+    The budget is shared among partitions by their backlog
+    (:func:`~streamlet.tracker.share_budget`).
 
     Args:
-        partitions: the source's partitions (the limit is per partition).
         max_records: the most records a batch takes from the source.
         max_bytes: about the most bytes (keys and values) a batch takes from it.
         record_bytes: the measured average size of its records (None: unknown).
     """
     if record_bytes is None:
-        records = min(max_records, FIRST_BATCH_RECORDS)
-    else:
-        records = min(max_records, int(max_bytes // max(record_bytes, 1.0)))
-    return max(1, records // max(1, partitions))
+        return max(1, min(max_records, FIRST_BATCH_RECORDS))
+    return max(1, min(max_records, int(max_bytes // max(record_bytes, 1.0))))
 
 
 RetainedCheckpoint = tuple[int, Position | None]
@@ -195,7 +194,7 @@ class BatchScheduler:
         set_receiver_rate: applies an adapted rate to a receiver.
         max_batch_records: the most records a batch takes from one source.
         max_batch_bytes: about the most bytes a batch takes from one source
-            (see :func:`size_limit`; receivers: whole blocks, at least one).
+            (see :func:`size_budget`; receivers: whole blocks, at least one).
         decoders: per source, a function from a record's value to its
             ``data``; a record it fails on goes to ``dead_letter`` (or, with
             none, stops the app with :class:`DecodeError`).
@@ -266,6 +265,8 @@ class BatchScheduler:
         self.set_receiver_rate = set_receiver_rate
         self.decoders = dict(decoders or {})
         self.cut_blocks = cut_blocks
+        #: Whether the last allocation was cut short by the size bound.
+        self.behind = False
         #: The handlers under way now: name → batch id (read by the loop watchdog).
         self.running: dict[str, int] = {}
         self._estimators = (
@@ -308,26 +309,43 @@ class BatchScheduler:
         deadline = now + duration if duration is not None else math.inf
         next_tick = now + self.interval
         while not stop.is_set():
-            wait = min(next_tick, deadline) - time.monotonic()
-            if wait > 0:
-                with anyio.move_on_after(wait):
-                    await stop.wait()
-            if stop.is_set() or time.monotonic() >= deadline:
-                break
-            if time.monotonic() < next_tick:
-                continue
-            scheduled = next_tick
-            next_tick += self.interval
+            if self.behind:
+                # The last batch was cut short by the size bound: take the
+                # rest now. The schedule starts again from here.
+                if time.monotonic() >= deadline:
+                    break
+                scheduled = time.monotonic()
+                next_tick = scheduled + self.interval
+            else:
+                wait = min(next_tick, deadline) - time.monotonic()
+                if wait > 0:
+                    with anyio.move_on_after(wait):
+                        await stop.wait()
+                if stop.is_set() or time.monotonic() >= deadline:
+                    break
+                if time.monotonic() < next_tick:
+                    continue
+                scheduled = next_tick
+                next_tick += self.interval
             alloc = await self.allocate(time.time() - (time.monotonic() - scheduled))
             if alloc is not None:
                 await self._run_batch(alloc, scheduled=scheduled, recovered=False)
 
     async def drain(self) -> BatchInfo | None:
-        """Run one last batch over whatever input is left (a graceful stop)."""
-        alloc = await self.allocate(time.time())
-        if alloc is None:
-            return None
-        return await self._run_batch(alloc, scheduled=None, recovered=False)
+        """Run batches until receivers' stored blocks are all taken (a graceful stop).
+
+        Receivers have stopped by now, so their blocks are a finite backlog;
+        it may need several batches under the size bound. Returns the last
+        batch's info (None: there was nothing to run).
+        """
+        info: BatchInfo | None = None
+        while True:
+            alloc = await self.allocate(time.time())
+            if alloc is None:
+                return info
+            info = await self._run_batch(alloc, scheduled=None, recovered=False)
+            if not any(self.tracker.state.blocks.get(name) for name in self.receivers):
+                return info
 
     async def allocate(self, batch_time: float) -> Allocation | None:
         """Fix and durably log the next batch's input; None when there is none."""
@@ -343,34 +361,58 @@ class BatchScheduler:
                 self.tracker.seed_positions(name, await source.start_positions(unseen))
             latest[name] = available
             self._partitions[name] = max(1, len(available))
-        limits: dict[str, int | None] = {}
-        for name in latest:
-            by_size = size_limit(
-                partitions=self._partitions[name],
+        budgets = {
+            name: size_budget(
                 max_records=self.max_batch_records,
                 max_bytes=self.max_batch_bytes,
                 record_bytes=self._record_bytes.get(name),
             )
-            by_rate = self._limits[name]
-            limits[name] = by_size if by_rate is None else min(by_rate, by_size)
-        receiver_limits = {
-            name: min(self.max_batch_records, self._receiver_limits.get(name) or math.inf)
-            for name in self.receivers
+            for name in latest
         }
+        receiver_limits: dict[str, int | None] = {}
+        for name in self.receivers:
+            adapted = self._receiver_limits.get(name)
+            receiver_limits[name] = (
+                self.max_batch_records if adapted is None else min(adapted, self.max_batch_records)
+            )
         alloc = plan_allocation(
             state,
             batch_time=batch_time,
             latest=latest,
-            limits=limits,
+            limits=self._limits,
+            budgets=budgets,
             receivers=self.receivers,
-            receiver_limits={n: int(v) for n, v in receiver_limits.items()},
+            receiver_limits=receiver_limits,
             receiver_max_bytes=self.max_batch_bytes,
         )
+        self.behind = self._cut_short(state, alloc, latest)
         if alloc.empty:
             return None
         await self.tracker.log_allocated(alloc)
         crash_point("after_allocate", alloc.id)
         return alloc
+
+    def _cut_short(
+        self, state: TrackerState, alloc: Allocation, latest: Mapping[str, Mapping[int, int]]
+    ) -> bool:
+        """Whether the size bound, not a rate limit, left input behind in ``alloc``."""
+        for name, available in latest.items():
+            starts = state.positions.get(name, {})
+            rate = self._limits.get(name)
+            could = sum(
+                max(0, until - starts[p]) if rate is None else min(rate, max(0, until - starts[p]))
+                for p, until in available.items()
+            )
+            took = sum(r.until - r.start for r in alloc.ranges if r.source == name)
+            if took < could:
+                return True
+        taken = {b.id for b in alloc.blocks}
+        for name in self.receivers:
+            if self._receiver_limits.get(name) is None and any(
+                b.id not in taken for b in state.blocks.get(name, ())
+            ):
+                return True
+        return False
 
     # -- one batch -------------------------------------------------------------
 

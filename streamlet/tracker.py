@@ -45,6 +45,7 @@ __all__ = [
     "TrackerState",
     "plan_allocation",
     "restore",
+    "share_budget",
 ]
 
 log = logging.getLogger("streamlet.tracker")
@@ -142,7 +143,7 @@ class TrackerState:
                     )
             else:
                 raise StreamletError(f"unknown tracker event {kind!r}: {dict(event)!r}")
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise StreamletError(
                 f"malformed tracker event {dict(event)!r}: {type(exc).__name__}: {exc}"
             ) from None
@@ -257,12 +258,36 @@ def restore(body: Mapping[str, Any], path: str) -> tuple[TrackerState, Position 
     return state, Position(*event)
 
 
+def share_budget(available: Mapping[int, int], budget: int) -> dict[int, int]:
+    """Split ``budget`` offsets among partitions by what each has available; pure.
+
+    Water-filling: a partition with less than an even share takes all of
+    it, and what it leaves goes to the others, so a hot partition is not
+    held to ``budget / partitions`` while the others are idle.
+
+    Args:
+        available: per partition, the offsets it could take (after rate limits).
+        budget: the most offsets all of them together take.
+    """
+    if sum(available.values()) <= budget:
+        return dict(available)
+    taken: dict[int, int] = {}
+    left = budget
+    ordered = sorted(available, key=lambda p: (available[p], p))
+    for i, partition in enumerate(ordered):
+        take = min(available[partition], left // (len(ordered) - i))
+        taken[partition] = take
+        left -= take
+    return taken
+
+
 def plan_allocation(
     state: TrackerState,
     *,
     batch_time: float,
     latest: Mapping[str, Mapping[int, int]],
     limits: Mapping[str, int | None],
+    budgets: Mapping[str, int] | None = None,
     receivers: frozenset[str] = frozenset(),
     receiver_limits: Mapping[str, int | None] | None = None,
     receiver_max_bytes: int | None = None,
@@ -276,7 +301,10 @@ def plan_allocation(
         latest: per direct source and partition, the offset one past the
             newest available record.
         limits: per direct source, the most offsets a batch may take from
-            one partition (``None``: no limit).
+            one partition (``None``: no limit): the rate limit.
+        budgets: per direct source, the most offsets a batch takes from all
+            its partitions together, shared by :func:`share_budget`
+            (missing: no limit): the size limit.
         receivers: receivers whose unallocated blocks the batch takes.
         receiver_limits: per receiver, about the most records a batch takes
             (whole blocks, oldest first, at least one); ``None``: all of them.
@@ -293,29 +321,33 @@ def plan_allocation(
     for source in sorted(latest):
         starts = state.positions.get(source, {})
         limit = limits.get(source)
+        available: dict[int, int] = {}
         for partition in sorted(latest[source]):
             start = starts[partition]
-            until = max(start, latest[source][partition])
-            if limit is not None:
-                until = min(until, start + limit)
-            if until > start:
-                ranges.append(OffsetRange(source, partition, start, until))
+            count = max(0, latest[source][partition] - start)
+            available[partition] = count if limit is None else min(count, limit)
+        budget = (budgets or {}).get(source)
+        taken = available if budget is None else share_budget(available, budget)
+        for partition in sorted(taken):
+            if taken[partition] > 0:
+                start = starts[partition]
+                ranges.append(OffsetRange(source, partition, start, start + taken[partition]))
     blocks: list[BlockRef] = []
     for source in sorted(receivers):
         waiting = state.blocks.get(source, ())
-        limit = (receiver_limits or {}).get(source)
-        if limit is None and receiver_max_bytes is None:
+        receiver_limit = (receiver_limits or {}).get(source)
+        if receiver_limit is None and receiver_max_bytes is None:
             blocks.extend(waiting)
             continue
-        taken = size = 0
+        records = size = 0
         for block in waiting:
-            if taken and (
-                (limit is not None and taken + block.records > limit)
+            if records and (
+                (receiver_limit is not None and records + block.records > receiver_limit)
                 or (receiver_max_bytes is not None and size + block.length > receiver_max_bytes)
             ):
                 break
             blocks.append(block)
-            taken += block.records
+            records += block.records
             size += block.length
     return Allocation(state.next_batch_id, batch_time, tuple(ranges), tuple(blocks))
 
@@ -373,19 +405,20 @@ class Tracker:
                 state.apply(orjson.loads(payload))
                 last = position
                 replayed += 1
-            if not reached:
-                assert after is not None
-                raise StreamletError(
-                    f"the tracker log in {directory} ends before the event the checkpoint"
-                    f" covers (segment {after.segment}, offset {after.offset}): the log was"
-                    " cut or lost its tail (a repair, an older copy of tracker/ restored, or"
-                    " a power loss with durability other than 'always'). Events written now"
-                    " would be skipped by the next recovery, so the app does not start."
-                    " Restore the whole state directory from a backup, or use a new one"
-                )
         except BaseException:
             await wal.aclose()
             raise
+        if not reached:
+            assert after is not None
+            await wal.aclose()
+            raise StreamletError(
+                f"the tracker log in {directory} ends before the event the checkpoint"
+                f" covers (segment {after.segment}, offset {after.offset}): the log was"
+                " cut or lost its tail (a repair, an older copy of tracker/ restored, or"
+                " a power loss with durability other than 'always'). Events written now"
+                " would be skipped by the next recovery, so the app does not start."
+                " Restore the whole state directory from a backup, or use a new one"
+            )
         if replayed:
             log.info("replayed %d tracker events from %s", replayed, directory)
         return cls(wal, state, last)

@@ -161,17 +161,28 @@ async def _echo(batch: Batch) -> list[int]:
     return [int(r.value) for r in batch]
 
 
-def test_batch_size_limits_are_bounded_first_and_follow_record_size() -> None:
-    from streamlet.scheduler import FIRST_BATCH_RECORDS, size_limit
+def test_batch_size_budgets_are_bounded_first_and_follow_record_size() -> None:
+    from streamlet.scheduler import FIRST_BATCH_RECORDS, size_budget
 
-    unknown = size_limit(partitions=4, max_records=100_000, max_bytes=2**26, record_bytes=None)
-    assert unknown == FIRST_BATCH_RECORDS // 4
-    small = size_limit(partitions=4, max_records=100_000, max_bytes=2**26, record_bytes=100.0)
-    assert small == 25_000  # by records
-    big = size_limit(partitions=4, max_records=100_000, max_bytes=2**26, record_bytes=2**20)
-    assert big == 16  # by bytes: 64 records of 1 MiB over 4 partitions
-    huge = size_limit(partitions=4, max_records=100_000, max_bytes=2**20, record_bytes=2**24)
-    assert huge == 1  # at least one: a record larger than the budget still runs
+    assert size_budget(max_records=100_000, max_bytes=2**26, record_bytes=None) == (
+        FIRST_BATCH_RECORDS
+    )
+    assert size_budget(max_records=100_000, max_bytes=2**26, record_bytes=100.0) == 100_000
+    assert size_budget(max_records=100_000, max_bytes=2**26, record_bytes=2**20) == 64
+    # At least one: a record larger than the budget still runs.
+    assert size_budget(max_records=100_000, max_bytes=2**20, record_bytes=2**24) == 1
+
+
+def test_a_budget_goes_to_the_partitions_that_have_input() -> None:
+    from streamlet.tracker import share_budget
+
+    assert share_budget({0: 10, 1: 20}, 100) == {0: 10, 1: 20}
+    # One hot partition among idle ones takes what they leave.
+    hot = share_budget({p: (90_000 if p == 7 else 0) for p in range(50)}, 100_000)
+    assert hot[7] == 90_000
+    split = share_budget({0: 5, 1: 1_000, 2: 1_000}, 1_005)
+    assert split == {0: 5, 1: 500, 2: 500}
+    assert sum(share_budget({0: 7, 1: 7, 2: 7}, 10).values()) <= 10
 
 
 async def test_a_backlog_drains_over_bounded_batches(tmp_path: Path) -> None:
@@ -193,3 +204,55 @@ async def test_a_backlog_drains_over_bounded_batches(tmp_path: Path) -> None:
     assert sizes[0] <= 1_000  # the first batch, before record sizes are known
     assert max(sizes) <= 2_000
     assert len(sizes) >= 5
+
+
+async def test_a_bounded_batch_is_followed_at_once_not_at_the_next_tick(tmp_path: Path) -> None:
+    """The size bound limits a batch, not the throughput: the backlog goes in quick batches."""
+    app = App("h", state_dir=tmp_path / "state", batch_interval=5.0, max_batch_records=1_000)
+    source = app.source(SequenceSource(rate=None, limit=20_000), name="seq")
+    sink = ListSink()
+    app.handler(source, sink=sink)(_echo)
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set() if len(sink.values()) >= 20_000 else None)
+    # Twenty batches at one per 5 s tick would take 100 s.
+    with anyio.fail_after(15):
+        await _serve_until(app, done)
+    assert sink.values() == list(range(20_000))
+    assert max(len(outs) for outs in sink.batches.values()) <= 1_000
+
+
+async def test_a_graceful_stop_takes_every_stored_block_however_many_batches(
+    tmp_path: Path,
+) -> None:
+    from streamlet.records import Record
+    from streamlet.sources.receiver import Receiver, ReceiverContext
+
+    class Backlog(Receiver):
+        def __init__(self) -> None:
+            super().__init__()
+            self.durable = anyio.Event()
+
+        async def run(self, context: ReceiverContext) -> None:
+            for i in range(0, 10_000, 500):
+                stored = await context.store([Record(b"%d" % n) for n in range(i, i + 500)])
+                await stored.wait()  # one block per store (a batch takes whole blocks)
+            self.durable.set()
+            await context.stopping.wait()
+
+    app = App(
+        "h",
+        state_dir=tmp_path / "state",
+        batch_interval=30.0,
+        block_interval=0.01,
+        max_batch_records=1_000,
+    )
+    receiver = app.source(Backlog(), name="r")
+    sink = ListSink()
+    app.handler(receiver, sink=sink)(_echo)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app.serve)
+        with anyio.fail_after(20):
+            await receiver.durable.wait()
+        app.stop()  # before the first 30 s tick: everything is left to the drain
+    assert sorted(sink.values()) == list(range(10_000))  # type: ignore[type-var]
+    assert max(len(outs) for outs in sink.batches.values()) <= 1_000
