@@ -11,7 +11,12 @@ never acknowledges data that a crash could lose.
 A crash between the data append and the tracker event leaves an orphan block
 in the data WAL: no batch will ever read it, and since its records were never
 acknowledged, their sender sends them again. That is the whole recovery story
-for this layer; nothing here needs replaying.
+for this layer; nothing here needs replaying. The crash points
+``block_before_tracker_event`` and ``block_after_tracker_event``
+(:mod:`streamlet.faults`) kill a worker at either side of the tracker event;
+``tests/engine/test_block_durability.py`` and
+``tests/kafka/test_kafka_receiver_durability.py`` check that no acknowledged
+record is lost and none is stored twice.
 
 Memory is bounded: stores wait while more than ``max_buffered_bytes`` are
 buffered or being written, which slows a receiver down to the speed of the
@@ -138,6 +143,7 @@ class BlockGenerator:
         self._failed: BaseException | None = None
         self._closed = False
         self._writing = 0
+        self._cuts = 0  # cuts that wrote blocks, for the crash points
         self._rates: dict[str, float] = {}
         self._next_free: dict[str, float] = {}
 
@@ -238,6 +244,10 @@ class BlockGenerator:
 
     async def cut(self) -> int:
         """Make every open block durable now; return how many blocks were cut."""
+        # Imported here: streamlet.faults starts STREAMLET_FAULT_CLOCK's clock
+        # when first imported, which should be once the package is loaded.
+        from streamlet.faults import CRASH_PAUSE, crash_due, crash_point
+
         async with self._cut_lock:
             # A receiver's sealed blocks hold older records than its open one.
             still_open = [b for b in self._open.values() if b.records]
@@ -248,8 +258,12 @@ class BlockGenerator:
             if not blocks:
                 return 0
             self._writing += 1
+            self._cuts += 1
             try:
                 positions = await self.wal.append_many([encode_records(b.records) for b in blocks])
+                if crash_due("block_before_tracker_event", self._cuts):
+                    await anyio.sleep(CRASH_PAUSE)
+                    crash_point("block_before_tracker_event", self._cuts)
                 refs = [
                     (
                         BlockRef(
@@ -265,6 +279,7 @@ class BlockGenerator:
                     for i, (b, p) in enumerate(zip(blocks, positions, strict=True))
                 ]
                 await self.tracker.log_blocks(refs)
+                crash_point("block_after_tracker_event", self._cuts)
             except BaseException as exc:
                 self._failed = exc if isinstance(exc, Exception) else StreamletError("cancelled")
                 for block in blocks:

@@ -10,6 +10,23 @@ without changing its code:
     protocol order: ``after_allocate``, ``after_handler``,
     ``after_sink_commit``, ``before_done``, ``after_done``.
 
+``STREAMLET_CRASH_AT=<point>[:<n>]``, receivers' points
+    The same on the way from a receiver's store to its acknowledgement
+    (:data:`RECEIVER_POINTS`); ``n`` counts the times this process reached
+    the point (default: the first):
+
+    * ``block_before_tracker_event``: the block generator's ``n``-th cut
+      has appended its blocks to the data WAL (durable), and the tracker's
+      ``block`` events are not written. Other tasks run for
+      :data:`CRASH_PAUSE` seconds first, as they do while the tracker's
+      fsync is in flight: whatever a receiver was told by then, it has
+      acted on (acknowledged to its sender, committed to its Kafka group).
+    * ``block_after_tracker_event``: the ``n``-th cut's blocks are durable
+      in the data WAL and in the tracker, and no store is completed yet
+      (no receiver was told).
+    * ``receiver_after_group_commit``: a Kafka receiver's ``n``-th commit
+      of its consumer group's offsets has returned.
+
 ``STREAMLET_FAULT_FS=<fault>[;<fault>...]``
     The file layer that :class:`~streamlet.app.App` and
     :class:`~streamlet.sinks.file.FileSink` use by default
@@ -50,11 +67,14 @@ from streamlet.fs import File, FileSystem, OsFileSystem
 
 __all__ = [
     "CLOCK_ENV",
+    "CRASH_PAUSE",
     "ENV",
     "FS_ENV",
     "POINTS",
+    "RECEIVER_POINTS",
     "FaultyFileSystem",
     "FsFault",
+    "crash_due",
     "crash_point",
     "file_system",
     "parse_fs_faults",
@@ -64,6 +84,13 @@ ENV = "STREAMLET_CRASH_AT"
 FS_ENV = "STREAMLET_FAULT_FS"
 CLOCK_ENV = "STREAMLET_FAULT_CLOCK"
 POINTS = ("after_allocate", "after_handler", "after_sink_commit", "before_done", "after_done")
+RECEIVER_POINTS = (
+    "block_before_tracker_event",
+    "block_after_tracker_event",
+    "receiver_after_group_commit",
+)
+#: Seconds other tasks run at ``block_before_tracker_event`` before the kill.
+CRASH_PAUSE = 1.0
 FS_FAULTS = ("fsync_eio", "enospc", "slow_fsync")
 
 
@@ -71,20 +98,28 @@ def _parse(value: str | None) -> tuple[str, int | None] | None:
     if not value:
         return None
     point, _, batch = value.partition(":")
-    if point not in POINTS:
-        raise ValueError(f"{ENV}={value!r}: unknown crash point; known: {', '.join(POINTS)}")
+    if point not in POINTS + RECEIVER_POINTS:
+        known = ", ".join(POINTS + RECEIVER_POINTS)
+        raise ValueError(f"{ENV}={value!r}: unknown crash point; known: {known}")
+    if point in RECEIVER_POINTS and not batch:
+        batch = "1"
     return point, int(batch) if batch else None
 
 
 _TARGET = _parse(os.environ.get(ENV))
 
 
+def crash_due(point: str, batch_id: int) -> bool:
+    """Whether the environment asked for a crash at ``point`` for this batch id (or count)."""
+    if _TARGET is None:
+        return False
+    name, batch = _TARGET
+    return name == point and (batch is None or batch == batch_id)
+
+
 def crash_point(point: str, batch_id: int) -> None:
     """SIGKILL this process if the environment asked for a crash here."""
-    if _TARGET is None:
-        return
-    name, batch = _TARGET
-    if name == point and (batch is None or batch == batch_id):
+    if crash_due(point, batch_id):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

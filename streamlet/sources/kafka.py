@@ -1341,6 +1341,7 @@ class KafkaReceiver(_ConsumedTopic, Receiver):
     def __init__(self, config: KafkaSourceConfig) -> None:
         super().__init__(name=config.name or config.topic)
         self.config = config
+        self._group_commits = 0  # for the crash point after each
 
     async def run(self, context: ReceiverContext) -> None:
         """Consume until ``context.stopping`` is set, then wait for what was stored.
@@ -1472,6 +1473,10 @@ class KafkaReceiver(_ConsumedTopic, Receiver):
                     return
 
     async def _commit(self, link: _Link, offsets: Mapping[int, int], stopping: anyio.Event) -> None:
+        # Imported here: streamlet.faults starts STREAMLET_FAULT_CLOCK's clock
+        # when first imported, which should be once the package is loaded.
+        from streamlet.faults import crash_point
+
         if self.config.group_id is None or not offsets:
             return
         # The WAL's acks are the source of truth; the group's offsets only
@@ -1481,6 +1486,8 @@ class KafkaReceiver(_ConsumedTopic, Receiver):
         try:
             with anyio.move_on_after(patience) as waited:
                 await link.commit(offsets)
+                self._group_commits += 1
+                crash_point("receiver_after_group_commit", self._group_commits)
         except StreamletError as exc:
             log.warning("%s; the group's offsets catch up with the next chunk", exc)
             return

@@ -1,4 +1,4 @@
-"""Subprocess side of the tests that stop a Kafka app while its broker is down.
+"""Subprocess side of the tests that stop or kill a Kafka app (broker down, crash points).
 
 Run as ``python -m streamlet run kafka_stop_worker:app`` with this directory
 on ``PYTHONPATH``. ``app()`` builds ``KafkaSource -> copy -> sink`` from the
@@ -9,7 +9,9 @@ environment:
   (empty: none);
 - ``KST_SINK``: ``file`` (a FileSink in the directory ``KST_OUT``) or
   ``kafka`` (a transactional KafkaSink writing to the topic ``KST_OUT``);
-- ``KST_APP``, ``KST_STATE``: the app's name and state directory.
+- ``KST_APP``, ``KST_STATE``: the app's name and state directory;
+- ``KST_INTERVAL``: batch and block interval in seconds (default 0.1 and
+  the app's default).
 
 The handler outputs each record's value unchanged, so the sink must end up
 holding every produced value exactly once.
@@ -30,8 +32,13 @@ from streamlet.sources import KafkaSource
 def app() -> sl.App:
     """The app, configured from ``KST_*`` environment variables."""
     env = os.environ
+    interval = float(env["KST_INTERVAL"]) if env.get("KST_INTERVAL") else None
     application = sl.App(
-        env["KST_APP"], state_dir=env["KST_STATE"], batch_interval=0.1, checkpoint_interval=0.5
+        env["KST_APP"],
+        state_dir=env["KST_STATE"],
+        batch_interval=interval or 0.1,
+        block_interval=interval,
+        checkpoint_interval=0.5,
     )
     mode = env["KST_MODE"]
     source = KafkaSource(
