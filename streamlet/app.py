@@ -25,10 +25,10 @@ from streamlet.checkpoint import load_latest
 from streamlet.errors import ConfigError, StreamletError
 from streamlet.faults import file_system
 from streamlet.fs import FileSystem
-from streamlet.handlers import HandlerFn, HandlerSpec, check_handler
+from streamlet.handlers import HandlerFn, HandlerSpec, check_handler, code_of
 from streamlet.metrics import BatchInfo
 from streamlet.scheduler import BatchScheduler, FailurePolicy, RetryPolicy
-from streamlet.sinks.base import Sink, SinkContext
+from streamlet.sinks.base import Sink, SinkContext, sink_ahead
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver
 from streamlet.statedir import MANIFEST_FORMAT, MANIFEST_VERSION, StateDir
@@ -59,40 +59,6 @@ def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, not {value!r}")
     return value
-
-
-def sink_ahead(
-    handler: str,
-    sink: str,
-    committed: int | None,
-    allocated: int,
-    done: int,
-    state_dir: str,
-) -> str | None:
-    """Why a sink is ahead of the state directory, or None when it is not; pure.
-
-    Args:
-        handler: the handler the sink serves.
-        sink: the sink's description.
-        committed: the newest batch id the sink committed for this app,
-            handler and state directory (None: the sink cannot tell).
-        allocated: the newest batch id the state directory allocated.
-        done: the newest batch id the state directory marked done.
-        state_dir: the state directory's path, for the message.
-    """
-    if committed is None or committed <= allocated:
-        return None
-    return (
-        f"sink {sink} of handler {handler!r} holds batches up to {committed}, but state_dir"
-        f" {state_dir} allocated batches only up to {allocated} (done up to {done}): the"
-        " state directory is older than the sink's outputs, as after restoring a backup of"
-        " the state directory alone, or after its tracker log lost its tail. New batches"
-        f" {allocated + 1}..{committed} would be skipped by the sink as already committed"
-        " and their input lost, so the app does not start. Restore the newest copy of the"
-        " state directory, or restore the state directory and the sink's outputs from the"
-        " same backup (taken while the app was stopped); to start over, use a new"
-        " state_dir together with a new sink location"
-    )
 
 
 class App:
@@ -294,8 +260,9 @@ class App:
         batch ticks, so they must not block it. For blocking code (a
         synchronous client, heavy CPU work) decorate a plain ``def`` with
         ``thread=True``: it runs in a worker thread. A plain ``def`` without
-        it is refused here, before it could run (``handler_timeout`` cannot
-        interrupt a thread: it is reported once the call returns).
+        it is refused here, before it could run. ``handler_timeout`` cannot
+        interrupt a thread: a call that returns late counts as failed and its
+        outputs are dropped.
         """
         items = [sources] if isinstance(sources, (DirectSource, Receiver, str)) else list(sources)
         names: list[str] = []
@@ -447,8 +414,12 @@ class App:
             sinks = [(h.name, h.sink) for h in self._handlers if h.sink is not None]
             if self.dead_letter is not None:
                 sinks.append(("dead-letter", self.dead_letter))
+            allocated = tracker.state.next_batch_id - 1
             for handler, sink in sinks:
-                await sink.open(SinkContext(self.name, handler, self.state_dir, statedir.state_id))
+                context = SinkContext(
+                    self.name, handler, self.state_dir, statedir.state_id, allocated
+                )
+                await sink.open(context)
                 opened_sinks.append(sink)
             await self._check_sinks_not_ahead(sinks, tracker.state)
             scheduler = BatchScheduler(
@@ -489,7 +460,8 @@ class App:
                         scheduler, generator, receivers, duration=duration, task_status=task_status
                     )
 
-            await watched(self.blocked_loop_warning, lambda: dict(scheduler.running), work)
+            code = {h.name: c for h in self._handlers if (c := code_of(h.fn)) is not None}
+            await watched(self.blocked_loop_warning, lambda: dict(scheduler.running), work, code)
             await scheduler.maybe_checkpoint(force=True)
             log.info("app %r stopped after batch %d", self.name, tracker.state.last_done)
         finally:
@@ -525,9 +497,7 @@ class App:
         allocated = state.next_batch_id - 1
         for handler, sink in sinks:
             committed = await sink.last_committed()
-            problem = sink_ahead(
-                handler, sink.describe(), committed, allocated, state.last_done, self.state_dir
-            )
+            problem = sink_ahead(handler, sink.describe(), committed, allocated, self.state_dir)
             if problem is not None:
                 raise ConfigError(problem)
 

@@ -17,7 +17,8 @@ retained checkpoint so that fallback can replay). Nothing is pickled:
 a checkpoint is data only.
 
 Writing: temp file, fsync, rename, fsync directory (the rename is the
-commit point), then delete all but the newest ``keep`` checkpoints.
+commit point), then delete all but the new one and the newest readable
+others, ``keep`` in all (an unreadable checkpoint is deleted first).
 """
 
 from __future__ import annotations
@@ -176,11 +177,28 @@ def _write(fs: FileSystem, directory: str, final: str, body: Mapping[str, Any], 
         file.close()
     fs.rename(temp, final)
     fs.sync_dir(directory)
-    stale = list_checkpoints(fs, directory)[keep:]
-    for _, path in stale:
+    # Keep the new one and the newest readable others: after recovery fell
+    # back from an unreadable newest checkpoint, that one must go, not the
+    # readable one the tracker log still reaches back to.
+    stale: list[str] = []
+    kept = 0
+    for _, path in list_checkpoints(fs, directory):
+        if kept < keep and (path == final or _readable(fs, path)):
+            kept += 1
+        else:
+            stale.append(path)
+    for path in stale:
         fs.remove(path)
     if stale:
         fs.sync_dir(directory)
+
+
+def _readable(fs: FileSystem, path: str) -> bool:
+    try:
+        decode(_read(fs, path), path)
+    except (CheckpointError, OSError):
+        return False
+    return True
 
 
 def load_latest(fs: FileSystem, directory: str) -> Checkpoint | None:

@@ -19,6 +19,7 @@ import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any, TypeAlias
 
 import anyio.to_thread
@@ -27,7 +28,7 @@ from streamlet.errors import ConfigError, HandlerError
 from streamlet.records import Batch
 from streamlet.sinks.base import Sink
 
-__all__ = ["HandlerFn", "HandlerSpec", "check_handler", "invoke"]
+__all__ = ["HandlerFn", "HandlerSpec", "check_handler", "code_of", "invoke"]
 
 HandlerFn: TypeAlias = Callable[[Batch], Awaitable[Any] | AsyncIterator[Any] | Any]
 
@@ -54,12 +55,26 @@ class HandlerSpec:
 def _is_async(fn: object) -> bool:
     while isinstance(fn, functools.partial):
         fn = fn.func
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        return True
+    # A decorator made with functools.wraps around an async def (its wrapper
+    # a plain def returning the coroutine) counts as the async def it wraps.
+    for candidate in (fn, inspect.unwrap(fn) if callable(fn) else fn):
+        if inspect.iscoroutinefunction(candidate) or inspect.isasyncgenfunction(candidate):
+            return True
     call = getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
     return call is not None and (
         inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
     )
+
+
+def code_of(fn: object) -> CodeType | None:
+    """The code object a handler runs, to find it on a stack (None: none found)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = inspect.unwrap(fn) if callable(fn) else fn
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        code = getattr(getattr(fn, "__call__", None), "__code__", None)  # noqa: B004
+    return code if isinstance(code, CodeType) else None
 
 
 def check_handler(name: str, fn: object, *, thread: bool) -> None:
@@ -96,7 +111,7 @@ async def invoke(spec: HandlerSpec, batch: Batch) -> list[object]:
             of outputs (its own exceptions propagate unchanged, for retries).
     """
     if spec.thread:
-        return _outputs(spec, batch, await anyio.to_thread.run_sync(spec.fn, batch))
+        return _outputs(spec, batch, await anyio.to_thread.run_sync(_in_thread, spec.fn, batch))
     result = spec.fn(batch)
     if inspect.isasyncgen(result):
         return [item async for item in result]
@@ -106,6 +121,14 @@ async def invoke(spec: HandlerSpec, batch: Batch) -> list[object]:
             f" calling it returned {type(result).__name__}"
         )
     return _outputs(spec, batch, await result)
+
+
+def _in_thread(fn: HandlerFn, batch: Batch) -> object:
+    """Call a ``thread=True`` handler; a generator's body runs here too, not on the loop."""
+    value = fn(batch)
+    if inspect.isgenerator(value):
+        return list(value)
+    return value
 
 
 def _outputs(spec: HandlerSpec, batch: Batch, value: object) -> list[object]:

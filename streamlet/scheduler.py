@@ -267,7 +267,8 @@ class BatchScheduler:
         self.cut_blocks = cut_blocks
         #: Whether the last allocation was cut short by the size bound.
         self.behind = False
-        #: The handlers under way now: name → batch id (read by the loop watchdog).
+        #: The handlers under way on the event loop now: name → batch id
+        #: (read by the loop watchdog; ``thread=True`` handlers are not in it).
         self.running: dict[str, int] = {}
         self._estimators = (
             {
@@ -480,10 +481,23 @@ class BatchScheduler:
 
     async def _call_handler(self, spec: HandlerSpec, batch: Batch) -> list[object] | _Failure:
         async def once() -> list[object]:
-            if self.retry.timeout is not None:
-                with anyio.fail_after(self.retry.timeout):
-                    return await invoke(spec, batch)
-            return await invoke(spec, batch)
+            timeout = self.retry.timeout
+            if timeout is None:
+                return await invoke(spec, batch)
+            if spec.thread:
+                # A thread cannot be interrupted: the call counts as failed
+                # once it returns late, and its outputs are dropped.
+                started = time.monotonic()
+                outputs = await invoke(spec, batch)
+                took = time.monotonic() - started
+                if took > timeout:
+                    raise TimeoutError(
+                        f"handler {spec.name!r} took {took:.2f}s in its thread, over"
+                        f" handler_timeout={timeout:g}s"
+                    )
+                return outputs
+            with anyio.fail_after(timeout):
+                return await invoke(spec, batch)
 
         try:
             return await retrying(self.retry, f"handler {spec.name!r} on batch {batch.id}", once)
@@ -575,6 +589,9 @@ class BatchScheduler:
         results: dict[str, list[object] | _Failure] = {}
 
         async def run_one(spec: HandlerSpec) -> None:
+            if spec.thread:  # runs in a thread: it cannot block the loop
+                results[spec.name] = await self._call_handler(spec, views[spec.name])
+                return
             self.running[spec.name] = batch.id
             try:
                 results[spec.name] = await self._call_handler(spec, views[spec.name])

@@ -28,6 +28,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -59,12 +60,28 @@ MANIFEST_VERSION = 1
 _MANIFEST_KEYS = ("format", "version", "app", "sources", "handlers")
 
 
+_LOCK_PATIENCE = 1.0
+"""Seconds a start waits for the lock: a tool's probe (:func:`is_locked`) holds it an instant."""
+
+
 def _lock(path: str) -> int:
-    """Take the directory's exclusive lock without waiting; return the fd holding it."""
+    """Take the directory's exclusive lock, waiting at most a second; return the fd holding it.
+
+    Blocking: called from a worker thread.
+    """
     lock_path = os.path.join(path, LOCK)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + _LOCK_PATIENCE
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+            else:
+                break
     except BlockingIOError:
         os.close(fd)
         raise ConfigError(
@@ -79,14 +96,18 @@ def _lock(path: str) -> int:
 
 
 def is_locked(path: str) -> bool:
-    """Whether a worker holds the lock of the state directory ``path`` now."""
+    """Whether a worker holds the lock of the state directory ``path`` now.
+
+    Probes with a shared lock, so that two probes never take each other for
+    a worker; a worker starting in that instant waits for it (``_lock``).
+    """
     lock_path = os.path.join(path, LOCK)
     try:
         fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:

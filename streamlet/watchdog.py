@@ -5,17 +5,20 @@ the block generator, batch ticks. A handler that blocks it (``time.sleep``,
 a synchronous HTTP call, minutes of CPU work) stalls all of them without an
 error: senders wait for acks, and scheduling delay grows. The loop cannot
 see that it is blocked, so a thread watches it: a task on the loop stamps a
-heartbeat every ``threshold / 4`` seconds, and the thread warns, naming the
-handlers under way, once the heartbeat is older than ``threshold``; when the
-loop comes back it says for how long it was blocked.
+heartbeat every ``threshold / 4`` seconds, and the thread warns once the
+heartbeat is older than ``threshold``, naming the handler whose code is on the
+loop thread's stack at that moment (or, if none is, every handler under way);
+when the loop comes back it says for how long it was blocked.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from types import CodeType
 from typing import TypeVar
 
 import anyio
@@ -32,9 +35,11 @@ Running = Callable[[], Mapping[str, int]]
 
 
 class _Watcher:
-    def __init__(self, threshold: float, running: Running) -> None:
+    def __init__(self, threshold: float, running: Running, code: Mapping[str, CodeType]) -> None:
         self.threshold = threshold
         self.running = running
+        self.code = code
+        self.loop_thread = threading.get_ident()
         self.beat = time.monotonic()
         self.stopped = threading.Event()
         # Set by the thread while it has warned about the current stall.
@@ -51,6 +56,8 @@ class _Watcher:
                 handlers = sorted(self.running().items())
                 if not handlers:
                     continue
+                culprits = self.on_stack()
+                handlers = [h for h in handlers if h[0] in culprits] or handlers
                 self.stalled_since = beat
                 self.stalled_handlers = [name for name, _ in handlers]
                 log.warning(
@@ -61,6 +68,15 @@ class _Watcher:
                     now - beat,
                     ", ".join(f"handler {name!r} (batch {batch})" for name, batch in handlers),
                 )
+
+    def on_stack(self) -> set[str]:
+        """The handlers whose code is on the loop thread's stack now."""
+        frame = sys._current_frames().get(self.loop_thread)
+        codes: set[CodeType] = set()
+        while frame is not None:
+            codes.add(frame.f_code)
+            frame = frame.f_back
+        return {name for name, code in self.code.items() if code in codes}
 
     def heard(self, now: float) -> None:
         """On the loop: record a heartbeat; report the end of a stall the thread warned of."""
@@ -76,15 +92,21 @@ class _Watcher:
 
 
 async def watched(
-    threshold: float | None, running: Running, body: Callable[[], Awaitable[_T]]
+    threshold: float | None,
+    running: Running,
+    body: Callable[[], Awaitable[_T]],
+    code: Mapping[str, CodeType] | None = None,
 ) -> _T:
     """Run ``body()`` with the event loop watched; ``threshold`` None: just run it.
+
+    ``code`` maps handler names to their functions' code, to tell which of
+    the handlers under way is the one blocking.
 
     Exceptions from ``body`` are raised as themselves (not in a group).
     """
     if threshold is None:
         return await body()
-    watcher = _Watcher(threshold, running)
+    watcher = _Watcher(threshold, running, code or {})
     thread = threading.Thread(target=watcher.watch, name="streamlet-loop-watchdog", daemon=True)
 
     async def heartbeat() -> None:

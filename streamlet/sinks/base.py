@@ -21,7 +21,7 @@ import orjson
 
 from streamlet.records import Batch
 
-__all__ = ["Guarantee", "Sink", "SinkContext", "encode_output"]
+__all__ = ["Guarantee", "Sink", "SinkContext", "encode_output", "sink_ahead"]
 
 Guarantee = Literal["exactly-once", "at-least-once"]
 
@@ -43,6 +43,14 @@ class SinkContext(NamedTuple):
     another: a sink records this id with its bookkeeping and refuses a
     different one ("" means unknown and is not checked).
     """
+    allocated: int | None = None
+    """The newest batch id the state directory allocated (None: unknown).
+
+    A sink holding a higher one is ahead of the state (see
+    :func:`sink_ahead`); the app checks every sink after opening it, and a
+    sink may check earlier, before it does anything a refused start must
+    not do (KafkaSink: before it fences the producer of another worker).
+    """
 
 
 class Sink(ABC):
@@ -63,7 +71,14 @@ class Sink(ABC):
 
         Raises:
             SinkError: the outputs could not be made durable; nothing of the
-                batch is visible (sinks commit atomically).
+                batch is visible (sinks commit atomically). Set its
+                ``retriable`` to True when trying again may pass (a service
+                that is down, a full disk): a SinkError is not retriable by
+                default, and the scheduler retries only retriable errors and
+                exceptions that are not StreamletErrors.
+            OutputError: an output cannot be written (it does not encode,
+                is too large, is refused by the user's own code): the handler
+                counts as failed, without retries.
         """
 
     async def last_committed(self) -> int | None:
@@ -96,3 +111,33 @@ def encode_output(output: object) -> bytes:
     if isinstance(output, str):
         return output.encode()
     return orjson.dumps(output, option=orjson.OPT_NON_STR_KEYS)
+
+
+def sink_ahead(
+    handler: str, sink: str, committed: int | None, allocated: int | None, state_dir: str
+) -> str | None:
+    """Why a sink is ahead of its state directory, or None when it is not; pure.
+
+    Args:
+        handler: the handler the sink serves.
+        sink: the sink's description.
+        committed: the newest batch id the sink committed for this app,
+            handler and state directory (None: the sink cannot tell).
+        allocated: the newest batch id the state directory allocated
+            (None: unknown).
+        state_dir: the state directory's path, for the message.
+    """
+    if committed is None or allocated is None or committed <= allocated:
+        return None
+    return (
+        f"sink {sink} of handler {handler!r} holds batches up to {committed}, but state_dir"
+        f" {state_dir} allocated batches only up to {allocated}: the state directory is"
+        " older than the sink's outputs, as after restoring a backup of the state"
+        " directory alone, or after its tracker log lost its tail (a power loss with"
+        " durability other than 'always'). New batches"
+        f" {allocated + 1}..{committed} would be skipped by the sink as already committed"
+        " and their input lost, so the app does not start. Restore the newest copy of the"
+        " state directory, or restore the state directory and the sink's outputs from the"
+        " same backup (taken while the app was stopped); to start over, use a new"
+        " state_dir together with a new sink location"
+    )

@@ -116,7 +116,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamlet.errors import ConfigError, FencedError, OutputError, SinkError
 from streamlet.records import Batch
-from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output
+from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output, sink_ahead
 
 __all__ = [
     "MARKER_METADATA",
@@ -379,8 +379,10 @@ class _Producer:
         available = sorted(raw.client.cluster.available_partitions_for_topic(topic) or ())
         partitioner = self._partitioner
         limit = self._max_request_size
-        builders: dict[int, Any] = {}
-        futures: list[asyncio.Future[Any]] = []
+        # Every output is sized and partitioned before any is queued: an
+        # output that cannot be sent must fail the batch with nothing of it
+        # on its way (without transactions, queued records would be sent).
+        placed: list[int] = []
         for index, message in enumerate(messages):
             key, value, headers = message
             if (len(key) if key else 0) + (len(value) if value else 0) > limit - 1024 and (
@@ -392,9 +394,12 @@ class _Producer:
                     " max.message.bytes), or write smaller outputs"
                 )
             try:
-                partition = partitioner(key, all_partitions, available)
+                placed.append(partitioner(key, all_partitions, available))
             except _PartitionerFailed as exc:
                 raise _PartitionerFailed(f"on output {index}: {exc}") from exc.__cause__ or exc
+        builders: dict[int, Any] = {}
+        futures: list[asyncio.Future[Any]] = []
+        for partition, (key, value, headers) in zip(placed, messages, strict=True):
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = raw.create_batch()
@@ -953,7 +958,14 @@ class KafkaSink(Sink):
             # not stop that worker.
             probe = await _Producer.start(_probe_settings(settings))
             try:
-                await self._read_marker(probe)
+                written = await self._read_marker(probe) - 1
+                context = self._context
+                assert context is not None
+                ahead = sink_ahead(
+                    context.handler, self.describe(), written, context.allocated, context.state_dir
+                )
+                if ahead is not None:
+                    raise ConfigError(ahead)
             finally:
                 with anyio.CancelScope(shield=True):
                     await probe.stop()

@@ -373,15 +373,21 @@ class SQLiteSink(Sink):
                 f"SQLiteSink {self._path}: the apply function failed on {where}: {cause!r}{hint}."
                 " The transaction was rolled back, nothing of the batch was written"
             )
-            if isinstance(cause, sqlite3.Error) and not isinstance(cause, sqlite3.IntegrityError):
+            if isinstance(cause, _DATA_ERRORS):
+                # The function, or a constraint, refused these outputs: the
+                # same outputs would fail again.
+                raise OutputError(
+                    message + "; the outputs do not fit the function or the table: fix one"
+                    " or the other"
+                ) from cause
+            if isinstance(cause, sqlite3.Error):
                 error = SinkError(message + f"; {_advice(cause)}")
                 error.retriable = _is_busy(cause)
                 raise error from cause
-            # The function, or a constraint, refused these outputs: the same
-            # outputs would fail again.
-            raise OutputError(
-                message + "; fix the function or the outputs (the batch runs again on restart)"
-            ) from cause
+            # Anything else (a lookup the function makes, say) may pass.
+            error = SinkError(message + "; it is tried again")
+            error.retriable = True
+            raise error from cause
         except sqlite3.Error as exc:
             error = SinkError(
                 f"SQLiteSink {self._path} could not commit {where}: {exc}. The transaction"
@@ -457,11 +463,16 @@ class SQLiteSink(Sink):
             conn.close()
 
 
+_DATA_ERRORS = (sqlite3.IntegrityError, TypeError, ValueError, KeyError, IndexError)
+"""What an apply function raises on outputs it cannot store: the outputs' fault."""
+
+
 def _is_busy(exc: sqlite3.Error) -> bool:
+    """Whether trying again may pass: a lock held by another connection, a full disk."""
     code = getattr(exc, "sqlite_errorcode", None)
     if code is None:
         return False
-    return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL)
 
 
 def _advice(exc: sqlite3.Error) -> str:

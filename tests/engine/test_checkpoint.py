@@ -177,3 +177,21 @@ def test_a_power_cut_at_any_operation_leaves_the_newest_checkpoint_written(when:
                     f"{where}: checkpoint {written[-1]} was written, but the newest"
                     f" readable is {latest.batch_id}"
                 )
+
+
+def test_an_unreadable_checkpoint_is_pruned_before_a_readable_older_one(tmp_path: Path) -> None:
+    """After recovery fell back from a corrupt newest checkpoint, the readable one stays."""
+    from streamlet.checkpoint import list_checkpoints, load_latest, write_checkpoint
+    from streamlet.fs import OsFileSystem
+
+    fs = OsFileSystem()
+    directory = str(tmp_path / "checkpoints")
+    write_checkpoint(fs, directory, 5, {"n": 5})
+    corrupt = write_checkpoint(fs, directory, 7, {"n": 7})
+    Path(corrupt).write_bytes(b"garbage")
+    write_checkpoint(fs, directory, 9, {"n": 9})
+    assert [batch for batch, _ in list_checkpoints(fs, directory)] == [9, 5]
+    Path(list_checkpoints(fs, directory)[0][1]).write_bytes(b"garbage")
+    loaded = load_latest(fs, directory)
+    assert loaded is not None
+    assert loaded.batch_id == 5

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
 import pytest
 
 from streamlet.app import App
-from streamlet.errors import ConfigError, OutputError, SinkError
+from streamlet.errors import ConfigError, HandlerError, OutputError, SinkError
 from streamlet.records import Batch
 from streamlet.sinks.base import Sink
 from streamlet.sinks.file import FileSink
@@ -256,3 +257,81 @@ async def test_a_graceful_stop_takes_every_stored_block_however_many_batches(
         app.stop()  # before the first 30 s tick: everything is left to the drain
     assert sorted(sink.values()) == list(range(10_000))  # type: ignore[type-var]
     assert max(len(outs) for outs in sink.batches.values()) <= 1_000
+
+
+async def test_a_thread_handler_that_yields_runs_its_body_in_the_thread(tmp_path: Path) -> None:
+    import threading
+
+    app, source = _app(tmp_path)
+    sink = ListSink()
+    threads: set[int] = set()
+
+    @app.handler(source, sink=sink, thread=True)
+    def each(batch: Batch) -> Iterator[int]:
+        for record in batch:
+            threads.add(threading.get_ident())
+            yield int(record.value)
+
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set() if len(sink.values()) >= 20 else None)
+    await _serve_until(app, done)
+    assert sink.values() == list(range(20))
+    assert threading.get_ident() not in threads
+
+
+async def test_a_thread_handler_over_its_timeout_counts_as_failed(tmp_path: Path) -> None:
+    app, source = _app(tmp_path, handler_timeout=0.1, max_retries=1, retry_backoff=0.01)
+    calls: list[int] = []
+
+    @app.handler(source, sink=ListSink(), thread=True)
+    def slow(batch: Batch) -> list[int]:
+        calls.append(batch.id)
+        time.sleep(0.3)
+        return []
+
+    with anyio.fail_after(20), pytest.raises(HandlerError, match="over handler_timeout"):
+        await app.serve()
+    assert calls == [1, 1]
+
+
+async def test_the_warning_names_the_handler_that_blocks_not_its_neighbours(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, source = _app(tmp_path, blocked_loop_warning=0.2)
+
+    # Registered first, so both are under way when the culprit blocks.
+    @app.handler(source)
+    async def patient(batch: Batch) -> None:
+        await anyio.sleep(2)
+
+    @app.handler(source, thread=True)
+    def threaded(batch: Batch) -> None:
+        time.sleep(1)
+
+    @app.handler(source)
+    async def culprit(batch: Batch) -> None:
+        await anyio.sleep(0.05)  # the others have started by now
+        time.sleep(0.8)  # noqa: ASYNC251 - the mistake under test
+
+    done = anyio.Event()
+    app.add_listener(lambda info: done.set())
+    with caplog.at_level(logging.WARNING, logger="streamlet.watchdog"):
+        await _serve_until(app, done)
+    warnings = [r.getMessage() for r in caplog.records if "has been blocked" in r.getMessage()]
+    assert warnings
+    assert all("'culprit'" in w for w in warnings)
+    assert not any("'patient'" in w or "'threaded'" in w for w in warnings)
+
+
+def test_a_decorated_async_handler_is_accepted(tmp_path: Path) -> None:
+    import functools
+
+    def logged(fn: Callable[[Batch], Awaitable[list[int]]]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(batch: Batch) -> Awaitable[list[int]]:
+            return fn(batch)
+
+        return wrapper
+
+    app, source = _app(tmp_path)
+    app.handler(source)(logged(_echo))

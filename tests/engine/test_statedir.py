@@ -9,10 +9,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streamlet.app import sink_ahead
 from streamlet.errors import ConfigError
 from streamlet.fs import OsFileSystem
 from streamlet.scheduler import retain_checkpoint
+from streamlet.sinks.base import sink_ahead
 from streamlet.statedir import LOCK, MANIFEST, StateDir, is_locked
 from streamlet.wal import Position
 
@@ -86,11 +86,12 @@ def test_a_leftover_manifest_temp_file_is_replaced(tmp_path: Path) -> None:
 
 
 def test_a_sink_ahead_of_the_state_is_named_with_what_to_do() -> None:
-    assert sink_ahead("h", "FileSink(out)", None, 3, 3, "s") is None
-    assert sink_ahead("h", "FileSink(out)", 0, 0, 0, "s") is None
+    assert sink_ahead("h", "FileSink(out)", None, 3, "s") is None
+    assert sink_ahead("h", "FileSink(out)", 5, None, "s") is None
+    assert sink_ahead("h", "FileSink(out)", 0, 0, "s") is None
     # A pending batch the sink committed before a crash is normal recovery.
-    assert sink_ahead("h", "FileSink(out)", 4, 4, 3, "s") is None
-    message = sink_ahead("h", "FileSink(out)", 7, 4, 3, "s")
+    assert sink_ahead("h", "FileSink(out)", 4, 4, "s") is None
+    message = sink_ahead("h", "FileSink(out)", 7, 4, "s")
     assert message is not None
     assert "holds batches up to 7" in message
     assert "allocated batches only up to 4" in message

@@ -849,3 +849,49 @@ async def test_a_marker_of_an_older_streamlet_is_still_read_as_this_state_direct
     finally:
         await sink.aclose()
     assert await _values(kafka_bootstrap, topic) == [b"four"]
+
+
+async def test_an_oversized_output_without_transactions_writes_nothing_of_the_batch(
+    kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    """Sizes are checked before anything is queued: no partial batch behind an OutputError."""
+    from streamlet.errors import OutputError
+
+    topic = await new_topic()
+    sink = await _open(
+        KafkaSink(
+            topic,
+            bootstrap_servers=kafka_bootstrap,
+            transactional=False,
+            producer_config={"max_request_size": 100_000},
+        ),
+        _context(),
+    )
+    try:
+        outputs = [b"x" * 1000 for _ in range(40)] + [b"y" * 200_000]
+        with pytest.raises(OutputError, match="output 40 is larger"):
+            await sink.commit(_batch(1), outputs)
+        assert await sink.commit(_batch(2), [b"after"])
+    finally:
+        await sink.aclose()
+    assert await _values(kafka_bootstrap, topic) == [b"after"]
+
+
+async def test_a_stale_copy_of_the_state_is_refused_before_it_fences_the_live_worker(
+    kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    """A restored copy of the state directory started elsewhere must not stop the original."""
+    topic = await new_topic()
+    context = _context()._replace(state_id="d" * 32)
+    live = await _open(KafkaSink(topic, bootstrap_servers=kafka_bootstrap), context)
+    try:
+        for batch_id in (1, 2, 3):
+            assert await live.commit(_batch(batch_id), [b"%d" % batch_id])
+        stale = KafkaSink(topic, bootstrap_servers=kafka_bootstrap)
+        with pytest.raises(ConfigError, match="holds batches up to 3"):
+            await stale.open(context._replace(allocated=1))
+        # Not fenced: the live worker goes on committing.
+        assert await live.commit(_batch(4), [b"4"])
+    finally:
+        await live.aclose()
+    assert await _values(kafka_bootstrap, topic) == [b"1", b"2", b"3", b"4"]

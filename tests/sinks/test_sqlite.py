@@ -344,3 +344,27 @@ def test_sigkill_during_commits_leaves_every_reported_batch_exactly_once(tmp_pat
         assert sorted(offsets) == sorted((p, b, b * 10, b * 10 + 10) for p, b in newest.items()), (
             context
         )
+
+
+@pytest.mark.parametrize(
+    ("raised", "output_error", "retriable"),
+    [
+        (ValueError("bad row"), True, False),
+        (sqlite3.IntegrityError("UNIQUE constraint failed"), True, False),
+        (ConnectionError("lookup service down"), False, True),
+    ],
+)
+async def test_an_apply_failure_is_the_outputs_fault_only_when_the_data_is(
+    make_sink: MakeSink, raised: Exception, output_error: bool, retriable: bool
+) -> None:
+    """Data errors are not retried (OutputError); anything else may pass and is."""
+    from streamlet.errors import OutputError
+
+    def apply(conn: sqlite3.Connection, batch: Batch, outputs: Sequence[object]) -> None:
+        raise raised
+
+    sink = await make_sink(apply)
+    with pytest.raises(SinkError) as info:
+        await sink.commit(batch(1, OffsetRange("s", 0, 0, 1)), [("a", 1)])
+    assert isinstance(info.value, OutputError) is output_error
+    assert info.value.retriable is retriable
