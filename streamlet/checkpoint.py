@@ -35,7 +35,7 @@ import google_crc32c
 import orjson
 
 from streamlet.errors import StreamletError
-from streamlet.fs import FileSystem
+from streamlet.fs import FileSystem, read_all, write_atomic
 
 __all__ = ["Checkpoint", "CheckpointError", "list_checkpoints", "load_latest", "write_checkpoint"]
 
@@ -126,14 +126,6 @@ def list_checkpoints(fs: FileSystem, directory: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def _read(fs: FileSystem, path: str) -> bytes:
-    file = fs.open(path)
-    try:
-        return file.read(0, file.size())
-    finally:
-        file.close()
-
-
 def write_checkpoint(
     fs: FileSystem, directory: str, batch_id: int, body: Mapping[str, Any], *, keep: int = 2
 ) -> str:
@@ -166,17 +158,7 @@ def write_checkpoint(
 
 def _write(fs: FileSystem, directory: str, final: str, body: Mapping[str, Any], keep: int) -> None:
     fs.makedirs(directory)
-    temp = final + ".tmp"
-    if fs.exists(temp):
-        fs.remove(temp)
-    file = fs.create(temp)
-    try:
-        file.append(encode(body))
-        file.sync()
-    finally:
-        file.close()
-    fs.rename(temp, final)
-    fs.sync_dir(directory)
+    write_atomic(fs, final, encode(body))
     # Keep the new one and the newest readable others: after recovery fell
     # back from an unreadable newest checkpoint, that one must go, not the
     # readable one the tracker log still reaches back to.
@@ -195,7 +177,7 @@ def _write(fs: FileSystem, directory: str, final: str, body: Mapping[str, Any], 
 
 def _readable(fs: FileSystem, path: str) -> bool:
     try:
-        decode(_read(fs, path), path)
+        decode(read_all(fs, path), path)
     except (CheckpointError, OSError):
         return False
     return True
@@ -214,7 +196,7 @@ def load_latest(fs: FileSystem, directory: str) -> Checkpoint | None:
     errors: list[str] = []
     for batch_id, path in found:
         try:
-            body = decode(_read(fs, path), path)
+            body = decode(read_all(fs, path), path)
         except (CheckpointError, OSError) as exc:
             log.warning("skipping unreadable checkpoint: %s", exc)
             errors.append(str(exc))

@@ -20,11 +20,23 @@ Rules every implementation keeps:
 
 from __future__ import annotations
 
+import fcntl
 import os
-import stat
+import time
 from typing import Protocol
 
-__all__ = ["DIR_MODE", "FILE_MODE", "File", "FileSystem", "OsFile", "OsFileSystem"]
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "File",
+    "FileSystem",
+    "OsFile",
+    "OsFileSystem",
+    "lock_held",
+    "read_all",
+    "try_lock",
+    "write_atomic",
+]
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -197,6 +209,81 @@ class OsFileSystem:
             os.close(fd)
 
 
-def is_private(path: str) -> bool:
-    """Whether ``path`` is closed to group and others (mode bits 077 clear)."""
-    return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+def read_all(fs: FileSystem, path: str) -> bytes:
+    """The whole content of the file at ``path``."""
+    file = fs.open(path)
+    try:
+        return file.read(0, file.size())
+    finally:
+        file.close()
+
+
+def write_atomic(
+    fs: FileSystem, path: str, data: bytes, *, temp: str | None = None, sync_dir: bool = True
+) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new, whole.
+
+    Temp file (a leftover of a crash removed first), fsync, rename, and an
+    fsync of the directory: the rename is the commit point, and only the
+    directory fsync makes it durable. ``sync_dir=False`` leaves that to the
+    caller (who syncs the directory once for several renames).
+    """
+    temp = temp if temp is not None else path + ".tmp"
+    if fs.exists(temp):
+        fs.remove(temp)
+    file = fs.create(temp)
+    try:
+        file.append(data)
+        file.sync()
+    finally:
+        file.close()
+    fs.rename(temp, path)
+    if sync_dir:
+        fs.sync_dir(os.path.dirname(path) or ".")
+
+
+def try_lock(lock_path: str, *, patience: float = 0.0) -> int | None:
+    """Take an exclusive ``flock`` on ``lock_path`` (created 0600); the fd holding it.
+
+    Returns None when another open file holds it for longer than
+    ``patience`` seconds. ``flock`` locks belong to the open file, so a
+    second opener fails whether it is another process or this one, and the
+    lock goes with the process: a crash never leaves it stale. Blocking.
+    """
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    deadline = time.monotonic() + patience
+    try:
+        os.fchmod(fd, FILE_MODE)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.05)
+            else:
+                return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def lock_held(lock_path: str) -> bool:
+    """Whether some open file holds the ``flock`` on ``lock_path`` now.
+
+    For tools beside a live writer: it takes a shared lock and drops it at
+    once, so two probes never take each other for a writer, and it creates
+    nothing. A writer locking in that very instant waits or is refused.
+    """
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing the fd drops a lock taken here
+    return False

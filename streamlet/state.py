@@ -23,7 +23,7 @@ import orjson
 
 from streamlet.checkpoint import Checkpoint, decode, list_checkpoints, load_latest
 from streamlet.errors import StreamletError
-from streamlet.fs import FileSystem, OsFileSystem
+from streamlet.fs import FileSystem, OsFileSystem, read_all
 from streamlet.statedir import CHECKPOINTS, DATA, MANIFEST, TRACKER
 from streamlet.statedir import is_locked as state_dir_in_use
 from streamlet.tracker import TrackerState, restore
@@ -129,13 +129,8 @@ def read_state(directory: str | os.PathLike[str], *, fs: FileSystem | None = Non
         )
     manifest: dict[str, Any] | None = None
     if fs.exists(manifest_path):
-        file = fs.open(manifest_path)
         try:
-            raw = file.read(0, file.size())
-        finally:
-            file.close()
-        try:
-            manifest = orjson.loads(raw)
+            manifest = orjson.loads(read_all(fs, manifest_path))
         except orjson.JSONDecodeError as exc:
             raise StreamletError(f"{manifest_path} is not valid JSON: {exc}") from None
     checkpoint = load_latest(fs, os.path.join(path, CHECKPOINTS))
@@ -231,11 +226,7 @@ def verify_state(directory: str | os.PathLike[str], *, fs: FileSystem | None = N
     checkpoints: list[CheckpointCheck] = []
     for batch_id, checkpoint_path in list_checkpoints(fs, os.path.join(path, CHECKPOINTS)):
         try:
-            file = fs.open(checkpoint_path)
-            try:
-                raw = file.read(0, file.size())
-            finally:
-                file.close()
+            raw = read_all(fs, checkpoint_path)
         except FileNotFoundError:
             if live:
                 continue  # retired by the running app since it was listed

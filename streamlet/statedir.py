@@ -25,10 +25,8 @@ record the id beside the batch ids they commit and refuse another one.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -36,7 +34,7 @@ from typing import Any
 import orjson
 
 from streamlet.errors import ConfigError
-from streamlet.fs import FileSystem, OsFileSystem
+from streamlet.fs import FileSystem, OsFileSystem, lock_held, read_all, try_lock, write_atomic
 
 __all__ = [
     "CHECKPOINTS",
@@ -65,54 +63,21 @@ _LOCK_PATIENCE = 1.0
 
 
 def _lock(path: str) -> int:
-    """Take the directory's exclusive lock, waiting at most a second; return the fd holding it.
-
-    Blocking: called from a worker thread.
-    """
+    """Take the directory's exclusive lock, waiting at most a second; the fd holding it."""
     lock_path = os.path.join(path, LOCK)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    deadline = time.monotonic() + _LOCK_PATIENCE
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)
-            else:
-                break
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock(lock_path, patience=_LOCK_PATIENCE)
+    if fd is None:
         raise ConfigError(
             f"state_dir {path} is in use: another worker (or another App in this process)"
             f" holds its lock {lock_path}. One state directory serves one worker; stop the"
             " other one first, or give this one its own state_dir"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
+        )
     return fd
 
 
 def is_locked(path: str) -> bool:
-    """Whether a worker holds the lock of the state directory ``path`` now.
-
-    Probes with a shared lock, so that two probes never take each other for
-    a worker; a worker starting in that instant waits for it (``_lock``).
-    """
-    lock_path = os.path.join(path, LOCK)
-    try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock taken here
-    return False
+    """Whether a worker holds the lock of the state directory ``path`` now (a shared probe)."""
+    return lock_held(os.path.join(path, LOCK))
 
 
 class StateDir:
@@ -200,13 +165,8 @@ def _manifest(path: str, fs: FileSystem, wanted: Mapping[str, Any]) -> str:
     """Compare the manifest with ``wanted``, or write it; return the state id."""
     manifest_path = os.path.join(path, MANIFEST)
     if fs.exists(manifest_path):
-        file = fs.open(manifest_path)
         try:
-            raw = file.read(0, file.size())
-        finally:
-            file.close()
-        try:
-            found = orjson.loads(raw)
+            found = orjson.loads(read_all(fs, manifest_path))
         except orjson.JSONDecodeError as exc:
             raise ConfigError(
                 f"{manifest_path} is not valid JSON ({exc}); the state directory is"
@@ -217,18 +177,9 @@ def _manifest(path: str, fs: FileSystem, wanted: Mapping[str, Any]) -> str:
             raise ConfigError(mismatch(path, manifest_path, found, wanted))
         return str(state_id)
     # Under the lock: a leftover temp file is from a crash, never a live writer.
-    temp = manifest_path + ".tmp"
-    if fs.exists(temp):
-        fs.remove(temp)
     state_id = uuid.uuid4().hex
-    file = fs.create(temp)
-    try:
-        file.append(orjson.dumps({**wanted, "state_id": state_id}, option=orjson.OPT_INDENT_2))
-        file.sync()
-    finally:
-        file.close()
-    fs.rename(temp, manifest_path)
-    fs.sync_dir(path)
+    body = orjson.dumps({**wanted, "state_id": state_id}, option=orjson.OPT_INDENT_2)
+    write_atomic(fs, manifest_path, body)
     return state_id
 
 

@@ -40,7 +40,7 @@ import orjson
 
 from streamlet.errors import ConfigError, OutputError, SinkError
 from streamlet.faults import file_system
-from streamlet.fs import File, FileSystem, OsFileSystem
+from streamlet.fs import File, FileSystem, OsFileSystem, read_all, write_atomic
 from streamlet.records import Batch
 from streamlet.sinks.base import Sink, SinkContext, encode_output
 
@@ -65,14 +65,6 @@ def _part_name(batch_id: int) -> str:
 
 def _is_temp(name: str) -> bool:
     return name == _MARKER_TEMP or _PART_TEMP.match(name) is not None
-
-
-def _read_all(fs: FileSystem, path: str) -> bytes:
-    file = fs.open(path)
-    try:
-        return file.read(0, file.size())
-    finally:
-        file.close()
 
 
 def _io_error(message: str) -> SinkError:
@@ -205,7 +197,7 @@ class FileSink(Sink):
     def _check_marker(self, directory: str, context: SinkContext) -> None:
         path = os.path.join(directory, MARKER)
         try:
-            found = orjson.loads(_read_all(self._fs, path))
+            found = orjson.loads(read_all(self._fs, path))
         except orjson.JSONDecodeError as exc:
             raise ConfigError(
                 f"{path} is not valid JSON ({exc}); the sink directory is damaged:"
@@ -248,14 +240,14 @@ class FileSink(Sink):
             },
             option=orjson.OPT_INDENT_2,
         )
-        temp = os.path.join(directory, _MARKER_TEMP)
-        file = fs.create(temp)
-        try:
-            file.append(body + _NEWLINE)
-            file.sync()
-        finally:
-            file.close()
-        fs.rename(temp, os.path.join(directory, MARKER))
+        # open() fsyncs the directory once, after this and the cleanup.
+        write_atomic(
+            fs,
+            os.path.join(directory, MARKER),
+            body + _NEWLINE,
+            temp=os.path.join(directory, _MARKER_TEMP),
+            sync_dir=False,
+        )
 
     async def commit(self, batch: Batch, outputs: Sequence[object]) -> bool:
         """Write ``outputs`` as ``part-<batch id>.jsonl`` unless that file exists.
@@ -389,7 +381,7 @@ class FileSink(Sink):
             if match is None:
                 continue
             part = os.path.join(path, name)
-            data = _read_all(fs, part)
+            data = read_all(fs, part)
             if data and not data.endswith(_NEWLINE):
                 raise ValueError(f"{part} does not end with a newline; FileSink did not write it")
             # Every line ends with a newline, so the last piece is always empty.

@@ -31,7 +31,6 @@ import asyncio
 import collections
 import contextlib
 import enum
-import fcntl
 import functools
 import itertools
 import logging
@@ -57,7 +56,7 @@ from streamlet.errors import (
     WALError,
     WALFailedError,
 )
-from streamlet.fs import FILE_MODE, File, FileSystem, OsFileSystem
+from streamlet.fs import File, FileSystem, OsFileSystem, lock_held, try_lock
 from streamlet.wal.format import (
     FRAME_HEADER_SIZE,
     MAX_RECORD_SIZE_LIMIT,
@@ -308,49 +307,28 @@ def inspect_log(fs: FileSystem, directory: str, *, scan_all: bool) -> Inspection
 def lock_directory(directory: str) -> int:
     """Take the exclusive writer lock of a log directory; return the fd holding it.
 
-    ``flock`` locks belong to the open file, so a second opener fails whether it
-    is another process or this one; the lock goes with the process, so a crash
-    never leaves it stale. Raises WALError naming the directory when held.
+    Raises WALError naming the directory when another open file holds it
+    (:func:`streamlet.fs.try_lock`: the lock goes with the process, so a
+    crash never leaves it stale).
     """
     path = os.path.join(directory, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = try_lock(path)
+    if fd is None:
         raise WALError(
             f"the write-ahead log in {directory} is already open: another process (or "
             f"another WriteAheadLog in this one) holds its lock {path}. A log has one "
             f"writer; stop the other one first, or use a different directory."
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
+        )
     return fd
 
 
 def is_locked(directory: str) -> bool:
-    """Whether a writer holds the lock of the log in ``directory`` now; never waits.
+    """Whether a writer holds the lock of the log in ``directory`` now.
 
-    For tools that read a log another process may have open. The probe takes a
-    shared ``flock`` on the lock file and drops it at once; it creates nothing
-    (no lock file: no writer ever opened the log). A writer opening the log in
-    that instant is refused as if the log were open, with the error that names
-    the lock; two probes do not disturb each other.
+    For tools that read a log another process may have open
+    (:func:`streamlet.fs.lock_held`: a shared probe that creates nothing).
     """
-    path = os.path.join(directory, LOCK_NAME)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing the fd drops a lock taken here
-    return False
+    return lock_held(os.path.join(directory, LOCK_NAME))
 
 
 # --------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from streamlet.errors import WALError
-from streamlet.fs import File, FileSystem, OsFileSystem
+from streamlet.fs import File, FileSystem, OsFileSystem, read_all
 from streamlet.wal.format import (
     FRAME_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
@@ -254,11 +254,7 @@ def read_records(
     seqs = sorted(s for s in map(parse_segment_name, fs.listdir(path)) if s is not None)
     for seq in seqs:
         segment_path = os.path.join(path, segment_name(seq))
-        file = fs.open(segment_path)
-        try:
-            buf = file.read(0, file.size())
-        finally:
-            file.close()
+        buf = read_all(fs, segment_path)
         reason = check_segment_header(buf[:SEGMENT_HEADER_SIZE], seq)
         if reason is not None:
             report(Problem(segment_path, 0, f"the segment header {reason}"))
