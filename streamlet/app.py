@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -61,6 +61,43 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+async def _within_after(
+    stop: anyio.Event, grace: float | None, body: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``body``; once ``stop`` is set, cancel it if it has not returned ``grace`` s later.
+
+    A graceful stop lets the batch under way finish, but a batch that waits
+    on a broker that is down (reads retried for minutes) must not hold the
+    stop for as long: cancelled, it stays uncommitted and runs again on
+    restart, which is what a second signal does too. Exceptions from
+    ``body`` are raised as themselves.
+    """
+    if grace is None:
+        await body()
+        return
+    failure: BaseException | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def deadline() -> None:
+            await stop.wait()
+            await anyio.sleep(grace)
+            log.warning(
+                "the app did not stop within stop_timeout=%gs: the batch under way is"
+                " cancelled; it is not committed and runs again on restart",
+                grace,
+            )
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(deadline)
+        try:
+            await body()
+        except Exception as exc:
+            failure = exc
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+
 class App:
     """A streaming application.
 
@@ -101,6 +138,10 @@ class App:
         max_batch_bytes: about the most bytes (keys and values) one batch
             takes from one source (default 64 MiB). A direct source's first
             batch takes at most 1,000 records, until its record size is known.
+        stop_timeout: seconds a graceful stop waits for the batch under way
+            (and, with receivers, for the last batches over what they
+            stored) before it cancels it; a cancelled batch is not committed
+            and runs again on restart (None: wait as long as it takes).
         blocked_loop_warning: seconds a handler may block the event loop
             before a warning names it (None: no watch); see ``thread=True``
             in :meth:`handler` for blocking code.
@@ -129,6 +170,7 @@ class App:
         tracker_segment_bytes: int = TRACKER_SEGMENT_SIZE,
         max_batch_records: int = 100_000,
         max_batch_bytes: int = 64 * 2**20,
+        stop_timeout: float | None = 30.0,
         blocked_loop_warning: float | None = 1.0,
         fs: FileSystem | None = None,
     ) -> None:
@@ -180,6 +222,9 @@ class App:
         self.tracker_segment_bytes = _positive_int("tracker_segment_bytes", tracker_segment_bytes)
         self.max_batch_records = _positive_int("max_batch_records", max_batch_records)
         self.max_batch_bytes = _positive_int("max_batch_bytes", max_batch_bytes)
+        self.stop_timeout = (
+            None if stop_timeout is None else _positive("stop_timeout", stop_timeout)
+        )
         self.blocked_loop_warning = (
             None
             if blocked_loop_warning is None
@@ -460,8 +505,11 @@ class App:
                         scheduler, generator, receivers, duration=duration, task_status=task_status
                     )
 
+            async def bounded() -> None:
+                await _within_after(stop, self.stop_timeout, work)
+
             code = {h.name: c for h in self._handlers if (c := code_of(h.fn)) is not None}
-            await watched(self.blocked_loop_warning, lambda: dict(scheduler.running), work, code)
+            await watched(self.blocked_loop_warning, lambda: dict(scheduler.running), bounded, code)
             await scheduler.maybe_checkpoint(force=True)
             log.info("app %r stopped after batch %d", self.name, tracker.state.last_done)
         finally:

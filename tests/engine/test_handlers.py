@@ -335,3 +335,37 @@ def test_a_decorated_async_handler_is_accepted(tmp_path: Path) -> None:
 
     app, source = _app(tmp_path)
     app.handler(source)(logged(_echo))
+
+
+async def test_a_batch_that_outlasts_stop_timeout_is_cancelled_and_runs_again(
+    tmp_path: Path,
+) -> None:
+    """A graceful stop is bounded: the stuck batch stays uncommitted and is redone once."""
+    stuck = {"on": True}
+    sink = ListSink()
+
+    def build() -> App:
+        app, source = _app(tmp_path, stop_timeout=0.5)
+
+        @app.handler(source, sink=sink)
+        async def waits(batch: Batch) -> list[int]:
+            if stuck["on"]:
+                await anyio.sleep(3600)  # a broker that does not answer, say
+            return [int(r.value) for r in batch]
+
+        return app
+
+    app = build()
+    # serve returns by itself, the grace after the stop: nothing cancels it here.
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app.serve)
+            await anyio.sleep(0.3)
+            app.stop()
+    assert sink.values() == []
+    stuck["on"] = False
+    again = build()
+    done = anyio.Event()
+    again.add_listener(lambda info: done.set() if len(sink.values()) >= 20 else None)
+    await _serve_until(again, done)
+    assert sink.values() == list(range(20))
