@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from anyio.abc import TaskStatus
 
 from streamlet.app import App
 from streamlet.errors import ConfigError
@@ -211,3 +212,34 @@ async def test_blocks_stay_within_max_block_bytes_however_far_cuts_lag(tmp_path:
     lengths = [int(entry["length"]) for entry in dump(tmp_path / "state" / "data")]  # type: ignore[call-overload]
     assert len(lengths) > 100  # 5000 stores of ~140 encoded bytes: many blocks
     assert max(lengths) <= 4096 + 200
+
+
+async def test_a_failing_data_wal_close_still_closes_the_tracker(tmp_path: Path) -> None:
+    """Closing the data WAL raised, and the tracker's lock was left held until exit."""
+    from streamlet.errors import StreamletError
+    from streamlet.faults import FaultyFileSystem, FsFault
+    from streamlet.tracker import Tracker
+
+    fs = FaultyFileSystem([])
+    state = tmp_path / "state"
+    receiver = Counter(200, per_store=10)
+    app = _app(state, receiver, ListSink(), durability="none", fs=fs)
+    failures: list[StreamletError] = []
+
+    async def serve(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await app.serve(task_status=task_status)
+        except StreamletError as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve)
+        with anyio.fail_after(30):
+            await receiver.all_durable.wait()
+        # With durability "none", the data WAL's one fsync is at close: it fails.
+        fs.faults.append(FsFault("fsync_eio", str(state / "data" / "*"), 0))
+        app.stop()
+    assert "Input/output error" in str(failures[0])
+    # Had the tracker been left open, its lock would refuse this.
+    tracker = await Tracker.open(str(state / "tracker"), base=None, after=None)
+    await tracker.aclose()
