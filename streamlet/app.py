@@ -39,7 +39,7 @@ from streamlet.watchdog import watched
 
 __all__ = ["App"]
 
-log = logging.getLogger("streamlet.app")
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_INTERVAL = 0.2
 

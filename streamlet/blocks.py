@@ -46,7 +46,7 @@ from streamlet.wal import Position, WriteAheadLog
 
 __all__ = ["BlockGenerator"]
 
-log = logging.getLogger("streamlet.blocks")
+log = logging.getLogger(__name__)
 
 _RECORD_OVERHEAD = 32  # bytes per record in the block encoding, roughly
 _READ_AHEAD = 16  # data WAL reads in flight at once while a batch reads its blocks
@@ -153,10 +153,6 @@ class BlockGenerator:
             self._rates.pop(source, None)
         else:
             self._rates[source] = rate
-
-    def rate(self, source: str) -> float | None:
-        """The rate limit of receiver ``source``, if any."""
-        return self._rates.get(source)
 
     async def _throttle(self, source: str, count: int) -> None:
         # A token bucket that allows one block interval of burst: a store

@@ -39,7 +39,7 @@ from streamlet.fs import FileSystem, read_all, write_atomic
 
 __all__ = ["Checkpoint", "CheckpointError", "list_checkpoints", "load_latest", "write_checkpoint"]
 
-log = logging.getLogger("streamlet.checkpoint")
+log = logging.getLogger(__name__)
 
 FORMAT = "streamlet.checkpoint"
 VERSION = 1

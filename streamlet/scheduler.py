@@ -74,7 +74,7 @@ __all__ = [
     "retain_checkpoint",
 ]
 
-log = logging.getLogger("streamlet.scheduler")
+log = logging.getLogger(__name__)
 
 FailurePolicy = Literal["stop", "dead_letter"]
 BlockReader = Callable[[Sequence[BlockRef]], Awaitable[list[Record]]]

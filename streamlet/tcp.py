@@ -54,7 +54,7 @@ __all__ = [
     "send_stream",
 ]
 
-log = logging.getLogger("streamlet.tcp")
+log = logging.getLogger(__name__)
 
 _MAX_SERVER_LINE = 4096
 _WRITE_BATCH = 256 * 1024

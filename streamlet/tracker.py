@@ -48,7 +48,7 @@ __all__ = [
     "share_budget",
 ]
 
-log = logging.getLogger("streamlet.tracker")
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 SEGMENT_SIZE = 4 * 2**20

@@ -46,7 +46,7 @@ from streamlet.sinks.base import Sink, SinkContext, encode_output
 
 __all__ = ["MARKER", "FileSink"]
 
-log = logging.getLogger("streamlet.sinks")
+log = logging.getLogger(__name__)
 
 MARKER = ".streamlet-sink.json"
 """Name of the file that records which app and handler own a sink directory."""

@@ -135,7 +135,7 @@ __all__ = [
     "transactional_id",
 ]
 
-log = logging.getLogger("streamlet.sinks")
+log = logging.getLogger(__name__)
 
 MARKER_METADATA = "streamlet-sink/1"
 """Metadata of a marker written before markers named their state directory."""

@@ -48,7 +48,7 @@ from streamlet.sinks.base import Sink, SinkContext
 
 __all__ = ["ApplyFunction", "SQLiteSink"]
 
-log = logging.getLogger("streamlet.sinks")
+log = logging.getLogger(__name__)
 
 ApplyFunction = Callable[[sqlite3.Connection, Batch, Sequence[object]], None]
 """``apply(conn, batch, outputs)``: write a batch's rows; must not commit."""

@@ -118,7 +118,7 @@ __all__ = [
     "StartPosition",
 ]
 
-log = logging.getLogger("streamlet.sources.kafka")
+log = logging.getLogger(__name__)
 
 StartPosition = Literal["committed", "earliest", "latest"] | Mapping[int, int]
 OutOfRangePolicy = Literal["fail", "earliest", "latest"]

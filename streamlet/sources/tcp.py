@@ -136,7 +136,7 @@ __all__ = [
     "check_client_id",
 ]
 
-log = logging.getLogger("streamlet.sources.tcp")
+log = logging.getLogger(__name__)
 
 MAX_CLIENT_ID = 128
 """Longest client id, in bytes."""

@@ -93,7 +93,7 @@ __all__ = [
     "lock_directory",
 ]
 
-logger = logging.getLogger("streamlet.wal")
+logger = logging.getLogger(__name__)
 
 LOCK_NAME = "LOCK"
 """The file in a log directory that a writer holds an exclusive ``flock`` on."""

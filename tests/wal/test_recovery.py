@@ -55,7 +55,7 @@ def torn_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "streamlet.wal" and r.levelno == logging.WARNING
+        if r.name.startswith("streamlet.wal") and r.levelno == logging.WARNING
     ]
 
 
