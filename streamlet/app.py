@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus
 from streamlet.blocks import BlockGenerator
 from streamlet.checkpoint import load_latest
 from streamlet.errors import ConfigError, StreamletError
+from streamlet.faults import check_environment as check_fault_environment
 from streamlet.faults import file_system
 from streamlet.fs import FileSystem
 from streamlet.handlers import HandlerFn, HandlerSpec, check_handler, code_of
@@ -393,6 +394,7 @@ class App:
             SinkError: a sink could not commit after retries.
         """
         self._validate()
+        check_fault_environment()
         self._stop = anyio.Event()
         if self._stop_requested:
             self._stop.set()

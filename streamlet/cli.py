@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 import streamlet
+from streamlet import faults as fault_hooks
 
 if TYPE_CHECKING:
     from streamlet.wal.tools import VerifyReport
@@ -350,6 +351,12 @@ def run(
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    try:
+        # Test hooks, only when the environment asks (see streamlet.faults).
+        fault_hooks.check_environment()
+        fault_hooks.install_clock()
+    except streamlet.ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
     app = _load_app(target)
     if duration is not None and not duration > 0:
         raise click.BadParameter(f"must be a positive number of seconds, not {duration}")

@@ -46,7 +46,8 @@ without changing its code:
 
 ``STREAMLET_FAULT_CLOCK=<seconds>@<after>[;<seconds>@<after>...]``
     The wall clock (``time.time``) jumps by ``seconds`` (negative: back)
-    ``after`` seconds after this module is imported; jumps add up. The
+    ``after`` seconds after the worker starts (``streamlet run`` installs it
+    with :func:`install_clock`; nothing does at import); jumps add up. The
     monotonic clock is left alone, as the kernel leaves it when the system
     time is set. Used to check that nothing durable depends on wall time.
 """
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import os
 import signal
 import threading
@@ -74,9 +76,11 @@ __all__ = [
     "RECEIVER_POINTS",
     "FaultyFileSystem",
     "FsFault",
+    "check_environment",
     "crash_due",
     "crash_point",
     "file_system",
+    "install_clock",
     "parse_fs_faults",
 ]
 
@@ -98,22 +102,38 @@ def _parse(value: str | None) -> tuple[str, int | None] | None:
     if not value:
         return None
     point, _, batch = value.partition(":")
-    if point not in POINTS + RECEIVER_POINTS:
+    if point not in POINTS + RECEIVER_POINTS or (batch and not batch.isdigit()):
         known = ", ".join(POINTS + RECEIVER_POINTS)
-        raise ValueError(f"{ENV}={value!r}: unknown crash point; known: {known}")
+        raise ConfigError(f"{ENV}={value!r} is not <point>[:<batch id>]; known points: {known}")
     if point in RECEIVER_POINTS and not batch:
         batch = "1"
     return point, int(batch) if batch else None
 
 
-_TARGET = _parse(os.environ.get(ENV))
+@functools.cache
+def _target() -> tuple[str, int | None] | None:
+    # Read once, on first use: importing this module has no effect.
+    return _parse(os.environ.get(ENV))
+
+
+def check_environment() -> None:
+    """Fail early on a malformed fault variable (the app calls it as it starts).
+
+    Raises:
+        ConfigError: ``STREAMLET_CRASH_AT`` or ``STREAMLET_FAULT_FS`` is not understood.
+    """
+    _target()
+    spec = os.environ.get(FS_ENV)
+    if spec:
+        parse_fs_faults(spec)
 
 
 def crash_due(point: str, batch_id: int) -> bool:
     """Whether the environment asked for a crash at ``point`` for this batch id (or count)."""
-    if _TARGET is None:
+    target = _target()
+    if target is None:
         return False
-    name, batch = _TARGET
+    name, batch = target
     return name == point and (batch is None or batch == batch_id)
 
 
@@ -307,7 +327,19 @@ def _parse_clock(value: str) -> list[tuple[float, float]]:
     return sorted(jumps)
 
 
-def _install_clock(value: str) -> None:
+def install_clock() -> bool:
+    """Make ``time.time`` jump as ``STREAMLET_FAULT_CLOCK`` says; False when it is not set.
+
+    Called by ``streamlet run`` only: jumps are counted from this call, and
+    nothing replaces ``time.time`` unless a worker is started with the
+    variable set.
+
+    Raises:
+        ConfigError: the variable is not understood.
+    """
+    value = os.environ.get(CLOCK_ENV)
+    if not value:
+        return False
     jumps = _parse_clock(value)
     real_time = time.time
     origin = time.monotonic()
@@ -317,7 +349,4 @@ def _install_clock(value: str) -> None:
         return real_time() + sum(offset for after, offset in jumps if elapsed >= after)
 
     time.time = skewed
-
-
-if os.environ.get(CLOCK_ENV):
-    _install_clock(os.environ[CLOCK_ENV])
+    return True

@@ -76,7 +76,9 @@ def test_slow_fsync_sleeps_before_each_matching_sync(tmp_path: Path) -> None:
 
 def test_the_clock_jumps_in_a_worker_process_and_monotonic_does_not() -> None:
     code = (
-        "import time; import streamlet.faults\n"
+        "import time; real = time.time; import streamlet, streamlet.faults\n"
+        "assert time.time is real, 'importing streamlet replaced time.time'\n"
+        "streamlet.faults.install_clock()\n"
         "t0, m0 = time.time(), time.monotonic(); time.sleep(0.3)\n"
         "print(time.time() - t0, time.monotonic() - m0)"
     )
@@ -87,3 +89,19 @@ def test_the_clock_jumps_in_a_worker_process_and_monotonic_does_not() -> None:
     wall, mono = map(float, done.stdout.split())
     assert -3600 < wall < -3599
     assert 0.25 < mono < 5
+
+
+def test_a_malformed_crash_point_is_a_config_error_when_the_app_starts_not_at_import() -> None:
+    code = (
+        "import streamlet, streamlet.faults\n"
+        "try:\n"
+        "    streamlet.faults.check_environment()\n"
+        "except streamlet.ConfigError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    env = {**os.environ, "STREAMLET_CRASH_AT": "after_sink_comit:x"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert "refused: STREAMLET_CRASH_AT='after_sink_comit:x'" in done.stdout
+    assert "after_sink_commit" in done.stdout  # the known points are listed

@@ -445,14 +445,30 @@ def _install_record_buffers() -> bool:
     return True
 
 
-_FAST_READS = _install_record_buffers()
-if not _FAST_READS:
-    log.warning(
-        "aiokafka %s does not have the fetch-buffer seam streamlet builds records in"
-        " (aiokafka.consumer.fetcher.PartitionRecords._consumer_record); Kafka reads work"
-        " but take about twice the CPU. Install the aiokafka version streamlet pins.",
-        aiokafka.__version__,
-    )
+_FAST_READS = False
+"""Whether fetch buffers build Records (set by :func:`_use_record_buffers`)."""
+_SEAM_CHECKED = False
+
+
+def _use_record_buffers() -> None:
+    """Install the fast path when the first streamlet consumer is made, once.
+
+    Not at import: ``import streamlet`` must change nothing in aiokafka for
+    a program that never reads Kafka through streamlet.
+    """
+    global _FAST_READS, _SEAM_CHECKED
+    if _SEAM_CHECKED:
+        return
+    _SEAM_CHECKED = True
+    _FAST_READS = _install_record_buffers()
+    if not _FAST_READS:
+        log.warning(
+            "aiokafka %s does not have the fetch-buffer seam streamlet builds records in"
+            " (aiokafka.consumer.fetcher.PartitionRecords._consumer_record); Kafka reads"
+            " work but take about twice the CPU. Install the aiokafka version streamlet"
+            " pins.",
+            aiokafka.__version__,
+        )
 
 
 # -- the typed adapter over aiokafka's consumer ---------------------------------
@@ -492,6 +508,7 @@ class _Consumer:
     ) -> None:
         self.topic = topic
         self._tag = _RecordTag(headers)
+        _use_record_buffers()
         self._consumer: Any = AIOKafkaConsumer(**kwargs, value_deserializer=self._tag)
         self._assigned: frozenset[int] = frozenset()
         if paused:

@@ -35,6 +35,7 @@ def test_the_seam_is_installed() -> None:
         f"aiokafka {aiokafka.__version__} moved fetcher.PartitionRecords or its"
         " _consumer_record(tp, record); update streamlet.sources.kafka's record buffers"
     )
+    kafka_source._use_record_buffers()  # what the first streamlet consumer does
     assert kafka_source._FAST_READS
     assert fetcher.PartitionRecords is kafka_source._partition_records
     assert kafka_source._install_record_buffers()  # idempotent
@@ -205,3 +206,19 @@ def test_a_moved_seam_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fetcher, "PartitionRecords", Renamed)
     assert not kafka_source._install_record_buffers()  # leaves a foreign class alone
     assert fetcher.PartitionRecords is Renamed
+
+
+def test_importing_streamlet_leaves_aiokafka_alone() -> None:
+    """The fast path is installed by the first streamlet consumer, never by an import."""
+    import subprocess
+    import sys
+
+    check = (
+        "import aiokafka.consumer.fetcher as f; before = f.PartitionRecords;"
+        " import streamlet, streamlet.sources.kafka;"
+        " assert f.PartitionRecords is before, 'import streamlet patched aiokafka'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
