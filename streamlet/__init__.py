@@ -8,21 +8,26 @@ from __future__ import annotations
 
 from streamlet.app import App
 from streamlet.errors import (
+    CheckpointError,
+    ClientError,
     ConfigError,
     DecodeError,
     FencedError,
     HandlerError,
     OutputError,
     RecordTooLargeError,
+    RejectedError,
     SinkError,
+    SourceError,
     StreamletError,
+    UnreachableError,
     WALClosedError,
     WALCorruptionError,
     WALError,
     WALFailedError,
 )
 from streamlet.metrics import BatchInfo
-from streamlet.records import Batch, BlockRef, OffsetRange, Record
+from streamlet.records import Batch, OffsetRange, Record
 from streamlet.sinks import CallbackSink, FileSink, KafkaSink, PrintSink, SQLiteSink
 from streamlet.sinks.base import Sink, SinkContext
 from streamlet.sources import DirectSource, KafkaSource, SequenceSource, TcpSource
@@ -35,8 +40,9 @@ __all__ = [
     "App",
     "Batch",
     "BatchInfo",
-    "BlockRef",
     "CallbackSink",
+    "CheckpointError",
+    "ClientError",
     "ConfigError",
     "DecodeError",
     "DirectSource",
@@ -52,15 +58,18 @@ __all__ = [
     "ReceiverContext",
     "Record",
     "RecordTooLargeError",
+    "RejectedError",
     "SQLiteSink",
     "SequenceSource",
     "Sink",
     "SinkContext",
     "SinkError",
+    "SourceError",
     "Stored",
     "StreamletError",
     "TcpClient",
     "TcpSource",
+    "UnreachableError",
     "WALClosedError",
     "WALCorruptionError",
     "WALError",

@@ -34,7 +34,7 @@ from typing import Any
 import google_crc32c
 import orjson
 
-from streamlet.errors import StreamletError
+from streamlet.errors import CheckpointError
 from streamlet.fs import FileSystem, read_all, write_atomic
 
 __all__ = ["Checkpoint", "CheckpointError", "list_checkpoints", "load_latest", "write_checkpoint"]
@@ -45,10 +45,6 @@ FORMAT = "streamlet.checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d{12})\.json$")
 _MAX_HEADER = 4096
-
-
-class CheckpointError(StreamletError):
-    """A checkpoint file is unreadable (bad header, length, checksum or version) or unwritable."""
 
 
 @dataclass(frozen=True, slots=True)

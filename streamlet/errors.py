@@ -10,14 +10,19 @@ topic-partition, batch) and what the user can do about it.
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
+    "ClientError",
     "ConfigError",
     "DecodeError",
     "FencedError",
     "HandlerError",
     "OutputError",
     "RecordTooLargeError",
+    "RejectedError",
     "SinkError",
+    "SourceError",
     "StreamletError",
+    "UnreachableError",
     "WALClosedError",
     "WALCorruptionError",
     "WALError",
@@ -113,4 +118,30 @@ class OutputError(SinkError):
     same outputs would fail again, so it is never retried; the scheduler
     treats it as the handler failing on the batch (``on_failure`` applies:
     with ``"dead_letter"`` the handler's input goes to the dead-letter sink).
+    """
+
+
+class SourceError(StreamletError):
+    """A source could not deliver a batch's input (a broker refused, a range cannot be read)."""
+
+
+class CheckpointError(StreamletError):
+    """A checkpoint file is unreadable (bad header, length, checksum or version) or unwritable."""
+
+
+class ClientError(StreamletError):
+    """Base of :class:`~streamlet.tcp.TcpClient`'s errors."""
+
+
+class UnreachableError(ClientError):
+    """No connection to the server could be made within ``connect_timeout``."""
+
+    retriable = True
+
+
+class RejectedError(ClientError):
+    """The server answered ``@error``: it refuses what this client sends.
+
+    Sending the same lines again would be refused again, so the client
+    stops; the server's text says what to change.
     """

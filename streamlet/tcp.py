@@ -37,7 +37,12 @@ import anyio
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from streamlet.errors import ConfigError, StreamletError
+from streamlet.errors import (
+    ClientError,
+    ConfigError,
+    RejectedError,
+    UnreachableError,
+)
 from streamlet.sources.tcp import check_client_id
 
 __all__ = [
@@ -61,24 +66,6 @@ _WRITE_BATCH = 256 * 1024
 """Bytes of lines joined into one socket write."""
 _ATTEMPT_TIMEOUT = 10.0
 """Longest one connection attempt (connect, hello, resume) may take."""
-
-
-class ClientError(StreamletError):
-    """Base of :class:`TcpClient`'s errors."""
-
-
-class UnreachableError(ClientError):
-    """No connection to the server could be made within ``connect_timeout``."""
-
-    retriable = True
-
-
-class RejectedError(ClientError):
-    """The server answered ``@error``: it refuses what this client sends.
-
-    Sending the same lines again would be refused again, so the client
-    stops; the server's text says what to change.
-    """
 
 
 class _Signal:

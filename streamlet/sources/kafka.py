@@ -104,7 +104,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError, OffsetOutOfRangeError
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from streamlet.errors import ConfigError, StreamletError
+from streamlet.errors import ConfigError, SourceError, StreamletError
 from streamlet.records import OffsetRange, Record
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver, ReceiverContext, Stored
@@ -657,7 +657,7 @@ class _Consumer:
 
 
 def _kafka_error(message: str, exc: BaseException) -> StreamletError:
-    error = StreamletError(f"{message}: {exc}")
+    error = SourceError(f"{message}: {exc}")
     error.retriable = bool(getattr(exc, "retriable", False)) or isinstance(exc, KafkaTimeoutError)
     return error
 
@@ -724,7 +724,7 @@ class _Link:
     @property
     def consumer(self) -> _Consumer:
         if self._consumer is None:
-            raise StreamletError(
+            raise SourceError(
                 f"KafkaSource({self.config.topic!r}) is not started; start() comes first"
             )
         return self._consumer
@@ -783,7 +783,7 @@ class _Link:
         with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
             existing = await consumer.load_partitions()
         if not existing:
-            raise StreamletError(
+            raise SourceError(
                 f"the partitions of topic {config.topic!r} at {config.servers} were not"
                 f" known within connect_timeout={config.connect_timeout:g} s; check the"
                 " brokers' health, or raise connect_timeout"
@@ -817,14 +817,14 @@ class _Link:
             with anyio.CancelScope(shield=True):
                 await consumer.stop()
             if isinstance(error, KafkaError) and not error.retriable:
-                raise StreamletError(
+                raise SourceError(
                     f"Kafka at {config.servers} refused the connection: {error}. Check"
                     " bootstrap_servers and the security settings in consumer_config"
                     " (security_protocol, ssl_context, sasl_*)"
                 ) from error
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                failure = StreamletError(
+                failure = SourceError(
                     f"could not connect to Kafka at {config.servers} within"
                     f" connect_timeout={config.connect_timeout:g} s ({attempt} attempt(s);"
                     f" last error: {error or 'timed out'}). Check that the brokers are"
@@ -896,7 +896,7 @@ class _Link:
                     error = exc
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                failure = StreamletError(
+                failure = SourceError(
                     f"{action} of topic {config.topic!r} at {config.servers} did not succeed"
                     f" within fetch_timeout={config.fetch_timeout:g} s (last error:"
                     f" {error or 'timed out'}); check the brokers' health"
@@ -1031,7 +1031,7 @@ class _Link:
                 " was recreated or truncated"
             )
         if policy == "fail":
-            raise StreamletError(
+            raise SourceError(
                 f"{what}: {problem}. Nothing was skipped. To go on without those records,"
                 " set on_out_of_range='earliest' (continue at the oldest offset still"
                 " stored) or 'latest' (skip to the newest); each logs what it skips"
@@ -1225,12 +1225,12 @@ class KafkaDirectSource(_ConsumedTopic, DirectSource):
         progress: dict[int, _Progress] = {}
         for r in ranges:
             if r.partition not in consumer.assigned:
-                raise StreamletError(
+                raise SourceError(
                     f"cannot read offsets [{r.start}, {r.until}) of {link.where(r.partition)}:"
                     f" this source reads partitions {sorted(consumer.assigned)} only"
                 )
             if r.partition in progress:
-                raise StreamletError(f"two ranges for {link.where(r.partition)} in one read")
+                raise SourceError(f"two ranges for {link.where(r.partition)} in one read")
             self._planned[r.partition] = max(self._planned.get(r.partition, 0), r.until)
             cursor = self._cursors.pop(r.partition, None)
             if cursor is not None and cursor.start == r.start:
@@ -1313,7 +1313,7 @@ class KafkaDirectSource(_ConsumedTopic, DirectSource):
             + (f"readable up to {ends[p]}" if p in ends else "the brokers did not answer")
             for p in stuck
         )
-        error = StreamletError(
+        error = SourceError(
             f"reading topic {self.config.topic!r} made no progress for"
             f" fetch_timeout={self.config.fetch_timeout:g} s: {details}. If the range"
             " reaches past what is readable, the topic was recreated or truncated since the"
