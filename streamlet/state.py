@@ -26,7 +26,7 @@ from streamlet.errors import StreamletError
 from streamlet.fs import FileSystem, OsFileSystem, read_all
 from streamlet.statedir import CHECKPOINTS, DATA, MANIFEST, TRACKER
 from streamlet.statedir import is_locked as state_dir_in_use
-from streamlet.tracker import TrackerState, restore
+from streamlet.tracker import TrackerState, decode_event, restore
 from streamlet.wal.log import Position, Problem, is_locked
 from streamlet.wal.tools import VerifyReport, read_records, verify
 
@@ -144,7 +144,7 @@ def read_state(directory: str | os.PathLike[str], *, fs: FileSystem | None = Non
         for position, payload in read_records(tracker_dir, fs=fs, on_problem=problems.append):
             if after is not None and position[:2] <= after[:2]:
                 continue
-            state.apply(orjson.loads(payload))
+            state.apply(decode_event(payload))
             events += 1
     return StateView(path, manifest, checkpoint, state, events, problems)
 

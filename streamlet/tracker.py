@@ -40,9 +40,15 @@ from streamlet.records import BlockRef, OffsetRange
 from streamlet.wal import Position, WriteAheadLog
 
 __all__ = [
+    "AllocEvent",
     "Allocation",
+    "BlockEvent",
+    "DoneEvent",
+    "Event",
     "Tracker",
     "TrackerState",
+    "decode_event",
+    "encode_event",
     "plan_allocation",
     "restore",
     "share_budget",
@@ -87,6 +93,68 @@ class Allocation:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class BlockEvent:
+    """``block``: a receiver's block is durable in the data WAL, with its acks."""
+
+    ref: BlockRef
+    acks: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AllocEvent:
+    """``alloc``: a batch's input, fixed before any handler sees it."""
+
+    alloc: Allocation
+
+
+@dataclass(frozen=True, slots=True)
+class DoneEvent:
+    """``done``: a batch's outputs are committed and its positions advanced."""
+
+    batch_id: int
+
+
+Event = BlockEvent | AllocEvent | DoneEvent
+"""One tracker event; on disk, one orjson object (see :func:`encode_event`)."""
+
+
+def encode_event(event: Event) -> bytes:
+    """The log record of ``event``: ``{"e": "block"|"alloc"|"done", ...}``."""
+    if isinstance(event, BlockEvent):
+        body: dict[str, Any] = {"e": "block", "b": list(event.ref)}
+        if event.acks:
+            body["acks"] = dict(event.acks)
+        return orjson.dumps(body)
+    if isinstance(event, AllocEvent):
+        return orjson.dumps({"e": "alloc", **event.alloc.to_json()})
+    return orjson.dumps({"e": "done", "id": event.batch_id})
+
+
+def decode_event(data: bytes | Mapping[str, Any]) -> Event:
+    """The event of a log record (bytes, or its parsed object).
+
+    Raises:
+        StreamletError: the record is not a tracker event this version reads.
+    """
+    try:
+        raw = orjson.loads(data) if isinstance(data, bytes) else data
+        kind = raw.get("e")
+        if kind == "block":
+            ref = BlockRef(int(raw["b"][0]), str(raw["b"][1]), *map(int, raw["b"][2:]))
+            acks = {str(c): int(q) for c, q in (raw.get("acks") or {}).items()}
+            return BlockEvent(ref, acks)
+        if kind == "alloc":
+            return AllocEvent(Allocation.from_json(raw))
+        if kind == "done":
+            return DoneEvent(int(raw["id"]))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise StreamletError(
+            f"malformed tracker event {data!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    raise StreamletError(f"unknown tracker event {data!r}")
+
+
 @dataclass(slots=True)
 class TrackerState:
     """Everything the tracker knows; rebuilt from checkpoint + log on start.
@@ -114,55 +182,40 @@ class TrackerState:
     next_block_id: int = 1
     acks: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def check(self, event: Mapping[str, Any]) -> None:
+    def check(self, event: Event) -> None:
         """Raise StreamletError if ``event`` cannot be applied to this state; pure.
 
         The tracker checks an event before it appends it: an impossible event
         that reached the log would make every later replay of the log fail.
         """
-        kind = event.get("e")
-        try:
-            if kind == "block":
-                BlockRef(int(event["b"][0]), str(event["b"][1]), *map(int, event["b"][2:]))
-                for seq in (event.get("acks") or {}).values():
-                    int(seq)
-            elif kind == "alloc":
-                alloc = Allocation.from_json(event)
-                if alloc.id != self.next_batch_id:
-                    raise StreamletError(
-                        f"tracker log allocates batch {alloc.id} where {self.next_batch_id}"
-                        " was next"
-                    )
-            elif kind == "done":
-                batch_id = int(event["id"])
-                if not self.pending or self.pending[0].id != batch_id:
-                    oldest = self.pending[0].id if self.pending else None
-                    raise StreamletError(
-                        f"tracker log marks batch {batch_id} done while the oldest pending"
-                        f" is {oldest}"
-                    )
-            else:
-                raise StreamletError(f"unknown tracker event {kind!r}: {dict(event)!r}")
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        if isinstance(event, AllocEvent):
+            if event.alloc.id != self.next_batch_id:
+                raise StreamletError(
+                    f"tracker log allocates batch {event.alloc.id} where"
+                    f" {self.next_batch_id} was next"
+                )
+        elif isinstance(event, DoneEvent) and (
+            not self.pending or self.pending[0].id != event.batch_id
+        ):
+            oldest = self.pending[0].id if self.pending else None
             raise StreamletError(
-                f"malformed tracker event {dict(event)!r}: {type(exc).__name__}: {exc}"
-            ) from None
+                f"tracker log marks batch {event.batch_id} done while the oldest pending"
+                f" is {oldest}"
+            )
 
-    def apply(self, event: Mapping[str, Any]) -> None:
-        """Apply one logged event; raises StreamletError (changing nothing) on an impossible one."""
+    def apply(self, event: Event) -> None:
+        """Apply one event; raises StreamletError (changing nothing) on an impossible one."""
         self.check(event)
-        kind = event["e"]
-        if kind == "block":
-            ref = BlockRef(int(event["b"][0]), str(event["b"][1]), *map(int, event["b"][2:]))
+        if isinstance(event, BlockEvent):
+            ref = event.ref
             self.blocks.setdefault(ref.source, []).append(ref)
             self.next_block_id = max(self.next_block_id, ref.id + 1)
-            acks = event.get("acks")
-            if acks:
+            if event.acks:
                 mine = self.acks.setdefault(ref.source, {})
-                for client, seq in acks.items():
-                    mine[str(client)] = max(int(seq), mine.get(str(client), -1))
-        elif kind == "alloc":
-            alloc = Allocation.from_json(event)
+                for client, seq in event.acks.items():
+                    mine[client] = max(seq, mine.get(client, -1))
+        elif isinstance(event, AllocEvent):
+            alloc = event.alloc
             for r in alloc.ranges:
                 self.positions.setdefault(r.source, {})[r.partition] = r.until
             taken = {b.id for b in alloc.blocks}
@@ -171,11 +224,11 @@ class TrackerState:
                     self.blocks[source] = [b for b in refs if b.id not in taken]
             self.pending.append(alloc)
             self.next_batch_id = alloc.id + 1
-        else:  # "done"
-            alloc = self.pending.pop(0)
-            for r in alloc.ranges:
+        else:
+            done = self.pending.pop(0)
+            for r in done.ranges:
                 self.committed.setdefault(r.source, {})[r.partition] = r.until
-            self.last_done = alloc.id
+            self.last_done = done.id
 
     def to_json(self) -> dict[str, Any]:
         """A checkpoint body; read back with :meth:`from_json`."""
@@ -402,7 +455,7 @@ class Tracker:
                 if after is not None and position[:2] <= after[:2]:
                     reached = reached or position[:2] == after[:2]
                     continue
-                state.apply(orjson.loads(payload))
+                state.apply(decode_event(payload))
                 last = position
                 replayed += 1
         except BaseException:
@@ -423,23 +476,21 @@ class Tracker:
             log.info("replayed %d tracker events from %s", replayed, directory)
         return cls(wal, state, last)
 
-    async def _log(self, event: dict[str, Any]) -> None:
+    async def _log(self, event: Event) -> None:
         async with self._lock:
             # Invariant: only an event that applies is appended (checked first).
             self.state.check(event)
-            position = await self._wal.append(orjson.dumps(event))
+            position = await self._wal.append(encode_event(event))
             self.state.apply(event)
             self.last_event = position
 
-    async def _log_many(self, events: Sequence[dict[str, Any]]) -> None:
+    async def _log_blocks(self, events: Sequence[BlockEvent]) -> None:
         async with self._lock:
-            # Only block events come in groups; each applies independently of
-            # the others, so checking each against the current state suffices.
+            # Block events apply independently of each other: each is checked
+            # against the current state.
             for event in events:
-                if event.get("e") != "block":
-                    raise StreamletError(f"only block events are logged in groups, not {event!r}")
                 self.state.check(event)
-            positions = await self._wal.append_many([orjson.dumps(e) for e in events])
+            positions = await self._wal.append_many([encode_event(e) for e in events])
             for event in events:
                 self.state.apply(event)
             self.last_event = positions[-1]
@@ -459,22 +510,16 @@ class Tracker:
 
         The refs' ids must continue ``state.next_block_id`` in order.
         """
-        events: list[dict[str, Any]] = []
-        for ref, acks in blocks:
-            event: dict[str, Any] = {"e": "block", "b": list(ref)}
-            if acks:
-                event["acks"] = dict(acks)
-            events.append(event)
-        if events:
-            await self._log_many(events)
+        if blocks:
+            await self._log_blocks([BlockEvent(ref, dict(acks)) for ref, acks in blocks])
 
     async def log_allocated(self, alloc: Allocation) -> None:
         """Record that batch ``alloc.id`` covers ``alloc``'s input."""
-        await self._log({"e": "alloc", **alloc.to_json()})
+        await self._log(AllocEvent(alloc))
 
     async def log_done(self, batch_id: int) -> None:
         """Record that batch ``batch_id`` is committed."""
-        await self._log({"e": "done", "id": batch_id})
+        await self._log(DoneEvent(batch_id))
 
     async def clean(self, up_to: Position) -> int:
         """Delete log segments wholly older than ``up_to``."""

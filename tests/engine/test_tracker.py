@@ -10,11 +10,18 @@ from hypothesis import strategies as st
 
 from streamlet.errors import StreamletError
 from streamlet.records import BlockRef, OffsetRange
-from streamlet.tracker import Allocation, TrackerState, plan_allocation
+from streamlet.tracker import (
+    Allocation,
+    AllocEvent,
+    TrackerState,
+    decode_event,
+    encode_event,
+    plan_allocation,
+)
 
 
-def _alloc_event(alloc: Allocation) -> dict[str, object]:
-    return {"e": "alloc", **alloc.to_json()}
+def _alloc_event(alloc: Allocation) -> AllocEvent:
+    return AllocEvent(alloc)
 
 
 def test_allocation_starts_where_the_previous_ended_and_respects_limits() -> None:
@@ -42,7 +49,7 @@ def test_done_commits_positions_in_order() -> None:
     state.apply(_alloc_event(a2))
     assert [a.id for a in state.pending] == [1, 2]
     assert state.committed == {}
-    state.apply({"e": "done", "id": 1})
+    state.apply(decode_event({"e": "done", "id": 1}))
     assert state.committed == {"s": {0: 4}}
     assert state.last_done == 1
     assert [a.id for a in state.pending] == [2]
@@ -52,7 +59,7 @@ def test_done_out_of_order_is_refused() -> None:
     state = TrackerState(positions={"s": {0: 0}})
     state.apply(_alloc_event(plan_allocation(state, batch_time=0, latest={"s": {0: 1}}, limits={})))
     with pytest.raises(StreamletError, match="oldest pending is 1"):
-        state.apply({"e": "done", "id": 2})
+        state.apply(decode_event({"e": "done", "id": 2}))
 
 
 def test_allocation_with_wrong_id_is_refused() -> None:
@@ -66,8 +73,8 @@ def test_blocks_are_allocated_once_and_acks_kept() -> None:
     state = TrackerState()
     b1 = BlockRef(1, "tcp", 1, 32, 100, 3)
     b2 = BlockRef(2, "tcp", 1, 144, 50, 1)
-    state.apply({"e": "block", "b": list(b1), "acks": {"client-a": 3}})
-    state.apply({"e": "block", "b": list(b2), "acks": {"client-a": 4}})
+    state.apply(decode_event({"e": "block", "b": list(b1), "acks": {"client-a": 3}}))
+    state.apply(decode_event({"e": "block", "b": list(b2), "acks": {"client-a": 4}}))
     alloc = plan_allocation(state, batch_time=0, latest={}, limits={}, receivers=frozenset({"tcp"}))
     assert alloc.blocks == (b1, b2)
     state.apply(_alloc_event(alloc))
@@ -80,7 +87,7 @@ def test_blocks_are_allocated_once_and_acks_kept() -> None:
 
 def test_unknown_event_is_refused() -> None:
     with pytest.raises(StreamletError, match="unknown tracker event"):
-        TrackerState().apply({"e": "bogus"})
+        TrackerState().apply(decode_event({"e": "bogus"}))
 
 
 @settings(max_examples=60, deadline=None)
@@ -99,7 +106,7 @@ def test_state_round_trips_through_json_at_any_point(
         if not alloc.empty:
             state.apply(_alloc_event(alloc))
         if finish and state.pending:
-            state.apply({"e": "done", "id": state.pending[0].id})
+            state.apply(decode_event({"e": "done", "id": state.pending[0].id}))
         assert TrackerState.from_json(state.to_json()) == state
 
 
@@ -109,7 +116,7 @@ def test_a_receiver_limit_takes_whole_blocks_oldest_first_and_at_least_one() -> 
 
     state = TrackerState()
     for i, size in enumerate([300, 300, 300, 5000], start=1):
-        state.apply({"e": "block", "b": [i, "r", 1, 100 * i, 10, size]})
+        state.apply(decode_event({"e": "block", "b": [i, "r", 1, 100 * i, 10, size]}))
     limited = plan_allocation(
         state,
         batch_time=0.0,
@@ -153,7 +160,7 @@ async def test_an_impossible_event_is_refused_before_it_is_logged(
     tracker = await Tracker.open(directory, base=None, after=None)
     try:
         with pytest.raises(StreamletError):
-            await tracker._log(dict(event))
+            await tracker._log(decode_event(dict(event)))
         assert tracker.state == TrackerState()
         assert tracker.last_event is None
         if event["e"] == "done":
@@ -169,3 +176,29 @@ async def test_an_impossible_event_is_refused_before_it_is_logged(
         assert [b.id for b in reopened.state.blocks["r"]] == [1]
     finally:
         await reopened.aclose()
+
+
+@given(
+    st.one_of(
+        st.builds(
+            lambda i, n, acks: decode_event(
+                {"e": "block", "b": [i, "r", 1, 32, 10, n], "acks": acks}
+            ),
+            st.integers(1, 10**9),
+            st.integers(1, 10**6),
+            st.dictionaries(st.text(max_size=8), st.integers(0, 10**9), max_size=3),
+        ),
+        st.builds(lambda i: decode_event({"e": "done", "id": i}), st.integers(1, 10**9)),
+        st.builds(
+            lambda i, t, start, n: AllocEvent(
+                Allocation(i, t, (OffsetRange("s", 0, start, start + n),), ())
+            ),
+            st.integers(1, 10**9),
+            st.floats(0, 2e9),
+            st.integers(0, 10**12),
+            st.integers(0, 10**6),
+        ),
+    )
+)
+def test_an_event_reads_back_as_it_was_written(event: object) -> None:
+    assert decode_event(encode_event(event)) == event  # type: ignore[arg-type]
