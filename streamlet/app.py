@@ -21,14 +21,14 @@ import anyio
 from anyio.abc import TaskStatus
 
 from streamlet.blocks import BlockGenerator
-from streamlet.checkpoint import load_latest
+from streamlet.checkpoint import Checkpointer, load_latest
 from streamlet.errors import ConfigError, StreamletError
 from streamlet.faults import check_environment as check_fault_environment
 from streamlet.faults import file_system
 from streamlet.fs import FileSystem
 from streamlet.handlers import HandlerFn, HandlerSpec, check_handler, code_of
 from streamlet.metrics import BatchInfo
-from streamlet.scheduler import BatchScheduler, FailurePolicy, RetryPolicy
+from streamlet.scheduler import BatchPolicy, BatchScheduler, FailurePolicy, RetryPolicy
 from streamlet.sinks.base import Sink, SinkContext, sink_ahead
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver
@@ -474,25 +474,28 @@ class App:
                 tracker=tracker,
                 sources=direct,
                 handlers=self._handlers,
-                interval=self.batch_interval,
-                retry=self.retry,
-                on_failure=self.on_failure,
+                policy=BatchPolicy(
+                    interval=self.batch_interval,
+                    retry=self.retry,
+                    on_failure=self.on_failure,
+                    max_batch_records=self.max_batch_records,
+                    max_batch_bytes=self.max_batch_bytes,
+                    backpressure=self.backpressure,
+                    min_rate=self.min_rate,
+                ),
+                checkpointer=Checkpointer(
+                    self.fs,
+                    statedir.checkpoints,
+                    self.name,
+                    interval=self.checkpoint_interval,
+                    loaded=(checkpoint.batch_id, after) if checkpoint is not None else None,
+                    last_done=tracker.state.last_done,
+                ),
                 dead_letter=self.dead_letter,
-                fs=self.fs,
-                checkpoint_dir=statedir.checkpoints,
-                checkpoint_interval=self.checkpoint_interval,
-                last_checkpoint=(checkpoint.batch_id, after) if checkpoint is not None else None,
-                read_blocks=generator.read if generator is not None else None,
+                blocks=generator,
                 receivers=frozenset(receivers),
-                release_blocks=generator.release if generator is not None else None,
                 listeners=self._listeners,
-                backpressure=self.backpressure,
-                min_rate=self.min_rate,
-                set_receiver_rate=generator.set_rate if generator is not None else None,
                 decoders=self._decoders,
-                cut_blocks=generator.cut if generator is not None else None,
-                max_batch_records=self.max_batch_records,
-                max_batch_bytes=self.max_batch_bytes,
             )
             stop = self._stop
             assert stop is not None

@@ -27,17 +27,29 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.to_thread
 import google_crc32c
 import orjson
 
 from streamlet.errors import CheckpointError
 from streamlet.fs import FileSystem, read_all, write_atomic
+from streamlet.wal import Position
 
-__all__ = ["Checkpoint", "CheckpointError", "list_checkpoints", "load_latest", "write_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "Checkpointer",
+    "RetainedCheckpoint",
+    "list_checkpoints",
+    "load_latest",
+    "retain_checkpoint",
+    "write_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -205,3 +217,96 @@ def load_latest(fs: FileSystem, directory: str) -> Checkpoint | None:
             " or move it away to start the app from scratch (its batches would run again)"
         )
     return None
+
+
+RetainedCheckpoint = tuple[int, Position | None]
+"""A checkpoint kept on disk: its batch id and the tracker event it covers (None: unknown)."""
+
+
+def retain_checkpoint(
+    retained: Sequence[RetainedCheckpoint], new: RetainedCheckpoint, keep: int = 2
+) -> tuple[list[RetainedCheckpoint], Position | None]:
+    """The checkpoints kept after writing ``new``, and how far the tracker log may be cleaned.
+
+    Mirrors :func:`~streamlet.checkpoint.write_checkpoint`, which keeps the
+    newest ``keep`` checkpoints by batch id and replaces one of the same
+    batch id. The log must reach back to the oldest kept checkpoint, so that
+    recovery can fall back to it if a newer one is unreadable. When that
+    checkpoint's event is not known (a checkpoint this process did not
+    write, or fewer than ``keep`` known), nothing is cleaned. Pure.
+
+    Returns:
+        The retained checkpoints, newest first, and the position up to which
+        the tracker log may be cleaned (None: clean nothing).
+    """
+    kept = sorted(
+        [new, *(c for c in retained if c[0] != new[0])], key=lambda c: c[0], reverse=True
+    )[:keep]
+    if len(kept) < keep:
+        return kept, None
+    return kept, kept[-1][1]
+
+
+class Checkpointer:
+    """Writes the tracker's checkpoints now and then; says how far its log may be cleaned.
+
+    Args:
+        fs: the file layer.
+        directory: where checkpoints go.
+        app: the app's name, recorded in every checkpoint.
+        interval: seconds between checkpoints (0: after every batch).
+        loaded: the batch id and tracker position of the checkpoint recovery
+            loaded (None: none was); the tracker log is cleaned up to the
+            older of the two retained checkpoints, so either can be
+            recovered from (:func:`retain_checkpoint`).
+        last_done: the newest done batch at start (what ``loaded`` plus the
+            log replay covers).
+    """
+
+    def __init__(
+        self,
+        fs: FileSystem,
+        directory: str,
+        app: str,
+        *,
+        interval: float,
+        loaded: RetainedCheckpoint | None,
+        last_done: int,
+    ) -> None:
+        self.fs = fs
+        self.directory = directory
+        self.app = app
+        self.interval = interval
+        self._retained: list[RetainedCheckpoint] = [loaded] if loaded is not None else []
+        self._written_at = time.monotonic()
+        self._written_batch = last_done
+
+    def due(self, last_done: int, *, force: bool = False) -> bool:
+        """Whether a checkpoint should be written now: forced, or a batch done and time up."""
+        if force:
+            return True
+        return (
+            last_done != self._written_batch
+            and time.monotonic() - self._written_at >= self.interval
+        )
+
+    async def write(
+        self, last_done: int, event: Position | None, state: Mapping[str, Any]
+    ) -> Position | None:
+        """Write the checkpoint of ``state``; return how far the tracker log may be cleaned.
+
+        Raises:
+            CheckpointError: the checkpoint could not be written.
+        """
+        body: dict[str, Any] = {
+            "app": self.app,
+            "last_event": list(event) if event is not None else None,
+            "state": state,
+        }
+        await anyio.to_thread.run_sync(write_checkpoint, self.fs, self.directory, last_done, body)
+        self._written_at = time.monotonic()
+        self._written_batch = last_done
+        # A forced checkpoint at stop may rewrite the newest under its own
+        # name: then the older one is still the one the log must reach.
+        self._retained, clean_to = retain_checkpoint(self._retained, (last_done, event))
+        return clean_to

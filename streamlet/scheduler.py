@@ -39,14 +39,14 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import anyio
 
 from streamlet.backpressure import RateEstimator
-from streamlet.checkpoint import write_checkpoint
+from streamlet.checkpoint import Checkpointer
 from streamlet.errors import (
     DecodeError,
     FencedError,
@@ -56,7 +56,6 @@ from streamlet.errors import (
     StreamletError,
 )
 from streamlet.faults import crash_point
-from streamlet.fs import FileSystem
 from streamlet.handlers import HandlerSpec, invoke
 from streamlet.metrics import BatchInfo
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
@@ -67,17 +66,16 @@ from streamlet.tracker import Allocation, Tracker, TrackerState, plan_allocation
 from streamlet.wal import Position
 
 __all__ = [
+    "BatchPolicy",
     "BatchScheduler",
+    "BlockStore",
     "FailurePolicy",
-    "RetainedCheckpoint",
     "RetryPolicy",
-    "retain_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
 
 FailurePolicy = Literal["stop", "dead_letter"]
-BlockReader = Callable[[Sequence[BlockRef]], Awaitable[list[Record]]]
 Listener = Callable[[BatchInfo], object]
 
 
@@ -133,75 +131,70 @@ def size_budget(*, max_records: int, max_bytes: int, record_bytes: float | None)
     return max(1, min(max_records, int(max_bytes // max(record_bytes, 1.0))))
 
 
-RetainedCheckpoint = tuple[int, Position | None]
-"""A checkpoint kept on disk: its batch id and the tracker event it covers (None: unknown)."""
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """How batches are made and what a failure does: the app's batch settings.
 
-
-def retain_checkpoint(
-    retained: Sequence[RetainedCheckpoint], new: RetainedCheckpoint, keep: int = 2
-) -> tuple[list[RetainedCheckpoint], Position | None]:
-    """The checkpoints kept after writing ``new``, and how far the tracker log may be cleaned.
-
-    Mirrors :func:`~streamlet.checkpoint.write_checkpoint`, which keeps the
-    newest ``keep`` checkpoints by batch id and replaces one of the same
-    batch id. The log must reach back to the oldest kept checkpoint, so that
-    recovery can fall back to it if a newer one is unreadable. When that
-    checkpoint's event is not known (a checkpoint this process did not
-    write, or fewer than ``keep`` known), nothing is cleaned. Pure.
-
-    Returns:
-        The retained checkpoints, newest first, and the position up to which
-        the tracker log may be cleaned (None: clean nothing).
+    Attributes:
+        interval: the batch interval in seconds.
+        retry: retry policy for handlers, sinks and input reads.
+        on_failure: what a handler failing after its retries does: "stop"
+            the app with the batch uncommitted, or route the handler's input
+            records to the dead-letter sink and go on.
+        max_batch_records: the most records a batch takes from one source.
+        max_batch_bytes: about the most bytes a batch takes from one source
+            (see :func:`size_budget`; receivers: whole blocks, at least one).
+        backpressure: adapt each source's rate to the handlers' speed
+            (:mod:`streamlet.backpressure`), within ``max_rate``.
+        min_rate: the floor of an adapted rate, records/s per source.
     """
-    kept = sorted(
-        [new, *(c for c in retained if c[0] != new[0])], key=lambda c: c[0], reverse=True
-    )[:keep]
-    if len(kept) < keep:
-        return kept, None
-    return kept, kept[-1][1]
+
+    interval: float
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    on_failure: FailurePolicy = "stop"
+    max_batch_records: int = 100_000
+    max_batch_bytes: int = 64 * 2**20
+    backpressure: bool = False
+    min_rate: float = 100.0
+
+
+class BlockStore(Protocol):
+    """What the scheduler needs of receivers' blocks (the block generator has it)."""
+
+    async def cut(self) -> int:
+        """Make every open block durable now (called before each allocation)."""
+        ...
+
+    async def read(self, refs: Sequence[BlockRef]) -> list[Record]:
+        """The records of ``refs``, in order."""
+        ...
+
+    async def release(self, oldest_needed: Position | None) -> None:
+        """Delete data that holds no block before ``oldest_needed`` (None: none needed)."""
+        ...
+
+    def set_rate(self, source: str, rate: float | None) -> None:
+        """Throttle receiver ``source`` to ``rate`` records/s (backpressure)."""
+        ...
 
 
 class BatchScheduler:
     """Runs batches; see the module docstring for the protocol.
 
     Args:
-        app: the app's name (checkpoint bodies and sink keys carry it).
+        app: the app's name (sink keys carry it).
         tracker: the durable tracker, already replayed.
         sources: direct sources by name, started.
         handlers: the app's handlers, sinks opened.
-        interval: the batch interval in seconds.
-        retry: retry policy for handlers, sinks and input reads.
-        on_failure: what a handler failing after its retries does: "stop"
-            the app with the batch uncommitted, or route the handler's input
-            records to ``dead_letter`` and go on.
+        policy: batch interval, sizes, retries, failure routing, backpressure.
+        checkpointer: writes checkpoints and says how far the log may be cleaned.
         dead_letter: the sink for failed input (with ``on_failure`` set so).
-        fs: the file layer, for checkpoints.
-        checkpoint_dir: where checkpoints go.
-        checkpoint_interval: seconds between checkpoints (0: every batch).
-        last_checkpoint: the batch id and tracker position of the loaded
-            checkpoint (None: none was loaded); the tracker log is cleaned
-            up to the older of the two retained checkpoints, so either can be
-            recovered from (:func:`retain_checkpoint`).
-        read_blocks: reads receivers' blocks from the data WAL.
+        blocks: receivers' blocks (None: the app has no receivers).
         receivers: names of receivers whose blocks batches take.
-        release_blocks: called after a checkpoint with the data WAL position
-            of the oldest block a batch still needs (None: no block is
-            needed), so the data WAL can delete whole segments before it.
         listeners: called with each batch's :class:`BatchInfo`.
-        backpressure: adapt each source's rate to the handlers' speed
-            (:mod:`streamlet.backpressure`), within ``max_rate``.
-        min_rate: the floor of an adapted rate, records/s per source.
-        set_receiver_rate: applies an adapted rate to a receiver.
-        max_batch_records: the most records a batch takes from one source.
-        max_batch_bytes: about the most bytes a batch takes from one source
-            (see :func:`size_budget`; receivers: whole blocks, at least one).
         decoders: per source, a function from a record's value to its
             ``data``; a record it fails on goes to ``dead_letter`` (or, with
             none, stops the app with :class:`DecodeError`).
-        cut_blocks: makes receivers' open blocks durable now; called before
-            each allocation, so that a record stored just before a tick goes
-            into that batch instead of waiting for the next block cut and
-            then a whole batch interval.
     """
 
     def __init__(
@@ -211,46 +204,27 @@ class BatchScheduler:
         tracker: Tracker,
         sources: Mapping[str, DirectSource],
         handlers: Sequence[HandlerSpec],
-        interval: float,
-        retry: RetryPolicy,
-        on_failure: FailurePolicy,
-        dead_letter: Sink | None,
-        fs: FileSystem,
-        checkpoint_dir: str,
-        checkpoint_interval: float,
-        last_checkpoint: RetainedCheckpoint | None,
-        read_blocks: BlockReader | None = None,
+        policy: BatchPolicy,
+        checkpointer: Checkpointer,
+        dead_letter: Sink | None = None,
+        blocks: BlockStore | None = None,
         receivers: frozenset[str] = frozenset(),
-        release_blocks: Callable[[Position | None], Awaitable[object]] | None = None,
         listeners: Sequence[Listener] = (),
-        backpressure: bool = False,
-        min_rate: float = 100.0,
-        set_receiver_rate: Callable[[str, float], object] | None = None,
         decoders: Mapping[str, Callable[[bytes], object]] | None = None,
-        cut_blocks: Callable[[], Awaitable[object]] | None = None,
-        max_batch_records: int = 100_000,
-        max_batch_bytes: int = 64 * 2**20,
     ) -> None:
         self.app = app
         self.tracker = tracker
         self.sources = dict(sources)
         self.handlers = list(handlers)
-        self.interval = interval
-        self.retry = retry
-        self.on_failure = on_failure
+        self.policy = policy
+        self.interval = policy.interval
+        self.retry = policy.retry
+        self.checkpointer = checkpointer
         self.dead_letter = dead_letter
-        self.fs = fs
-        self.checkpoint_dir = checkpoint_dir
-        self.checkpoint_interval = checkpoint_interval
-        self._retained: list[RetainedCheckpoint] = (
-            [last_checkpoint] if last_checkpoint is not None else []
-        )
-        self._last_checkpoint_at = time.monotonic()
-        self._checkpointed_batch = tracker.state.last_done
-        self.read_blocks = read_blocks
+        self.blocks = blocks
         self.receivers = receivers
-        self.release_blocks = release_blocks
         self.listeners = list(listeners)
+        interval = policy.interval
         self._static_limits = {
             name: (max(1, math.ceil(src.max_rate * interval)) if src.max_rate else None)
             for name, src in self.sources.items()
@@ -258,13 +232,9 @@ class BatchScheduler:
         self._limits = dict(self._static_limits)
         self._partitions = dict.fromkeys(self.sources, 1)
         self._receiver_limits: dict[str, int | None] = {}
-        self.max_batch_records = max_batch_records
-        self.max_batch_bytes = max_batch_bytes
         # Per direct source, the measured average bytes per record (key + value).
         self._record_bytes: dict[str, float] = {}
-        self.set_receiver_rate = set_receiver_rate
         self.decoders = dict(decoders or {})
-        self.cut_blocks = cut_blocks
         #: Whether the last allocation was cut short by the size bound.
         self.behind = False
         #: The handlers under way on the event loop now: name → batch id
@@ -272,10 +242,10 @@ class BatchScheduler:
         self.running: dict[str, int] = {}
         self._estimators = (
             {
-                name: RateEstimator(batch_interval=interval, min_rate=min_rate)
+                name: RateEstimator(batch_interval=interval, min_rate=policy.min_rate)
                 for name in [*self.sources, *sorted(receivers)]
             }
-            if backpressure
+            if policy.backpressure
             else {}
         )
 
@@ -350,8 +320,8 @@ class BatchScheduler:
 
     async def allocate(self, batch_time: float) -> Allocation | None:
         """Fix and durably log the next batch's input; None when there is none."""
-        if self.cut_blocks is not None:
-            await self.cut_blocks()
+        if self.blocks is not None:
+            await self.blocks.cut()
         state = self.tracker.state
         latest: dict[str, Mapping[int, int]] = {}
         for name, source in self.sources.items():
@@ -364,8 +334,8 @@ class BatchScheduler:
             self._partitions[name] = max(1, len(available))
         budgets = {
             name: size_budget(
-                max_records=self.max_batch_records,
-                max_bytes=self.max_batch_bytes,
+                max_records=self.policy.max_batch_records,
+                max_bytes=self.policy.max_batch_bytes,
                 record_bytes=self._record_bytes.get(name),
             )
             for name in latest
@@ -374,7 +344,9 @@ class BatchScheduler:
         for name in self.receivers:
             adapted = self._receiver_limits.get(name)
             receiver_limits[name] = (
-                self.max_batch_records if adapted is None else min(adapted, self.max_batch_records)
+                self.policy.max_batch_records
+                if adapted is None
+                else min(adapted, self.policy.max_batch_records)
             )
         alloc = plan_allocation(
             state,
@@ -384,7 +356,7 @@ class BatchScheduler:
             budgets=budgets,
             receivers=self.receivers,
             receiver_limits=receiver_limits,
-            receiver_max_bytes=self.max_batch_bytes,
+            receiver_max_bytes=self.policy.max_batch_bytes,
         )
         self.behind = self._cut_short(state, alloc, latest)
         if alloc.empty:
@@ -474,9 +446,9 @@ class BatchScheduler:
                 )
             records.extend(await self._read_with_retries(alloc.id, name, source, ranges))
         if alloc.blocks:
-            if self.read_blocks is None:
+            if self.blocks is None:
                 raise StreamletError(f"batch {alloc.id} holds blocks but the app has no receivers")
-            records.extend(await self.read_blocks(alloc.blocks))
+            records.extend(await self.blocks.read(alloc.blocks))
         return records
 
     async def _call_handler(self, spec: HandlerSpec, batch: Batch) -> list[object] | _Failure:
@@ -547,7 +519,7 @@ class BatchScheduler:
         """
         for name, failure in failures.items():
             view = views[name]
-            if self.on_failure == "stop" or self.dead_letter is None:
+            if self.policy.on_failure == "stop" or self.dead_letter is None:
                 if isinstance(failure.error, OutputError):
                     raise failure.error
                 raise HandlerError(
@@ -712,8 +684,8 @@ class BatchScheduler:
                 # interval's worth of its blocks per batch, so a backlog built
                 # while the handlers were slow drains over several batches.
                 self._receiver_limits[name] = max(1, math.ceil(rate * self.interval))
-                if self.set_receiver_rate is not None:
-                    self.set_receiver_rate(name, rate)
+                if self.blocks is not None:
+                    self.blocks.set_rate(name, rate)
             log.debug("backpressure: %s rate now %.0f records/s", name, rate)
 
     async def _commit_sources(self, batch: Batch) -> None:
@@ -742,30 +714,15 @@ class BatchScheduler:
     async def maybe_checkpoint(self, *, force: bool = False) -> None:
         """Write a checkpoint if one is due (or ``force``), then clean the logs."""
         state = self.tracker.state
-        if state.last_done == self._checkpointed_batch and not force:
+        if not self.checkpointer.due(state.last_done, force=force):
             return
-        if not force and time.monotonic() - self._last_checkpoint_at < self.checkpoint_interval:
-            return
-        event = self.tracker.last_event
-        body: dict[str, Any] = {
-            "app": self.app,
-            "last_event": list(event) if event is not None else None,
-            "state": state.to_json(),
-        }
-        await anyio.to_thread.run_sync(
-            write_checkpoint, self.fs, self.checkpoint_dir, state.last_done, body
+        clean_to = await self.checkpointer.write(
+            state.last_done, self.tracker.last_event, state.to_json()
         )
-        self._last_checkpoint_at = time.monotonic()
-        self._checkpointed_batch = state.last_done
-        # Keep the log back to the older of the two retained checkpoints, so a
-        # corrupt newest checkpoint can still be recovered from the older one.
-        # A forced checkpoint at stop may rewrite the newest under its own
-        # name: then the older one is still the one the log must reach.
-        self._retained, clean_to = retain_checkpoint(self._retained, (state.last_done, event))
         if clean_to is not None:
             await self.tracker.clean(clean_to)
-        if self.release_blocks is not None:
-            await self.release_blocks(self._oldest_needed_block())
+        if self.blocks is not None:
+            await self.blocks.release(self._oldest_needed_block())
 
     def _oldest_needed_block(self) -> Position | None:
         state = self.tracker.state

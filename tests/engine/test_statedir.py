@@ -9,9 +9,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from streamlet.checkpoint import retain_checkpoint
 from streamlet.errors import ConfigError
 from streamlet.fs import OsFileSystem
-from streamlet.scheduler import retain_checkpoint
 from streamlet.sinks.base import sink_ahead
 from streamlet.statedir import LOCK, MANIFEST, StateDir, is_locked
 from streamlet.wal import Position
