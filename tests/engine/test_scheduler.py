@@ -1,0 +1,171 @@
+"""The batch scheduler on its own: a real tracker, a sequence source, sinks in memory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import orjson
+import pytest
+
+from streamlet.checkpoint import Checkpointer, list_checkpoints
+from streamlet.errors import OutputError
+from streamlet.fs import OsFileSystem
+from streamlet.handlers import HandlerSpec
+from streamlet.records import Batch, BlockRef, Record
+from streamlet.scheduler import BatchPolicy, BatchScheduler
+from streamlet.sinks.base import Sink
+from streamlet.sources.sequence import SequenceSource
+from streamlet.tracker import Tracker
+from streamlet.wal import Position
+from tests.engine.test_app import ListSink
+
+
+class Refusing(Sink):
+    """Refuses a batch whose outputs contain ``bad`` (an output it cannot write)."""
+
+    def __init__(self, bad: int) -> None:
+        self.bad = bad
+        self.batches: dict[int, list[object]] = {}
+
+    async def commit(self, batch: Batch, outputs: Sequence[object]) -> bool:
+        if self.bad in outputs:
+            raise OutputError(f"output {self.bad} cannot be written")
+        self.batches[batch.id] = list(outputs)
+        return True
+
+
+class Blocks:
+    """A BlockStore in memory: what the scheduler asked of it, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.released: list[Position | None] = []
+
+    async def cut(self) -> int:
+        self.calls.append("cut")
+        return 0
+
+    async def read(self, refs: Sequence[BlockRef]) -> list[Record]:
+        self.calls.append("read")
+        return []
+
+    async def release(self, oldest_needed: Position | None) -> None:
+        self.calls.append("release")
+        self.released.append(oldest_needed)
+
+    def set_rate(self, source: str, rate: float | None) -> None:
+        self.calls.append("set_rate")
+
+
+async def _echo(batch: Batch) -> list[int]:
+    return [int(r.value) for r in batch]
+
+
+@pytest.fixture
+async def tracker(tmp_path: Path) -> AsyncIterator[Tracker]:
+    opened = await Tracker.open(str(tmp_path / "tracker"), base=None, after=None)
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+def _scheduler(
+    tmp_path: Path, tracker: Tracker, handlers: list[HandlerSpec], **policy: object
+) -> tuple[BatchScheduler, SequenceSource]:
+    source = SequenceSource(rate=None, limit=10)
+    source.name = "seq"
+    scheduler = BatchScheduler(
+        app="s",
+        tracker=tracker,
+        sources={"seq": source},
+        handlers=handlers,
+        policy=BatchPolicy(interval=0.01, **policy),  # type: ignore[arg-type]
+        checkpointer=Checkpointer(
+            OsFileSystem(),
+            str(tmp_path / "checkpoints"),
+            "s",
+            interval=0,
+            loaded=None,
+            last_done=0,
+        ),
+        dead_letter=ListSink(),
+        blocks=Blocks(),
+    )
+    return scheduler, source
+
+
+async def test_a_pending_batch_is_rerun_with_exactly_its_logged_ranges(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    sink = ListSink()
+    scheduler, _ = _scheduler(tmp_path, tracker, [HandlerSpec("echo", _echo, ("seq",), sink)])
+    alloc = await scheduler.allocate(0.0)
+    assert alloc is not None
+    # A crash here: the batch is logged, nothing ran. A new scheduler recovers it.
+    again, _ = _scheduler(tmp_path, tracker, [HandlerSpec("echo", _echo, ("seq",), sink)])
+    assert await again.recover() == 1
+    assert sink.batches == {alloc.id: list(range(10))}
+    assert tracker.state.last_done == alloc.id
+    assert tracker.state.pending == []
+
+
+async def test_an_output_the_sink_refuses_dead_letters_that_handlers_input_once(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    good, refusing = ListSink(), Refusing(bad=3)
+    scheduler, _ = _scheduler(
+        tmp_path,
+        tracker,
+        [HandlerSpec("good", _echo, ("seq",), good), HandlerSpec("odd", _echo, ("seq",), refusing)],
+        on_failure="dead_letter",
+    )
+    alloc = await scheduler.allocate(0.0)
+    assert alloc is not None
+    info = await scheduler._run_batch(alloc, scheduled=None, recovered=False)
+    assert info.dead_lettered == ("odd",)
+    assert info.outputs == 10  # the good handler's only
+    assert good.batches == {alloc.id: list(range(10))}
+    assert refusing.batches == {}
+    dead = scheduler.dead_letter
+    assert isinstance(dead, ListSink)
+    letters = [orjson.loads(orjson.dumps(d)) for d in dead.values()]
+    assert [d["offset"] for d in letters] == list(range(10))
+    assert {d["handler"] for d in letters} == {"odd"}
+    assert dead.calls == 1  # one commit of the batch's dead letters
+
+
+async def test_a_checkpoint_after_a_batch_releases_blocks_and_cleans_behind_the_older(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    scheduler, _ = _scheduler(tmp_path, tracker, [HandlerSpec("echo", _echo, ("seq",), None)])
+    alloc = await scheduler.allocate(0.0)
+    assert alloc is not None
+    await scheduler._run_batch(alloc, scheduled=None, recovered=False)
+    blocks = scheduler.blocks
+    assert isinstance(blocks, Blocks)
+    assert blocks.calls == ["cut", "release"]
+    assert blocks.released == [None]  # no block is needed by any batch
+    assert [b for b, _ in list_checkpoints(OsFileSystem(), str(tmp_path / "checkpoints"))] == [1]
+
+
+async def test_a_batch_bounded_by_size_leaves_the_scheduler_behind(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    scheduler, _ = _scheduler(
+        tmp_path, tracker, [HandlerSpec("echo", _echo, ("seq",), None)], max_batch_records=4
+    )
+    first = await scheduler.allocate(0.0)
+    assert first is not None
+    assert [(r.start, r.until) for r in first.ranges] == [(0, 4)]
+    assert scheduler.behind
+    await scheduler._run_batch(first, scheduled=None, recovered=False)
+    second = await scheduler.allocate(0.0)
+    assert second is not None
+    assert [(r.start, r.until) for r in second.ranges] == [(4, 8)]
+    await scheduler._run_batch(second, scheduled=None, recovered=False)
+    third = await scheduler.allocate(0.0)
+    assert third is not None
+    assert [(r.start, r.until) for r in third.ranges] == [(8, 10)]
+    assert not scheduler.behind
