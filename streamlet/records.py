@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "Batch",
@@ -85,6 +85,17 @@ class BlockRef(NamedTuple):
     """Payload length of the frame."""
     records: int
     """Number of records in the block."""
+
+    @classmethod
+    def from_json(cls, data: Sequence[Any]) -> BlockRef:
+        """A ref from its JSON form, ``[id, source, segment, offset, length, records]``.
+
+        Raises:
+            ValueError, TypeError, IndexError: ``data`` is not that form.
+        """
+        if len(data) != 6:
+            raise ValueError(f"a block ref has 6 fields, not {len(data)}: {data!r}")
+        return cls(int(data[0]), str(data[1]), *(int(v) for v in data[2:]))
 
 
 @dataclass(frozen=True, slots=True)

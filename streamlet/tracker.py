@@ -89,7 +89,7 @@ class Allocation:
             id=int(data["id"]),
             time=float(data["t"]),
             ranges=tuple(OffsetRange(str(r[0]), *map(int, r[1:])) for r in data["r"]),
-            blocks=tuple(BlockRef(int(b[0]), str(b[1]), *map(int, b[2:])) for b in data["b"]),
+            blocks=tuple(BlockRef.from_json(b) for b in data["b"]),
         )
 
 
@@ -141,7 +141,7 @@ def decode_event(data: bytes | Mapping[str, Any]) -> Event:
         raw = orjson.loads(data) if isinstance(data, bytes) else data
         kind = raw.get("e")
         if kind == "block":
-            ref = BlockRef(int(raw["b"][0]), str(raw["b"][1]), *map(int, raw["b"][2:]))
+            ref = BlockRef.from_json(raw["b"])
             acks = {str(c): int(q) for c, q in (raw.get("acks") or {}).items()}
             return BlockEvent(ref, acks)
         if kind == "alloc":
@@ -278,7 +278,7 @@ class TrackerState:
             },
             pending=[Allocation.from_json(a) for a in data["pending"]],
             blocks={
-                s: [BlockRef(int(b[0]), str(b[1]), *map(int, b[2:])) for b in refs]
+                s: [BlockRef.from_json(b) for b in refs]
                 for s, refs in data["blocks"].items()
             },
             next_block_id=int(data["next_block_id"]),
