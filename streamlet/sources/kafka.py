@@ -105,6 +105,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError, OffsetOutOfRangeError
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from streamlet.errors import ConfigError, SourceError, StreamletError
+from streamlet.kafka.policy import out_of_range, start_offset
 from streamlet.records import OffsetRange, Record
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver, ReceiverContext, Stored
@@ -960,28 +961,18 @@ class _Link:
         end = await self.end_offsets(wanted)
         out: dict[int, int] = {}
         for p in wanted:
-            start = config.start
-            if p not in self.initial:
-                offset, how = begin[p], "earliest (a partition added while running)"
-            elif isinstance(start, Mapping):
-                if p in start:
-                    offset, how = start[p], "explicit"
-                else:
-                    offset, how = begin[p], "earliest (not named in start)"
-            elif start == "earliest":
-                offset, how = begin[p], "earliest"
-            elif start == "latest":
-                offset, how = end[p], "latest"
-            elif config.group_id is None:
-                offset, how = begin[p], "earliest (start='committed' without a group_id)"
-            else:
-                group = config.group_id
-                committed = await self.committed(p)
-                if committed is None:
-                    offset = begin[p]
-                    how = f"earliest (group {group!r} has no committed offset for it)"
-                else:
-                    offset, how = committed, f"committed by group {group!r}"
+            needs_group = (
+                p in self.initial and config.start == "committed" and config.group_id is not None
+            )
+            offset, how = start_offset(
+                p,
+                config.start,
+                begin=begin[p],
+                end=end[p],
+                added=p not in self.initial,
+                group_id=config.group_id,
+                committed=await self.committed(p) if needs_group else None,
+            )
             if not begin[p] <= offset <= end[p]:
                 what = f"start offset {offset} ({how})"
                 offset = await self.out_of_range(p, offset, until=None, what=what)
@@ -1020,28 +1011,15 @@ class _Link:
                 "%s: offset %d of %s was reported out of range; retrying", what, offset, where
             )
             return offset
-        if offset < begin:
-            problem = (
-                f"offsets [{offset}, {begin}) of {where} were deleted (retention or"
-                f" delete-records) before they were read"
-            )
-        else:
-            problem = (
-                f"offset {offset} of {where} is past the partition's end ({end}): the topic"
-                " was recreated or truncated"
-            )
-        if policy == "fail":
+        target, problem = out_of_range(
+            offset, begin=begin, end=end, until=until, policy=policy, where=where
+        )
+        if target is None:
             raise SourceError(
                 f"{what}: {problem}. Nothing was skipped. To go on without those records,"
                 " set on_out_of_range='earliest' (continue at the oldest offset still"
                 " stored) or 'latest' (skip to the newest); each logs what it skips"
             )
-        if policy == "earliest":
-            target = begin if offset < begin else (until if until is not None else begin)
-        else:
-            target = until if until is not None else end
-        if until is not None:
-            target = min(target, until)
         log.error(
             "%s: %s; on_out_of_range=%r: continuing at offset %d, records of [%d, %d) are not read",
             what,

@@ -1,0 +1,61 @@
+"""The Kafka sources' decisions, without a broker."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamlet.kafka.policy import out_of_range, start_offset
+
+
+def _start(**kw: object) -> tuple[int, str]:
+    settings: dict[str, object] = {
+        "begin": 10,
+        "end": 50,
+        "added": False,
+        "group_id": "g",
+        "committed": None,
+    }
+    settings.update(kw)
+    start = settings.pop("start", "committed")
+    return tuple(start_offset(0, start, **settings))  # type: ignore[arg-type, return-value]
+
+
+def test_where_a_partition_starts() -> None:
+    assert _start(start="earliest") == (10, "earliest")
+    assert _start(start="latest") == (50, "latest")
+    assert _start(start={0: 33}) == (33, "explicit")
+    assert _start(start={1: 33}) == (10, "earliest (not named in start)")
+    assert _start(committed=42) == (42, "committed by group 'g'")
+    assert _start()[0] == 10  # the group has nothing committed
+    assert _start(group_id=None)[1] == "earliest (start='committed' without a group_id)"
+    # A partition added while running: all of it is new, whatever start says.
+    assert _start(start="latest", added=True)[0] == 10
+
+
+@pytest.mark.parametrize(
+    ("offset", "until", "policy", "target"),
+    [
+        (5, None, "fail", None),
+        (5, None, "earliest", 10),  # deleted by retention: the oldest still stored
+        (5, None, "latest", 50),
+        (5, 8, "earliest", 8),  # never past the batch's range
+        (5, 30, "earliest", 10),
+        (5, 30, "latest", 30),
+        (70, None, "earliest", 10),  # past the end: the topic was recreated
+        (70, 80, "earliest", 80),
+    ],
+)
+def test_what_a_lost_offset_does(
+    offset: int, until: int | None, policy: str, target: int | None
+) -> None:
+    decided = out_of_range(
+        offset,
+        begin=10,
+        end=50,
+        until=until,
+        policy=policy,  # type: ignore[arg-type]
+        where="t-0",
+    )
+    assert decided.target == target
+    assert "t-0" in decided.problem
+    assert ("deleted" in decided.problem) is (offset < 10)
