@@ -277,10 +277,7 @@ class TrackerState:
                 s: {int(p): int(o) for p, o in m.items()} for s, m in data["committed"].items()
             },
             pending=[Allocation.from_json(a) for a in data["pending"]],
-            blocks={
-                s: [BlockRef.from_json(b) for b in refs]
-                for s, refs in data["blocks"].items()
-            },
+            blocks={s: [BlockRef.from_json(b) for b in refs] for s, refs in data["blocks"].items()},
             next_block_id=int(data["next_block_id"]),
             acks={s: {str(c): int(q) for c, q in m.items()} for s, m in data["acks"].items()},
         )
