@@ -803,7 +803,10 @@ async def _commit_marker(bootstrap: str, group: str, topic: str, offset: int, me
     """Leave a marker as another (or an older) KafkaSink would have."""
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    # No auto-commit: stopping the consumer would commit its position over the marker.
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)
