@@ -1,4 +1,5 @@
-"""Pure decisions of the Kafka sources: where a partition starts, what a lost offset does.
+"""Pure decisions about Kafka: where a partition starts, what a lost offset does, what a
+failed transaction means.
 
 Both are decided from offsets the caller has already looked up (the
 partition's log start and end, the group's committed offset), so they are
@@ -10,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
-__all__ = ["OutOfRange", "Start", "StartPolicy", "out_of_range", "start_offset"]
+__all__ = [
+    "OutOfRange",
+    "Start",
+    "StartPolicy",
+    "TransactionFailure",
+    "out_of_range",
+    "start_offset",
+    "transaction_failure",
+]
 
 StartPolicy = Literal["committed", "earliest", "latest"] | Mapping[int, int]
 """``KafkaSource(start=...)``: a named policy or explicit ``{partition: offset}``."""
@@ -118,3 +127,47 @@ def out_of_range(
     if until is not None:
         target = min(target, until)
     return OutOfRange(target, problem)
+
+
+TransactionFailure = Literal["fenced", "output", "aborted", "unknown"]
+"""What a failed KafkaSink transaction means (see :func:`transaction_failure`)."""
+
+
+def transaction_failure(
+    *,
+    fenced: bool,
+    partitioner_failed: bool,
+    too_large: bool,
+    committing: bool,
+    timed_out: bool,
+    producer_broken: bool,
+) -> TransactionFailure:
+    """Classify a KafkaSink transaction that raised; pure.
+
+    Returns:
+        ``"fenced"``: another producer took the transactional id; the sink
+        stops. ``"output"``: an output cannot be written (the user's
+        partitioner failed, or a record is too large): abort, and the handler
+        counts as failed. ``"aborted"``: the transaction failed before the
+        commit was asked for and can only abort; nothing is visible.
+        ``"unknown"``: it timed out, failed while committing, or the
+        producer broke, so it may have committed: a new producer settles it
+        and the marker says which (never a guess).
+
+    Args:
+        fenced: the error (or the producer's) is ProducerFenced or an
+            invalid epoch.
+        partitioner_failed: the user's partitioner raised or answered a
+            partition the topic lacks.
+        too_large: the broker or the producer refused a record as too large.
+        committing: ``commit_transaction`` had been called.
+        timed_out: the transaction ran past its timeout.
+        producer_broken: the producer's sender failed (its state is unknown).
+    """
+    if fenced:
+        return "fenced"
+    if partitioner_failed:
+        return "output"
+    if committing or timed_out or producer_broken:
+        return "unknown"
+    return "output" if too_large else "aborted"

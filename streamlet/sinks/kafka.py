@@ -115,6 +115,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamlet.errors import ConfigError, FencedError, OutputError, SinkError
+from streamlet.kafka.policy import transaction_failure
 from streamlet.records import Batch
 from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output, sink_ahead
 
@@ -1190,7 +1191,15 @@ class KafkaSink(Sink):
     ) -> bool:
         """Turn a failed transaction into a SinkError, or True if it committed after all."""
         cause = producer.failure() or exc
-        if _is_fenced(cause) or _is_fenced(exc):
+        kind = transaction_failure(
+            fenced=_is_fenced(cause) or _is_fenced(exc),
+            partitioner_failed=isinstance(exc, _PartitionerFailed),
+            too_large=isinstance(cause, MessageSizeTooLargeError),
+            committing=committing,
+            timed_out=isinstance(exc, TimeoutError),
+            producer_broken=producer.failure() is not None,
+        )
+        if kind == "fenced":
             self._fenced = (
                 f"{self._where()} was fenced while writing batch {batch.id}: another producer"
                 f" with transactional id {self._txn_id()!r} started, so"
@@ -1203,21 +1212,20 @@ class KafkaSink(Sink):
             log.error("%s", self._fenced)
             await self._retire()
             raise FencedError(self._fenced) from cause
-        if isinstance(exc, _PartitionerFailed):
+        if kind == "output":
             await self._abort(producer, batch)
-            raise OutputError(
-                f"the partitioner of {self._where()} failed {stage} of batch {batch.id}:"
-                f" {exc}. The transaction was aborted; fix the partitioner"
-            ) from exc.__cause__ or exc
-        if not committing and not isinstance(exc, TimeoutError) and producer.failure() is None:
-            # Not asked to commit: the transaction can only abort.
-            await self._abort(producer, batch)
-            if isinstance(cause, MessageSizeTooLargeError):
+            if isinstance(exc, _PartitionerFailed):
                 raise OutputError(
-                    f"{self._where()} could not write batch {batch.id} ({stage}):"
-                    f" {_describe(cause)}. The transaction was aborted; nothing of the batch"
-                    " is visible"
-                ) from cause
+                    f"the partitioner of {self._where()} failed {stage} of batch {batch.id}:"
+                    f" {exc}. The transaction was aborted; fix the partitioner"
+                ) from exc.__cause__ or exc
+            raise OutputError(
+                f"{self._where()} could not write batch {batch.id} ({stage}):"
+                f" {_describe(cause)}. The transaction was aborted; nothing of the batch"
+                " is visible"
+            ) from cause
+        if kind == "aborted":
+            await self._abort(producer, batch)
             error = SinkError(
                 f"{self._where()} could not write batch {batch.id} ({stage}):"
                 f" {_describe(cause)}. The transaction was aborted; nothing of the batch is"

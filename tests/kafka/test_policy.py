@@ -59,3 +59,28 @@ def test_what_a_lost_offset_does(
     assert decided.target == target
     assert "t-0" in decided.problem
     assert ("deleted" in decided.problem) is (offset < 10)
+
+
+@pytest.mark.parametrize(
+    ("flags", "kind"),
+    [
+        ({"fenced": True, "committing": True}, "fenced"),
+        ({"partitioner_failed": True}, "output"),
+        ({"too_large": True}, "output"),
+        ({}, "aborted"),
+        ({"committing": True}, "unknown"),
+        ({"timed_out": True}, "unknown"),
+        ({"producer_broken": True}, "unknown"),
+        # Whether a commit under way went through is never guessed, whatever the error.
+        ({"too_large": True, "committing": True}, "unknown"),
+    ],
+)
+def test_what_a_failed_transaction_means(flags: dict[str, bool], kind: str) -> None:
+    from streamlet.kafka.policy import transaction_failure
+
+    settings = dict.fromkeys(
+        ("fenced", "partitioner_failed", "too_large", "committing", "timed_out", "producer_broken"),
+        False,
+    )
+    settings.update(flags)
+    assert transaction_failure(**settings) == kind
