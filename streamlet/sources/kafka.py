@@ -92,6 +92,7 @@ import logging
 import math
 import re
 import time
+from abc import ABCMeta
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1077,10 +1078,106 @@ class _Progress:
     reusable: bool = True
 
 
-class _ConsumedTopic:
-    """What a KafkaSink's ``consume_from`` reads of either kind of Kafka source."""
+class _KafkaSourceMeta(ABCMeta):
+    """Makes ``KafkaSource(topic, ...)`` build the kind of source ``mode`` asks for.
+
+    A metaclass rather than ``__new__`` alone: the object built is of a
+    subclass, and Python would call its ``__init__`` again with the
+    factory's arguments.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is KafkaSource:
+            return _build(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class KafkaSource(metaclass=_KafkaSourceMeta):
+    """A source reading one Kafka topic; pass it to ``app.source()``.
+
+    ``KafkaSource(topic, ...)`` builds a :class:`KafkaDirectSource` or,
+    with ``mode="receiver"``, a :class:`KafkaReceiver`; both are
+    ``KafkaSource`` instances, so ``isinstance(source, KafkaSource)`` holds.
+
+    Args:
+        topic: the topic. One source reads one topic; register one per topic.
+        bootstrap_servers: ``"host:port"`` or a list of them.
+        group_id: the consumer group whose offsets are committed after each
+            batch (direct) or durable chunk (receiver), so lag tools see
+            progress; also where ``start="committed"`` looks. None: no group.
+        partitions: the partitions to read; None for all (and any added later).
+        start: where partitions streamlet has no position for begin:
+            ``"committed"`` (the group's offset; earliest where it has none,
+            logged), ``"earliest"``, ``"latest"`` (the LSO), or an explicit
+            ``{partition: offset}`` (partitions not named: earliest).
+        isolation: ``"read_committed"`` (skip aborted transactions, never
+            read past the LSO) or ``"read_uncommitted"``.
+        mode: ``"direct"`` (offset ranges, no WAL copy) or ``"receiver"``
+            (a consumer task feeding the data WAL).
+        max_rate: the most records per second per partition (None: no limit).
+        on_out_of_range: what lost offsets (retention) do: ``"fail"``,
+            ``"earliest"`` or ``"latest"``; the latter two log what is skipped.
+        connect_timeout: seconds to keep trying to reach the brokers (and
+            find the topic) at start before failing.
+        fetch_timeout: seconds a read, offset lookup or commit may go
+            without progress before it fails.
+        consumer_config: further ``aiokafka.AIOKafkaConsumer`` settings,
+            passed through (SASL/SSL, client_id, fetch sizes...).
+        name: the source's name in the app (records' ``source``); default
+            the topic.
+        headers: carry each record's Kafka headers in ``Record.headers``
+            (receiver mode: stored in the data WAL with the record). Off by
+            default: it costs a tuple per record.
+
+    Raises:
+        ConfigError: a setting is invalid.
+    """
 
     config: KafkaSourceConfig
+
+    @overload
+    def __new__(
+        cls,
+        topic: str,
+        *,
+        bootstrap_servers: str | Sequence[str],
+        group_id: str | None = None,
+        partitions: Sequence[int] | None = None,
+        start: StartPosition = "committed",
+        isolation: Isolation = "read_committed",
+        mode: Literal["direct"] = "direct",
+        max_rate: float | None = None,
+        on_out_of_range: OutOfRangePolicy = "fail",
+        connect_timeout: float = 30.0,
+        fetch_timeout: float = 30.0,
+        consumer_config: Mapping[str, object] | None = None,
+        name: str | None = None,
+        headers: bool = False,
+    ) -> KafkaDirectSource: ...
+
+    @overload
+    def __new__(
+        cls,
+        topic: str,
+        *,
+        bootstrap_servers: str | Sequence[str],
+        group_id: str | None = None,
+        partitions: Sequence[int] | None = None,
+        start: StartPosition = "committed",
+        isolation: Isolation = "read_committed",
+        mode: Literal["receiver"],
+        max_rate: float | None = None,
+        on_out_of_range: OutOfRangePolicy = "fail",
+        connect_timeout: float = 30.0,
+        fetch_timeout: float = 30.0,
+        consumer_config: Mapping[str, object] | None = None,
+        name: str | None = None,
+        headers: bool = False,
+    ) -> KafkaReceiver: ...
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # The overloads above type ``KafkaSource(...)``; the metaclass builds it.
+        return super().__new__(cls)
 
     @property
     def topic(self) -> str:
@@ -1093,7 +1190,7 @@ class _ConsumedTopic:
         return self.config.group_id
 
 
-class KafkaDirectSource(_ConsumedTopic, DirectSource):
+class KafkaDirectSource(KafkaSource, DirectSource):
     """A Kafka topic read by offset ranges (Spark's direct API); see the module docs.
 
     Build it with :func:`KafkaSource` (``mode="direct"``, the default).
@@ -1321,7 +1418,7 @@ class _Pending(NamedTuple):
     offsets: dict[int, int]
 
 
-class KafkaReceiver(_ConsumedTopic, Receiver):
+class KafkaReceiver(KafkaSource, Receiver):
     """A Kafka topic consumed into the data WAL (a reliable receiver); see the module docs.
 
     Build it with :func:`KafkaSource` and ``mode="receiver"``. Each chunk is
@@ -1502,47 +1599,7 @@ class KafkaReceiver(_ConsumedTopic, Receiver):
 # -- the factory ---------------------------------------------------------------
 
 
-@overload
-def KafkaSource(
-    topic: str,
-    *,
-    bootstrap_servers: str | Sequence[str],
-    group_id: str | None = None,
-    partitions: Sequence[int] | None = None,
-    start: StartPosition = "committed",
-    isolation: Isolation = "read_committed",
-    mode: Literal["direct"] = "direct",
-    max_rate: float | None = None,
-    on_out_of_range: OutOfRangePolicy = "fail",
-    connect_timeout: float = 30.0,
-    fetch_timeout: float = 30.0,
-    consumer_config: Mapping[str, object] | None = None,
-    name: str | None = None,
-    headers: bool = False,
-) -> KafkaDirectSource: ...
-
-
-@overload
-def KafkaSource(
-    topic: str,
-    *,
-    bootstrap_servers: str | Sequence[str],
-    group_id: str | None = None,
-    partitions: Sequence[int] | None = None,
-    start: StartPosition = "committed",
-    isolation: Isolation = "read_committed",
-    mode: Literal["receiver"],
-    max_rate: float | None = None,
-    on_out_of_range: OutOfRangePolicy = "fail",
-    connect_timeout: float = 30.0,
-    fetch_timeout: float = 30.0,
-    consumer_config: Mapping[str, object] | None = None,
-    name: str | None = None,
-    headers: bool = False,
-) -> KafkaReceiver: ...
-
-
-def KafkaSource(
+def _build(
     topic: str,
     *,
     bootstrap_servers: str | Sequence[str],
@@ -1559,45 +1616,7 @@ def KafkaSource(
     name: str | None = None,
     headers: bool = False,
 ) -> KafkaDirectSource | KafkaReceiver:
-    """A source reading one Kafka topic; pass it to ``app.source()``.
-
-    Args:
-        topic: the topic. One source reads one topic; register one per topic.
-        bootstrap_servers: ``"host:port"`` or a list of them.
-        group_id: the consumer group whose offsets are committed after each
-            batch (direct) or durable chunk (receiver), so lag tools see
-            progress; also where ``start="committed"`` looks. None: no group.
-        partitions: the partitions to read; None for all (and any added later).
-        start: where partitions streamlet has no position for begin:
-            ``"committed"`` (the group's offset; earliest where it has none,
-            logged), ``"earliest"``, ``"latest"`` (the LSO), or an explicit
-            ``{partition: offset}`` (partitions not named: earliest).
-        isolation: ``"read_committed"`` (skip aborted transactions, never
-            read past the LSO) or ``"read_uncommitted"``.
-        mode: ``"direct"`` (offset ranges, no WAL copy) or ``"receiver"``
-            (a consumer task feeding the data WAL).
-        max_rate: the most records per second per partition (None: no limit).
-        on_out_of_range: what lost offsets (retention) do: ``"fail"``,
-            ``"earliest"`` or ``"latest"``; the latter two log what is skipped.
-        connect_timeout: seconds to keep trying to reach the brokers (and
-            find the topic) at start before failing.
-        fetch_timeout: seconds a read, offset lookup or commit may go
-            without progress before it fails.
-        consumer_config: further ``aiokafka.AIOKafkaConsumer`` settings,
-            passed through (SASL/SSL, client_id, fetch sizes...).
-        name: the source's name in the app (records' ``source``); default
-            the topic.
-        headers: carry each record's Kafka headers in ``Record.headers``
-            (receiver mode: stored in the data WAL with the record). Off by
-            default: it costs a tuple per record.
-
-    Returns:
-        A :class:`KafkaDirectSource` or, with ``mode="receiver"``, a
-        :class:`KafkaReceiver`.
-
-    Raises:
-        ConfigError: a setting is invalid.
-    """
+    """``KafkaSource(...)``: validate the settings, then build the kind ``mode`` asks for."""
     config = KafkaSourceConfig(
         topic=topic,
         bootstrap_servers=bootstrap_servers,

@@ -84,3 +84,22 @@ def test_what_a_failed_transaction_means(flags: dict[str, bool], kind: str) -> N
     )
     settings.update(flags)
     assert transaction_failure(**settings) == kind
+
+
+def test_both_kinds_of_kafka_source_are_kafka_sources() -> None:
+    """``KafkaSource(...)`` builds the kind ``mode`` asks for; isinstance works on both."""
+    import streamlet as sl
+    from streamlet.errors import ConfigError
+    from streamlet.sources.kafka import KafkaDirectSource, KafkaReceiver
+
+    direct = sl.KafkaSource("t", bootstrap_servers="127.0.0.1:1")
+    receiver = sl.KafkaSource("t", bootstrap_servers="127.0.0.1:1", mode="receiver")
+    assert type(direct) is KafkaDirectSource
+    assert type(receiver) is KafkaReceiver
+    assert isinstance(direct, sl.KafkaSource)
+    assert isinstance(receiver, sl.KafkaSource)
+    assert isinstance(direct, sl.DirectSource)
+    assert not isinstance(sl.SequenceSource(rate=1), sl.KafkaSource)
+    assert direct.topic == "t"
+    with pytest.raises(ConfigError, match="mode must be"):
+        sl.KafkaSource("t", bootstrap_servers="x:1", mode="sideways")  # type: ignore[call-overload]
