@@ -62,7 +62,13 @@ from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.retry import GaveUp, RetryPolicy, retrying
 from streamlet.sinks.base import Sink
 from streamlet.sources.base import DirectSource
-from streamlet.tracker import Allocation, Tracker, TrackerState, plan_allocation
+from streamlet.tracker import (
+    Allocation,
+    Tracker,
+    TrackerState,
+    available_offsets,
+    plan_allocation,
+)
 from streamlet.wal import Position
 
 __all__ = [
@@ -369,15 +375,9 @@ class BatchScheduler:
         self, state: TrackerState, alloc: Allocation, latest: Mapping[str, Mapping[int, int]]
     ) -> bool:
         """Whether the size bound, not a rate limit, left input behind in ``alloc``."""
-        for name, available in latest.items():
-            starts = state.positions.get(name, {})
-            rate = self._limits.get(name)
-            could = sum(
-                max(0, until - starts[p]) if rate is None else min(rate, max(0, until - starts[p]))
-                for p, until in available.items()
-            )
+        for name, available in available_offsets(state, latest, self._limits).items():
             took = sum(r.until - r.start for r in alloc.ranges if r.source == name)
-            if took < could:
+            if took < sum(available.values()):
                 return True
         taken = {b.id for b in alloc.blocks}
         for name in self.receivers:

@@ -47,6 +47,7 @@ __all__ = [
     "Event",
     "Tracker",
     "TrackerState",
+    "available_offsets",
     "decode_event",
     "encode_event",
     "plan_allocation",
@@ -331,6 +332,27 @@ def share_budget(available: Mapping[int, int], budget: int) -> dict[int, int]:
     return taken
 
 
+def available_offsets(
+    state: TrackerState,
+    latest: Mapping[str, Mapping[int, int]],
+    limits: Mapping[str, int | None],
+) -> dict[str, dict[int, int]]:
+    """Per direct source and partition, how many new offsets a batch may take; pure.
+
+    What lies between the state's position and ``latest``, capped by the
+    source's per-partition rate limit in ``limits`` (``None``: no limit).
+    """
+    available: dict[str, dict[int, int]] = {}
+    for source in sorted(latest):
+        starts = state.positions.get(source, {})
+        limit = limits.get(source)
+        counts = available[source] = {}
+        for partition in sorted(latest[source]):
+            count = max(0, latest[source][partition] - starts[partition])
+            counts[partition] = count if limit is None else min(count, limit)
+    return available
+
+
 def plan_allocation(
     state: TrackerState,
     *,
@@ -368,14 +390,8 @@ def plan_allocation(
         empty (check ``.empty``).
     """
     ranges: list[OffsetRange] = []
-    for source in sorted(latest):
+    for source, available in available_offsets(state, latest, limits).items():
         starts = state.positions.get(source, {})
-        limit = limits.get(source)
-        available: dict[int, int] = {}
-        for partition in sorted(latest[source]):
-            start = starts[partition]
-            count = max(0, latest[source][partition] - start)
-            available[partition] = count if limit is None else min(count, limit)
         budget = (budgets or {}).get(source)
         taken = available if budget is None else share_budget(available, budget)
         for partition in sorted(taken):
