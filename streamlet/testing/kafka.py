@@ -47,6 +47,7 @@ __all__ = [
     "admin_client",
     "create_topics",
     "ensure_broker_jars",
+    "group_offsets",
     "missing_tools",
     "wait_for_broker",
 ]
@@ -185,6 +186,13 @@ async def admin_client(bootstrap: str, **settings: Any) -> AsyncIterator[Any]:
     finally:
         with anyio.CancelScope(shield=True):
             await admin.close()
+
+
+async def group_offsets(bootstrap: str, group: str) -> dict[int, int]:
+    """The offsets consumer group ``group`` has committed, per partition (any topic)."""
+    async with admin_client(bootstrap) as admin:
+        found = await admin.list_consumer_group_offsets(group)
+    return {int(tp.partition): int(meta.offset) for tp, meta in found.items() if meta.offset >= 0}
 
 
 async def create_topics(admin: Any, names: Sequence[str], partitions: int) -> None:

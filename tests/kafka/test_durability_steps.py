@@ -20,7 +20,7 @@ from streamlet.errors import StreamletError
 from streamlet.records import Batch
 from streamlet.sinks.file import FileSink
 from streamlet.sources import KafkaSource
-from streamlet.testing.kafka import admin_client
+from streamlet.testing.kafka import group_offsets
 from tests.conftest import TopicFactory
 
 pytestmark = pytest.mark.kafka
@@ -39,12 +39,6 @@ async def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
         await producer.flush()
     finally:
         await producer.stop()
-
-
-async def _group_offsets(bootstrap: str, group: str) -> dict[int, int]:
-    async with admin_client(bootstrap) as admin:
-        found = await admin.list_consumer_group_offsets(group)
-    return {tp.partition: meta.offset for tp, meta in found.items()}
 
 
 async def test_a_batch_its_sink_refused_is_not_committed_to_the_source_group(
@@ -78,5 +72,5 @@ async def test_a_batch_its_sink_refused_is_not_committed_to_the_source_group(
     held = sum(len(lines) for lines in committed.values())
     assert held == 2 * PER_BATCH
     # A committed offset is the next offset to read: never past what the sink holds.
-    offsets = await _group_offsets(kafka_bootstrap, group)
+    offsets = await group_offsets(kafka_bootstrap, group)
     assert offsets.get(0, 0) <= held, offsets

@@ -35,7 +35,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from streamlet.sinks.file import FileSink
-from streamlet.testing.kafka import admin_client
+from streamlet.testing.kafka import group_offsets
 from tests.conftest import TopicFactory
 
 pytestmark = pytest.mark.kafka
@@ -57,12 +57,6 @@ async def _produce(bootstrap: str, topic: str, count: int) -> None:
         await producer.flush()
     finally:
         await producer.stop()
-
-
-async def _group_offsets(bootstrap: str, group: str) -> dict[int, int]:
-    async with admin_client(bootstrap) as admin:
-        found = await admin.list_consumer_group_offsets(group)
-    return {tp.partition: meta.offset for tp, meta in found.items() if meta.offset >= 0}
 
 
 def _start(
@@ -125,7 +119,7 @@ async def test_a_first_run_killed_on_the_durable_path_loses_and_repeats_nothing(
     try:
         code = await anyio.to_thread.run_sync(lambda: worker.wait(60))
         assert code == -signal.SIGKILL, f"no crash at {point} (exit {code}):\n{log.read_text()}"
-        committed = await _group_offsets(kafka_bootstrap, group)
+        committed = await group_offsets(kafka_bootstrap, group)
         if point == "receiver_after_group_commit":
             assert committed, "killed after a group commit, yet the group holds no offset"
         else:

@@ -23,7 +23,7 @@ from streamlet.records import Batch, OffsetRange, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources import KafkaSource
 from streamlet.sources.kafka import KafkaDirectSource, KafkaReceiver, OutOfRangePolicy
-from streamlet.testing.kafka import EmbeddedKafka, admin_client, missing_tools
+from streamlet.testing.kafka import EmbeddedKafka, admin_client, group_offsets, missing_tools
 from tests.conftest import REPO_ROOT, TopicFactory
 
 pytestmark = pytest.mark.kafka
@@ -55,18 +55,12 @@ async def _started(source: KafkaDirectSource) -> AsyncIterator[KafkaDirectSource
         await source.aclose()
 
 
-async def _group_offsets(bootstrap: str, group: str) -> dict[int, int]:
-    async with admin_client(bootstrap) as admin:
-        found = await admin.list_consumer_group_offsets(group)
-    return {tp.partition: meta.offset for tp, meta in found.items()}
-
-
-async def _wait_group_offsets(bootstrap: str, group: str, want: Mapping[int, int]) -> None:
+async def _waitgroup_offsets(bootstrap: str, group: str, want: Mapping[int, int]) -> None:
     """Poll the broker (the only way to observe a group) until it shows ``want``."""
     seen: dict[int, int] = {}
     with anyio.move_on_after(20):
         while seen != want:
-            seen = await _group_offsets(bootstrap, group)
+            seen = await group_offsets(bootstrap, group)
             if seen != want:
                 await anyio.sleep(0.05)
     assert seen == want
@@ -247,9 +241,9 @@ async def test_commit_makes_the_group_offsets_visible_to_tooling(
     async with _started(source):
         ranges = [_r(topic, 0, 0, 6), _r(topic, 1, 0, 3)]
         assert len(await source.read(ranges)) == 9
-        assert await _group_offsets(kafka_bootstrap, group) == {}
+        assert await group_offsets(kafka_bootstrap, group) == {}
         await source.commit(ranges)
-    assert await _group_offsets(kafka_bootstrap, group) == {0: 6, 1: 3}
+    assert await group_offsets(kafka_bootstrap, group) == {0: 6, 1: 3}
 
 
 async def test_deleted_offsets_follow_on_out_of_range_and_are_logged(
@@ -497,16 +491,16 @@ async def test_receiver_stores_with_acks_and_commits_the_group_only_when_durable
         ]
         assert context.last_acks() == {"0": 10, "1": 5}
         # Nothing is durable yet, so the group has nothing committed.
-        assert await _group_offsets(kafka_bootstrap, group) == {}
+        assert await group_offsets(kafka_bootstrap, group) == {}
         context.make_durable()
-        await _wait_group_offsets(kafka_bootstrap, group, {0: 10, 1: 5})
+        await _waitgroup_offsets(kafka_bootstrap, group, {0: 10, 1: 5})
 
         await _produce(kafka_bootstrap, topic, [b"a10", b"a11"], partition=0)
         await context.wait_for(17)
         assert context.last_acks()["0"] == 12
-        assert await _group_offsets(kafka_bootstrap, group) == {0: 10, 1: 5}
+        assert await group_offsets(kafka_bootstrap, group) == {0: 10, 1: 5}
         context.make_durable()
-        await _wait_group_offsets(kafka_bootstrap, group, {0: 12, 1: 5})
+        await _waitgroup_offsets(kafka_bootstrap, group, {0: 12, 1: 5})
 
 
 async def test_receiver_resumes_after_the_acked_offsets(
@@ -661,7 +655,7 @@ async def test_app_processes_every_record_once_and_a_restart_continues(
     ends: dict[int, int] = {}
     for partition, offset in sent:
         ends[partition] = max(ends.get(partition, 0), offset + 1)
-    await _wait_group_offsets(kafka_bootstrap, group, ends)
+    await _waitgroup_offsets(kafka_bootstrap, group, ends)
 
     second = list(range(5000, 6000))
     await _produce(kafka_bootstrap, topic, [str(i).encode() for i in second])
