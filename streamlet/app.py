@@ -22,6 +22,7 @@ from anyio.abc import TaskStatus
 
 from streamlet.blocks import BlockGenerator
 from streamlet.checkpoint import Checkpointer, load_latest
+from streamlet.clock import SYSTEM_CLOCK, Clock
 from streamlet.errors import ConfigError, StreamletError
 from streamlet.faults import check_environment as check_fault_environment
 from streamlet.faults import file_system
@@ -147,6 +148,8 @@ class App:
             before a warning names it (None: no watch); see ``thread=True``
             in :meth:`handler` for blocking code.
         fs: the file layer (tests inject a fault-injecting one).
+        clock: the clock of ticks, batch timings, block cuts and checkpoint
+            intervals (tests inject :class:`streamlet.testing.clock.FakeClock`).
     """
 
     def __init__(
@@ -174,6 +177,7 @@ class App:
         stop_timeout: float | None = 30.0,
         blocked_loop_warning: float | None = 1.0,
         fs: FileSystem | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise ConfigError(
@@ -233,6 +237,7 @@ class App:
         )
         # The real file system, unless STREAMLET_FAULT_FS asks for injected faults.
         self.fs: FileSystem = fs if fs is not None else file_system()
+        self.clock = clock
         self._sources: dict[str, AnySource] = {}
         self._handlers: list[HandlerSpec] = []
         self._decoders: dict[str, Callable[[bytes], object]] = {}
@@ -454,6 +459,7 @@ class App:
                     interval=self.block_interval,
                     max_block_bytes=self.max_block_bytes,
                     max_buffered_bytes=self.max_buffered_bytes,
+                    clock=self.clock,
                 )
             for source in direct.values():
                 await source.start()
@@ -490,12 +496,14 @@ class App:
                     interval=self.checkpoint_interval,
                     loaded=(checkpoint.batch_id, after) if checkpoint is not None else None,
                     last_done=tracker.state.last_done,
+                    clock=self.clock,
                 ),
                 dead_letter=self.dead_letter,
                 blocks=generator,
                 receivers=frozenset(receivers),
                 listeners=self._listeners,
                 decoders=self._decoders,
+                clock=self.clock,
             )
             stop = self._stop
             assert stop is not None

@@ -33,18 +33,19 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 
 import anyio
 
+from streamlet.clock import SYSTEM_CLOCK, Clock
 from streamlet.errors import StreamletError
+from streamlet.faults import CRASH_PAUSE, crash_due, crash_point
 from streamlet.records import BlockRef, Record, decode_records, encode_records
 from streamlet.sources.receiver import ReceiverContext, Stored
 from streamlet.tracker import Tracker
 from streamlet.wal import Position, WriteAheadLog
 
-__all__ = ["BlockGenerator"]
+__all__ = ["BlockGenerator", "throttle"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,27 @@ class _Context:
         return await self._generator.store(self._name, records, acks)
 
 
+def throttle(
+    now: float, next_free: float, count: int, rate: float, *, burst: float
+) -> tuple[float, float]:
+    """When a store of ``count`` records may go on at ``rate`` records/s; pure.
+
+    A token bucket that allows ``burst`` seconds of records at once: a store
+    waits until the records before it would have been taken at the rate, and
+    a receiver that was idle does not save up more than the burst.
+
+    Args:
+        now: the clock's time.
+        next_free: when the records stored so far are paid for at the rate.
+
+    Returns:
+        ``(start, next_free)``: when the store may go on (<= ``now``: at once),
+        and when it, in turn, is paid for.
+    """
+    start = max(next_free, now - burst)
+    return start, start + count / rate
+
+
 class BlockGenerator:
     """Cuts receivers' records into blocks and makes them durable.
 
@@ -116,6 +138,7 @@ class BlockGenerator:
         max_block_bytes: a receiver's open block is cut early at this size.
         max_buffered_bytes: stores wait while this much is buffered or in
             flight, over all receivers.
+        clock: what cuts and the rate limit read (:mod:`streamlet.clock`).
     """
 
     def __init__(
@@ -126,8 +149,10 @@ class BlockGenerator:
         interval: float,
         max_block_bytes: int,
         max_buffered_bytes: int,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.wal = wal
+        self.clock = clock
         self.tracker = tracker
         self.interval = interval
         self.max_block_bytes = max_block_bytes
@@ -155,16 +180,15 @@ class BlockGenerator:
             self._rates[source] = rate
 
     async def _throttle(self, source: str, count: int) -> None:
-        # A token bucket that allows one block interval of burst: a store
-        # waits until the records before it would have been taken at the rate.
         rate = self._rates.get(source)
         if rate is None:
             return
-        now = time.monotonic()
-        start = max(self._next_free.get(source, now), now - self.interval)
-        self._next_free[source] = start + count / rate
+        now = self.clock.monotonic()
+        start, self._next_free[source] = throttle(
+            now, self._next_free.get(source, now), count, rate, burst=self.interval
+        )
         if start > now:
-            await anyio.sleep(start - now)
+            await self.clock.sleep_until(start)
 
     def context(self, name: str) -> ReceiverContext:
         """The context for receiver ``name``, with its recovered acks."""
@@ -227,23 +251,19 @@ class BlockGenerator:
         Raises:
             WALError: the data WAL failed; every waiting store has been failed.
         """
-        next_cut = time.monotonic() + self.interval
+        clock = self.clock
+        next_cut = clock.monotonic() + self.interval
         while True:
-            with anyio.move_on_after(max(0.0, next_cut - time.monotonic())):
-                await self._cut_now.wait()
+            await clock.wait(self._cut_now, next_cut)
             self._cut_now = anyio.Event()
-            if time.monotonic() >= next_cut:
+            if clock.monotonic() >= next_cut:
                 next_cut += self.interval
-                if next_cut < time.monotonic():  # fell behind: do not burst
-                    next_cut = time.monotonic() + self.interval
+                if next_cut < clock.monotonic():  # fell behind: do not burst
+                    next_cut = clock.monotonic() + self.interval
             await self.cut()
 
     async def cut(self) -> int:
         """Make every open block durable now; return how many blocks were cut."""
-        # Imported here: streamlet.faults starts STREAMLET_FAULT_CLOCK's clock
-        # when first imported, which should be once the package is loaded.
-        from streamlet.faults import CRASH_PAUSE, crash_due, crash_point
-
         async with self._cut_lock:
             # A receiver's sealed blocks hold older records than its open one.
             still_open = [b for b in self._open.values() if b.records]

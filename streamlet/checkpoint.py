@@ -27,7 +27,6 @@ import errno
 import logging
 import os
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ import anyio.to_thread
 import google_crc32c
 import orjson
 
+from streamlet.clock import SYSTEM_CLOCK, Clock
 from streamlet.errors import CheckpointError
 from streamlet.fs import FileSystem, read_all, write_atomic
 from streamlet.wal import Position
@@ -261,6 +261,7 @@ class Checkpointer:
             recovered from (:func:`retain_checkpoint`).
         last_done: the newest done batch at start (what ``loaded`` plus the
             log replay covers).
+        clock: what the interval is measured on (:mod:`streamlet.clock`).
     """
 
     def __init__(
@@ -272,13 +273,15 @@ class Checkpointer:
         interval: float,
         loaded: RetainedCheckpoint | None,
         last_done: int,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.fs = fs
+        self.clock = clock
         self.directory = directory
         self.app = app
         self.interval = interval
         self._retained: list[RetainedCheckpoint] = [loaded] if loaded is not None else []
-        self._written_at = time.monotonic()
+        self._written_at = self.clock.monotonic()
         self._written_batch = last_done
 
     def due(self, last_done: int, *, force: bool = False) -> bool:
@@ -287,7 +290,7 @@ class Checkpointer:
             return True
         return (
             last_done != self._written_batch
-            and time.monotonic() - self._written_at >= self.interval
+            and self.clock.monotonic() - self._written_at >= self.interval
         )
 
     async def write(
@@ -304,7 +307,7 @@ class Checkpointer:
             "state": state,
         }
         await anyio.to_thread.run_sync(write_checkpoint, self.fs, self.directory, last_done, body)
-        self._written_at = time.monotonic()
+        self._written_at = self.clock.monotonic()
         self._written_batch = last_done
         # A forced checkpoint at stop may rewrite the newest under its own
         # name: then the older one is still the one the log must reach.

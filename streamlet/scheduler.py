@@ -47,6 +47,7 @@ import anyio
 
 from streamlet.backpressure import RateEstimator
 from streamlet.checkpoint import Checkpointer
+from streamlet.clock import SYSTEM_CLOCK, Clock
 from streamlet.errors import (
     DecodeError,
     FencedError,
@@ -77,6 +78,8 @@ __all__ = [
     "BlockStore",
     "FailurePolicy",
     "RetryPolicy",
+    "partition_limit",
+    "size_budget",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,6 +138,18 @@ def size_budget(*, max_records: int, max_bytes: int, record_bytes: float | None)
     if record_bytes is None:
         return max(1, min(max_records, FIRST_BATCH_RECORDS))
     return max(1, min(max_records, int(max_bytes // max(record_bytes, 1.0))))
+
+
+def partition_limit(rate: float, interval: float, partitions: int, ceiling: int | None) -> int:
+    """The most offsets one batch takes per partition at ``rate``; pure.
+
+    Backpressure estimates a rate for a whole source (records/s); a batch
+    takes one interval of it, shared evenly among the source's partitions,
+    never less than one record (a source must not stall) and never more than
+    the ``ceiling`` its ``max_rate`` sets.
+    """
+    adapted = max(1, math.ceil(rate * interval / partitions))
+    return adapted if ceiling is None else min(ceiling, adapted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +216,7 @@ class BatchScheduler:
         decoders: per source, a function from a record's value to its
             ``data``; a record it fails on goes to ``dead_letter`` (or, with
             none, stops the app with :class:`DecodeError`).
+        clock: what ticks and batch timings read (:mod:`streamlet.clock`).
     """
 
     def __init__(
@@ -217,6 +233,7 @@ class BatchScheduler:
         receivers: frozenset[str] = frozenset(),
         listeners: Sequence[Listener] = (),
         decoders: Mapping[str, Callable[[bytes], object]] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.app = app
         self.tracker = tracker
@@ -230,6 +247,7 @@ class BatchScheduler:
         self.blocks = blocks
         self.receivers = receivers
         self.listeners = list(listeners)
+        self.clock = clock
         interval = policy.interval
         self._static_limits = {
             name: (max(1, math.ceil(src.max_rate * interval)) if src.max_rate else None)
@@ -282,29 +300,26 @@ class BatchScheduler:
 
         Either way the batch under way finishes and commits first.
         """
-        now = time.monotonic()
+        now = self.clock.monotonic()
         deadline = now + duration if duration is not None else math.inf
         next_tick = now + self.interval
         while not stop.is_set():
             if self.behind:
                 # The last batch was cut short by the size bound: take the
                 # rest now. The schedule starts again from here.
-                if time.monotonic() >= deadline:
+                if self.clock.monotonic() >= deadline:
                     break
-                scheduled = time.monotonic()
+                scheduled = self.clock.monotonic()
                 next_tick = scheduled + self.interval
             else:
-                wait = min(next_tick, deadline) - time.monotonic()
-                if wait > 0:
-                    with anyio.move_on_after(wait):
-                        await stop.wait()
-                if stop.is_set() or time.monotonic() >= deadline:
+                await self.clock.wait(stop, min(next_tick, deadline))
+                if stop.is_set() or self.clock.monotonic() >= deadline:
                     break
-                if time.monotonic() < next_tick:
+                if self.clock.monotonic() < next_tick:
                     continue
                 scheduled = next_tick
                 next_tick += self.interval
-            alloc = await self.allocate(time.time() - (time.monotonic() - scheduled))
+            alloc = await self.allocate(self.clock.time() - (self.clock.monotonic() - scheduled))
             if alloc is not None:
                 await self._run_batch(alloc, scheduled=scheduled, recovered=False)
 
@@ -317,7 +332,7 @@ class BatchScheduler:
         """
         info: BatchInfo | None = None
         while True:
-            alloc = await self.allocate(time.time())
+            alloc = await self.allocate(self.clock.time())
             if alloc is None:
                 return info
             info = await self._run_batch(alloc, scheduled=None, recovered=False)
@@ -459,7 +474,7 @@ class BatchScheduler:
             if spec.thread:
                 # A thread cannot be interrupted: the call counts as failed
                 # once it returns late, and its outputs are dropped.
-                started = time.monotonic()
+                started = time.monotonic()  # real time, as a timeout is
                 outputs = await invoke(spec, batch)
                 took = time.monotonic() - started
                 if took > timeout:
@@ -550,7 +565,7 @@ class BatchScheduler:
     async def _run_batch(
         self, alloc: Allocation, *, scheduled: float | None, recovered: bool
     ) -> BatchInfo:
-        started = time.monotonic()
+        started = self.clock.monotonic()
         raw = await self._read_input(alloc)
         if alloc.ranges:
             self._measure(raw)
@@ -573,7 +588,7 @@ class BatchScheduler:
         async with anyio.create_task_group() as tg:
             for spec in self.handlers:
                 tg.start_soon(run_one, spec)
-        processed = time.monotonic()
+        processed = self.clock.monotonic()
 
         failed = {n: r for n, r in results.items() if isinstance(r, _Failure)}
         self._route_failures(batch, views, failed, dead)
@@ -617,7 +632,7 @@ class BatchScheduler:
         crash_point("before_done", batch.id)
         await self.tracker.log_done(batch.id)
         crash_point("after_done", batch.id)
-        finished = time.monotonic()
+        finished = self.clock.monotonic()
 
         info = BatchInfo(
             batch_id=batch.id,
@@ -664,7 +679,7 @@ class BatchScheduler:
         if not self._estimators:
             return
         counts = Counter(r.source for r in records)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         for name, estimator in self._estimators.items():
             rate = estimator.update(
                 time=now,
@@ -675,15 +690,14 @@ class BatchScheduler:
             if rate is None:
                 continue
             if name in self.sources:
-                # The estimate is for the whole source; share it among partitions.
-                adapted = max(1, math.ceil(rate * self.interval / self._partitions[name]))
-                static = self._static_limits[name]
-                self._limits[name] = adapted if static is None else min(static, adapted)
+                self._limits[name] = partition_limit(
+                    rate, self.interval, self._partitions[name], self._static_limits[name]
+                )
             else:
                 # Throttle the receiver's intake, and take at most one
                 # interval's worth of its blocks per batch, so a backlog built
                 # while the handlers were slow drains over several batches.
-                self._receiver_limits[name] = max(1, math.ceil(rate * self.interval))
+                self._receiver_limits[name] = partition_limit(rate, self.interval, 1, None)
                 if self.blocks is not None:
                     self.blocks.set_rate(name, rate)
             log.debug("backpressure: %s rate now %.0f records/s", name, rate)

@@ -4,14 +4,15 @@
 function of ``(p, o)``, so a batch re-run after a crash reads the same bytes,
 which makes it a direct source like Kafka and the default for demos, tests
 and benchmarks. Records become available at ``rate`` per second per
-partition from the moment the source starts (wall clock), up to ``limit``.
+partition from the moment the source starts (on its monotonic clock), up
+to ``limit``.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from streamlet.clock import SYSTEM_CLOCK, Clock
 from streamlet.errors import ConfigError
 from streamlet.records import OffsetRange, Record
 from streamlet.sources.base import DirectSource
@@ -37,6 +38,8 @@ class SequenceSource(DirectSource):
         key: the record key for ``(partition, offset)``, or None for no key.
         name: the source's name in the app.
         max_rate: the per-batch rate limit (see :class:`DirectSource`).
+        clock: what the rate is counted on and timestamps are read from
+            (:mod:`streamlet.clock`; tests give a fake one).
     """
 
     def __init__(
@@ -49,8 +52,10 @@ class SequenceSource(DirectSource):
         key: Callable[[int, int], bytes | None] | None = None,
         name: str | None = None,
         max_rate: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__(name=name, max_rate=max_rate)
+        self.clock = clock
         if rate is not None and not rate > 0:
             raise ConfigError(f"SequenceSource rate must be > 0 records/s, not {rate!r}")
         if rate is None and limit is None:
@@ -68,7 +73,7 @@ class SequenceSource(DirectSource):
         self._floor: dict[int, int] = {}
 
     async def start(self) -> None:
-        self._started_at = time.monotonic()
+        self._started_at = self.clock.monotonic()
 
     async def start_positions(self, partitions: Iterable[int]) -> Mapping[int, int]:
         return dict.fromkeys(partitions, 0)
@@ -85,7 +90,7 @@ class SequenceSource(DirectSource):
         if self.rate is None or self._started_at is None:
             produced = self.limit if self.limit is not None else 0
             return {p: max(produced, self._floor.get(p, 0)) for p in range(self.partitions)}
-        elapsed = time.monotonic() - self._started_at
+        elapsed = self.clock.monotonic() - self._started_at
         made = int(elapsed * self.rate)
         out: dict[int, int] = {}
         for p in range(self.partitions):
@@ -95,7 +100,7 @@ class SequenceSource(DirectSource):
 
     async def read(self, ranges: Sequence[OffsetRange]) -> list[Record]:
         value, key, name = self._value, self._key, self.name
-        now = time.time()
+        now = self.clock.time()
         out: list[Record] = []
         for r in ranges:
             for offset in range(r.start, r.until):

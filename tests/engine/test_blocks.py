@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streamlet.blocks import BlockGenerator
+from streamlet.blocks import BlockGenerator, throttle
 from streamlet.errors import StreamletError
 from streamlet.records import Record
 from streamlet.tracker import Tracker
@@ -65,3 +65,16 @@ async def test_nothing_is_stored_once_the_generator_is_closed(generator: BlockGe
     await stored.wait()  # the close cut it
     with pytest.raises(StreamletError, match="the app is stopping"):
         await context.store([Record(b"too late")])
+
+
+def test_throttle_spaces_stores_at_the_rate_after_one_burst() -> None:
+    # 100 records/s with a burst of 0.5 s: an idle receiver may store 50 at
+    # once, then each further 10 records waits 0.1 s more.
+    start, free = throttle(10.0, 0.0, 50, 100.0, burst=0.5)
+    assert (start, free) == (9.5, 10.0)  # idle: no wait, and the burst is spent
+    start, free = throttle(10.0, free, 10, 100.0, burst=0.5)
+    assert (start, free) == pytest.approx((10.0, 10.1))
+    start, free = throttle(10.0, free, 10, 100.0, burst=0.5)
+    assert (start, free) == pytest.approx((10.1, 10.2))  # waits until 10.1
+    # Idle for long: saving up stops at the burst.
+    assert throttle(100.0, free, 10, 100.0, burst=0.5) == pytest.approx((99.5, 99.6))

@@ -13,7 +13,7 @@ from streamlet.errors import OutputError
 from streamlet.fs import OsFileSystem
 from streamlet.handlers import HandlerSpec
 from streamlet.records import Batch, BlockRef, Record
-from streamlet.scheduler import BatchPolicy, BatchScheduler
+from streamlet.scheduler import BatchPolicy, BatchScheduler, partition_limit
 from streamlet.sinks.base import Sink
 from streamlet.sources.sequence import SequenceSource
 from streamlet.tracker import Tracker
@@ -169,3 +169,10 @@ async def test_a_batch_bounded_by_size_leaves_the_scheduler_behind(
     assert third is not None
     assert [(r.start, r.until) for r in third.ranges] == [(8, 10)]
     assert not scheduler.behind
+
+
+def test_a_rate_is_shared_among_partitions_within_the_ceiling_and_never_zero() -> None:
+    assert partition_limit(1000.0, 0.5, 4, None) == 125  # 500 records a batch, 4 ways
+    assert partition_limit(1001.0, 0.5, 4, None) == 126  # rounded up, never below the rate
+    assert partition_limit(1000.0, 0.5, 4, 100) == 100  # max_rate stays the ceiling
+    assert partition_limit(0.01, 0.5, 4, None) == 1  # a slow rate still moves
