@@ -1,9 +1,12 @@
 """The streamlet error tree.
 
 Every error streamlet raises derives from :class:`StreamletError`. The
-``retriable`` flag tells a caller whether trying the same operation again may
-succeed (a broker that is still starting) or never will (a corrupt file, a
-bad setting). Messages name what happened, where (file and offset,
+``retriable`` class attribute tells a caller whether trying the same
+operation again may succeed (a broker that is still starting) or never will
+(a corrupt file, a bad setting); a failure that may pass is raised as a
+class that says so (:class:`SinkUnavailableError`,
+:class:`SourceUnavailableError`), never by setting the flag on an
+instance. Messages name what happened, where (file and offset,
 topic-partition, batch) and what the user can do about it.
 """
 
@@ -20,7 +23,9 @@ __all__ = [
     "RecordTooLargeError",
     "RejectedError",
     "SinkError",
+    "SinkUnavailableError",
     "SourceError",
+    "SourceUnavailableError",
     "StreamletError",
     "UnreachableError",
     "WALClosedError",
@@ -102,6 +107,16 @@ class SinkError(StreamletError):
     """A sink could not write or commit a batch's outputs."""
 
 
+class SinkUnavailableError(SinkError):
+    """The sink failed in a way that may pass: a service down, a busy database, a full disk.
+
+    Nothing of the batch became visible, so the commit is tried again with
+    backoff (the app's ``max_retries``).
+    """
+
+    retriable = True
+
+
 class FencedError(SinkError):
     """Another worker of the same app took over the sink; retrying cannot help.
 
@@ -123,6 +138,12 @@ class OutputError(SinkError):
 
 class SourceError(StreamletError):
     """A source could not deliver a batch's input (a broker refused, a range cannot be read)."""
+
+
+class SourceUnavailableError(SourceError):
+    """A source's server cannot be reached or answered too late; a later try may pass."""
+
+    retriable = True
 
 
 class CheckpointError(StreamletError):

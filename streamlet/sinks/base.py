@@ -71,11 +71,11 @@ class Sink(ABC):
 
         Raises:
             SinkError: the outputs could not be made durable; nothing of the
-                batch is visible (sinks commit atomically). Set its
-                ``retriable`` to True when trying again may pass (a service
-                that is down, a full disk): a SinkError is not retriable by
-                default, and the scheduler retries only retriable errors and
-                exceptions that are not StreamletErrors.
+                batch is visible (sinks commit atomically). Raise
+                :class:`~streamlet.errors.SinkUnavailableError` when trying
+                again may pass (a service that is down, a full disk): a
+                SinkError is not retriable, and the scheduler retries only
+                retriable errors and exceptions that are not StreamletErrors.
             OutputError: an output cannot be written (it does not encode,
                 is too large, is refused by the user's own code): the handler
                 counts as failed, without retries.

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import ClassVar, TextIO
 
-from streamlet.errors import ConfigError, SinkError
+from streamlet.errors import ConfigError, SinkUnavailableError
 from streamlet.records import Batch
 from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output
 
@@ -55,19 +55,19 @@ class CallbackSink(Sink):
         """Call ``fn``; always True, since the sink cannot know about earlier calls.
 
         Raises:
-            SinkError: ``fn`` raised; its exception is the ``__cause__``.
+            SinkUnavailableError: ``fn`` raised (tried again); its exception
+                is the ``__cause__``.
         """
         try:
             result = self._fn(batch, outputs)
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
-            error = SinkError(
+            # The callback's failure may pass (a service that is down): try again.
+            error = SinkUnavailableError(
                 f"the callback {_name(self._fn)} of handler {self._handler!r} failed on batch"
                 f" {batch.id}: {exc!r}; the batch is not done and is delivered again"
             )
-            # The callback's failure may pass (a service that is down): try again.
-            error.retriable = True
             raise error from exc
         return True
 

@@ -38,7 +38,7 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from streamlet.errors import ConfigError, OutputError, SinkError
+from streamlet.errors import ConfigError, OutputError, SinkError, SinkUnavailableError
 from streamlet.faults import file_system
 from streamlet.fs import File, FileSystem, OsFileSystem, read_all, write_atomic
 from streamlet.records import Batch
@@ -67,15 +67,13 @@ def _is_temp(name: str) -> bool:
     return name == _MARKER_TEMP or _PART_TEMP.match(name) is not None
 
 
-def _io_error(message: str) -> SinkError:
+def _io_error(message: str) -> SinkUnavailableError:
     """A failed file operation of a commit: tried again, with a new temp file.
 
     Retrying is safe because nothing of the batch is visible until the
     rename; a failed fsync of the directory is the exception (never retried).
     """
-    error = SinkError(message)
-    error.retriable = True
-    return error
+    return SinkUnavailableError(message)
 
 
 def _advice(exc: OSError) -> str:

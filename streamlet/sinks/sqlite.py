@@ -41,7 +41,7 @@ from typing import TypeVar
 
 import orjson
 
-from streamlet.errors import ConfigError, OutputError, SinkError
+from streamlet.errors import ConfigError, OutputError, SinkError, SinkUnavailableError
 from streamlet.fs import OsFileSystem
 from streamlet.records import Batch, OffsetRange
 from streamlet.sinks.base import Sink, SinkContext
@@ -381,20 +381,16 @@ class SQLiteSink(Sink):
                     " or the other"
                 ) from cause
             if isinstance(cause, sqlite3.Error):
-                error = SinkError(message + f"; {_advice(cause)}")
-                error.retriable = _is_busy(cause)
-                raise error from cause
+                kind = SinkUnavailableError if _is_busy(cause) else SinkError
+                raise kind(message + f"; {_advice(cause)}") from cause
             # Anything else (a lookup the function makes, say) may pass.
-            error = SinkError(message + "; it is tried again")
-            error.retriable = True
-            raise error from cause
+            raise SinkUnavailableError(message + "; it is tried again") from cause
         except sqlite3.Error as exc:
-            error = SinkError(
+            kind = SinkUnavailableError if _is_busy(exc) else SinkError
+            raise kind(
                 f"SQLiteSink {self._path} could not commit {where}: {exc}. The transaction"
                 f" was rolled back; {_advice(exc)}"
-            )
-            error.retriable = _is_busy(exc)
-            raise error from exc
+            ) from exc
         return True
 
     async def committed_batches(self) -> list[int]:
