@@ -1,14 +1,46 @@
 """Per-batch figures, as Spark's streaming listener reports them.
 
 The scheduler builds one :class:`BatchInfo` per batch and hands it to every
-listener the app registered; ``streamlet run`` prints each as a status line.
+listener the app registered; ``streamlet run`` prints each as a status line,
+and the monitor (:mod:`streamlet.observe`) turns them into metrics and the
+live page. A BatchInfo holds counts, offsets and timings, never record data.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-__all__ = ["BatchInfo"]
+from streamlet.records import BlockRef, OffsetRange
+
+__all__ = ["BatchInfo", "HandlerInfo"]
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerInfo:
+    """What one handler did with one batch.
+
+    Attributes:
+        name: the handler's name.
+        outputs: outputs its sink committed (0 when it was dead-lettered).
+        attempts: calls of the handler (1: no retry).
+        dead_lettered: its input went to the dead-letter sink (it failed
+            after its retries, or its sink refused its outputs).
+        errors: the failures of its calls and sink commits, newest last
+            (type and message; at most a few).
+        sink: its sink's description (None: no sink).
+        commit_time: seconds its sink's commit took, retries included.
+        commit_attempts: tries of that commit (0: nothing was committed).
+    """
+
+    name: str
+    outputs: int = 0
+    attempts: int = 1
+    dead_lettered: bool = False
+    errors: tuple[str, ...] = ()
+    sink: str | None = None
+    commit_time: float = 0.0
+    commit_attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +59,11 @@ class BatchInfo:
         total_delay: from the scheduled time to the batch being done.
         recovered: True when the batch is a re-run after a restart.
         dead_lettered: handlers whose input went to the dead-letter sink.
+        inputs: input records per source.
+        ranges: the offset ranges of direct sources the batch covered.
+        blocks: the receivers' blocks it covered.
+        handlers: per handler, what it did (:class:`HandlerInfo`).
+        decode_failures: records that failed to decode (dead letters).
     """
 
     batch_id: int
@@ -39,6 +76,11 @@ class BatchInfo:
     total_delay: float
     recovered: bool = False
     dead_lettered: tuple[str, ...] = ()
+    inputs: Mapping[str, int] = field(default_factory=dict)
+    ranges: tuple[OffsetRange, ...] = ()
+    blocks: tuple[BlockRef, ...] = ()
+    handlers: tuple[HandlerInfo, ...] = ()
+    decode_failures: int = 0
 
     def status_line(self) -> str:
         """One human-readable line for logs and ``streamlet run``."""

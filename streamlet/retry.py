@@ -72,13 +72,21 @@ class GaveUp(Exception):
         self.attempts = attempts
 
 
-async def retrying(policy: RetryPolicy, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+async def retrying(
+    policy: RetryPolicy,
+    what: str,
+    call: Callable[[], Awaitable[_T]],
+    *,
+    on_failure: Callable[[Exception], object] | None = None,
+) -> _T:
     """Await ``call()`` until it succeeds, trying again with backoff while that may help.
 
     Args:
         policy: how many tries and how long between them.
         what: what is being tried, for the log ("handler 'x' on batch 7").
         call: makes one attempt.
+        on_failure: told of each failed attempt, the last one included
+            (the scheduler counts attempts and keeps errors for the monitor).
 
     Raises:
         GaveUp: the last failure was not retriable, or the retries ran out.
@@ -90,6 +98,8 @@ async def retrying(policy: RetryPolicy, what: str, call: Callable[[], Awaitable[
         try:
             return await call()
         except Exception as exc:
+            if on_failure is not None:
+                on_failure(exc)
             if attempt > policy.max_retries or not is_retriable(exc):
                 raise GaveUp(exc, attempt) from exc
             delay = policy.delay(attempt)

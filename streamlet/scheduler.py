@@ -58,7 +58,7 @@ from streamlet.errors import (
 )
 from streamlet.faults import crash_point
 from streamlet.handlers import HandlerSpec, invoke
-from streamlet.metrics import BatchInfo
+from streamlet.metrics import BatchInfo, HandlerInfo
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.retry import GaveUp, RetryPolicy, retrying
 from streamlet.sinks.base import Sink
@@ -92,6 +92,24 @@ Listener = Callable[[BatchInfo], object]
 class _Failure:
     error: BaseException
     attempts: int
+
+
+_KEPT_ERRORS = 3
+"""Failures of one handler on one batch kept for its HandlerInfo (the newest)."""
+
+
+@dataclass(slots=True)
+class _Trace:
+    """What happened to one handler on one batch, for its :class:`HandlerInfo`."""
+
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+    commit_time: float = 0.0
+    commit_attempts: int = 0
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors.append(f"{type(exc).__name__}: {exc}")
+        del self.errors[:-_KEPT_ERRORS]
 
 
 def _dead_letter(
@@ -264,6 +282,11 @@ class BatchScheduler:
         #: The handlers under way on the event loop now: name → batch id
         #: (read by the loop watchdog; ``thread=True`` handlers are not in it).
         self.running: dict[str, int] = {}
+        #: Per direct source, what ``latest()`` said at the last allocation:
+        #: partition → the end of what may be read (lag = this - position).
+        self.latest: dict[str, dict[int, int]] = {}
+        #: The clock's time of the last sign of life: a tick, or a batch done.
+        self.last_progress = clock.monotonic()
         self._estimators = (
             {
                 name: RateEstimator(batch_interval=interval, min_rate=policy.min_rate)
@@ -277,6 +300,11 @@ class BatchScheduler:
     def limits(self) -> Mapping[str, int | None]:
         """Per direct source, the most offsets the next batch takes per partition."""
         return dict(self._limits)
+
+    @property
+    def rates(self) -> Mapping[str, float | None]:
+        """Per source, the rate backpressure set (records/s; None: none yet or not on)."""
+        return {name: estimator.rate for name, estimator in self._estimators.items()}
 
     # -- recovery and the tick loop -------------------------------------------
 
@@ -341,6 +369,7 @@ class BatchScheduler:
 
     async def allocate(self, batch_time: float) -> Allocation | None:
         """Fix and durably log the next batch's input; None when there is none."""
+        self.last_progress = self.clock.monotonic()
         if self.blocks is not None:
             await self.blocks.cut()
         state = self.tracker.state
@@ -352,6 +381,7 @@ class BatchScheduler:
             if unseen:
                 self.tracker.seed_positions(name, await source.start_positions(unseen))
             latest[name] = available
+            self.latest[name] = dict(available)
             self._partitions[name] = max(1, len(available))
         budgets = {
             name: size_budget(
@@ -466,8 +496,11 @@ class BatchScheduler:
             records.extend(await self.blocks.read(alloc.blocks))
         return records
 
-    async def _call_handler(self, spec: HandlerSpec, batch: Batch) -> list[object] | _Failure:
+    async def _call_handler(
+        self, spec: HandlerSpec, batch: Batch, trace: _Trace
+    ) -> list[object] | _Failure:
         async def once() -> list[object]:
+            trace.attempts += 1
             timeout = self.retry.timeout
             if timeout is None:
                 return await invoke(spec, batch)
@@ -487,23 +520,41 @@ class BatchScheduler:
                 return await invoke(spec, batch)
 
         try:
-            return await retrying(self.retry, f"handler {spec.name!r} on batch {batch.id}", once)
+            return await retrying(
+                self.retry,
+                f"handler {spec.name!r} on batch {batch.id}",
+                once,
+                on_failure=trace.failed,
+            )
         except GaveUp as gave_up:
             return _Failure(gave_up.error, gave_up.attempts)
 
     async def _commit_sink(
-        self, name: str, sink: Sink, batch: Batch, outputs: list[object]
+        self,
+        name: str,
+        sink: Sink,
+        batch: Batch,
+        outputs: list[object],
+        trace: _Trace | None = None,
     ) -> SinkError | None:
         """Commit with retries; the error that stopped it, returned rather than raised.
 
         Returned, not raised: raising inside the task group would cancel the
         other sinks mid-commit and wrap the error in a group.
         """
+        trace = trace if trace is not None else _Trace()
+
+        async def once() -> bool:
+            trace.commit_attempts += 1
+            return await sink.commit(batch, outputs)
+
+        started = self.clock.monotonic()
         try:
             await retrying(
                 self.retry,
                 f"sink {sink.describe()} of handler {name!r} on batch {batch.id}",
-                lambda: sink.commit(batch, outputs),
+                once,
+                on_failure=trace.failed,
             )
         except GaveUp as gave_up:
             exc = gave_up.error
@@ -518,6 +569,8 @@ class BatchScheduler:
             )
             error.__cause__ = exc
             return error
+        finally:
+            trace.commit_time = self.clock.monotonic() - started
         return None
 
     def _route_failures(
@@ -574,14 +627,19 @@ class BatchScheduler:
         views = {spec.name: batch.for_sources(spec.sources) for spec in self.handlers}
 
         results: dict[str, list[object] | _Failure] = {}
+        traces = {spec.name: _Trace() for spec in self.handlers}
 
         async def run_one(spec: HandlerSpec) -> None:
             if spec.thread:  # runs in a thread: it cannot block the loop
-                results[spec.name] = await self._call_handler(spec, views[spec.name])
+                results[spec.name] = await self._call_handler(
+                    spec, views[spec.name], traces[spec.name]
+                )
                 return
             self.running[spec.name] = batch.id
             try:
-                results[spec.name] = await self._call_handler(spec, views[spec.name])
+                results[spec.name] = await self._call_handler(
+                    spec, views[spec.name], traces[spec.name]
+                )
             finally:
                 del self.running[spec.name]
 
@@ -605,7 +663,9 @@ class BatchScheduler:
         committed: dict[str, SinkError | None] = {}
 
         async def commit_one(name: str, sink: Sink, outputs: list[object]) -> None:
-            committed[name] = await self._commit_sink(name, sink, views[name], outputs)
+            committed[name] = await self._commit_sink(
+                name, sink, views[name], outputs, traces[name]
+            )
 
         async with anyio.create_task_group() as tg:
             for name, (sink, result) in to_commit.items():
@@ -632,7 +692,7 @@ class BatchScheduler:
         crash_point("before_done", batch.id)
         await self.tracker.log_done(batch.id)
         crash_point("after_done", batch.id)
-        finished = self.clock.monotonic()
+        finished = self.last_progress = self.clock.monotonic()
 
         info = BatchInfo(
             batch_id=batch.id,
@@ -645,6 +705,25 @@ class BatchScheduler:
             total_delay=finished - (scheduled if scheduled is not None else started),
             recovered=recovered,
             dead_lettered=tuple(dead_handlers),
+            inputs=dict(Counter(r.source for r in raw)),
+            ranges=tuple(batch.ranges),
+            blocks=tuple(batch.blocks),
+            handlers=tuple(
+                HandlerInfo(
+                    name=spec.name,
+                    outputs=0
+                    if spec.name in dead_handlers or spec.name not in to_commit
+                    else len(to_commit[spec.name][1]),
+                    attempts=traces[spec.name].attempts,
+                    dead_lettered=spec.name in dead_handlers,
+                    errors=tuple(traces[spec.name].errors),
+                    sink=spec.sink.describe() if spec.sink is not None else None,
+                    commit_time=traces[spec.name].commit_time,
+                    commit_attempts=traces[spec.name].commit_attempts,
+                )
+                for spec in self.handlers
+            ),
+            decode_failures=len(raw) - len(records),
         )
         if not recovered:
             self._adapt_rates(records, info)

@@ -310,7 +310,7 @@ async def test_the_warning_names_the_handler_that_blocks_not_its_neighbours(
 
     @app.handler(source)
     async def culprit(batch: Batch) -> None:
-        await anyio.sleep(0.05)  # the others have started by now
+        await anyio.wait_all_tasks_blocked()  # the others have started by now
         time.sleep(0.8)  # noqa: ASYNC251 - the mistake under test
 
     done = anyio.Event()

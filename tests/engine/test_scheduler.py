@@ -13,6 +13,7 @@ from streamlet.errors import OutputError
 from streamlet.fs import OsFileSystem
 from streamlet.handlers import HandlerSpec
 from streamlet.records import Batch, BlockRef, Record
+from streamlet.retry import RetryPolicy
 from streamlet.scheduler import BatchPolicy, BatchScheduler, partition_limit
 from streamlet.sinks.base import Sink
 from streamlet.sources.sequence import SequenceSource
@@ -176,3 +177,39 @@ def test_a_rate_is_shared_among_partitions_within_the_ceiling_and_never_zero() -
     assert partition_limit(1001.0, 0.5, 4, None) == 126  # rounded up, never below the rate
     assert partition_limit(1000.0, 0.5, 4, 100) == 100  # max_rate stays the ceiling
     assert partition_limit(0.01, 0.5, 4, None) == 1  # a slow rate still moves
+
+
+async def test_the_batch_info_says_what_each_handler_did(tmp_path: Path, tracker: Tracker) -> None:
+    calls = {"n": 0}
+
+    async def flaky(batch: Batch) -> list[int]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("first try fails")
+        return [int(r.value) for r in batch]
+
+    good, refusing = ListSink(), Refusing(bad=3)
+    scheduler, _ = _scheduler(
+        tmp_path,
+        tracker,
+        [
+            HandlerSpec("flaky", flaky, ("seq",), good),
+            HandlerSpec("odd", _echo, ("seq",), refusing),
+        ],
+        on_failure="dead_letter",
+        retry=RetryPolicy(max_retries=2, backoff=0),
+    )
+    alloc = await scheduler.allocate(0.0)
+    assert alloc is not None
+    info = await scheduler._run_batch(alloc, scheduled=None, recovered=False)
+    assert dict(info.inputs) == {"seq": 10}
+    assert [(r.source, r.partition, r.start, r.until) for r in info.ranges] == [("seq", 0, 0, 10)]
+    flaky_info, odd_info = info.handlers
+    assert (flaky_info.name, flaky_info.outputs, flaky_info.attempts) == ("flaky", 10, 2)
+    assert flaky_info.errors == ("ConnectionError: first try fails",)
+    assert (flaky_info.dead_lettered, flaky_info.commit_attempts) == (False, 1)
+    assert flaky_info.sink == good.describe()
+    assert (odd_info.outputs, odd_info.attempts, odd_info.dead_lettered) == (0, 1, True)
+    assert odd_info.errors == ("OutputError: output 3 cannot be written",)
+    assert odd_info.commit_attempts == 1  # an OutputError is never retried
+    assert info.decode_failures == 0
