@@ -124,9 +124,10 @@ from benchmarks.common import (
     write_result,
 )
 from streamlet import App, Batch
+from streamlet.kafka.config import KafkaSourceConfig
+from streamlet.kafka.sink import KafkaSink
+from streamlet.kafka.source import KafkaSource
 from streamlet.metrics import BatchInfo
-from streamlet.sinks.kafka import KafkaSink
-from streamlet.sources.kafka import KafkaSource, KafkaSourceConfig
 from streamlet.testing.kafka import (
     KAFKA_VERSION,
     EmbeddedKafka,

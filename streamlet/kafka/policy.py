@@ -1,24 +1,41 @@
-"""Pure decisions about Kafka: where a partition starts, what a lost offset does, what a
-failed transaction means.
+"""Pure decisions about Kafka: where a partition starts, what a lost offset does, where a
+fetch is cut, what a failed transaction means, and the names of a sink's marker.
 
-Both are decided from offsets the caller has already looked up (the
-partition's log start and end, the group's committed offset), so they are
-tested without a broker; the source does the lookups and the logging.
+Each is decided from values the caller has already looked up (the
+partition's log start and end, the group's committed offset, the fetched
+records, the app and handler), so they are tested without a broker; the
+source and the sink do the lookups and the logging.
 """
 
 from __future__ import annotations
 
+import itertools
+from bisect import bisect_left
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+from streamlet.records import Record
+
+if TYPE_CHECKING:
+    from streamlet.sinks.base import SinkContext
 
 __all__ = [
+    "MARKER_METADATA",
+    "MARKER_PREFIX",
     "OutOfRange",
     "Start",
     "StartPolicy",
     "TransactionFailure",
+    "java_string_hash",
+    "legacy_marker_group",
+    "marker_group",
+    "marker_metadata",
+    "marker_owner",
     "out_of_range",
+    "split",
     "start_offset",
     "transaction_failure",
+    "transactional_id",
 ]
 
 StartPolicy = Literal["committed", "earliest", "latest"] | Mapping[int, int]
@@ -171,3 +188,142 @@ def transaction_failure(
     if committing or timed_out or producer_broken:
         return "unknown"
     return "output" if too_large else "aborted"
+
+
+# -- direct reads ----------------------------------------------------------------
+
+
+def _record_offset(record: Record) -> int:
+    return record.offset
+
+
+def split(records: list[Record], start: int, until: int) -> tuple[list[Record], list[Record]]:
+    """``records`` cut into those in ``[start, until)`` and those at or past ``until``.
+
+    ``records`` are one partition's, in increasing offset order, as a fetch
+    returns them; any before ``start`` are dropped. Bisection rather than a
+    test per record: a batch may hold hundreds of thousands.
+    """
+    if not records:
+        return [], []
+    first, last = records[0].offset, records[-1].offset
+    low = 0 if first >= start else bisect_left(records, start, key=_record_offset)
+    high = len(records) if last < until else bisect_left(records, until, low, key=_record_offset)
+    return records[low:high], records[high:]
+
+
+# -- the sink's marker --------------------------------------------------------------
+
+MARKER_METADATA = "streamlet-sink/1"
+"""Metadata of a marker written before markers named their state directory."""
+MARKER_PREFIX = "streamlet-sink/2 "
+"""Start of a marker's metadata; the state directory's id follows it."""
+
+
+def marker_metadata(state_id: str) -> str:
+    """The metadata of a marker written under the state directory ``state_id``."""
+    return MARKER_PREFIX + state_id
+
+
+def marker_owner(metadata: str) -> str | None:
+    """The state id a marker's metadata names ("" for an older marker); None: not a marker."""
+    if metadata == MARKER_METADATA:
+        return ""
+    if metadata.startswith(MARKER_PREFIX):
+        return metadata[len(MARKER_PREFIX) :]
+    return None
+
+
+_HASH_MODULUS = 1 << 32
+_A = ord("A")
+
+
+def java_string_hash(text: str) -> int:
+    """Java's ``String.hashCode`` of ``text``, as an unsigned 32-bit number.
+
+    Java hashes UTF-16 code units, so a character outside the BMP counts as
+    its two surrogates.
+    """
+    units = text.encode("utf-16-be")
+    h = 0
+    for i in range(0, len(units), 2):
+        h = (31 * h + (units[i] << 8 | units[i + 1])) & 0xFFFFFFFF
+    return h
+
+
+def _tail(start: int, target: int, length: int, letters: int) -> str | None:
+    """``length`` characters from "A" on that take the hash from ``start`` to ``target``.
+
+    Appending ``c_0 .. c_(n-1)`` to a string of hash ``h`` gives
+    ``h·31^n + Σ c_i·31^(n-1-i)`` (mod 2^32). With ``c_i = "A" + d_i``, the
+    ``d_i`` are the base-31 digits of what is left; the tail exists if that
+    fits in ``length`` digits, each below ``letters``.
+    """
+    rest = target - start * 31**length - sum(_A * 31**j for j in range(length))
+    rest %= _HASH_MODULUS
+    digits: list[int] = []
+    for _ in range(length):
+        rest, digit = divmod(rest, 31)
+        digits.append(digit)
+    if rest or max(digits) >= letters:
+        return None
+    return "".join(chr(_A + d) for d in reversed(digits))
+
+
+def _suffix_for(prefix: str, target: int) -> str:
+    """Capital letters that give ``prefix + suffix`` the Java hash ``target``.
+
+    Three letters are tried in order ("AAA", "AAB", ...) followed by the six
+    that make the hash exact, if six letters can (about one try in 14).
+    Should no three-letter start work, seven characters from "A" to "_"
+    always can: 31^7 is more than 2^32.
+    """
+    start = java_string_hash(prefix)
+    for head in itertools.product(range(26), repeat=3):
+        h = start
+        for digit in head:
+            h = (31 * h + _A + digit) % _HASH_MODULUS
+        tail = _tail(h, target, 6, 26)
+        if tail is not None:
+            return "".join(chr(_A + d) for d in head) + tail
+    full = _tail(start, target, 7, 31)
+    assert full is not None
+    return full
+
+
+def transactional_id(context: SinkContext) -> str:
+    """The transactional id of the KafkaSink of ``context``'s app and handler."""
+    return f"streamlet.{context.app}.{context.handler}"
+
+
+def marker_group(context: SinkContext, source_group: str | None = None) -> str:
+    """The consumer group holding the marker of ``context``'s app and handler.
+
+    Without a source group it is ``streamlet-sink.<app>.<handler>``. With
+    one, a suffix of capital letters gives the name the Java hash of
+    ``source_group``, so that Kafka keeps both groups in the same partition
+    of ``__consumer_offsets`` and one transaction can commit both (see
+    :mod:`streamlet.kafka.sink`). The name does not depend on the state
+    directory: a new state directory must find the marker of the old one and
+    be refused.
+    """
+    return _group_name(f"streamlet-sink.{context.app}.{context.handler}", source_group)
+
+
+def legacy_marker_group(context: SinkContext, source_group: str | None = None) -> str:
+    """The marker group's name before markers named their state directory.
+
+    It held the start of the state directory's id; a sink still reads it, so
+    that an app upgraded in place keeps its count of written batches.
+    """
+    base = f"streamlet-sink.{context.app}.{context.handler}"
+    if context.state_id:
+        base += f".{context.state_id[:12]}"
+    return _group_name(base, source_group)
+
+
+def _group_name(base: str, source_group: str | None) -> str:
+    if source_group is None:
+        return base
+    prefix = base + "."
+    return prefix + _suffix_for(prefix, java_string_hash(source_group))

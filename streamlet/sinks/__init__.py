@@ -5,10 +5,10 @@ its default) are exactly-once with a replayable source; :class:`CallbackSink`
 and :class:`PrintSink` are at-least-once.
 """
 
+from streamlet.kafka.sink import KafkaSink
 from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output
 from streamlet.sinks.callback import CallbackSink, PrintSink
 from streamlet.sinks.file import FileSink
-from streamlet.sinks.kafka import KafkaSink
 from streamlet.sinks.sqlite import ApplyFunction, SQLiteSink
 
 __all__ = [

@@ -1,7 +1,9 @@
 """Sources: direct (replayable by offset) and receivers (pushed, WAL'd)."""
 
+from streamlet.kafka.direct import KafkaDirectSource
+from streamlet.kafka.receiver import KafkaReceiver
+from streamlet.kafka.source import KafkaSource
 from streamlet.sources.base import DirectSource
-from streamlet.sources.kafka import KafkaDirectSource, KafkaReceiver, KafkaSource
 from streamlet.sources.sequence import SequenceSource
 from streamlet.sources.tcp import TcpSource
 

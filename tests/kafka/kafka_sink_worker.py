@@ -25,9 +25,9 @@ import sys
 from aiokafka import AIOKafkaProducer
 
 import streamlet as sl
+from streamlet.kafka.sink import KafkaSink
 from streamlet.records import Batch, Record
 from streamlet.sinks.base import SinkContext
-from streamlet.sinks.kafka import KafkaSink
 
 
 def app() -> sl.App:

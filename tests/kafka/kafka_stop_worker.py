@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 
 import streamlet as sl
+from streamlet.kafka.sink import KafkaSink
 from streamlet.records import Batch
 from streamlet.sinks.base import Sink
 from streamlet.sinks.file import FileSink
-from streamlet.sinks.kafka import KafkaSink
 from streamlet.sources import KafkaSource
 
 

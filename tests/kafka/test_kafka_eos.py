@@ -38,7 +38,7 @@ KILLS = 20
 APP = """
 import streamlet as sl
 from streamlet.sinks.file import FileSink
-from streamlet.sinks.kafka import KafkaSink
+from streamlet.kafka.sink import KafkaSink
 from streamlet.sinks.sqlite import SQLiteSink
 
 

@@ -1,9 +1,10 @@
 """Records built in aiokafka's fetch buffers: the seam is there, and the records are right.
 
 KafkaSource builds its Records inside aiokafka's fetch buffers (see
-streamlet.sources.kafka, "records straight from the fetch buffers"), through
-a private class of aiokafka's. These tests fail when an aiokafka release moves
-that seam, and check record for record, against the real broker, that the
+streamlet.kafka._aiokafka, "records straight from the fetch buffers"), through
+a private class of aiokafka's. tests/kafka/test_aiokafka_seam.py checks the
+seam without a broker; these tests check record for record, against the real
+broker, that the
 fast path returns what aiokafka's own ConsumerRecords say, across keys,
 tombstones, headers, timestamps, a committed and an aborted transaction and
 its markers; and that consumers other than streamlet's are left alone.
@@ -19,9 +20,10 @@ import aiokafka.consumer.fetcher as fetcher
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-import streamlet.sources.kafka as kafka_source
+from streamlet.kafka import _aiokafka
+from streamlet.kafka._consumer import Consumer
+from streamlet.kafka.config import KafkaSourceConfig
 from streamlet.records import Record
-from streamlet.sources.kafka import KafkaSourceConfig
 from tests.conftest import TopicFactory
 
 pytestmark = pytest.mark.kafka
@@ -31,14 +33,17 @@ SOURCE = "clicks"
 
 def test_the_seam_is_installed() -> None:
     """With the pinned aiokafka the fast path is on; a new release that moves it fails here."""
-    assert kafka_source._seam_intact(), (
-        f"aiokafka {aiokafka.__version__} moved fetcher.PartitionRecords or its"
-        " _consumer_record(tp, record); update streamlet.sources.kafka's record buffers"
-    )
-    kafka_source._use_record_buffers()  # what the first streamlet consumer does
-    assert kafka_source._FAST_READS
-    assert fetcher.PartitionRecords is kafka_source._partition_records
-    assert kafka_source._install_record_buffers()  # idempotent
+    assert _aiokafka.check() == []
+    _aiokafka.prepare()  # what the first streamlet consumer does
+    assert _aiokafka.fast_reads()
+    assert fetcher.PartitionRecords is _aiokafka.partition_records
+
+
+def _without_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiokafka's own fetch buffers back in place, as when the seam has moved."""
+    _aiokafka.prepare()
+    monkeypatch.setattr(fetcher, "PartitionRecords", _aiokafka._AIOKAFKA_BUFFERS)
+    monkeypatch.setattr(_aiokafka, "_FAST_READS", False)
 
 
 async def _fill(bootstrap: str, topic: str) -> int:
@@ -112,7 +117,7 @@ async def _reference(bootstrap: str, topic: str, end: int) -> list[Any]:
 
 
 async def _streamlet(bootstrap: str, topic: str, end: int, *, headers: bool = False) -> list[Any]:
-    consumer = kafka_source._Consumer(
+    consumer = Consumer(
         topic, KafkaSourceConfig(topic, bootstrap).consumer_kwargs(), headers=headers
     )
     await consumer.start()
@@ -174,8 +179,7 @@ async def test_headers_come_when_asked_for(
 ) -> None:
     name, end = topic
     if not fast:
-        monkeypatch.setattr(fetcher, "PartitionRecords", kafka_source._PartitionRecords)
-        monkeypatch.setattr(kafka_source, "_FAST_READS", False)
+        _without_fast_path(monkeypatch)
     records = await _streamlet(kafka_bootstrap, name, end, headers=True)
     monkeypatch.undo()
     reference = await _reference(kafka_bootstrap, name, end)
@@ -188,37 +192,8 @@ async def test_without_the_seam_records_are_the_same(
 ) -> None:
     """If a release moved the seam, the source converts ConsumerRecords itself."""
     name, end = topic
-    monkeypatch.setattr(fetcher, "PartitionRecords", kafka_source._PartitionRecords)
-    monkeypatch.setattr(kafka_source, "_FAST_READS", False)
+    _without_fast_path(monkeypatch)
     slow = await _streamlet(kafka_bootstrap, name, end)
     monkeypatch.undo()
     reference = await _reference(kafka_bootstrap, name, end)
     assert slow == _expected(reference)
-
-
-def test_a_moved_seam_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Renamed(kafka_source._PartitionRecords):  # type: ignore[misc]
-        def _consumer_record(self, tp: Any, record: Any, extra: Any = None) -> Any:
-            return super()._consumer_record(tp, record)
-
-    monkeypatch.setattr(kafka_source, "_PartitionRecords", Renamed)
-    assert not kafka_source._seam_intact()
-    monkeypatch.setattr(fetcher, "PartitionRecords", Renamed)
-    assert not kafka_source._install_record_buffers()  # leaves a foreign class alone
-    assert fetcher.PartitionRecords is Renamed
-
-
-def test_importing_streamlet_leaves_aiokafka_alone() -> None:
-    """The fast path is installed by the first streamlet consumer, never by an import."""
-    import subprocess
-    import sys
-
-    check = (
-        "import aiokafka.consumer.fetcher as f; before = f.PartitionRecords;"
-        " import streamlet, streamlet.sources.kafka;"
-        " assert f.PartitionRecords is before, 'import streamlet patched aiokafka'"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr

@@ -32,11 +32,8 @@ from aiokafka.structs import OffsetAndMetadata
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from streamlet.errors import ConfigError, SinkError
-from streamlet.records import Batch, OffsetRange, Record
-from streamlet.sinks.base import SinkContext
-from streamlet.sinks.kafka import (
+from streamlet.kafka.policy import (
     MARKER_METADATA,
-    KafkaSink,
     _tail,
     java_string_hash,
     legacy_marker_group,
@@ -44,6 +41,9 @@ from streamlet.sinks.kafka import (
     marker_metadata,
     transactional_id,
 )
+from streamlet.kafka.sink import KafkaSink
+from streamlet.records import Batch, OffsetRange, Record
+from streamlet.sinks.base import SinkContext
 from streamlet.testing.kafka import admin_client
 from tests.conftest import StdoutLines, TopicFactory
 

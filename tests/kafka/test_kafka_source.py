@@ -19,10 +19,12 @@ from aiokafka.admin.records_to_delete import RecordsToDelete
 
 from streamlet.app import App
 from streamlet.errors import ConfigError, StreamletError
+from streamlet.kafka.config import OutOfRangePolicy
+from streamlet.kafka.direct import KafkaDirectSource
+from streamlet.kafka.receiver import KafkaReceiver
 from streamlet.records import Batch, OffsetRange, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources import KafkaSource
-from streamlet.sources.kafka import KafkaDirectSource, KafkaReceiver, OutOfRangePolicy
 from streamlet.testing.kafka import EmbeddedKafka, admin_client, group_offsets, missing_tools
 from tests.conftest import REPO_ROOT, TopicFactory
 
@@ -213,7 +215,7 @@ async def test_start_positions_follow_start(
     assert await positions(start="earliest") == {0: 2}
     assert await positions(start="latest") == {0: 10}
     assert await positions(start={0: 5}) == {0: 5}
-    with caplog.at_level(logging.INFO, logger="streamlet.sources.kafka"):
+    with caplog.at_level(logging.INFO, logger="streamlet.kafka"):
         assert await positions(start="committed", group_id=group) == {0: 2}
     assert f"group {group!r} has no committed offset" in caplog.text
 
@@ -263,7 +265,7 @@ async def test_deleted_offsets_follow_on_out_of_range_and_are_logged(
             await failing.read(planned)
     assert "on_out_of_range='earliest'" in str(info.value)
 
-    with caplog.at_level(logging.ERROR, logger="streamlet.sources.kafka"):
+    with caplog.at_level(logging.ERROR, logger="streamlet.kafka"):
         async with _started(source("earliest")) as earliest:
             assert [r.offset for r in await earliest.read(planned)] == [5, 6, 7, 8, 9]
         assert f"offsets [0, 5) of {topic}-0 were deleted" in caplog.text
@@ -541,7 +543,7 @@ async def test_receiver_applies_on_out_of_range_to_deleted_offsets(
         topic, bootstrap_servers=kafka_bootstrap, mode="receiver", on_out_of_range="earliest"
     )
     context = FakeContext(acks={"0": 2})
-    with caplog.at_level(logging.ERROR, logger="streamlet.sources.kafka"):
+    with caplog.at_level(logging.ERROR, logger="streamlet.kafka"):
         async with _receiving(earliest, context):
             await context.wait_for(3)
     assert [r.offset for r in context.records] == [5, 6, 7]

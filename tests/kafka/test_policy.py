@@ -90,7 +90,8 @@ def test_both_kinds_of_kafka_source_are_kafka_sources() -> None:
     """``KafkaSource(...)`` builds the kind ``mode`` asks for; isinstance works on both."""
     import streamlet as sl
     from streamlet.errors import ConfigError
-    from streamlet.sources.kafka import KafkaDirectSource, KafkaReceiver
+    from streamlet.kafka.direct import KafkaDirectSource
+    from streamlet.kafka.receiver import KafkaReceiver
 
     direct = sl.KafkaSource("t", bootstrap_servers="127.0.0.1:1")
     receiver = sl.KafkaSource("t", bootstrap_servers="127.0.0.1:1", mode="receiver")

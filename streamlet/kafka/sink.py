@@ -85,90 +85,65 @@ the marker group, or give the app a new name.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import anyio
-from aiokafka import AIOKafkaProducer
-from aiokafka.client import CoordinationType
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
     InvalidProducerEpoch,
     InvalidTransactionTimeout,
     KafkaConnectionError,
-    KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     ProducerFenced,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
-    for_code,
 )
-from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.protocol.commit import OffsetFetchRequest
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from aiokafka.structs import OffsetAndMetadata, TopicPartition
+from aiokafka.structs import TopicPartition
 
 from streamlet.errors import ConfigError, FencedError, OutputError, SinkError
-from streamlet.kafka.policy import transaction_failure
+from streamlet.kafka._producer import (
+    Message,
+    PartitionerFailed,
+    Producer,
+    checked_partitioner,
+    delivered,
+)
+from streamlet.kafka.config import (
+    ConsumedTopic,
+    HeadersFunction,
+    KafkaSinkConfig,
+    KeyFunction,
+    Partitioner,
+    ValueFunction,
+    probe_settings,
+)
+from streamlet.kafka.policy import (
+    legacy_marker_group,
+    marker_group,
+    marker_metadata,
+    marker_owner,
+    transaction_failure,
+    transactional_id,
+)
 from streamlet.records import Batch
 from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output, sink_ahead
 
 __all__ = [
-    "MARKER_METADATA",
-    "MARKER_PREFIX",
     "ConsumedTopic",
     "HeadersFunction",
     "KafkaSink",
     "KeyFunction",
     "Partitioner",
     "ValueFunction",
-    "java_string_hash",
-    "legacy_marker_group",
-    "marker_group",
-    "marker_metadata",
-    "marker_owner",
-    "transactional_id",
 ]
 
 log = logging.getLogger(__name__)
 
-MARKER_METADATA = "streamlet-sink/1"
-"""Metadata of a marker written before markers named their state directory."""
-MARKER_PREFIX = "streamlet-sink/2 "
-"""Start of a marker's metadata; the state directory's id follows it."""
-
-
-def marker_metadata(state_id: str) -> str:
-    """The metadata of a marker written under the state directory ``state_id``."""
-    return MARKER_PREFIX + state_id
-
-
-def marker_owner(metadata: str) -> str | None:
-    """The state id a marker's metadata names ("" for an older marker); None: not a marker."""
-    if metadata == MARKER_METADATA:
-        return ""
-    if metadata.startswith(MARKER_PREFIX):
-        return metadata[len(MARKER_PREFIX) :]
-    return None
-
-
-KeyFunction = Callable[[object], bytes | None]
-"""Maps one output to its record key (None: no key)."""
-ValueFunction = Callable[[object], bytes | None]
-"""Maps one output to its record value (None: a tombstone, which needs a key)."""
-HeadersFunction = Callable[[object], Sequence[tuple[str, bytes]] | None]
-"""Maps one output to its record headers, ``[(name, value), ...]`` (None: none)."""
-Partitioner = Callable[[bytes | None, list[int], list[int]], int]
-"""``partitioner(key, all_partitions, available_partitions) -> partition``, as in aiokafka."""
-
-# Kafka's group coordinator errors that mean "ask again soon".
-_COORDINATOR_BUSY = frozenset({14, 15, 16})  # LOAD_IN_PROGRESS, NOT_AVAILABLE, NOT_COORDINATOR
 # Errors that no retry fixes: settings or permissions.
 _PERMANENT: tuple[type[BaseException], ...] = (
     TransactionalIdAuthorizationFailed,
@@ -177,375 +152,8 @@ _PERMANENT: tuple[type[BaseException], ...] = (
     ClusterAuthorizationFailedError,
     InvalidTransactionTimeout,
 )
-# Producer settings the sink owns; producer_config must not set them.
-_OWNED_SETTINGS = frozenset(
-    {
-        "bootstrap_servers",
-        "transactional_id",
-        "transaction_timeout_ms",
-        "enable_idempotence",
-        "acks",
-        "partitioner",
-        "key_serializer",
-        "value_serializer",
-        "loop",
-    }
-)
-_CLOSE_TIMEOUT = 10.0
-_MAX_REQUEST_SIZE = 1_048_576  # aiokafka's default max_request_size
 _FIRST_BACKOFF = 0.25
 _MAX_BACKOFF = 5.0
-_HASH_MODULUS = 1 << 32
-_A = ord("A")
-
-
-class ConsumedTopic(Protocol):
-    """What KafkaSink needs of a Kafka source to commit its offsets with the outputs.
-
-    A ``KafkaSource`` has these; any object with the three attributes does.
-    """
-
-    @property
-    def name(self) -> str:
-        """The source's name in the app: the ``source`` of its offset ranges."""
-        ...
-
-    @property
-    def topic(self) -> str:
-        """The topic the source reads."""
-        ...
-
-    @property
-    def group_id(self) -> str | None:
-        """The consumer group its offsets are committed under."""
-        ...
-
-
-def java_string_hash(text: str) -> int:
-    """Java's ``String.hashCode`` of ``text``, as an unsigned 32-bit number.
-
-    Java hashes UTF-16 code units, so a character outside the BMP counts as
-    its two surrogates.
-    """
-    units = text.encode("utf-16-be")
-    h = 0
-    for i in range(0, len(units), 2):
-        h = (31 * h + (units[i] << 8 | units[i + 1])) & 0xFFFFFFFF
-    return h
-
-
-def _tail(start: int, target: int, length: int, letters: int) -> str | None:
-    """``length`` characters from "A" on that take the hash from ``start`` to ``target``.
-
-    Appending ``c_0 .. c_(n-1)`` to a string of hash ``h`` gives
-    ``h·31^n + Σ c_i·31^(n-1-i)`` (mod 2^32). With ``c_i = "A" + d_i``, the
-    ``d_i`` are the base-31 digits of what is left; the tail exists if that
-    fits in ``length`` digits, each below ``letters``.
-    """
-    rest = target - start * 31**length - sum(_A * 31**j for j in range(length))
-    rest %= _HASH_MODULUS
-    digits: list[int] = []
-    for _ in range(length):
-        rest, digit = divmod(rest, 31)
-        digits.append(digit)
-    if rest or max(digits) >= letters:
-        return None
-    return "".join(chr(_A + d) for d in reversed(digits))
-
-
-def _suffix_for(prefix: str, target: int) -> str:
-    """Capital letters that give ``prefix + suffix`` the Java hash ``target``.
-
-    Three letters are tried in order ("AAA", "AAB", ...) followed by the six
-    that make the hash exact, if six letters can (about one try in 14).
-    Should no three-letter start work, seven characters from "A" to "_"
-    always can: 31^7 is more than 2^32.
-    """
-    start = java_string_hash(prefix)
-    for head in itertools.product(range(26), repeat=3):
-        h = start
-        for digit in head:
-            h = (31 * h + _A + digit) % _HASH_MODULUS
-        tail = _tail(h, target, 6, 26)
-        if tail is not None:
-            return "".join(chr(_A + d) for d in head) + tail
-    full = _tail(start, target, 7, 31)
-    assert full is not None
-    return full
-
-
-def transactional_id(context: SinkContext) -> str:
-    """The transactional id of the KafkaSink of ``context``'s app and handler."""
-    return f"streamlet.{context.app}.{context.handler}"
-
-
-def marker_group(context: SinkContext, source_group: str | None = None) -> str:
-    """The consumer group holding the marker of ``context``'s app and handler.
-
-    Without a source group it is ``streamlet-sink.<app>.<handler>``. With
-    one, a suffix of capital letters gives the name the Java hash of
-    ``source_group``, so that Kafka keeps both groups in the same partition
-    of ``__consumer_offsets`` and one transaction can commit both (see the
-    module docstring). The name does not depend on the state directory: a
-    new state directory must find the marker of the old one and be refused.
-    """
-    return _group_name(f"streamlet-sink.{context.app}.{context.handler}", source_group)
-
-
-def legacy_marker_group(context: SinkContext, source_group: str | None = None) -> str:
-    """The marker group's name before markers named their state directory.
-
-    It held the start of the state directory's id; a sink still reads it, so
-    that an app upgraded in place keeps its count of written batches.
-    """
-    base = f"streamlet-sink.{context.app}.{context.handler}"
-    if context.state_id:
-        base += f".{context.state_id[:12]}"
-    return _group_name(base, source_group)
-
-
-def _group_name(base: str, source_group: str | None) -> str:
-    if source_group is None:
-        return base
-    prefix = base + "."
-    return prefix + _suffix_for(prefix, java_string_hash(source_group))
-
-
-class _Message(NamedTuple):
-    """One output, encoded."""
-
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-
-
-class _PartitionerFailed(Exception):
-    """The user's partitioner raised or returned a partition the topic lacks."""
-
-
-class _Producer:
-    """The one door to aiokafka's producer: typed, narrow, and closed safely.
-
-    aiokafka ships no type information; everything it returns is turned into
-    typed values here.
-    """
-
-    def __init__(self, raw: Any, partitioner: Partitioner, max_request_size: int) -> None:
-        self._raw = raw
-        self._partitioner = partitioner
-        self._max_request_size = max_request_size
-
-    @classmethod
-    async def start(cls, settings: Mapping[str, Any]) -> _Producer:
-        """Connect; for a transactional producer also run InitProducerId.
-
-        aiokafka's ``start()`` waits for InitProducerId, so when it returns
-        older producers of the id are fenced and their transaction is settled.
-        """
-        raw = AIOKafkaProducer(**settings)
-        try:
-            await raw.start()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await _stop(raw)
-            raise
-        return cls(
-            raw,
-            settings.get("partitioner") or DefaultPartitioner(),
-            int(settings.get("max_request_size", _MAX_REQUEST_SIZE)),
-        )
-
-    async def partitions(self, topic: str) -> set[int]:
-        """The topic's partitions; waits for its metadata (KafkaTimeoutError if none)."""
-        return {int(p) for p in await self._raw.partitions_for(topic)}
-
-    async def begin(self) -> None:
-        await self._raw.begin_transaction()
-
-    async def send_many(
-        self, topic: str, messages: Sequence[_Message]
-    ) -> list[asyncio.Future[Any]]:
-        """Queue records in order; the futures resolve when the broker has them all.
-
-        Records are partitioned here and packed into one record batch per
-        partition (as many as ``max_batch_size`` calls for) with aiokafka's
-        batch API, rather than sent one ``send()`` at a time: ``send()``
-        costs about twenty microseconds a record in Python, most of a
-        Kafka-to-Kafka pipeline's time. Order per partition is kept, and a
-        transactional producer adds each partition to its transaction as the
-        first batch for it is queued, as ``send()`` would.
-        """
-        raw = self._raw
-        all_partitions = sorted(await raw.partitions_for(topic))
-        available = sorted(raw.client.cluster.available_partitions_for_topic(topic) or ())
-        partitioner = self._partitioner
-        limit = self._max_request_size
-        # Every output is sized and partitioned before any is queued: an
-        # output that cannot be sent must fail the batch with nothing of it
-        # on its way (without transactions, queued records would be sent).
-        placed: list[int] = []
-        for index, message in enumerate(messages):
-            key, value, headers = message
-            if (len(key) if key else 0) + (len(value) if value else 0) > limit - 1024 and (
-                DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers) > limit
-            ):
-                raise MessageSizeTooLargeError(
-                    f"output {index} is larger than the producer's max_request_size of"
-                    f" {limit} bytes; raise it in producer_config (and the topic's"
-                    " max.message.bytes), or write smaller outputs"
-                )
-            try:
-                placed.append(partitioner(key, all_partitions, available))
-            except _PartitionerFailed as exc:
-                raise _PartitionerFailed(f"on output {index}: {exc}") from exc.__cause__ or exc
-        builders: dict[int, Any] = {}
-        futures: list[asyncio.Future[Any]] = []
-        for partition, (key, value, headers) in zip(placed, messages, strict=True):
-            builder = builders.get(partition)
-            if builder is None:
-                builder = builders[partition] = raw.create_batch()
-            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                futures.append(await raw.send_batch(builder, topic, partition=partition))
-                builder = builders[partition] = raw.create_batch()
-                # An empty batch takes any one record that fits a request.
-                builder.append(timestamp=None, key=key, value=value, headers=headers)
-        for partition, builder in builders.items():
-            futures.append(await raw.send_batch(builder, topic, partition=partition))
-        for future in futures:
-            future.add_done_callback(_retrieve)
-        return futures
-
-    async def send_offsets(
-        self, group: str, offsets: Mapping[TopicPartition, int], metadata: str = ""
-    ) -> None:
-        """Add ``group``'s ``offsets`` to the open transaction."""
-        await self._raw.send_offsets_to_transaction(
-            {tp: OffsetAndMetadata(offset, metadata) for tp, offset in offsets.items()}, group
-        )
-
-    async def commit(self) -> None:
-        await self._raw.commit_transaction()
-
-    async def abort(self) -> None:
-        await self._raw.abort_transaction()
-
-    def failure(self) -> BaseException | None:
-        """The error that killed the producer's background sender, if one did.
-
-        aiokafka reports a fenced producer by ending its sender task with
-        ProducerFenced; every later call then fails with something less
-        telling (an IllegalOperation or an assertion), so this is where the
-        real cause is read. Reading the transaction's end waiter too keeps
-        asyncio from logging its exception as never retrieved.
-        """
-        manager = getattr(self._raw, "_txn_manager", None)
-        if manager is not None:
-            _consume(manager.wait_for_transaction_end())
-        # A dead sender also fails each queued batch's drain waiter, which
-        # nothing in aiokafka reads afterwards.
-        accumulator = getattr(self._raw, "_message_accumulator", None)
-        for batches in getattr(accumulator, "_batches", {}).values():
-            for batch in batches:
-                _consume(getattr(batch, "_drain_waiter", None))
-        sender = getattr(self._raw, "_sender", None)
-        task = getattr(sender, "sender_task", None)
-        if isinstance(task, asyncio.Task) and task.done() and not task.cancelled():
-            return task.exception()
-        return None
-
-    async def committed(self, group: str, tp: TopicPartition) -> OffsetAndMetadata | None:
-        """The offset ``group`` committed for ``tp`` (None: none), read strictly.
-
-        Retries while the group's coordinator is loading or moving; raises
-        the broker's error for anything else, so that an error never reads
-        as "no offset".
-        """
-        client = self._raw.client
-        backoff = 0.1
-        while True:
-            try:
-                node = await client.coordinator_lookup(CoordinationType.GROUP, group)
-                request = OffsetFetchRequest(group, [(tp.topic, [tp.partition])])
-                response = await client.send(node, request)
-            except KafkaError as exc:
-                if not exc.retriable:
-                    raise
-                log.debug("reading the offsets of group %r failed (%r); asking again", group, exc)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            codes = [int(getattr(response, "error_code", 0))]
-            found: OffsetAndMetadata | None = None
-            for topic, partitions in response.topics:
-                for partition, offset, metadata, code in partitions:
-                    codes.append(int(code))
-                    if topic == tp.topic and partition == tp.partition and offset >= 0:
-                        found = OffsetAndMetadata(int(offset), str(metadata or ""))
-            busy = [code for code in codes if code in _COORDINATOR_BUSY]
-            failed = [code for code in codes if code and code not in _COORDINATOR_BUSY]
-            if failed:
-                raise for_code(failed[0])(f"cannot read the offsets of consumer group {group!r}")
-            if not busy:
-                return found
-            log.debug("coordinator of group %r busy (error %d); asking again", group, busy[0])
-            await anyio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
-
-    async def stop(self) -> None:
-        await _stop(self._raw)
-        # The sender's failure callbacks have run by now: read what they set.
-        self.failure()
-
-
-def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings of a plain producer that only reads markers: no transactional id."""
-    probe = {
-        k: v
-        for k, v in settings.items()
-        if k not in ("transactional_id", "transaction_timeout_ms", "enable_idempotence")
-    }
-    probe["client_id"] = f"{settings.get('client_id', 'streamlet')}.probe"
-    return probe
-
-
-async def _stop(raw: Any) -> None:
-    """Stop an aiokafka producer within ``_CLOSE_TIMEOUT`` seconds.
-
-    ``stop()`` waits for queued records; when the broker is unreachable that
-    can take a request timeout or more. Past the bound the sender task is
-    cancelled and the connections closed: those records are given up (the
-    transaction they belong to is aborted by the next producer of the id).
-    """
-    with anyio.move_on_after(_CLOSE_TIMEOUT) as scope:
-        await raw.stop()
-    if not scope.cancelled_caught:
-        return
-    log.warning(
-        "Kafka producer did not stop within %.0fs; dropping its queued records", _CLOSE_TIMEOUT
-    )
-    sender = getattr(raw, "_sender", None)
-    task = getattr(sender, "sender_task", None)
-    if isinstance(task, asyncio.Task) and not task.done():
-        task.cancel()
-        with anyio.move_on_after(_CLOSE_TIMEOUT):
-            await asyncio.gather(task, return_exceptions=True)
-    with anyio.move_on_after(_CLOSE_TIMEOUT):
-        await raw.client.close()
-
-
-def _sources_of(consume_from: ConsumedTopic | Sequence[ConsumedTopic] | None) -> list[Any]:
-    if consume_from is None:
-        return []
-    items: Iterable[Any] = [consume_from] if hasattr(consume_from, "topic") else consume_from
-    sources = list(items)
-    for source in sources:
-        missing = [a for a in ("name", "topic", "group_id") if not hasattr(source, a)]
-        if missing:
-            raise ConfigError(
-                f"KafkaSink consume_from takes Kafka sources (objects with name, topic and"
-                f" group_id); {source!r} has no {', '.join(missing)}"
-            )
-    return sources
 
 
 def _is_fenced(exc: BaseException | None) -> bool:
@@ -589,54 +197,6 @@ def _check_headers(headers: object) -> list[tuple[str, bytes]]:
             raise TypeError(f"header {item!r} is not a (str, bytes) pair")
         checked.append((item[0], item[1]))
     return checked
-
-
-def _checked(partitioner: Partitioner) -> Partitioner:
-    """``partitioner`` with its failures and bad answers raised as _PartitionerFailed."""
-
-    def partition(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
-        try:
-            chosen = partitioner(key, all_partitions, available)
-        except Exception as exc:
-            raise _PartitionerFailed(repr(exc)) from exc
-        if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen not in all_partitions:
-            raise _PartitionerFailed(
-                f"it returned {chosen!r}, not one of the topic's partitions"
-                f" {sorted(all_partitions)}"
-            )
-        return chosen
-
-    return partition
-
-
-def _consume(future: object) -> None:
-    """Read a finished future's exception, so asyncio does not log it as lost."""
-    if isinstance(future, asyncio.Future) and future.done() and not future.cancelled():
-        future.exception()
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    # A record's failure is read through the transaction; this keeps asyncio
-    # from logging it as never retrieved when nobody waits for it any more.
-    if not future.cancelled():
-        future.exception()
-
-
-async def _delivered(futures: Sequence[asyncio.Future[Any]]) -> None:
-    """Wait until the broker has every record; raise the first failure.
-
-    ``asyncio.wait`` rather than ``gather``: cancelling the wait must not
-    cancel aiokafka's futures, which aiokafka resolves itself.
-    """
-    if not futures:
-        return
-    await asyncio.wait(futures)
-    for future in futures:
-        if future.cancelled():
-            raise KafkaError("the producer dropped a record before the broker acknowledged it")
-        error = future.exception()
-        if error is not None:
-            raise error
 
 
 class KafkaSink(Sink):
@@ -699,61 +259,37 @@ class KafkaSink(Sink):
         transaction_timeout: float = 60.0,
         open_timeout: float = 30.0,
     ) -> None:
-        if not isinstance(topic, str) or not topic:
-            raise ConfigError(f"KafkaSink topic must be a non-empty str, not {topic!r}")
-        if isinstance(bootstrap_servers, str):
-            servers = [bootstrap_servers]
-        else:
-            servers = list(bootstrap_servers)
-        if not servers or not all(isinstance(s, str) and s for s in servers):
-            raise ConfigError(
-                f"KafkaSink bootstrap_servers must be 'host:port' or a list of them,"
-                f" not {bootstrap_servers!r}"
-            )
-        for name, fn in (("key", key), ("value", value), ("headers", headers)):
-            if fn is not None and not callable(fn):
-                raise ConfigError(f"KafkaSink {name} must be a function, not {type(fn).__name__}")
-        if partitioner is not None and not callable(partitioner):
-            raise ConfigError(
-                f"KafkaSink partitioner must be a function, not {type(partitioner).__name__}"
-            )
-        config = dict(producer_config or {})
-        owned = sorted(_OWNED_SETTINGS.intersection(config))
-        if owned:
-            raise ConfigError(
-                f"KafkaSink producer_config must not set {', '.join(owned)}: the sink sets"
-                " them (use the sink's own arguments)"
-            )
-        for name, seconds in (
-            ("transaction_timeout", transaction_timeout),
-            ("open_timeout", open_timeout),
-        ):
-            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
-                raise ConfigError(f"KafkaSink {name} must be > 0 seconds, not {seconds!r}")
+        config = KafkaSinkConfig(
+            topic,
+            bootstrap_servers,
+            transactional=transactional,
+            key=key,
+            value=value,
+            headers=headers,
+            partitioner=partitioner,
+            consume_from=consume_from,
+            producer_config=producer_config,
+            transaction_timeout=transaction_timeout,
+            open_timeout=open_timeout,
+        )
+        self._config = config
         self._topic = topic
-        self._servers = servers
-        self._transactional = bool(transactional)
+        self._servers = config.servers
+        self._transactional = config.transactional
         self._key = key
         self._value = value
         self._headers = headers
         self._partitioner = partitioner
-        self._sources = _sources_of(consume_from)
-        if self._sources and not self._transactional:
-            raise ConfigError(
-                "KafkaSink consume_from needs transactional=True: the offsets are committed"
-                " in the batch's transaction (without transactions the source commits its"
-                " own offsets after the batch)"
-            )
-        self._config = config
-        self._transaction_timeout = float(transaction_timeout)
-        self._open_timeout = float(open_timeout)
+        self._sources = config.sources
+        self._transaction_timeout = config.transaction_timeout
+        self._open_timeout = config.open_timeout
         self._context: SinkContext | None = None
         self._source_group: str | None = None
         self._by_source: dict[str, str] = {}  # source name -> topic
         self._transactional_id = ""
         self._marker_group = ""
         self._marker_groups: tuple[str, ...] = ()
-        self._producer: _Producer | None = None
+        self._producer: Producer | None = None
         # The next batch id not yet written (transactional mode); None while
         # unknown, i.e. until a producer started and read the marker.
         self._next: int | None = None
@@ -762,7 +298,7 @@ class KafkaSink(Sink):
         # Set once fenced: this sink never starts another producer.
         self._fenced: str | None = None
         # Producers dropped by a cancelled commit, stopped by the next _retire.
-        self._orphans: list[_Producer] = []
+        self._orphans: list[Producer] = []
         self._lock = anyio.Lock()
 
     # A property, not the base's class attribute: it depends on transactional.
@@ -873,22 +409,9 @@ class KafkaSink(Sink):
         self._source_group = distinct[0] if distinct else None
 
     def _settings(self, context: SinkContext) -> dict[str, Any]:
-        settings: dict[str, Any] = {
-            "client_id": f"streamlet.{context.app}.{context.handler}",
-            # A transaction begun right after the previous commit may be told
-            # NOT_ENOUGH_REPLICAS for a moment; aiokafka's default 100 ms wait
-            # before retrying made up the whole p99 of short batches.
-            "retry_backoff_ms": 10,
-        }
-        settings.update(self._config)
-        settings["bootstrap_servers"] = self._servers
-        if self._transactional:
-            settings["transactional_id"] = transactional_id(context)
-            settings["transaction_timeout_ms"] = int(self._transaction_timeout * 1000)
-        else:
-            settings["enable_idempotence"] = True
+        settings = self._config.producer_settings(context)
         if self._partitioner is not None:
-            settings["partitioner"] = _checked(self._partitioner)
+            settings["partitioner"] = checked_partitioner(self._partitioner)
         return settings
 
     async def _connect(self) -> None:
@@ -952,12 +475,12 @@ class KafkaSink(Sink):
             await anyio.sleep(pause)
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
-    async def _start(self, settings: Mapping[str, Any]) -> tuple[_Producer, int | None]:
+    async def _start(self, settings: Mapping[str, Any]) -> tuple[Producer, int | None]:
         if self._transactional and not self._owner_checked:
             # Before InitProducerId, which would fence the producer of a
             # worker that may rightly own the marker: a refused start must
             # not stop that worker.
-            probe = await _Producer.start(_probe_settings(settings))
+            probe = await Producer.start(probe_settings(settings))
             try:
                 written = await self._read_marker(probe) - 1
                 context = self._context
@@ -971,7 +494,7 @@ class KafkaSink(Sink):
                 with anyio.CancelScope(shield=True):
                     await probe.stop()
             self._owner_checked = True
-        producer = await _Producer.start(settings)
+        producer = await Producer.start(settings)
         try:
             # Waits for the topic's metadata: a missing topic fails here, not
             # in the middle of a batch.
@@ -983,7 +506,7 @@ class KafkaSink(Sink):
             raise
         return producer, next_batch
 
-    async def _read_marker(self, producer: _Producer) -> int:
+    async def _read_marker(self, producer: Producer) -> int:
         """The next batch id to write: the highest marker of the sink's groups.
 
         Raises:
@@ -1109,8 +632,8 @@ class KafkaSink(Sink):
             assert self._next is not None
             return max(0, self._next - 1)
 
-    def _encode(self, batch: Batch, outputs: Sequence[object]) -> list[_Message]:
-        messages: list[_Message] = []
+    def _encode(self, batch: Batch, outputs: Sequence[object]) -> list[Message]:
+        messages: list[Message] = []
         for index, output in enumerate(outputs):
             try:
                 message = self._encode_one(output)
@@ -1123,7 +646,7 @@ class KafkaSink(Sink):
             messages.append(message)
         return messages
 
-    def _encode_one(self, output: object) -> _Message:
+    def _encode_one(self, output: object) -> Message:
         value = self._value(output)
         key = self._key(output) if self._key is not None else None
         headers = self._headers(output) if self._headers is not None else None
@@ -1133,7 +656,7 @@ class KafkaSink(Sink):
             raise TypeError(f"key() returned {type(key).__name__}, not bytes or None")
         if key is None and value is None:
             raise TypeError("a record needs a key or a value; both are None")
-        return _Message(key, value, _check_headers(headers))
+        return Message(key, value, _check_headers(headers))
 
     def _source_offsets(self, batch: Batch) -> dict[TopicPartition, int]:
         offsets: dict[TopicPartition, int] = {}
@@ -1145,7 +668,7 @@ class KafkaSink(Sink):
             offsets[tp] = max(offsets.get(tp, r.until), r.until)
         return offsets
 
-    async def _transact(self, producer: _Producer, batch: Batch, messages: list[_Message]) -> bool:
+    async def _transact(self, producer: Producer, batch: Batch, messages: list[Message]) -> bool:
         """One transaction: outputs, marker, source offsets; see the module docstring."""
         source_offsets = self._source_offsets(batch)
         committing = False
@@ -1166,7 +689,7 @@ class KafkaSink(Sink):
                     assert self._source_group is not None
                     await producer.send_offsets(self._source_group, source_offsets)
                 stage = "waiting for the broker to acknowledge the outputs"
-                await _delivered(futures)
+                await delivered(futures)
                 stage = "committing"
                 committing = True
                 await producer.commit()
@@ -1180,20 +703,20 @@ class KafkaSink(Sink):
         self._next = batch.id + 1
         return True
 
-    def _forget(self, producer: _Producer) -> None:
+    def _forget(self, producer: Producer) -> None:
         """Drop ``producer`` without waiting; a later call stops it."""
         self._producer = None
         self._next = None
         self._orphans.append(producer)
 
     async def _failed(
-        self, producer: _Producer, batch: Batch, exc: Exception, committing: bool, stage: str
+        self, producer: Producer, batch: Batch, exc: Exception, committing: bool, stage: str
     ) -> bool:
         """Turn a failed transaction into a SinkError, or True if it committed after all."""
         cause = producer.failure() or exc
         kind = transaction_failure(
             fenced=_is_fenced(cause) or _is_fenced(exc),
-            partitioner_failed=isinstance(exc, _PartitionerFailed),
+            partitioner_failed=isinstance(exc, PartitionerFailed),
             too_large=isinstance(cause, MessageSizeTooLargeError),
             committing=committing,
             timed_out=isinstance(exc, TimeoutError),
@@ -1214,7 +737,7 @@ class KafkaSink(Sink):
             raise FencedError(self._fenced) from cause
         if kind == "output":
             await self._abort(producer, batch)
-            if isinstance(exc, _PartitionerFailed):
+            if isinstance(exc, PartitionerFailed):
                 raise OutputError(
                     f"the partitioner of {self._where()} failed {stage} of batch {batch.id}:"
                     f" {exc}. The transaction was aborted; fix the partitioner"
@@ -1263,7 +786,7 @@ class KafkaSink(Sink):
         error.retriable = True
         raise error from cause
 
-    async def _abort(self, producer: _Producer, batch: Batch) -> None:
+    async def _abort(self, producer: Producer, batch: Batch) -> None:
         """Abort the open transaction; if that fails too, drop the producer."""
         try:
             with anyio.fail_after(self._transaction_timeout):
@@ -1281,20 +804,18 @@ class KafkaSink(Sink):
             self._forget(producer)
             raise
 
-    async def _send_plain(
-        self, producer: _Producer, batch: Batch, messages: list[_Message]
-    ) -> None:
+    async def _send_plain(self, producer: Producer, batch: Batch, messages: list[Message]) -> None:
         """Non-transactional: send and wait for every acknowledgement."""
         try:
             with anyio.fail_after(self._transaction_timeout):
                 futures = await producer.send_many(self._topic, messages)
-                await _delivered(futures)
+                await delivered(futures)
         except Exception as exc:
             cause = producer.failure() or exc
             # A fresh producer for the next try: an idempotent producer can
             # wedge on a sequence error (aiokafka #1017).
             await self._retire()
-            if isinstance(exc, _PartitionerFailed):
+            if isinstance(exc, PartitionerFailed):
                 raise OutputError(
                     f"the partitioner of {self._where()} failed on batch {batch.id}: {exc};"
                     " fix the partitioner"
