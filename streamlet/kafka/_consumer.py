@@ -16,7 +16,7 @@ import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaTimeoutError, OffsetOutOfRangeError
 
-from streamlet.errors import SourceError, StreamletError
+from streamlet.errors import SourceError, SourceUnavailableError, StreamletError
 from streamlet.kafka import _aiokafka
 from streamlet.kafka.config import KafkaSourceConfig
 from streamlet.records import Record
@@ -199,9 +199,8 @@ class Consumer:
 
 
 def kafka_error(message: str, exc: BaseException) -> StreamletError:
-    error = SourceError(f"{message}: {exc}")
-    error.retriable = bool(getattr(exc, "retriable", False)) or isinstance(exc, KafkaTimeoutError)
-    return error
+    may_pass = bool(getattr(exc, "retriable", False)) or isinstance(exc, KafkaTimeoutError)
+    return (SourceUnavailableError if may_pass else SourceError)(f"{message}: {exc}")
 
 
 class Group:

@@ -16,7 +16,7 @@ from typing import TypeVar
 import anyio
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from streamlet.errors import ConfigError, SourceError
+from streamlet.errors import ConfigError, SourceError, SourceUnavailableError
 from streamlet.kafka._consumer import Consumer, Group, kafka_error
 from streamlet.kafka.config import KafkaSourceConfig
 from streamlet.kafka.policy import out_of_range, start_offset
@@ -142,7 +142,7 @@ class Link:
                 ) from error
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                failure = SourceError(
+                failure = SourceUnavailableError(
                     f"could not connect to Kafka at {config.servers} within"
                     f" connect_timeout={config.connect_timeout:g} s ({attempt} attempt(s);"
                     f" last error: {error or 'timed out'}). Check that the brokers are"
@@ -150,7 +150,6 @@ class Link:
                     " right, and that consumer_config holds the listener's security"
                     " settings (security_protocol, ssl_context, sasl_*)"
                 )
-                failure.retriable = True
                 raise failure from error
             log.warning(
                 "cannot reach Kafka at %s (attempt %d): %s; retrying in %.2f s",
@@ -214,12 +213,11 @@ class Link:
                     error = exc
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                failure = SourceError(
+                failure = SourceUnavailableError(
                     f"{action} of topic {config.topic!r} at {config.servers} did not succeed"
                     f" within fetch_timeout={config.fetch_timeout:g} s (last error:"
                     f" {error or 'timed out'}); check the brokers' health"
                 )
-                failure.retriable = True
                 raise failure from error
             log.warning(
                 "%s of topic %r failed: %s; retrying in %.1f s",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import anyio
 from aiokafka.errors import KafkaError
 
-from streamlet.errors import SourceError
+from streamlet.errors import SourceError, SourceUnavailableError
 from streamlet.kafka._consumer import POLL, OutOfRangeFetch, kafka_error
 from streamlet.kafka._link import Link
 from streamlet.kafka.config import KafkaSourceConfig
@@ -252,13 +252,12 @@ class KafkaDirectSource(KafkaSource, DirectSource):
             + (f"readable up to {ends[p]}" if p in ends else "the brokers did not answer")
             for p in stuck
         )
-        error = SourceError(
+        error = SourceUnavailableError(
             f"reading topic {self.config.topic!r} made no progress for"
             f" fetch_timeout={self.config.fetch_timeout:g} s: {details}. If the range"
             " reaches past what is readable, the topic was recreated or truncated since the"
             " batch was planned; otherwise check the brokers' health"
         )
-        error.retriable = True
         raise error
 
     async def commit(self, ranges: Sequence[OffsetRange]) -> None:

@@ -105,7 +105,13 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import TopicPartition
 
-from streamlet.errors import ConfigError, FencedError, OutputError, SinkError
+from streamlet.errors import (
+    ConfigError,
+    FencedError,
+    OutputError,
+    SinkError,
+    SinkUnavailableError,
+)
 from streamlet.kafka._producer import (
     Message,
     PartitionerFailed,
@@ -166,6 +172,11 @@ def _retriable(exc: BaseException) -> bool:
     if isinstance(exc, KafkaConnectionError | KafkaTimeoutError | TimeoutError):
         return True
     return bool(getattr(exc, "retriable", False))
+
+
+def _sink_error(cause: BaseException, message: str) -> SinkError:
+    """A SinkError, of the class that says it may pass when ``cause`` may."""
+    return (SinkUnavailableError if _retriable(cause) else SinkError)(message)
 
 
 def _describe(exc: BaseException, *, cause: bool = True) -> str:
@@ -454,14 +465,13 @@ class KafkaSink(Sink):
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                failure = SinkError(
+                failure = SinkUnavailableError(
                     f"{self._where()} could not connect to Kafka at {', '.join(self._servers)}"
                     f" within {self._open_timeout:g}s ({attempt} attempt(s)); last error:"
                     f" {_describe(error)}. Check bootstrap_servers, that the broker is up and"
                     f" reachable, that topic {self._topic!r} exists, and the security settings"
                     " in producer_config"
                 )
-                failure.retriable = True
                 raise failure from error
             pause = min(backoff, left)
             log.warning(
@@ -749,13 +759,12 @@ class KafkaSink(Sink):
             ) from cause
         if kind == "aborted":
             await self._abort(producer, batch)
-            error = SinkError(
+            raise _sink_error(
+                cause,
                 f"{self._where()} could not write batch {batch.id} ({stage}):"
                 f" {_describe(cause)}. The transaction was aborted; nothing of the batch is"
-                " visible"
-            )
-            error.retriable = _retriable(cause)
-            raise error from cause
+                " visible",
+            ) from cause
         # Unknown outcome (timed out, or failed while committing): a new
         # producer settles the transaction, then the marker says what happened.
         phase = "committing" if committing else f"writing ({stage})"
@@ -769,22 +778,19 @@ class KafkaSink(Sink):
         try:
             await self._connect()
         except SinkError as reconnect:
-            error = SinkError(
+            raise _sink_error(
+                reconnect,
                 f"{self._where()}: {phase} batch {batch.id} failed ({_describe(cause)}) and"
-                f" whether it committed is unknown until Kafka is reachable again: {reconnect}"
-            )
-            error.retriable = reconnect.retriable
-            raise error from cause
+                f" whether it committed is unknown until Kafka is reachable again: {reconnect}",
+            ) from cause
         assert self._next is not None
         if self._next > batch.id:
             log.info("%s: batch %d did commit", self._where(), batch.id)
             return True
-        error = SinkError(
+        raise SinkUnavailableError(
             f"{self._where()}: {phase} batch {batch.id} failed ({_describe(cause)}); the"
             " transaction was rolled back, nothing of the batch is visible"
-        )
-        error.retriable = True
-        raise error from cause
+        ) from cause
 
     async def _abort(self, producer: Producer, batch: Batch) -> None:
         """Abort the open transaction; if that fails too, drop the producer."""
@@ -824,13 +830,12 @@ class KafkaSink(Sink):
                 raise OutputError(
                     f"{self._where()} could not write batch {batch.id}: {_describe(cause)}"
                 ) from cause
-            error = SinkError(
+            raise _sink_error(
+                cause,
                 f"{self._where()} could not write batch {batch.id}: {_describe(cause)}. Some"
                 " of its outputs may have been written; retrying writes them again"
-                " (at-least-once)"
-            )
-            error.retriable = _retriable(cause)
-            raise error from cause
+                " (at-least-once)",
+            ) from cause
         except BaseException:
             self._forget(producer)
             raise
