@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -29,6 +29,7 @@ from streamlet.faults import file_system
 from streamlet.fs import FileSystem
 from streamlet.handlers import HandlerFn, HandlerSpec, check_handler, code_of
 from streamlet.metrics import BatchInfo
+from streamlet.observe.address import parse_address
 from streamlet.scheduler import BatchPolicy, BatchScheduler, FailurePolicy, RetryPolicy
 from streamlet.sinks.base import Sink, SinkContext, sink_ahead
 from streamlet.sources.base import DirectSource
@@ -40,6 +41,10 @@ from streamlet.wal import Position, WriteAheadLog
 from streamlet.watchdog import watched
 
 __all__ = ["App"]
+
+if TYPE_CHECKING:
+    from streamlet.observe.probe import EngineProbe
+    from streamlet.observe.web import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +155,12 @@ class App:
         fs: the file layer (tests inject a fault-injecting one).
         clock: the clock of ticks, batch timings, block cuts and checkpoint
             intervals (tests inject :class:`streamlet.testing.clock.FakeClock`).
+        http: serve the live status page, Prometheus metrics (``/metrics``),
+            JSON status and a health check on this address (``HOST:PORT``,
+            ``:PORT`` for loopback, port 0 for any free one); None: nothing
+            is served. Read-only; see SECURITY.md before binding anything
+            but loopback.
+        retained_batches: batches the status page and ``/api/batches`` keep.
     """
 
     def __init__(
@@ -178,6 +189,8 @@ class App:
         blocked_loop_warning: float | None = 1.0,
         fs: FileSystem | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        http: str | None = None,
+        retained_batches: int = 1000,
     ) -> None:
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise ConfigError(
@@ -238,6 +251,10 @@ class App:
         # The real file system, unless STREAMLET_FAULT_FS asks for injected faults.
         self.fs: FileSystem = fs if fs is not None else file_system()
         self.clock = clock
+        self.http = parse_address(http) if http else None
+        self.retained_batches = _positive_int("retained_batches", retained_batches)
+        #: Where the status page is served while the app runs (None: not served).
+        self.http_url: str | None = None
         self._sources: dict[str, AnySource] = {}
         self._handlers: list[HandlerSpec] = []
         self._decoders: dict[str, Callable[[bytes], object]] = {}
@@ -254,6 +271,8 @@ class App:
                 continue
             if key == "state_dir":
                 self.state_dir = os.fspath(value)
+            elif key == "http":
+                self.http = parse_address(value)
             elif key == "batch_interval":
                 interval = _positive("batch_interval", value)
                 if not self._block_interval_given:
@@ -374,6 +393,26 @@ class App:
             },
         }
 
+    def settings(self) -> dict[str, Any]:
+        """The app's settings as the status page shows them (no secrets: none are settings)."""
+        return {
+            "state_dir": self.state_dir,
+            "batch_interval": self.batch_interval,
+            "block_interval": self.block_interval,
+            "max_batch_records": self.max_batch_records,
+            "max_batch_bytes": self.max_batch_bytes,
+            "backpressure": self.backpressure,
+            "min_rate": self.min_rate,
+            "checkpoint_interval": self.checkpoint_interval,
+            "max_retries": self.retry.max_retries,
+            "retry_backoff": self.retry.backoff,
+            "handler_timeout": self.retry.timeout,
+            "on_failure": self.on_failure,
+            "dead_letter": self.dead_letter.describe() if self.dead_letter is not None else None,
+            "durability": self.durability,
+            "stop_timeout": self.stop_timeout,
+        }
+
     def _validate(self) -> None:
         if not self._handlers:
             raise ConfigError(f"app {self.name!r} has no handlers; decorate one with @app.handler")
@@ -447,6 +486,7 @@ class App:
         started_sources: list[DirectSource] = []
         opened_sinks: list[Sink] = []
         data_wal: WriteAheadLog | None = None
+        server: HttpServer | None = None
         try:
             generator: BlockGenerator | None = None
             if receivers:
@@ -507,9 +547,19 @@ class App:
             )
             stop = self._stop
             assert stop is not None
+            probe: EngineProbe | None = None
+            if self.http is not None:
+                server, probe = await self._serve_http(
+                    self.http, tracker, scheduler, direct, receivers, sinks, generator, stop
+                )
+            observed = probe
 
             async def work() -> None:
+                if observed is not None:
+                    observed.state = "recovering"
                 await scheduler.recover()
+                if observed is not None:
+                    observed.state = "running"
                 if generator is None:
                     task_status.started()
                     await scheduler.run(stop, duration=duration)
@@ -527,6 +577,12 @@ class App:
             log.info("app %r stopped after batch %d", self.name, tracker.state.last_done)
         finally:
             with anyio.CancelScope(shield=True):
+                if server is not None:
+                    try:
+                        await server.aclose()
+                    except Exception:
+                        log.exception("stopping the status page failed")
+                    self.http_url = None
                 for sink in reversed(opened_sinks):
                     try:
                         await sink.aclose()
@@ -544,6 +600,46 @@ class App:
                         await data_wal.aclose()
                 finally:
                     await tracker.aclose()
+
+    async def _serve_http(
+        self,
+        address: tuple[str, int],
+        tracker: Tracker,
+        scheduler: BatchScheduler,
+        direct: Mapping[str, DirectSource],
+        receivers: Mapping[str, Receiver],
+        sinks: Sequence[tuple[str, Sink]],
+        generator: BlockGenerator | None,
+        stop: anyio.Event,
+    ) -> tuple[HttpServer, EngineProbe]:
+        """Start the status page and metrics on ``address``; the monitor listens to batches."""
+        # Imported here: prometheus_client and aiohttp load only when asked for.
+        from streamlet.observe.monitor import Monitor
+        from streamlet.observe.probe import EngineProbe
+        from streamlet.observe.status import SinkStatus
+        from streamlet.observe.web import HttpServer
+
+        probe = EngineProbe(
+            app=self.name,
+            clock=self.clock,
+            batch_interval=self.batch_interval,
+            tracker=tracker,
+            scheduler=scheduler,
+            direct=direct,
+            receivers=receivers,
+            sinks=[SinkStatus(h, s.describe(), s.guarantee) for h, s in sinks],
+            settings=self.settings(),
+            blocks=generator,
+            stop=stop,
+            started=self.clock.monotonic(),
+        )
+        monitor = Monitor(self.name, self.clock, retained=self.retained_batches)
+        monitor.probe = probe
+        server = HttpServer(monitor, *address)
+        await server.start()
+        self.http_url = server.url
+        scheduler.listeners.append(monitor.on_batch)
+        return server, probe
 
     async def _check_sinks_not_ahead(
         self, sinks: Sequence[tuple[str, Sink]], state: TrackerState

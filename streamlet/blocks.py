@@ -172,6 +172,11 @@ class BlockGenerator:
         self._rates: dict[str, float] = {}
         self._next_free: dict[str, float] = {}
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes stored by receivers and not yet durable (what ``max_buffered_bytes`` bounds)."""
+        return self._buffered
+
     def set_rate(self, source: str, rate: float | None) -> None:
         """Limit receiver ``source`` to ``rate`` records/s (None: no limit); backpressure."""
         if rate is None:

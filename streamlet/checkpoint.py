@@ -283,6 +283,8 @@ class Checkpointer:
         self._retained: list[RetainedCheckpoint] = [loaded] if loaded is not None else []
         self._written_at = self.clock.monotonic()
         self._written_batch = last_done
+        #: The clock's monotonic time of the last checkpoint written (None: none yet).
+        self.last_written: float | None = None
 
     def due(self, last_done: int, *, force: bool = False) -> bool:
         """Whether a checkpoint should be written now: forced, or a batch done and time up."""
@@ -307,7 +309,7 @@ class Checkpointer:
             "state": state,
         }
         await anyio.to_thread.run_sync(write_checkpoint, self.fs, self.directory, last_done, body)
-        self._written_at = self.clock.monotonic()
+        self._written_at = self.last_written = self.clock.monotonic()
         self._written_batch = last_done
         # A forced checkpoint at stop may rewrite the newest under its own
         # name: then the older one is still the one the log must reach.

@@ -331,6 +331,12 @@ def _load_app(target: str) -> streamlet.App:
     show_default=True,
 )
 @click.option("--quiet", is_flag=True, help="Do not print a status line per batch.")
+@click.option(
+    "--http",
+    metavar="HOST:PORT",
+    help="Serve the live status page, /metrics (Prometheus), /api/status and /healthz here"
+    " (e.g. 127.0.0.1:9100; read-only; see SECURITY.md before binding beyond loopback).",
+)
 def run(
     target: str,
     state_dir: str | None,
@@ -338,6 +344,7 @@ def run(
     duration: float | None,
     log_level: str,
     quiet: bool,
+    http: str | None,
 ) -> None:
     """Run an app until Ctrl-C / SIGTERM (graceful; twice: at once) or --duration.
 
@@ -361,7 +368,7 @@ def run(
     if duration is not None and not duration > 0:
         raise click.BadParameter(f"must be a positive number of seconds, not {duration}")
     try:
-        app.configure(state_dir=state_dir, batch_interval=batch_interval)
+        app.configure(state_dir=state_dir, batch_interval=batch_interval, http=http)
     except streamlet.ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if not quiet:
@@ -374,6 +381,44 @@ def run(
     except streamlet.StreamletError as exc:
         click.echo(f"error: {exc}", err=True)
         raise click.exceptions.Exit(1) from exc
+
+
+@main.command("status")
+@click.argument("url", metavar="URL")
+@click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.2),
+    metavar="SECONDS",
+    help="Redraw every SECONDS until Ctrl-C.",
+)
+def status(url: str, as_json: bool, watch: float | None) -> None:
+    """Print a running worker's status: rates, delays, lag, sinks and the last errors.
+
+    URL is where the worker serves its page (``streamlet run --http``), for
+    example http://127.0.0.1:9100. For a server without a browser.
+    """
+    import time
+
+    import orjson
+
+    from streamlet.observe.terminal import fetch_status, render
+
+    while True:
+        try:
+            document = fetch_status(url)
+        except streamlet.StreamletError as exc:
+            click.echo(f"error: {exc}", err=True)
+            raise click.exceptions.Exit(1) from exc
+        if as_json:
+            click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        else:
+            if watch is not None:
+                click.clear()
+            click.echo(render(document))
+        if watch is None:
+            return
+        time.sleep(watch)
 
 
 @main.group()

@@ -8,12 +8,49 @@ live page. A BatchInfo holds counts, offsets and timings, never record data.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from streamlet.records import BlockRef, OffsetRange
 
-__all__ = ["BatchInfo", "HandlerInfo"]
+__all__ = ["LATENCY_BUCKETS", "BatchInfo", "HandlerInfo", "LatencyHistogram"]
+
+LATENCY_BUCKETS: tuple[float, ...] = tuple(round(0.001 * 60_000 ** (i / 17), 6) for i in range(18))
+"""Latency bucket bounds in seconds: 1 ms to 60 s in 18 exponential steps."""
+
+
+class LatencyHistogram:
+    """Counts of durations by bucket, for parts that must not depend on a metrics library.
+
+    The write-ahead log's writer thread observes each fsync here; the monitor
+    reads :meth:`cumulative` when Prometheus scrapes. One thread writes, any
+    may read: a reader may see one observation half-counted (in ``count``
+    but not yet in its bucket), which a scrape tolerates.
+    """
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations <= it)`` per bucket, ending with ``(inf, count)``."""
+        out: list[tuple[float, int]] = []
+        running = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +59,7 @@ class HandlerInfo:
 
     Attributes:
         name: the handler's name.
+        records: its input records (those of its sources).
         outputs: outputs its sink committed (0 when it was dead-lettered).
         attempts: calls of the handler (1: no retry).
         dead_lettered: its input went to the dead-letter sink (it failed
@@ -34,6 +72,7 @@ class HandlerInfo:
     """
 
     name: str
+    records: int = 0
     outputs: int = 0
     attempts: int = 1
     dead_lettered: bool = False

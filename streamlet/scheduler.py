@@ -711,6 +711,7 @@ class BatchScheduler:
             handlers=tuple(
                 HandlerInfo(
                     name=spec.name,
+                    records=len(views[spec.name]),
                     outputs=0
                     if spec.name in dead_handlers or spec.name not in to_commit
                     else len(to_commit[spec.name][1]),

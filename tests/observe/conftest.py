@@ -1,0 +1,5 @@
+"""The monitoring tests' fixtures (defined in support.py)."""
+
+from tests.observe.support import start
+
+__all__ = ["start"]
