@@ -7,6 +7,12 @@ policy), to hand every such record back byte for byte after a crash, and to
 stop loudly, never silently, when the disk misbehaves. The byte format is
 specified in :mod:`streamlet.wal.format`.
 
+This module is the log's face: the API, the event loop's side of group
+commit (where each append goes, its future), and reads. The writer thread's
+side is :mod:`streamlet.wal._writer`, every frame is read back through
+:mod:`streamlet.wal._reader`, and the files of a log directory are made and
+locked by :mod:`streamlet.wal._segments`.
+
 Invariants:
 
 * Records are written in the order ``append`` / ``append_many`` were called,
@@ -16,7 +22,9 @@ Invariants:
   :attr:`Durability.ALWAYS`, the fsync) that holds it returned.
 * Only the writer thread changes the segment files (started by the flusher
   task through ``anyio.to_thread``, one at a time); the event loop never
-  blocks on the disk.
+  blocks on the disk. What that thread owns is a class of its own
+  (:class:`~streamlet.wal._writer.SegmentWriter`), and what it shares with
+  the loop another (:class:`~streamlet.wal._writer.WriteQueue`).
 * Every segment but the last is complete and synced: a segment is synced
   before the next one is created, and a torn tail is tolerated in the last
   segment only.
@@ -28,20 +36,14 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import enum
 import functools
 import itertools
 import logging
 import math
 import operator
 import os
-import threading
-import time
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import NamedTuple, TypeVar, cast, overload
 
@@ -52,29 +54,31 @@ from streamlet.errors import (
     ConfigError,
     RecordTooLargeError,
     WALClosedError,
-    WALCorruptionError,
     WALError,
     WALFailedError,
 )
-from streamlet.fs import File, FileSystem, OsFileSystem, lock_held, try_lock
+from streamlet.fs import File, FileSystem, OsFileSystem
+from streamlet.wal._reader import (
+    EndKind,
+    Inspection,
+    Problem,
+    SegmentReader,
+    SegmentSummary,
+    TornTail,
+    corruption_error,
+    inspect_log,
+)
+from streamlet.wal._segments import LOCK_NAME, is_locked, lock_directory
+from streamlet.wal._writer import Chunk, Durability, SegmentWriter, WriteQueue
 from streamlet.wal.format import (
     FRAME_HEADER_SIZE,
     MAX_RECORD_SIZE_LIMIT,
-    SECTOR_SIZE,
     SEGMENT_HEADER_SIZE,
-    SEGMENT_SUFFIX,
-    TEMP_SUFFIX,
-    FrameCheck,
     FrameFault,
     check_frame,
-    check_segment_header,
     encode_frames,
     encode_frames_joined,
-    encode_segment_header,
     frame_header,
-    is_torn,
-    parse_segment_name,
-    scan,
     segment_name,
 )
 
@@ -95,30 +99,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = "LOCK"
-"""The file in a log directory that a writer holds an exclusive ``flock`` on."""
-
-_SCAN_CHUNK = 4 * 2**20  # bytes read per worker call when scanning or replaying
-_SLOW_SYNC = 1.0  # seconds; an fsync slower than this is logged (the disk is struggling)
-_WRITER_LINGER = 1.0  # seconds the writer thread waits for more appends before it returns
-
-
-class Durability(enum.StrEnum):
-    """When an append counts as done."""
-
-    ALWAYS = "always"
-    """Acknowledge after the fsync: nothing acknowledged is lost, even by a power cut."""
-    INTERVAL = "interval"
-    """Acknowledge after the write; fsync at most every ``sync_interval`` seconds.
-
-    A process crash loses nothing (the page cache survives it); a machine
-    crash or power cut loses up to ``sync_interval`` seconds of appends."""
-    NONE = "none"
-    """Acknowledge after the write and never fsync records: for benchmarks and tests only.
-
-    Segment creation and ``aclose`` still sync, so the log's structure stays
-    sound; a machine crash can lose any amount of recent appends."""
-
 
 class Position(NamedTuple):
     """Where a record is in the log; positions order like the records do."""
@@ -135,229 +115,6 @@ _new_position = cast(
     Callable[[tuple[int, int, int]], Position], functools.partial(tuple.__new__, Position)
 )
 """``Position`` from a tuple, skipping the Python-level ``__new__`` (hot path of ``append``)."""
-
-
-# --------------------------------------------------------------------------
-# Read-only inspection, shared by recovery and by streamlet.wal.tools.
-
-
-class Problem(NamedTuple):
-    """The first place a log cannot be read past."""
-
-    path: str
-    """The segment file (or the missing file's would-be path)."""
-    offset: int
-    """Byte offset of the bad record or header in that file."""
-    reason: str
-    """What is wrong there, as a sentence fragment."""
-
-
-class TornTail(NamedTuple):
-    """An incomplete write at the end of the last segment, to be cut off on open."""
-
-    path: str
-    """The last segment file."""
-    offset: int
-    """Where the intact records end; the file is cut here."""
-    dropped: int
-    """How many bytes are cut off."""
-    reason: str
-    """What the torn frame looks like."""
-
-
-@dataclass
-class SegmentSummary:
-    """One segment as :func:`inspect_log` found it."""
-
-    seq: int
-    path: str
-    size: int
-    scanned: bool = False
-    """Whether its records were checked (always for the last segment)."""
-    records: int = 0
-    """Intact records found, when scanned."""
-    payload_bytes: int = 0
-    """Sum of their payload lengths, when scanned."""
-
-
-@dataclass
-class Inspection:
-    """What a read-only pass over a log directory found; nothing is changed."""
-
-    directory: str
-    segments: list[SegmentSummary] = field(default_factory=list)
-    """Segments in order, up to and including the one holding :attr:`problem`."""
-    temp_files: list[str] = field(default_factory=list)
-    """Leftover ``*.wal.tmp`` paths from an interrupted segment creation."""
-    problem: Problem | None = None
-    """The first corruption, or None."""
-    torn_tail: TornTail | None = None
-    """A torn tail of the last segment (only when there is no problem)."""
-
-
-def corruption_error(problem: Problem, directory: str) -> WALCorruptionError:
-    """The error for ``problem``, saying where, what, and how to repair."""
-    return WALCorruptionError(
-        f"{problem.path}: corrupt at offset {problem.offset}: {problem.reason}. "
-        f"The log cannot be read past this point. To cut it off there (losing what "
-        f"follows), run `streamlet wal repair {directory}`, which keeps a .broken "
-        f"copy of every file it changes.",
-        path=problem.path,
-        offset=problem.offset,
-    )
-
-
-def _scan_segment(file: File, size: int) -> tuple[int, int, int, FrameCheck | None, bool]:
-    """Check every frame of an open segment file of ``size`` bytes.
-
-    Returns ``(records, payload_bytes, stop, check, torn)``: ``stop`` is where
-    the intact frames end; ``check`` says what is wrong at ``stop`` (None if
-    the file ends there) and ``torn`` whether that looks like a torn tail.
-    Reads in chunks, so memory stays bounded whatever the segment size.
-    """
-    records = payload = 0
-    offset = SEGMENT_HEADER_SIZE
-    want = _SCAN_CHUNK
-    while offset < size:
-        requested = min(size - offset, want)
-        buf = file.read(offset, requested)
-        if len(buf) < requested:  # the file shrank under us: judge what is there
-            size = offset + len(buf)
-        found, stop = scan(buf, 0, len(buf))
-        records += len(found)
-        payload += sum(len(p) for _, p in found)
-        if stop == len(buf):
-            offset += stop
-            want = _SCAN_CHUNK
-            continue
-        check = check_frame(buf, stop, len(buf))
-        needed = FRAME_HEADER_SIZE + (check.length if check.fault is FrameFault.PAST_END else 0)
-        if (
-            check.fault in (FrameFault.SHORT_HEADER, FrameFault.PAST_END)
-            and offset + len(buf) < size
-            and offset + stop + needed <= size
-        ):
-            # The frame continues past this chunk: read it whole next time.
-            offset += stop
-            want = max(_SCAN_CHUNK, needed)
-            continue
-        bad = offset + stop
-        base = bad - bad % SECTOR_SIZE
-        tail = file.read(base, size - base)
-        check = check_frame(tail, bad - base, len(tail))
-        if check.fault is None:  # only if the file changed while it was read
-            check = FrameCheck(FrameFault.PAST_END, 0, "the file changed while it was read")
-        return records, payload, bad, check, is_torn(tail, base, bad, check)
-    return records, payload, offset, None, False
-
-
-def inspect_log(fs: FileSystem, directory: str, *, scan_all: bool) -> Inspection:
-    """Check a log directory without changing it, up to the first problem.
-
-    Segment numbering and every segment header are always checked; records
-    are checked in the last segment, and in all of them when ``scan_all``.
-    A bad frame in the last segment is classed torn or corrupt by the rules
-    in :mod:`streamlet.wal.format`; anywhere else it is corruption.
-    """
-    names = fs.listdir(directory)
-    found = Inspection(directory)
-    found.temp_files = [
-        os.path.join(directory, n) for n in names if n.endswith(SEGMENT_SUFFIX + TEMP_SUFFIX)
-    ]
-    seqs = sorted(s for s in map(parse_segment_name, names) if s is not None)
-    previous: int | None = None
-    for index, seq in enumerate(seqs):
-        if previous is not None and seq != previous + 1:
-            found.problem = Problem(
-                os.path.join(directory, segment_name(previous + 1)),
-                0,
-                f"segment {previous + 1} is missing: the directory holds segment "
-                f"{previous}, then {seq}",
-            )
-            return found
-        previous = seq
-        path = os.path.join(directory, segment_name(seq))
-        last = index == len(seqs) - 1
-        file = fs.open(path)
-        try:
-            size = file.size()
-            reason = check_segment_header(file.read(0, SEGMENT_HEADER_SIZE), seq)
-            if reason is not None:
-                found.problem = Problem(path, 0, f"the segment header {reason}")
-                return found
-            summary = SegmentSummary(seq, path, size)
-            found.segments.append(summary)
-            if not (scan_all or last):
-                continue
-            records, payload, stop, check, torn = _scan_segment(file, size)
-        finally:
-            file.close()
-        summary.scanned = True
-        summary.records = records
-        summary.payload_bytes = payload
-        if check is not None:
-            if last and torn:
-                found.torn_tail = TornTail(path, stop, size - stop, check.reason)
-            else:
-                found.problem = Problem(path, stop, check.reason)
-            return found
-    return found
-
-
-def lock_directory(directory: str) -> int:
-    """Take the exclusive writer lock of a log directory; return the fd holding it.
-
-    Raises WALError naming the directory when another open file holds it
-    (:func:`streamlet.fs.try_lock`: the lock goes with the process, so a
-    crash never leaves it stale).
-    """
-    path = os.path.join(directory, LOCK_NAME)
-    fd = try_lock(path)
-    if fd is None:
-        raise WALError(
-            f"the write-ahead log in {directory} is already open: another process (or "
-            f"another WriteAheadLog in this one) holds its lock {path}. A log has one "
-            f"writer; stop the other one first, or use a different directory."
-        )
-    return fd
-
-
-def is_locked(directory: str) -> bool:
-    """Whether a writer holds the lock of the log in ``directory`` now.
-
-    For tools that read a log another process may have open
-    (:func:`streamlet.fs.lock_held`: a shared probe that creates nothing).
-    """
-    return lock_held(os.path.join(directory, LOCK_NAME))
-
-
-# --------------------------------------------------------------------------
-# The log.
-
-
-class _Chunk:
-    """Frames queued for one segment, at a place fixed when they were queued, and their waiters.
-
-    The appends queued while the writer thread is busy share one chunk (see
-    "the open chunk" in :class:`WriteAheadLog`).
-    """
-
-    __slots__ = ("futures", "nbytes", "offset", "pieces", "segment")
-
-    def __init__(self, segment: int, offset: int) -> None:
-        self.segment = segment
-        self.offset = offset
-        self.nbytes = 0  # grows while the chunk is open
-        self.pieces: list[bytes] = []  # whose join is the frames; immutable bytes only
-        # Set once the frames are durable (or the log failed): one per call,
-        # so that cancelling one caller cancels its own future only.
-        self.futures: list[asyncio.Future[None]] = []
-
-    def fail(self, error: Callable[[], BaseException]) -> None:
-        """Tell this chunk's callers that still wait that it failed."""
-        for future in self.futures:
-            if not future.done():
-                future.set_exception(error())
 
 
 class _Reader:
@@ -480,15 +237,16 @@ class WriteAheadLog:
     sync of a segment it fills up), and meanwhile the next group gathers, so
     many appends share one fsync. See the module docstring for the invariants.
 
-    The open chunk: the last queued :class:`_Chunk` stays open while the
-    writer thread has not taken it, and later appends add their frames to it
-    instead of queueing chunks of their own. So the appends that gather while
-    a group is synced (typically every task woken by the previous group's
-    acknowledgement) make one queue entry, and the writer thread, which holds
-    the GIL (and so blocks the event loop) for every step of Python it takes,
-    handles one chunk per group instead of one per append. The open chunk
-    always ends at the tail of the log: every reservation goes into it, or
-    closes it first. ``_queue_lock`` guards the queue and the open chunk.
+    The open chunk: the last queued :class:`~streamlet.wal._writer.Chunk`
+    stays open while the writer thread has not taken it, and later appends
+    add their frames to it instead of queueing chunks of their own. So the
+    appends that gather while a group is synced (typically every task woken
+    by the previous group's acknowledgement) make one queue entry, and the
+    writer thread, which holds the GIL (and so blocks the event loop) for
+    every step of Python it takes, handles one chunk per group instead of one
+    per append. The open chunk always ends at the tail of the log: every
+    reservation goes into it, or closes it first. ``_queue.lock`` guards the
+    queue and the open chunk.
     """
 
     def __init__(
@@ -505,24 +263,31 @@ class WriteAheadLog:
         self._directory = directory
         self._fs = fs
         self._durability = durability
-        self._sync_interval = sync_interval
         self._segment_size = segment_size
         self._max_record_size = max_record_size
         self._max_group_bytes = max_group_bytes
         self._lock_fd: int | None = None
-        # Writer state: touched only inside worker-thread calls, one at a time.
-        self._wfile: File | None = None
-        self._wseq = 0
-        self._wsize = 0
+        self._loop = asyncio.get_running_loop()
+        # Shared with the writer thread.
+        self._queue = WriteQueue()
+        # Owned by worker threads: the recovery call, then the writer thread.
+        self._writer = SegmentWriter(
+            fs,
+            directory,
+            self._queue,
+            self._loop,
+            durability=durability,
+            sync_interval=sync_interval,
+            max_group_bytes=max_group_bytes,
+            written=self._written,
+            failed=self._fail,
+        )
         # Event-loop state.
-        self._tail_seq = 0  # where the next queued frame goes
+        self._tail_seq = 0  # where the next queued frame goes (changed with _queue.lock held)
         self._tail_size = 0
         self._written_seq = 0  # how far completed writes reach
         self._written_size = 0
         self._first = 0
-        self._loop = asyncio.get_running_loop()
-        self._queue: collections.deque[_Chunk] = collections.deque()
-        self._open: _Chunk | None = None  # the last queued chunk, if not taken yet
         self._wakeup = asyncio.Event()  # wakes the flusher task
         self._flusher: asyncio.Task[None] | None = None
         self._writing = False  # a writer thread call is under way
@@ -530,21 +295,6 @@ class WriteAheadLog:
         self._failed: BaseException | None = None
         self._closing = False
         self._close_task: asyncio.Task[BaseException | None] | None = None
-        # Shared with the writer thread.
-        # Wakes the writer thread. A bare lock used as a binary semaphore:
-        # held = no news; the loop releases it when it queues work, the writer
-        # blocks acquiring it. Cheaper both ways than threading.Event, whose
-        # Python-level condition variable costs microseconds per append.
-        self._work = threading.Lock()
-        self._work.acquire()
-        # Guards the queue and the open chunk: the loop adds to the open chunk
-        # while the writer may take it. Held for a few steps of Python only,
-        # never across I/O; uncontended, it costs a fraction of a microsecond.
-        self._queue_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._writer_lock = threading.Lock()  # held while the writer thread runs
-        self._dirty = False  # written but not synced (interval durability)
-        self._last_sync = time.monotonic()
         self._readers: dict[int, _Reader] = {}
         self._reader_lock = asyncio.Lock()
         self._clean_lock = asyncio.Lock()
@@ -613,65 +363,12 @@ class WriteAheadLog:
         if isinstance(self._fs, OsFileSystem):
             self._lock_fd = lock_directory(self._directory)
         try:
-            self._recover_files()
+            self._first = self._writer.recover()
         except BaseException:
             self._release_lock()
             raise
-        self._tail_seq = self._written_seq = self._wseq
-        self._tail_size = self._written_size = self._wsize
-
-    def _recover_files(self) -> None:
-        fs, directory = self._fs, self._directory
-        temps = [n for n in fs.listdir(directory) if n.endswith(SEGMENT_SUFFIX + TEMP_SUFFIX)]
-        for name in temps:
-            # A crash between creating and renaming a segment; it holds no records.
-            fs.remove(os.path.join(directory, name))
-        if temps:
-            fs.sync_dir(directory)
-        found = inspect_log(fs, directory, scan_all=False)
-        if found.problem is not None:
-            raise corruption_error(found.problem, directory)
-        if found.torn_tail is not None:
-            torn = found.torn_tail
-            file = fs.open(torn.path, writable=True)
-            try:
-                file.truncate(torn.offset)
-                file.sync()
-            finally:
-                file.close()
-            logger.warning(
-                "%s: dropped a torn tail of %d bytes at offset %d (%s); this is the "
-                "unfinished last write of a crash, and nothing before it was lost",
-                torn.path,
-                torn.dropped,
-                torn.offset,
-                torn.reason,
-            )
-        if found.segments:
-            last = found.segments[-1]
-            self._first = found.segments[0].seq
-            self._wseq = last.seq
-            self._wfile = fs.open(last.path, writable=True)
-            self._wsize = self._wfile.size()
-        else:
-            self._first = self._wseq = 1
-            self._wfile = self._create_segment(1)
-            self._wsize = SEGMENT_HEADER_SIZE
-
-    def _create_segment(self, seq: int) -> File:
-        """Create segment ``seq`` durably (temp, header, sync, rename, sync dir); open it."""
-        fs = self._fs
-        path = self._segment_path(seq)
-        temp = path + TEMP_SUFFIX
-        file = fs.create(temp)
-        try:
-            file.append(encode_segment_header(seq))
-            file.sync()
-        finally:
-            file.close()
-        fs.rename(temp, path)
-        fs.sync_dir(self._directory)
-        return fs.open(path, writable=True)
+        self._tail_seq = self._written_seq = self._writer.seq
+        self._tail_size = self._written_size = self._writer.size
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -731,7 +428,7 @@ class WriteAheadLog:
             data = bytes(data)
         header = frame_header(data)
         future = self._loop.create_future()
-        with self._queue_lock:
+        with self._queue.lock:
             chunk, offset = self._place(FRAME_HEADER_SIZE + length)
             # Header and payload stay apart until the writer joins its group,
             # so the payload is copied once on its way to the disk, not twice.
@@ -769,7 +466,7 @@ class WriteAheadLog:
         # Encoded before the space is reserved: a bad record fails the call
         # before it can leave a hole in the segment.
         data = encode_frames_joined(records, lengths)
-        with self._queue_lock:
+        with self._queue.lock:
             chunk, offset = self._place(total)
             chunk.pieces.append(data)
             chunk.futures.append(future)
@@ -781,22 +478,23 @@ class WriteAheadLog:
     ) -> list[Position]:
         """Queue a group larger than a segment record by record across segments."""
         positions: list[Position] = []
-        chunks: list[_Chunk] = []
+        chunks: list[Chunk] = []
         start = 0
-        with self._queue_lock:
-            self._open = None  # later appends go after these frames
+        queue = self._queue
+        with queue.lock:
+            queue.open = None  # later appends go after these frames
             for index, length in enumerate(lengths):
                 segment, offset = self._reserve(length + FRAME_HEADER_SIZE)
                 if not chunks or chunks[-1].segment != segment:
                     if chunks:
                         chunks[-1].pieces = pieces[2 * start : 2 * index]
-                    chunks.append(_Chunk(segment, offset))
+                    chunks.append(Chunk(segment, offset))
                     start = index
                 chunks[-1].nbytes += length + FRAME_HEADER_SIZE
                 positions.append(Position(segment, offset, length))
             chunks[-1].pieces = pieces[2 * start :]
             chunks[-1].futures.append(future)
-            self._queue.extend(chunks)
+            queue.chunks.extend(chunks)
             self._notify()
         return positions
 
@@ -808,7 +506,7 @@ class WriteAheadLog:
         """
         self._check_writable()
         future = self._loop.create_future()
-        with self._queue_lock:
+        with self._queue.lock:
             self._tail_seq += 1
             self._tail_size = SEGMENT_HEADER_SIZE
             # An empty chunk at the start of the new segment: the writer rolls to it.
@@ -818,7 +516,7 @@ class WriteAheadLog:
     def _reserve(self, nbytes: int) -> tuple[int, int]:
         """Fix where the next ``nbytes`` of frames go: (segment, offset).
 
-        With ``_queue_lock`` held and no chunk open (the frames go elsewhere).
+        With ``_queue.lock`` held and no chunk open (the frames go elsewhere).
         """
         segment, size = self._tail_seq, self._tail_size
         # Roll when these frames would overflow the segment, unless it is
@@ -830,16 +528,16 @@ class WriteAheadLog:
         self._tail_size = size + nbytes
         return segment, size
 
-    def _place(self, nbytes: int) -> tuple[_Chunk, int]:
+    def _place(self, nbytes: int) -> tuple[Chunk, int]:
         """Fix where the next ``nbytes`` of frames go: (their chunk, offset).
 
-        With ``_queue_lock`` held, which the caller keeps until it has added
+        With ``_queue.lock`` held, which the caller keeps until it has added
         the frames and its future to the chunk. The frames go into the open
         chunk unless they start a new segment or would take a chunk past
         ``max_group_bytes``.
         """
         segment, offset = self._tail_seq, self._tail_size
-        chunk = self._open
+        chunk = self._queue.open
         # Roll when these frames would overflow the segment, unless it is
         # empty: a record larger than a segment goes alone into its own.
         if offset + nbytes > self._segment_size and offset > SEGMENT_HEADER_SIZE:
@@ -853,16 +551,17 @@ class WriteAheadLog:
         self._tail_size = offset + nbytes
         return chunk, offset
 
-    def _open_chunk(self, segment: int, offset: int) -> _Chunk:
+    def _open_chunk(self, segment: int, offset: int) -> Chunk:
         """Queue an empty chunk at the tail and make it the open one (lock held)."""
-        chunk = self._open = _Chunk(segment, offset)
-        self._queue.append(chunk)
+        queue = self._queue
+        chunk = queue.open = Chunk(segment, offset)
+        queue.chunks.append(chunk)
         self._notify()
         return chunk
 
     def _notify(self) -> None:
         """Chunks were queued: wake the writer thread, or the flusher if none runs."""
-        self._wake_writer()
+        self._queue.wake_writer()
         if not self._writing:  # else the running writer takes them; no task switch needed
             self._wakeup.set()
 
@@ -895,32 +594,18 @@ class WriteAheadLog:
         error.__cause__ = cause
         return error
 
-    # ---- the flusher and its writer thread ------------------------------
+    # ---- the flusher ----------------------------------------------------
     #
-    # The flusher task hands the writing to one worker thread, which writes
-    # group after group for as long as appends keep coming and lingers a
-    # moment when they stop. A busy log thus pays no thread hand-off per
-    # group: while one group is synced, the next one gathers in the queue,
-    # and the writer takes it as soon as the sync returns. Completions go
-    # back to the loop through call_soon_threadsafe, in order.
-    #
-    # The queue is a deque of chunks, guarded with the open chunk by
-    # _queue_lock: the loop appends chunks and adds frames to the open one,
-    # the writer pops chunks (the open one included: it is then closed), and
-    # _fail empties it once the writer has stopped.
-
-    def _wake_writer(self) -> None:
-        """Release the writer thread's wait (a no-op if it was released already)."""
-        work = self._work
-        if work.locked():
-            with contextlib.suppress(RuntimeError):  # released meanwhile: as good
-                work.release()
+    # The flusher task hands the writing to one worker thread running
+    # SegmentWriter.run (see streamlet.wal._writer), and starts it again when
+    # it returned idle and appends come. The writer's completions come back
+    # here, on the loop, through _written and _fail.
 
     async def _flush_loop(self) -> None:
         """Keep a writer thread running while there is anything to write."""
         try:
             while self._failed is None:
-                if not self._queue:
+                if not self._queue.chunks:
                     if self._closing:
                         return
                     self._wakeup.clear()
@@ -928,7 +613,7 @@ class WriteAheadLog:
                     continue
                 self._writing = True
                 try:
-                    await anyio.to_thread.run_sync(self._write_loop, limiter=self._limiter)
+                    await anyio.to_thread.run_sync(self._writer.run, limiter=self._limiter)
                 except Exception as exc:  # a bug, not an I/O error: those are handled inside
                     self._fail(exc, ())
                     return
@@ -939,9 +624,9 @@ class WriteAheadLog:
         except asyncio.CancelledError:
             # Cancelled from outside (the loop is shutting down without
             # aclose): nobody will write the queue, so no caller may wait on it.
-            self._stop.set()
+            self._queue.stop.set()
             self._closing = True
-            for chunk in self._waiting_chunks():
+            for chunk in self._queue.drain():
                 chunk.fail(
                     lambda: WALClosedError(
                         f"the write-ahead log in {self._directory} was shut down "
@@ -950,66 +635,7 @@ class WriteAheadLog:
                 )
             raise
 
-    def _write_loop(self) -> None:
-        """Worker thread: write queued groups until idle for a while, closed or failed."""
-        with self._writer_lock:
-            queue, work = self._queue, self._work
-            idle_since = time.monotonic()
-            while not self._stop.is_set():
-                # The last group stays referenced until the next one is taken:
-                # dropping it (a large append_many's buffer) as soon as it was
-                # written made back-to-back large append_many calls a fifth
-                # slower (benchmarks.wal, blocks), an effect of when the
-                # memory goes back to the allocator.
-                if queue and (group := self._take_group()):
-                    try:
-                        self._write_group(group)
-                    except Exception as exc:
-                        self._post(self._fail, exc, group)
-                        return
-                    self._post(self._written, group, self._wseq, self._wsize)
-                    idle_since = time.monotonic()
-                    continue
-                if self._closing:
-                    return
-                now = time.monotonic()
-                if self._dirty:  # interval durability: sync when the interval is up
-                    timeout = self._last_sync + self._sync_interval - now
-                    if timeout <= 0:
-                        try:
-                            self._sync_writer()
-                        except Exception as exc:
-                            self._post(self._fail, exc, ())
-                            return
-                        continue
-                else:
-                    timeout = idle_since + _WRITER_LINGER - now
-                    if timeout <= 0:
-                        return
-                # Returns at once if work was queued since the last wait.
-                work.acquire(timeout=timeout)
-
-    def _post(self, callback: Callable[..., None], *args: object) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            self._loop.call_soon_threadsafe(callback, *args)
-
-    def _take_group(self) -> list[_Chunk]:
-        """The chunks to write next: at least one, unless the queue was emptied."""
-        queue = self._queue
-        with self._queue_lock:
-            if not queue:  # by a cancelled flusher, since the writer looked
-                return []
-            group = [queue.popleft()]
-            size = group[0].nbytes
-            while queue and size + queue[0].nbytes <= self._max_group_bytes:
-                chunk = queue.popleft()
-                group.append(chunk)
-                size += chunk.nbytes
-            if group[-1] is self._open:  # the open chunk is the last queued
-                self._open = None  # taken: closed to later appends
-        return group
-
-    def _written(self, group: list[_Chunk], segment: int, size: int) -> None:
+    def _written(self, group: list[Chunk], segment: int, size: int) -> None:
         """On the loop: a group is written (and synced per policy); acknowledge it."""
         self._written_seq = segment
         self._written_size = size
@@ -1018,7 +644,7 @@ class WriteAheadLog:
                 if not future.done():  # else cancelled (or failed by _fail)
                     future.set_result(None)
 
-    def _fail(self, error: BaseException, group: Iterable[_Chunk]) -> None:
+    def _fail(self, error: BaseException, group: Iterable[Chunk]) -> None:
         """On the loop: refuse all further appends, and fail every waiting one."""
         if self._failed is None:
             self._failed = error
@@ -1028,96 +654,8 @@ class WriteAheadLog:
                 self._directory,
                 error,
             )
-        for chunk in itertools.chain(group, self._waiting_chunks()):
+        for chunk in itertools.chain(group, self._queue.drain()):
             chunk.fail(self._failed_error)
-
-    def _waiting_chunks(self) -> list[_Chunk]:
-        """Empty the queue, returning what it held: the writer will not write it."""
-        with self._queue_lock:
-            waiting = list(self._queue)
-            self._queue.clear()
-            self._open = None
-        return waiting
-
-    def _write_group(self, group: list[_Chunk]) -> None:
-        if len(group) == 1 and group[0].segment == self._wseq:
-            self._write_chunk(group[0])  # e.g. one large append_many: no copy of its pieces
-            return
-        pieces: list[bytes] = []
-        size = self._wsize
-        for chunk in group:
-            if chunk.segment != self._wseq:
-                self._write_pieces(pieces)
-                pieces = []
-                self._roll_to(chunk.segment)
-                size = self._wsize
-            if chunk.offset != size:
-                raise AssertionError(
-                    f"internal error: frames queued for offset {chunk.offset} of segment "
-                    f"{chunk.segment} would land at {size}"
-                )
-            pieces += chunk.pieces
-            size += chunk.nbytes
-        self._write_pieces(pieces)
-        self._sync_per_policy()
-
-    def _write_chunk(self, chunk: _Chunk) -> None:
-        if chunk.offset != self._wsize:
-            raise AssertionError(
-                f"internal error: frames queued for offset {chunk.offset} of segment "
-                f"{chunk.segment} would land at {self._wsize}"
-            )
-        self._write_pieces(chunk.pieces)
-        self._sync_per_policy()
-
-    def _sync_per_policy(self) -> None:
-        durability = self._durability
-        if durability is Durability.ALWAYS or (
-            durability is Durability.INTERVAL
-            and time.monotonic() - self._last_sync >= self._sync_interval
-        ):
-            self._sync_writer()
-        elif durability is Durability.INTERVAL:
-            self._dirty = True
-
-    def _write_pieces(self, pieces: list[bytes]) -> None:
-        if not pieces:
-            return
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        if not data:
-            return
-        assert self._wfile is not None
-        self._wfile.append(data)
-        self._wsize += len(data)
-
-    def _sync_writer(self) -> None:
-        assert self._wfile is not None
-        started = time.monotonic()
-        self._wfile.sync()
-        self._dirty = False
-        self._last_sync = finished = time.monotonic()
-        took = finished - started
-        if took > _SLOW_SYNC:
-            logger.warning(
-                "fsync of %s took %.2fs; the disk is slow or overloaded, and every "
-                "append waits for it",
-                self._wfile.path,
-                took,
-            )
-
-    def _roll_to(self, seq: int) -> None:
-        """Seal the current segment (sync, close) and make ``seq`` the current one."""
-        if seq != self._wseq + 1:
-            raise AssertionError(f"internal error: roll from segment {self._wseq} to {seq}")
-        assert self._wfile is not None
-        # Sealed segments are complete on disk before a later one exists:
-        # recovery tolerates a torn tail in the last segment only.
-        self._sync_writer()
-        self._wfile.close()
-        self._wfile = None
-        self._wfile = self._create_segment(seq)
-        self._wseq = seq
-        self._wsize = SEGMENT_HEADER_SIZE
 
     # ---- reading -------------------------------------------------------
 
@@ -1269,46 +807,23 @@ class WriteAheadLog:
                 f"while it was being replayed"
             ) from None
         try:
-            size = file.size() if limit is None else limit
-            if check_header:
-                reason = check_segment_header(file.read(0, SEGMENT_HEADER_SIZE), segment)
-                if reason is not None:
-                    problem = Problem(path, 0, f"the segment header {reason}")
-                    raise corruption_error(problem, self._directory)
-            written = size
-            want = _SCAN_CHUNK
-            while True:
-                requested = min(size - offset, want)
-                buf = file.read(offset, requested)
-                short = len(buf) < requested
-                if short:  # the file ends before the data it should hold
-                    size = offset + len(buf)
-                found, stop = scan(buf, 0, len(buf))
-                records = [(Position(segment, offset + o, len(p)), p) for o, p in found]
-                if stop == len(buf) and not (short and not records):
-                    return records, offset + stop, offset + stop >= size and not short
-                check = check_frame(buf, stop, len(buf))
-                more = FRAME_HEADER_SIZE + (
-                    check.length if check.fault is FrameFault.PAST_END else 0
-                )
-                if (
-                    check.fault in (FrameFault.SHORT_HEADER, FrameFault.PAST_END)
-                    and offset + len(buf) < size
-                    and offset + stop + more <= size
-                ):
-                    if records:
-                        return records, offset + stop, False
-                    want = max(want, more)
-                    continue
-                if records:  # hand out the intact records first; the next call raises
-                    return records, offset + stop, False
-                reason = check.reason
-                if short and stop == len(buf):
-                    reason = f"the file ends here, before the {written} bytes written to it"
-                problem = Problem(path, offset + stop, reason)
-                raise corruption_error(problem, self._directory)
+            # A torn tail was cut off on open: any bad frame here is corruption.
+            reader = SegmentReader(
+                file, segment, start=offset, end=limit, check_header=check_header
+            )
+            base, frames = reader.read_chunk()
         finally:
             file.close()
+        records = [(Position(segment, base + o, len(p)), p) for o, p in frames]
+        ending = reader.ending
+        if ending is None:
+            return records, reader.position, False
+        if ending.kind is EndKind.CLEAN:
+            return records, ending.offset, True
+        if records:  # hand out the intact records first; the next call raises
+            return records, ending.offset, False
+        problem = Problem(path, ending.offset, ending.reason)
+        raise corruption_error(problem, self._directory)
 
     # ---- cleaning and closing --------------------------------------------
 
@@ -1369,7 +884,8 @@ class WriteAheadLog:
         first = self._close_task is None
         if self._close_task is None:
             self._closing = True
-            self._wake_writer()
+            self._queue.finish = True
+            self._queue.wake_writer()
             self._wakeup.set()
             self._close_task = self._loop.create_task(self._close())
         # Shielded: a cancelled aclose still finishes closing in the background.
@@ -1397,20 +913,13 @@ class WriteAheadLog:
         return None
 
     def _close_sync(self, readers: list[File], sync: bool) -> None:
-        self._stop.set()
+        self._queue.stop.set()
         try:
-            # Only after a writer thread abandoned by a cancelled flusher has
-            # stopped touching the file.
-            with self._writer_lock:
-                if sync and self._wfile is not None:
-                    self._sync_writer()
+            self._writer.close(sync=sync)
         finally:
             try:
                 for file in readers:
                     file.close()
-                if self._wfile is not None:
-                    self._wfile.close()
-                    self._wfile = None
             finally:
                 self._release_lock()
 

@@ -1,21 +1,26 @@
-"""Offline tools for a write-ahead log directory: verify, dump and repair.
+"""Inspection of a write-ahead log directory: verify, dump, repair and read_records.
 
-These are what ``streamlet wal verify | dump | repair`` run, as plain
-functions returning result objects so they can be used from Python too.
+These are what ``streamlet wal verify | dump | repair`` (and ``streamlet
+checkpoint show``, through :func:`read_records`) run, as plain functions
+returning result objects so they can be used from Python too. None of them
+opens the log as its writer does; they are kept apart from it so that what
+only reads cannot share state with the write path.
 ``verify`` and ``dump`` only read. ``repair`` is the one explicit way to cut
 a corrupt log short; it never runs by itself (opening a log refuses a corrupt
 one), and it keeps a ``.broken`` copy of every file it changes or removes.
 
 A log has one writer, which holds the ``flock`` of its ``LOCK`` file (see
-:func:`streamlet.wal.log.lock_directory`). ``repair`` takes that lock before it
-reads anything and keeps it until it is done, so it refuses a log that a
+:func:`streamlet.wal._segments.lock_directory`). ``repair`` takes that lock
+before it reads anything and keeps it until it is done, so it refuses a log that a
 running app has open and no app can open the log while it is repaired.
 ``verify`` never takes it: it may look at a live log, and then says so
 (:attr:`VerifyReport.live`), since what it reads is changing under it.
 
 What counts as a torn tail and what as corruption is defined in
-:mod:`streamlet.wal.format`; the checks are the ones recovery uses
-(:func:`streamlet.wal.log.inspect_log`), applied to every segment.
+:mod:`streamlet.wal.format`. Every segment is read with the frame reader that
+recovery and replay use (:class:`streamlet.wal._reader.SegmentReader`), and
+``verify`` and ``repair`` run recovery's own pass
+(:func:`streamlet.wal._reader.inspect_log`) over every segment.
 """
 
 from __future__ import annotations
@@ -27,30 +32,31 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from streamlet.errors import WALError
-from streamlet.fs import File, FileSystem, OsFileSystem, read_all
+from streamlet.fs import FileSystem, OsFileSystem
+from streamlet.wal._reader import (
+    CHUNK_SIZE,
+    EndKind,
+    Inspection,
+    Problem,
+    SegmentReader,
+    TornTail,
+    inspect_log,
+)
+from streamlet.wal._segments import (
+    LOCK_NAME,
+    create_segment,
+    is_locked,
+    list_segments,
+    lock_directory,
+)
 from streamlet.wal.format import (
     FRAME_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
-    TEMP_SUFFIX,
-    FrameCheck,
     FrameFault,
-    check_frame,
-    check_segment_header,
-    encode_segment_header,
     parse_segment_name,
-    scan,
     segment_name,
 )
-from streamlet.wal.log import (
-    LOCK_NAME,
-    Inspection,
-    Position,
-    Problem,
-    TornTail,
-    inspect_log,
-    is_locked,
-    lock_directory,
-)
+from streamlet.wal.log import Position
 
 __all__ = [
     "BROKEN_SUFFIX",
@@ -65,7 +71,6 @@ __all__ = [
 BROKEN_SUFFIX = ".broken"
 """Suffix of the copies ``repair`` keeps of the files it changes."""
 
-_CHUNK = 4 * 2**20
 _HEAD = 32  # payload bytes shown per record by dump
 _LIVE_ATTEMPTS = 5  # looks at a live log before a vanished segment or a problem is reported
 
@@ -209,29 +214,34 @@ def dump(
     fs = fs or OsFileSystem()
     path = os.path.abspath(os.fspath(directory))
     report = on_problem or (lambda problem: None)
-    seqs = sorted(s for s in map(parse_segment_name, fs.listdir(path)) if s is not None)
-    for seq in seqs:
+    for seq in list_segments(fs, path):
         segment_path = os.path.join(path, segment_name(seq))
         file = fs.open(segment_path)
         try:
-            size = file.size()
-            reason = check_segment_header(file.read(0, SEGMENT_HEADER_SIZE), seq)
-            if reason is not None:
-                report(Problem(segment_path, 0, f"the segment header {reason}"))
-                continue
-            for offset, check, head in _walk(file, size, SEGMENT_HEADER_SIZE):
-                if check.fault not in (None, FrameFault.BAD_CRC):
-                    report(Problem(segment_path, offset, check.reason))
+            reader = SegmentReader(file, seq)
+            while True:
+                for offset, payload in reader:
+                    yield _listed(seq, offset, payload, crc_ok=True)
+                ending = reader.ending
+                assert ending is not None
+                if ending.fault is not FrameFault.BAD_CRC:
                     break
-                yield {
-                    "segment": seq,
-                    "offset": offset,
-                    "length": check.length,
-                    "crc_ok": check.fault is None,
-                    "head": head.hex(),
-                }
+                yield _listed(seq, ending.offset, reader.step_over(), crc_ok=False)
+            if ending.kind is not EndKind.CLEAN:
+                report(Problem(segment_path, ending.offset, ending.reason))
         finally:
             file.close()
+
+
+def _listed(seq: int, offset: int, payload: bytes, *, crc_ok: bool) -> dict[str, object]:
+    """One line of :func:`dump`."""
+    return {
+        "segment": seq,
+        "offset": offset,
+        "length": len(payload),
+        "crc_ok": crc_ok,
+        "head": payload[:_HEAD].hex(),
+    }
 
 
 def read_records(
@@ -245,26 +255,24 @@ def read_records(
     For tools that look at a log another process may own, such as
     ``streamlet checkpoint show``. The walk stops at the first record that
     is not intact, torn tail or corruption alike, and tells ``on_problem``.
-    Each segment is read whole, so this suits small logs (the tracker's),
-    not the data WAL.
+    Segments are read a chunk at a time, so memory stays bounded.
     """
     fs = fs or OsFileSystem()
     path = os.path.abspath(os.fspath(directory))
     report = on_problem or (lambda problem: None)
-    seqs = sorted(s for s in map(parse_segment_name, fs.listdir(path)) if s is not None)
-    for seq in seqs:
+    for seq in list_segments(fs, path):
         segment_path = os.path.join(path, segment_name(seq))
-        buf = read_all(fs, segment_path)
-        reason = check_segment_header(buf[:SEGMENT_HEADER_SIZE], seq)
-        if reason is not None:
-            report(Problem(segment_path, 0, f"the segment header {reason}"))
-            return
-        records, stop = scan(buf, SEGMENT_HEADER_SIZE, len(buf))
-        for offset, payload in records:
-            yield Position(seq, offset, len(payload)), bytes(payload)
-        if stop < len(buf):
-            check = check_frame(buf, stop, len(buf))
-            report(Problem(segment_path, stop, check.reason))
+        file = fs.open(segment_path)
+        try:
+            reader = SegmentReader(file, seq)
+            for offset, payload in reader:
+                yield Position(seq, offset, len(payload)), payload
+        finally:
+            file.close()
+        ending = reader.ending
+        assert ending is not None
+        if ending.kind is not EndKind.CLEAN:
+            report(Problem(segment_path, ending.offset, ending.reason))
             return
 
 
@@ -334,8 +342,9 @@ def _plan(fs: FileSystem, path: str) -> RepairResult:
 
     bad_seq = parse_segment_name(os.path.basename(problem.path))
     assert bad_seq is not None
-    seqs = sorted(s for s in map(parse_segment_name, fs.listdir(path)) if s is not None)
-    removed = tuple(os.path.join(path, segment_name(s)) for s in seqs if s > bad_seq)
+    removed = tuple(
+        os.path.join(path, segment_name(s)) for s in list_segments(fs, path) if s > bad_seq
+    )
     truncated: tuple[str, int] | None = None
     recreated: str | None = None
     lost_records = lost_bytes = 0
@@ -389,57 +398,30 @@ def _apply(fs: FileSystem, plan: RepairResult) -> RepairResult:
         seq = parse_segment_name(os.path.basename(plan.recreated))
         assert seq is not None
         backups.append(_copy(fs, plan.recreated))
-        temp = plan.recreated + TEMP_SUFFIX
-        if fs.exists(temp):
-            fs.remove(temp)
-        file = fs.create(temp)
-        try:
-            file.append(encode_segment_header(seq))
-            file.sync()
-        finally:
-            file.close()
-        fs.rename(temp, plan.recreated)
+        create_segment(fs, path, seq, sync_dir=False)
     fs.sync_dir(path)
     return dataclasses.replace(plan, backups=tuple(backups), applied=True)
 
 
-def _walk(file: File, size: int, start: int) -> Iterator[tuple[int, FrameCheck, bytes]]:
-    """Frames from ``start`` on, stepping over checksum failures: (offset, check, head).
-
-    Stops after yielding the first frame whose framing is damaged (its check's
-    fault is neither None nor BAD_CRC), since the next frame cannot be found.
-    """
-    base = offset = start
-    buf = b""
-    while offset < size:
-        rel = offset - base
-        check = check_frame(buf, rel, len(buf))
-        if check.fault in (FrameFault.SHORT_HEADER, FrameFault.PAST_END) and base + len(buf) < size:
-            # The frame goes on past what is buffered: buffer from it on.
-            needed = FRAME_HEADER_SIZE + (check.length if check.fault is FrameFault.PAST_END else 0)
-            requested = min(size - offset, max(_CHUNK, needed))
-            base, buf = offset, file.read(offset, requested)
-            if len(buf) < requested:  # the file shrank under us
-                size = offset + len(buf)
-            continue
-        if check.fault not in (None, FrameFault.BAD_CRC):
-            yield offset, check, b""
-            return
-        start_of_payload = rel + FRAME_HEADER_SIZE
-        yield offset, check, buf[start_of_payload : start_of_payload + min(_HEAD, check.length)]
-        offset += FRAME_HEADER_SIZE + check.length
-
-
 def _count(fs: FileSystem, path: str, start: int) -> tuple[int, int]:
-    """Records that can be framed in ``path`` from ``start`` on, and the file's size."""
+    """Records that can be framed in ``path`` from ``start`` on, and the file's size.
+
+    A record that fails only its checksum counts: its length is sound, so the
+    walk goes on after it; it stops where the framing itself is damaged.
+    """
     file = fs.open(path)
     try:
-        size = file.size()
-        records = sum(
-            1
-            for _, check, _ in _walk(file, size, start)
-            if check.fault in (None, FrameFault.BAD_CRC)
-        )
+        seq = parse_segment_name(os.path.basename(path))
+        assert seq is not None
+        reader = SegmentReader(file, seq, start=start, check_header=False)
+        size = reader.size
+        records = 0
+        while True:
+            records += sum(1 for _ in reader)
+            if reader.ending is None or reader.ending.fault is not FrameFault.BAD_CRC:
+                break
+            reader.step_over()
+            records += 1
     finally:
         file.close()
     return records, size
@@ -463,7 +445,7 @@ def _copy(fs: FileSystem, path: str) -> str:
         try:
             offset, size = 0, source.size()
             while offset < size:
-                chunk = source.read(offset, min(_CHUNK, size - offset))
+                chunk = source.read(offset, min(CHUNK_SIZE, size - offset))
                 if not chunk:
                     break
                 target.append(chunk)
