@@ -6,7 +6,10 @@ with backoff and sends again, in order, every line the server does not
 report as durable in its ``@resume``. With the server's duplicate filter this
 delivers every line once, across restarts of either side, as long as the
 client keeps its client id (and, when restarted, its numbering: see
-``start_seq``). The protocol is written down in :mod:`streamlet.sources.tcp`.
+``start_seq``). The protocol is written down in :mod:`streamlet.sources.tcp`;
+the numbering, the lines kept until acknowledged and what to write again
+after a reconnect are its pure :class:`~streamlet.sources._tcp_protocol.Outbox`,
+which :class:`TcpClient` drives over a socket, with backoff and timeouts.
 
 :func:`send_stream` is ``streamlet send``: line ``i`` of its input is sent
 with sequence number ``i``, so sending the same lines twice under the same
@@ -27,7 +30,6 @@ import hashlib
 import io
 import logging
 import math
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from streamlet.errors import (
     RejectedError,
     UnreachableError,
 )
+from streamlet.sources._tcp_protocol import Outbox, ServerLine, parse_server_line
 from streamlet.sources.tcp import check_client_id
 
 __all__ = [
@@ -148,17 +151,9 @@ class TcpClient:
         self.reconnect_backoff = reconnect_backoff
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
-        self._start_seq = start_seq
-        self._next_seq = start_seq or 1
-        self._acked = 0
-        self._resumed_at = 0
-        self._sent = 0
-        self._skipped = 0
-        # Invariant: _unacked holds the lines after _acked, oldest first, with
-        # increasing sequence numbers; _to_write is the part of it not yet
-        # written on the current connection.
-        self._unacked: deque[tuple[int, bytes]] = deque()
-        self._to_write: deque[tuple[int, bytes]] = deque()
+        # Numbering, the lines kept until acknowledged and what to write
+        # (again) on the current connection: the protocol's pure part.
+        self._outbox = Outbox(start_seq)
         self._error: ClientError | None = None
         self._closed = False
         self._entered = False
@@ -172,32 +167,32 @@ class TcpClient:
     @property
     def acked(self) -> int:
         """The highest sequence number the server has acknowledged as durable (0: none)."""
-        return self._acked
+        return self._outbox.acked
 
     @property
     def resumed_at(self) -> int:
         """The server's ``@resume`` on the first connection: what it had as durable then."""
-        return self._resumed_at
+        return self._outbox.resumed_at
 
     @property
     def next_seq(self) -> int:
         """The sequence number the next :meth:`send` gets."""
-        return self._next_seq
+        return self._outbox.next_seq
 
     @property
     def sent(self) -> int:
         """Lines handed to :meth:`send` and kept for the server (not skipped)."""
-        return self._sent
+        return self._outbox.sent
 
     @property
     def skipped(self) -> int:
         """Lines handed to :meth:`send` that the server already had as durable."""
-        return self._skipped
+        return self._outbox.skipped
 
     @property
     def unacked(self) -> int:
         """Lines sent and not yet acknowledged."""
-        return len(self._unacked)
+        return len(self._outbox.unacked)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -208,10 +203,7 @@ class TcpClient:
         self._changed = _Signal()
         self._writable = _Signal()
         stream, reader, resume = await self._connect()
-        self._resumed_at = resume
-        if self._start_seq is None:
-            self._next_seq = resume + 1
-        self._on_ack(resume)
+        self._outbox.resumed(resume)
         stack = AsyncExitStack()
         # The task group stays open until __aexit__/aclose: the connection
         # is kept (and re-made) in the background while the caller sends.
@@ -269,19 +261,13 @@ class TcpClient:
             )
         if self._changed is None or self._writable is None:
             raise RuntimeError("use TcpClient as an async context manager before sending")
-        while len(self._unacked) >= self.max_unacked:
+        while len(self._outbox.unacked) >= self.max_unacked:
             self._check()
             await self._changed.wait()
         self._check()
-        seq = self._next_seq
-        self._next_seq += 1
-        if seq <= self._acked:
-            self._skipped += 1
-            return seq
-        self._sent += 1
-        self._unacked.append((seq, payload))
-        self._to_write.append((seq, payload))
-        self._writable.notify()
+        seq, kept = self._outbox.add(payload)
+        if kept:
+            self._writable.notify()
         return seq
 
     async def flush(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
@@ -298,7 +284,7 @@ class TcpClient:
         if self._changed is None:
             raise RuntimeError("use TcpClient as an async context manager before flushing")
         with anyio.fail_after(timeout):
-            while self._unacked:
+            while self._outbox.unacked:
                 self._check()
                 await self._changed.wait()
 
@@ -308,21 +294,13 @@ class TcpClient:
         if self._closed:
             raise anyio.ClosedResourceError(
                 f"the TcpClient for {self.host}:{self.port} is closed"
-                f" ({len(self._unacked)} lines unacknowledged)"
+                f" ({len(self._outbox.unacked)} lines unacknowledged)"
             )
 
     def _on_ack(self, seq: int) -> None:
-        if seq <= self._acked:
-            return
-        self._acked = seq
-        unacked = self._unacked
-        while unacked and unacked[0][0] <= seq:
-            unacked.popleft()
-        to_write = self._to_write
-        while to_write and to_write[0][0] <= seq:
-            to_write.popleft()
-        assert self._changed is not None
-        self._changed.notify()
+        if self._outbox.ack(seq):
+            assert self._changed is not None
+            self._changed.notify()
 
     def _fail(self, error: ClientError) -> None:
         self._error = error
@@ -393,21 +371,21 @@ class TcpClient:
                 "connection to %s lost (%s); reconnecting, %d lines unacknowledged",
                 where,
                 reason,
-                len(self._unacked),
+                len(self._outbox.unacked),
             )
             try:
                 stream, reader, resume = await self._connect()
             except ClientError as exc:
                 self._fail(exc)
                 return
-            if resume < self._acked:
+            if resume < self._outbox.acked:
                 log.warning(
                     "%s resumes client %s at %d, below the %d it acknowledged: its state was"
                     " reset; those lines are not sent again",
                     where,
                     self.client_id,
                     resume,
-                    self._acked,
+                    self._outbox.acked,
                 )
             self._on_ack(resume)
             log.info(
@@ -415,12 +393,12 @@ class TcpClient:
                 where,
                 self.client_id,
                 resume,
-                len(self._unacked),
+                len(self._outbox.unacked),
             )
 
     async def _session(self, stream: SocketStream, reader: BufferedByteReceiveStream) -> str:
         """Write and read on one connection until it ends; say why it ended."""
-        self._to_write = deque(self._unacked)
+        self._outbox.rewind()
         ended = ""
         async with stream, anyio.create_task_group() as tg:
 
@@ -454,19 +432,12 @@ class TcpClient:
 
     async def _write_loop(self, stream: SocketStream) -> None:
         assert self._writable is not None
-        to_write = self._to_write
         while True:
-            if not to_write:
+            data = self._outbox.take(_WRITE_BATCH)
+            if not data:
                 await self._writable.wait()
                 continue
-            parts: list[bytes] = []
-            size = 0
-            while to_write and size < _WRITE_BATCH:
-                seq, payload = to_write.popleft()
-                part = b"%d %s\n" % (seq, payload)
-                parts.append(part)
-                size += len(part)
-            await stream.send(b"".join(parts))
+            await stream.send(data)
 
     async def _read_loop(self, reader: BufferedByteReceiveStream) -> None:
         """Apply the server's acks until the connection ends.
@@ -478,15 +449,15 @@ class TcpClient:
         where = f"{self.host}:{self.port}"
         while True:
             line = await _read_line(reader)
-            if line.startswith(b"@ack "):
-                seq = _number(line, b"@ack ")
-                if seq is None:
-                    raise anyio.BrokenResourceError(f"malformed ack {line[:80]!r}")
-                self._on_ack(seq)
+            said = parse_server_line(line)
+            if said.kind == "ack":
+                self._on_ack(said.number)
+            elif said.kind == "malformed-ack":
+                raise anyio.BrokenResourceError(f"malformed ack {line[:80]!r}")
             else:
-                _raise_for(line, where)
+                _raise_for(said, where)
                 # Other lines beginning with @ are left for later protocol versions.
-                if not line.startswith(b"@"):
+                if said.kind == "unexpected":
                     raise anyio.BrokenResourceError(f"unexpected line {line[:80]!r}")
 
 
@@ -499,13 +470,6 @@ async def _read_line(reader: BufferedByteReceiveStream) -> bytes:
     return line[:-1] if line.endswith(b"\r") else line
 
 
-def _number(line: bytes, prefix: bytes) -> int | None:
-    digits = line[len(prefix) :]
-    if digits.isdigit() and len(digits) <= 19:
-        return int(digits)
-    return None
-
-
 def _resume_of(line: bytes, where: str) -> int:
     """The number in the server's answer to ``@hello``.
 
@@ -514,22 +478,19 @@ def _resume_of(line: bytes, where: str) -> int:
         _Busy: the answer is ``@busy``.
         anyio.BrokenResourceError: the answer is not part of the protocol.
     """
-    if line.startswith(b"@resume "):
-        resume = _number(line, b"@resume ")
-        if resume is not None:
-            return resume
-    _raise_for(line, where)
+    said = parse_server_line(line)
+    if said.kind == "resume":
+        return said.number
+    _raise_for(said, where)
     raise anyio.BrokenResourceError(f"unexpected answer to @hello: {line[:80]!r}")
 
 
-def _raise_for(line: bytes, where: str) -> None:
+def _raise_for(said: ServerLine, where: str) -> None:
     """Raise for ``@error`` and ``@busy``; return for anything else."""
-    if line.startswith(b"@error"):
-        text = line[len(b"@error") :].strip().decode("ascii", "backslashreplace")
-        raise RejectedError(f"the TcpSource at {where} refused: {text}")
-    if line.startswith(b"@busy"):
-        text = line[len(b"@busy") :].strip().decode("ascii", "backslashreplace")
-        raise _Busy(f"the server is busy: {text}")
+    if said.kind == "error":
+        raise RejectedError(f"the TcpSource at {where} refused: {said.text}")
+    if said.kind == "busy":
+        raise _Busy(f"the server is busy: {said.text}")
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,6 +15,13 @@ gets no acknowledgement: its lines are at-most-once. The source says so in a
 warning when it starts and in a log line per plain connection;
 ``TcpSource(allow_plain=False)`` refuses plain clients.
 
+What the protocol below makes of a connection's bytes is decided by the pure
+state machines of :mod:`streamlet.sources._tcp_protocol`, so that it can be
+tested without sockets; this module is their driver: it reads and writes
+sockets, keeps the clocks (``hello_timeout``, ``drain_timeout``), stores
+lines, waits for durability and serves a client id's connections one at a
+time.
+
 Protocol, version 1
 ===================
 
@@ -117,7 +124,6 @@ import ipaddress
 import logging
 import math
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import anyio
@@ -127,6 +133,25 @@ from anyio.streams.stapled import MultiListener
 
 from streamlet.errors import ConfigError, StreamletError
 from streamlet.records import Record
+from streamlet.sources._tcp_protocol import (
+    MAX_CLIENT_ID,
+    MAX_SEQ,
+    AckWhenDurable,
+    ClientState,
+    End,
+    Event,
+    Hello,
+    NumberedLines,
+    PlainLines,
+    PlainMode,
+    Refuse,
+    ServerConnection,
+    ack_line,
+    busy_line,
+    check_client_id,
+    error_line,
+    resume_line,
+)
 from streamlet.sources.receiver import Receiver, ReceiverContext, Stored
 
 __all__ = [
@@ -138,11 +163,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_CLIENT_ID = 128
-"""Longest client id, in bytes."""
-MAX_SEQ = 2**63 - 1
-"""Largest sequence number: the largest record offset."""
-_MAX_SEQ_DIGITS = 19
 _CHUNK = 64 * 1024
 """Bytes read from a socket at a time; the lines in one read are stored together."""
 _LINGER_SECONDS = 1.0
@@ -150,71 +170,24 @@ _LINGER_BYTES = 4 * 2**20
 """How long, and how much, a refused client may go on sending before its socket is closed."""
 _ACK_QUEUE = 256
 """Reads whose acks may wait on durability before a connection stops reading (backpressure)."""
-_PLAIN_REFUSED = (
-    "plain clients are refused: this TcpSource takes numbered clients only, whose lines are"
-    " acknowledged once durable; send '@hello <client-id>' first and number the lines"
-    " (streamlet send, streamlet.tcp.TcpClient)"
-)
-
-
-def check_client_id(client_id: str) -> str:
-    """Return ``client_id`` if the protocol allows it.
-
-    Raises:
-        ValueError: it is empty, longer than :data:`MAX_CLIENT_ID`, or holds
-            a character outside printable ASCII without space.
-    """
-    if not 1 <= len(client_id) <= MAX_CLIENT_ID or not all("!" <= ch <= "~" for ch in client_id):
-        raise ValueError(
-            f"client id {client_id!r} is not 1 to {MAX_CLIENT_ID} printable ASCII characters"
-            " without spaces (for example host-7.orders)"
-        )
-    return client_id
-
-
-def _preview(line: bytes) -> str:
-    """A short, escaped rendering of client bytes, safe to put in a one-line message."""
-    shown = ascii(line[:40])
-    return shown + ("..." if len(line) > 40 else "")
-
-
-class _Refused(Exception):
-    """A client broke the protocol; ``message`` goes back as ``@error``."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass(eq=False)
-class _Client:
-    """Duplicate-filter and ack state of one client id, shared by its connections.
+class _Client(ClientState[Stored]):
+    """A client id's duplicate filter and acks, and what its connections share besides.
 
-    Invariant: ``durable <= stored``; every seq in ``(durable, stored]`` that
-    was stored belongs to a store in ``pending``, oldest first.
+    ``lock`` orders the filter and the store between an old and a new
+    connection of the id; ``owner`` is the connection that serves it.
     """
 
-    id: str
-    durable: int
-    stored: int
-    pending: deque[tuple[int, Stored]] = field(default_factory=deque)
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     owner: _Connection | None = None
 
     async def wait_durable(self, seq: int) -> None:
-        """Return once every stored line of this client up to ``seq`` is durable.
-
-        Waits on the stores in the order they were made, so that an ack for
-        ``seq`` never runs ahead of an older store that is still in flight.
-        """
-        while self.durable < seq and self.pending:
-            entry = self.pending[0]
+        """Return once every stored line of this client up to ``seq`` is durable."""
+        while (entry := self.blocking(seq)) is not None:
             await entry[1].wait()
-            # Two connections (old and new owner) may wait on the same entry,
-            # and one handle may cover several entries (stores into one block).
-            if self.pending and self.pending[0] is entry:
-                self.pending.popleft()
-            self.durable = max(self.durable, entry[0])
+            self.settle(entry)
 
 
 class _Connection:
@@ -283,46 +256,6 @@ class _Connection:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return False
         return True
-
-
-def _take_lines(buf: bytearray, scan_from: int, max_line: int) -> tuple[list[bytes], bool]:
-    """Remove the complete lines from ``buf``; also say whether a line is too long.
-
-    ``scan_from`` is where new bytes begin (the bytes before it hold no
-    ``\\n``). Lines are returned without their ``\\n`` and ``\\r``, up to
-    (not including) the first one over ``max_line``; a partial line over
-    ``max_line`` is too long too, so the buffer never holds much more than
-    ``max_line`` bytes.
-    """
-    end = buf.rfind(b"\n", scan_from)
-    if end < 0:
-        return [], len(buf) > max_line
-    raw = bytes(buf[:end]).split(b"\n")
-    del buf[: end + 1]
-    lines: list[bytes] = []
-    for line in raw:
-        if len(line) > max_line:
-            return lines, True
-        lines.append(line[:-1] if line.endswith(b"\r") else line)
-    return lines, len(buf) > max_line
-
-
-def _parse_numbered(line: bytes) -> tuple[int, bytes]:
-    """Split ``<seq> <payload>``.
-
-    Raises:
-        _Refused: the line does not start with a valid sequence number.
-    """
-    space = line.find(b" ")
-    digits = line if space < 0 else line[:space]
-    if 1 <= len(digits) <= _MAX_SEQ_DIGITS and digits.isdigit():
-        seq = int(digits)
-        if 1 <= seq <= MAX_SEQ:
-            return seq, b"" if space < 0 else line[space + 1 :]
-    raise _Refused(
-        f"malformed line {_preview(line)}: expected '<seq> <payload>' with seq a decimal"
-        f" number from 1 to {MAX_SEQ}; fix the client's line format"
-    )
 
 
 class TcpSource(Receiver):
@@ -535,10 +468,7 @@ class TcpSource(Receiver):
                         peer,
                         self.max_connections,
                     )
-                    await conn.close_after(
-                        b"@busy too many connections (max %d); try again later"
-                        % self.max_connections
-                    )
+                    await conn.close_after(busy_line(self.max_connections))
                     return
                 log.debug("TcpSource %r: connection from %s", context.name, peer)
                 await self._converse(conn, context)
@@ -554,87 +484,41 @@ class TcpSource(Receiver):
             log.debug("TcpSource %r: closed connection from %s", context.name, peer)
 
     async def _converse(self, conn: _Connection, context: ReceiverContext) -> None:
-        """Read the first line, then serve the connection in the mode it chose."""
-        buf = bytearray()
-        scan_from = 0
+        """Read until the first line chose the mode, then serve the connection in it."""
+        proto = ServerConnection(
+            max_line=self.max_line, allow_plain=self.allow_plain, hello_timeout=self.hello_timeout
+        )
         deadline = (
             math.inf if self.hello_timeout is None else anyio.current_time() + self.hello_timeout
         )
-        while True:
-            if buf and buf[0] != ord("@"):
-                if not self.allow_plain:
-                    # Refused at the first byte: a person typing into nc
-                    # learns it before typing a whole line.
-                    await self._refuse(conn, context, _PLAIN_REFUSED)
-                    return
-                deadline = math.inf  # plain data: a person may be typing
-            newline = buf.find(b"\n", scan_from)
-            if newline >= 0:
-                break
-            if len(buf) > self.max_line:
-                await self._refuse(conn, context, self._too_long())
-                return
-            scan_from = len(buf)
+        events: list[Event] = []
+        while proto.mode == "first":
             try:
-                chunk = await conn.receive(deadline)
+                chunk = await conn.receive(deadline if proto.awaiting_hello else math.inf)
             except TimeoutError:
-                await self._refuse(
-                    conn,
-                    context,
-                    f"no complete first line within {self.hello_timeout} s; a numbered"
-                    " client sends '@hello <client-id>' at once",
-                )
+                await self._refuse(conn, context, proto.hello_timed_out().message)
                 return
-            if chunk is None:
-                return
-            buf += chunk
-        if newline > self.max_line:
-            await self._refuse(conn, context, self._too_long())
-            return
-        first = bytes(buf[:newline])
-        first = first[:-1] if first.endswith(b"\r") else first
-        if not first.startswith(b"@"):
-            await self._plain(conn, buf, context)
-            return
-        del buf[: newline + 1]
-        if first == b"@plain":
-            if not self.allow_plain:
-                await self._refuse(conn, context, _PLAIN_REFUSED)
-                return
-            await self._plain(conn, buf, context)
-        elif first.startswith(b"@hello "):
-            try:
-                client_id = check_client_id(first[len(b"@hello ") :].decode("ascii"))
-            except (UnicodeDecodeError, ValueError):
-                await self._refuse(
-                    conn,
-                    context,
-                    f"bad hello {_preview(first)}: expected '@hello <client-id>' with an id of"
-                    f" 1 to {MAX_CLIENT_ID} printable ASCII characters without spaces",
-                )
-                return
-            await self._numbered(conn, client_id, buf, context)
-        else:
-            await self._refuse(
-                conn,
-                context,
-                f"unknown command {_preview(first)}: a first line beginning with '@' must be"
-                " '@hello <client-id>' or '@plain' (send '@plain' first to send such data)",
-            )
-
-    def _too_long(self) -> str:
-        return (
-            f"line too long (max {self.max_line} bytes); split the record or raise"
-            " TcpSource(max_line=...)"
-        )
+            events = proto.receive_eof() if chunk is None else proto.receive_data(chunk)
+        chosen, rest = events[0], events[1:]
+        if isinstance(chosen, Refuse):
+            await self._refuse(conn, context, chosen.message)
+        elif isinstance(chosen, PlainMode):
+            await self._plain(conn, proto, rest, context)
+        elif isinstance(chosen, Hello):
+            await self._numbered(conn, proto, chosen.client_id, rest, context)
 
     async def _refuse(self, conn: _Connection, context: ReceiverContext, message: str) -> None:
         log.info("TcpSource %r: refused %s: %s", context.name, conn.peer, message)
-        await conn.close_after(b"@error " + message.encode("ascii", "backslashreplace"))
+        await conn.close_after(error_line(message))
 
-    async def _plain(self, conn: _Connection, buf: bytearray, context: ReceiverContext) -> None:
+    async def _plain(
+        self,
+        conn: _Connection,
+        proto: ServerConnection,
+        events: list[Event],
+        context: ReceiverContext,
+    ) -> None:
         """Store every line; acknowledge nothing (at-most-once)."""
-        scan_from = 0
         name = context.name
         log.info(
             "TcpSource %r: plain client %s (no '@hello'): its lines are at-most-once, not"
@@ -643,23 +527,29 @@ class TcpSource(Receiver):
             conn.peer,
         )
         while True:
-            lines, too_long = _take_lines(buf, scan_from, self.max_line)
-            if lines:
-                now = time.time()
-                await context.store([Record(line, None, now, name, 0, -1) for line in lines])
-            if too_long:
-                await self._refuse(conn, context, self._too_long())
-                return
-            scan_from = len(buf)
+            for event in events:
+                if isinstance(event, PlainLines):
+                    now = time.time()
+                    await context.store(
+                        [Record(line, None, now, name, 0, -1) for line in event.lines]
+                    )
+                elif isinstance(event, Refuse):
+                    await self._refuse(conn, context, event.message)
+                    return
+                elif isinstance(event, End):
+                    if event.unfinished:
+                        log.debug("TcpSource %r: dropped an unfinished last line", name)
+                    return
             chunk = await conn.receive()
-            if chunk is None:
-                if buf:
-                    log.debug("TcpSource %r: dropped an unfinished last line", name)
-                return
-            buf += chunk
+            events = proto.receive_eof() if chunk is None else proto.receive_data(chunk)
 
     async def _numbered(
-        self, conn: _Connection, client_id: str, buf: bytearray, context: ReceiverContext
+        self,
+        conn: _Connection,
+        proto: ServerConnection,
+        client_id: str,
+        events: list[Event],
+        context: ReceiverContext,
     ) -> None:
         """Serve a numbered client: store new lines, drop duplicates, ack once durable."""
         client = self._clients.get(client_id)
@@ -679,7 +569,7 @@ class TcpSource(Receiver):
             previous.taken_over = True
             previous.stop_reading()
         try:
-            if not await conn.reply(b"@resume %d" % client.durable):
+            if not await conn.reply(resume_line(client.durable)):
                 return
             send_acks, receive_acks = anyio.create_memory_object_stream[int](_ACK_QUEUE)
             refusal: str | None = None
@@ -689,19 +579,16 @@ class TcpSource(Receiver):
                 async with send_acks:
                     # Caught here so that it leaves the task group as itself.
                     try:
-                        await self._read_numbered(conn, client, buf, send_acks, context)
-                    except _Refused as exc:
-                        refusal = exc.message
+                        refusal = await self._read_numbered(
+                            conn, proto, client, events, send_acks, context
+                        )
                     except StreamletError as exc:
                         failure = exc
             # The acker has sent the acks of everything read before the end.
             if failure is not None:
                 raise failure
             if conn.taken_over:
-                refusal = (
-                    f"another connection said '@hello {client_id}'; it is served instead of"
-                    " this one (a client id must be used by one client at a time)"
-                )
+                refusal = proto.taken_over().message
             if refusal is not None:
                 await self._refuse(conn, context, refusal)
         finally:
@@ -720,62 +607,44 @@ class TcpSource(Receiver):
     async def _read_numbered(
         self,
         conn: _Connection,
+        proto: ServerConnection,
         client: _Client,
-        buf: bytearray,
+        events: list[Event],
         acks: MemoryObjectSendStream[int],
         context: ReceiverContext,
-    ) -> None:
+    ) -> str | None:
         """Read numbered lines and store the new ones; queue one ack per read.
 
-        Raises:
-            _Refused: a bad line; the lines before it are stored and acked.
+        Returns the refusal to send once the acks of the lines before it
+        are out, or None when the connection ended or was taken over.
         """
-        scan_from = 0
-        last = 0
         key = client.id.encode("ascii")
         name = context.name
         while True:
-            lines, too_long = _take_lines(buf, scan_from, self.max_line)
-            parsed: list[tuple[int, bytes]] = []
-            refusal: _Refused | None = _Refused(self._too_long()) if too_long else None
-            for line in lines:
-                try:
-                    seq, payload = _parse_numbered(line)
-                except _Refused as exc:
-                    refusal = exc
-                    break
-                if seq <= last:
-                    refusal = _Refused(
-                        f"sequence number {seq} after {last}: sequence numbers must increase"
-                        " within a connection; resend unacknowledged lines in order"
-                    )
-                    break
-                last = seq
-                parsed.append((seq, payload))
-            if parsed:
-                async with client.lock:
-                    if conn.taken_over:
-                        return
-                    # Invariant: a seq is stored at most once per client id.
-                    fresh = [(s, p) for s, p in parsed if s > client.stored]
-                    if fresh:
-                        now = time.time()
-                        high = fresh[-1][0]
-                        records = [Record(p, key, now, name, 0, s) for s, p in fresh]
-                        handle = await context.store(records, acks={client.id: high})
-                        client.pending.append((high, handle))
-                        client.stored = high
-                try:
-                    await acks.send(parsed[-1][0])
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    return  # the acker stopped: the connection is broken
-            if refusal is not None:
-                raise refusal
-            scan_from = len(buf)
+            for event in events:
+                if isinstance(event, NumberedLines):
+                    async with client.lock:
+                        if conn.taken_over:
+                            return None
+                        # Invariant: a seq is stored at most once per client id.
+                        fresh = client.fresh(event.lines)
+                        if fresh:
+                            now = time.time()
+                            high = fresh[-1][0]
+                            records = [Record(p, key, now, name, 0, s) for s, p in fresh]
+                            handle = await context.store(records, acks={client.id: high})
+                            client.stored_through(high, handle)
+                elif isinstance(event, AckWhenDurable):
+                    try:
+                        await acks.send(event.seq)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        return None  # the acker stopped: the connection is broken
+                elif isinstance(event, Refuse):
+                    return event.message
+                elif isinstance(event, End):
+                    return None
             chunk = await conn.receive()
-            if chunk is None:
-                return
-            buf += chunk
+            events = proto.receive_eof() if chunk is None else proto.receive_data(chunk)
 
     async def _acker(
         self,
@@ -799,7 +668,7 @@ class TcpSource(Receiver):
                     )
                     conn.stop_reading()
                     return
-                if not await conn.reply(b"@ack %d" % seq):
+                if not await conn.reply(ack_line(seq)):
                     conn.stop_reading()
                     return
 
