@@ -550,7 +550,15 @@ class App:
             probe: EngineProbe | None = None
             if self.http is not None:
                 server, probe = await self._serve_http(
-                    self.http, tracker, scheduler, direct, receivers, sinks, generator, stop
+                    self.http,
+                    tracker,
+                    scheduler,
+                    direct,
+                    receivers,
+                    sinks,
+                    generator,
+                    data_wal,
+                    stop,
                 )
             observed = probe
 
@@ -610,6 +618,7 @@ class App:
         receivers: Mapping[str, Receiver],
         sinks: Sequence[tuple[str, Sink]],
         generator: BlockGenerator | None,
+        data_wal: WriteAheadLog | None,
         stop: anyio.Event,
     ) -> tuple[HttpServer, EngineProbe]:
         """Start the status page and metrics on ``address``; the monitor listens to batches."""
@@ -630,6 +639,7 @@ class App:
             sinks=[SinkStatus(h, s.describe(), s.guarantee) for h, s in sinks],
             settings=self.settings(),
             blocks=generator,
+            wals={"tracker": tracker.wal} | ({"data": data_wal} if data_wal is not None else {}),
             stop=stop,
             started=self.clock.monotonic(),
         )

@@ -427,6 +427,8 @@ class Tracker:
 
     def __init__(self, wal: WriteAheadLog, state: TrackerState, last_event: Position | None):
         self._wal = wal
+        #: The tracker's log (read-only use: its figures for the monitor).
+        self.wal = wal
         self.state = state
         #: Position of the newest event applied; a checkpoint records it.
         self.last_event = last_event

@@ -27,6 +27,7 @@ from streamlet.scheduler import BatchScheduler
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver
 from streamlet.tracker import Tracker
+from streamlet.wal import WriteAheadLog
 
 __all__ = ["EngineProbe"]
 
@@ -50,7 +51,7 @@ class EngineProbe:
     sinks: Sequence[SinkStatus]
     settings: Mapping[str, Any]
     blocks: BlockGenerator | None = None
-    wals: Mapping[str, Any] = field(default_factory=dict)
+    wals: Mapping[str, WriteAheadLog] = field(default_factory=dict)
     stop: anyio.Event | None = None
     state: str = "starting"
     started: float = 0.0
@@ -106,7 +107,7 @@ class EngineProbe:
         )
 
 
-def _wal_status(name: str, wal: Any) -> WalStatus:
+def _wal_status(name: str, wal: WriteAheadLog) -> WalStatus:
     stats = wal.stats()
     return WalStatus(
         name=name,

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from streamlet.fs import File, FileSystem
+from streamlet.metrics import LatencyHistogram
 from streamlet.wal._reader import corruption_error, inspect_log
 from streamlet.wal._segments import create_segment
 from streamlet.wal.format import SEGMENT_HEADER_SIZE, SEGMENT_SUFFIX, TEMP_SUFFIX
@@ -197,6 +198,10 @@ class SegmentWriter:
         """Its size: where the next frame goes."""
         self._dirty = False  # written but not synced (interval durability)
         self._last_sync = time.monotonic()
+        self.fsyncs = LatencyHistogram()
+        """How long each fdatasync took (read by the monitor from any thread)."""
+        self.appended_bytes = 0
+        """Bytes of frames written since the log was opened."""
 
     # ---- recovery --------------------------------------------------------
 
@@ -345,6 +350,7 @@ class SegmentWriter:
         assert self.file is not None
         self.file.append(data)
         self.size += len(data)
+        self.appended_bytes += len(data)
 
     def sync(self) -> None:
         """fdatasync the open segment, warning when the disk is slow."""
@@ -354,6 +360,7 @@ class SegmentWriter:
         self._dirty = False
         self._last_sync = finished = time.monotonic()
         took = finished - started
+        self.fsyncs.observe(took)
         if took > _SLOW_SYNC:
             logger.warning(
                 "fsync of %s took %.2fs; the disk is slow or overloaded, and every "

@@ -42,8 +42,10 @@ import logging
 import math
 import operator
 import os
+import time
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple, TypeVar, cast, overload
 
@@ -58,6 +60,7 @@ from streamlet.errors import (
     WALFailedError,
 )
 from streamlet.fs import File, FileSystem, OsFileSystem
+from streamlet.metrics import LatencyHistogram
 from streamlet.wal._reader import (
     EndKind,
     Inspection,
@@ -90,6 +93,7 @@ __all__ = [
     "Problem",
     "SegmentSummary",
     "TornTail",
+    "WalStats",
     "WriteAheadLog",
     "corruption_error",
     "inspect_log",
@@ -98,6 +102,23 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WalStats:
+    """What a log did since it was opened (:meth:`WriteAheadLog.stats`).
+
+    Attributes:
+        segments: segment files on disk now.
+        appended_bytes: bytes of frames written.
+        fsync: the writer thread's fdatasync calls (one per group commit).
+        append: appends as their callers saw them, from the call until durable.
+    """
+
+    segments: int
+    appended_bytes: int
+    fsync: LatencyHistogram
+    append: LatencyHistogram
 
 
 class Position(NamedTuple):
@@ -288,6 +309,7 @@ class WriteAheadLog:
         self._written_seq = 0  # how far completed writes reach
         self._written_size = 0
         self._first = 0
+        self._appends = LatencyHistogram()  # call → durable, per append call
         self._wakeup = asyncio.Event()  # wakes the flusher task
         self._flusher: asyncio.Task[None] | None = None
         self._writing = False  # a writer thread call is under way
@@ -397,6 +419,15 @@ class WriteAheadLog:
         """The seq of the newest segment: where the latest appends were written."""
         return self._written_seq
 
+    def stats(self) -> WalStats:
+        """What the log did since it was opened, for the monitor (cheap; any time)."""
+        return WalStats(
+            segments=self._written_seq - self._first + 1,
+            appended_bytes=self._writer.appended_bytes,
+            fsync=self._writer.fsyncs,
+            append=self._appends,
+        )
+
     @property
     def failed(self) -> BaseException | None:
         """The error that broke the log (a failed write or fsync), or None."""
@@ -436,7 +467,9 @@ class WriteAheadLog:
             chunk.futures.append(future)
         # If this task is cancelled, the future is cancelled with it and the
         # writer skips it; the frame is still written, in its place.
+        started = time.monotonic()
         await future
+        self._appends.observe(time.monotonic() - started)
         return _new_position((chunk.segment, offset, length))
 
     async def append_many(self, records: Sequence[bytes]) -> Sequence[Position]:
@@ -470,7 +503,9 @@ class WriteAheadLog:
             chunk, offset = self._place(total)
             chunk.pieces.append(data)
             chunk.futures.append(future)
+        started = time.monotonic()
         await future
+        self._appends.observe(time.monotonic() - started)
         return _Positions(chunk.segment, offset, lengths, uniform)
 
     def _queue_spread(

@@ -66,6 +66,11 @@ def test_metrics_scraped_from_a_running_worker_match_what_happened(start: Any) -
     for partition in ("0", "1"):
         assert value("streamlet_source_lag_records", source="numbers", partition=partition) == 0
     assert value("streamlet_pending_batches") == 0
+    # durability "always": an fsync per group commit, and each tracker event waited for one.
+    assert value("streamlet_wal_fsync_seconds_count", log="tracker") >= last
+    assert value("streamlet_wal_append_seconds_count", log="tracker") >= 2 * last
+    assert value("streamlet_wal_appended_bytes_total", log="tracker") > 0
+    assert value("streamlet_wal_segments", log="tracker") >= 1
 
     code, headers, body = worker.get(
         "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"}

@@ -710,3 +710,23 @@ async def test_no_file_system_call_runs_on_the_event_loop(
     await log.aclose()
     monkeypatch.undo()
     assert calls == []
+
+
+async def test_stats_count_bytes_fsyncs_appends_and_segments(tmp_path: Path) -> None:
+    from streamlet.wal.format import FRAME_HEADER_SIZE
+
+    wal = await WriteAheadLog.open(str(tmp_path / "w"), segment_size=4096)
+    try:
+        await wal.append(b"x" * 100)
+        await wal.append_many([b"y" * 10] * 5)
+        stats = wal.stats()
+        assert stats.appended_bytes == 100 + 50 + 6 * FRAME_HEADER_SIZE
+        assert stats.append.count == 2  # one per call, as the callers waited
+        assert stats.fsync.count >= 1  # durability "always": each group commit synced
+        assert stats.fsync.cumulative()[-1] == (float("inf"), stats.fsync.count)
+        assert stats.segments == 1
+        for _ in range(40):  # over the 4 KiB segment size: more segments
+            await wal.append(b"z" * 200)
+        assert wal.stats().segments > 1
+    finally:
+        await wal.aclose()
