@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import anyio
 import anyio.to_thread
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -238,9 +239,9 @@ async def test_appends_made_while_a_group_syncs_are_written_with_one_write(
         fs.syncs = fs.appends = 0
         records = [bytes([i]) * (i + 1) for i in range(60)]
         tasks = [asyncio.create_task(log.append(r)) for r in records[:40]]
-        await asyncio.sleep(0)  # these are queued, and more come in a later loop iteration
+        await anyio.wait_all_tasks_blocked()  # these are queued; more come later
         tasks += [asyncio.create_task(log.append(r)) for r in records[40:]]
-        await asyncio.sleep(0)
+        await anyio.wait_all_tasks_blocked()
         fs.gate.set()
         positions = await asyncio.gather(*tasks)
         await holder
@@ -281,9 +282,9 @@ async def test_mixed_calls_made_while_a_group_syncs_keep_call_order(tmp_path: Pa
             return []
 
         tasks = [asyncio.create_task(call(kind, records)) for kind, records in calls[:7]]
-        await asyncio.sleep(0)
+        await anyio.wait_all_tasks_blocked()
         tasks += [asyncio.create_task(call(kind, records)) for kind, records in calls[7:]]
-        await asyncio.sleep(0)
+        await anyio.wait_all_tasks_blocked()
         fs.gate.set()
         results = await asyncio.gather(*tasks)
         await holder
@@ -371,7 +372,7 @@ async def test_a_cancelled_large_append_many_is_still_written(tmp_path: Path) ->
     async with await WriteAheadLog.open(tmp_path / "wal") as log:
         records = [bytes([i % 256]) * 20 for i in range(2000)]
         task = asyncio.create_task(log.append_many(records))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one step: queued, not yet written, when it is cancelled
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -405,7 +406,7 @@ async def test_a_record_larger_than_a_segment_goes_alone(tmp_path: Path) -> None
 async def test_a_cancelled_append_does_not_corrupt_its_group(tmp_path: Path) -> None:
     async with await WriteAheadLog.open(tmp_path / "wal") as log:
         tasks = [asyncio.create_task(log.append(bytes([i]) * 100)) for i in range(40)]
-        await asyncio.sleep(0)
+        await anyio.wait_all_tasks_blocked()
         for task in tasks[::3]:
             task.cancel()
         done = await asyncio.gather(*tasks, return_exceptions=True)
@@ -659,7 +660,7 @@ async def test_aclose_is_idempotent_and_closes_for_good(tmp_path: Path) -> None:
     log = await WriteAheadLog.open(tmp_path / "wal")
     position = await log.append(b"x")
     pending = asyncio.create_task(log.append(b"queued before close"))
-    await asyncio.sleep(0)
+    await anyio.wait_all_tasks_blocked()
     await asyncio.gather(log.aclose(), log.aclose())
     await log.aclose()
     assert isinstance(await pending, Position)  # flushed by aclose
