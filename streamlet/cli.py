@@ -296,6 +296,9 @@ def _load_app(target: str) -> streamlet.App:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except streamlet.ConfigError as exc:  # the app's settings, checked as it is built
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(2) from exc
     except ModuleNotFoundError as exc:
         if exc.name is not None and module_name.startswith(exc.name):
             raise click.UsageError(
@@ -311,7 +314,11 @@ def _load_app(target: str) -> streamlet.App:
             f" as {module_name}:<name>"
         ) from None
     if callable(app) and not isinstance(app, streamlet.App):
-        app = app()
+        try:
+            app = app()
+        except streamlet.ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            raise click.exceptions.Exit(2) from exc
     if not isinstance(app, streamlet.App):
         raise click.UsageError(
             f"{target} is a {type(app).__name__}, not a streamlet.App (or a function returning one)"

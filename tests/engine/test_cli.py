@@ -107,6 +107,23 @@ def test_run_explains_a_bad_target(app_dir: Path, target: str, message: str) -> 
     assert message in result.stderr
 
 
+@pytest.mark.parametrize(
+    "module",
+    [
+        'import streamlet as sl\napp = sl.App("bad name!")\n',
+        'import streamlet as sl\ndef app():\n    return sl.App("t", batch_interval=0)\n',
+    ],
+)
+def test_a_setting_refused_while_the_app_is_built_is_one_error_line(
+    tmp_path: Path, module: str
+) -> None:
+    (tmp_path / "badapp.py").write_text(module)
+    result = streamlet_cli(tmp_path, "run", "badapp:app")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
+
+
 def test_run_rejects_a_bad_interval_with_exit_2(app_dir: Path) -> None:
     result = streamlet_cli(app_dir, "run", "tinyapp:app", "--batch-interval", "-1")
     assert result.returncode == 2
