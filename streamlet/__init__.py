@@ -1,7 +1,10 @@
 """streamlet: asyncio micro-batch streaming with a write-ahead log and exactly-once output.
 
-The public surface is re-exported here and listed in ``__all__``; everything
-else lives in modules whose names say what they do, and may change.
+The public surface is re-exported here and listed in ``__all__``, beside the
+public modules (``sources``, ``sinks``, ``kafka``, ``records``, ``errors``,
+``metrics``, ``clock``, ``fs``, ``tcp``, ``wal``, ``observe``, ``testing``).
+Modules whose names start with an underscore are the engine's insides: they
+may change without notice.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ tracker (replayed) → sources → sinks → scheduler (recovery first, then new
 batches). It does no batch work itself.
 
 The state directory (its lock, layout and manifest) is
-:mod:`streamlet.statedir`'s.
+:mod:`streamlet._statedir`'s.
 """
 
 from __future__ import annotations
@@ -20,25 +20,25 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
-from streamlet.blocks import BlockGenerator
-from streamlet.checkpoint import Checkpointer, load_latest
+from streamlet._blocks import BlockGenerator
+from streamlet._checkpoint import Checkpointer, load_latest
+from streamlet._faults import check_environment as check_fault_environment
+from streamlet._faults import file_system
+from streamlet._handlers import HandlerFn, HandlerSpec, check_handler, code_of
+from streamlet._scheduler import BatchPolicy, BatchScheduler, FailurePolicy, RetryPolicy
+from streamlet._statedir import MANIFEST_FORMAT, MANIFEST_VERSION, StateDir
+from streamlet._tracker import SEGMENT_SIZE as TRACKER_SEGMENT_SIZE
+from streamlet._tracker import Tracker, TrackerState, restore
+from streamlet._watchdog import watched
 from streamlet.clock import SYSTEM_CLOCK, Clock
 from streamlet.errors import ConfigError, StreamletError
-from streamlet.faults import check_environment as check_fault_environment
-from streamlet.faults import file_system
 from streamlet.fs import FileSystem
-from streamlet.handlers import HandlerFn, HandlerSpec, check_handler, code_of
 from streamlet.metrics import BatchInfo
 from streamlet.observe.address import parse_address
-from streamlet.scheduler import BatchPolicy, BatchScheduler, FailurePolicy, RetryPolicy
 from streamlet.sinks.base import Sink, SinkContext, sink_ahead
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver
-from streamlet.statedir import MANIFEST_FORMAT, MANIFEST_VERSION, StateDir
-from streamlet.tracker import SEGMENT_SIZE as TRACKER_SEGMENT_SIZE
-from streamlet.tracker import Tracker, TrackerState, restore
 from streamlet.wal import Position, WriteAheadLog
-from streamlet.watchdog import watched
 
 __all__ = ["App"]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 import streamlet
-from streamlet import faults as fault_hooks
+from streamlet import _faults as fault_hooks
 
 if TYPE_CHECKING:
     from streamlet.wal.tools import VerifyReport
@@ -53,7 +53,7 @@ def _holds_segments(directory: str) -> bool:
 
 def _no_segments(directory: str) -> click.exceptions.Exit:
     """Exit 2 for a directory without segments, pointing at the logs of a state directory."""
-    from streamlet.state import is_state_directory
+    from streamlet._state import is_state_directory
 
     message = f"error: {directory} holds no write-ahead log segments (*.wal)"
     if is_state_directory(directory):
@@ -122,7 +122,7 @@ def wal_verify(directory: str) -> None:
 
     try:
         if not _holds_segments(directory):
-            from streamlet.state import is_state_directory
+            from streamlet._state import is_state_directory
 
             if is_state_directory(directory):
                 _verify_state(directory)
@@ -143,8 +143,8 @@ def wal_verify(directory: str) -> None:
 
 def _verify_state(directory: str) -> None:
     """``wal verify`` of a state directory: every log and checkpoint, one report each."""
-    from streamlet.state import verify_state
-    from streamlet.statedir import LOCK
+    from streamlet._state import verify_state
+    from streamlet._statedir import LOCK
 
     check = verify_state(directory)
     click.echo(f"state directory {check.directory}")
@@ -366,7 +366,7 @@ def run(
         stream=sys.stderr,
     )
     try:
-        # Test hooks, only when the environment asks (see streamlet.faults).
+        # Test hooks, only when the environment asks (see streamlet._faults).
         fault_hooks.check_environment()
         fault_hooks.install_clock()
     except streamlet.ConfigError as exc:
@@ -440,7 +440,7 @@ def checkpoint_show(directory: str, as_json: bool) -> None:
     """Print the newest checkpoint plus the tracker events after it, as recovery sees them."""
     import orjson
 
-    from streamlet.state import read_state
+    from streamlet._state import read_state
 
     try:
         view = read_state(directory)

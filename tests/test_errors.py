@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlet
 import streamlet.errors as errors
-from streamlet.retry import is_retriable
+from streamlet._retry import is_retriable
 
 PACKAGE = Path(streamlet.__file__).parent
 

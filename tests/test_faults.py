@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from streamlet._faults import FaultyFileSystem, file_system, parse_fs_faults
 from streamlet.errors import ConfigError
-from streamlet.faults import FaultyFileSystem, file_system, parse_fs_faults
 from streamlet.fs import OsFileSystem
 
 
@@ -76,9 +76,9 @@ def test_slow_fsync_sleeps_before_each_matching_sync(tmp_path: Path) -> None:
 
 def test_the_clock_jumps_in_a_worker_process_and_monotonic_does_not() -> None:
     code = (
-        "import time; real = time.time; import streamlet, streamlet.faults\n"
+        "import time; real = time.time; import streamlet, streamlet._faults\n"
         "assert time.time is real, 'importing streamlet replaced time.time'\n"
-        "streamlet.faults.install_clock()\n"
+        "streamlet._faults.install_clock()\n"
         "t0, m0 = time.time(), time.monotonic(); time.sleep(0.3)\n"
         "print(time.time() - t0, time.monotonic() - m0)"
     )
@@ -93,9 +93,9 @@ def test_the_clock_jumps_in_a_worker_process_and_monotonic_does_not() -> None:
 
 def test_a_malformed_crash_point_is_a_config_error_when_the_app_starts_not_at_import() -> None:
     code = (
-        "import streamlet, streamlet.faults\n"
+        "import streamlet, streamlet._faults\n"
         "try:\n"
-        "    streamlet.faults.check_environment()\n"
+        "    streamlet._faults.check_environment()\n"
         "except streamlet.ConfigError as exc:\n"
         "    print('refused:', exc)\n"
     )

@@ -186,9 +186,9 @@ class KafkaReceiver(KafkaSource, Receiver):
                     return
 
     async def _commit(self, link: Link, offsets: Mapping[int, int], stopping: anyio.Event) -> None:
-        # Imported here: streamlet.faults starts STREAMLET_FAULT_CLOCK's clock
+        # Imported here: streamlet._faults starts STREAMLET_FAULT_CLOCK's clock
         # when first imported, which should be once the package is loaded.
-        from streamlet.faults import crash_point
+        from streamlet._faults import crash_point
 
         if self.config.group_id is None or not offsets:
             return

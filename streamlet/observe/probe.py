@@ -13,7 +13,9 @@ from typing import Any
 
 import anyio
 
-from streamlet.blocks import BlockGenerator
+from streamlet._blocks import BlockGenerator
+from streamlet._scheduler import BatchScheduler
+from streamlet._tracker import Tracker
 from streamlet.clock import Clock
 from streamlet.observe.status import (
     Latencies,
@@ -23,10 +25,8 @@ from streamlet.observe.status import (
     SourceStatus,
     WalStatus,
 )
-from streamlet.scheduler import BatchScheduler
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver
-from streamlet.tracker import Tracker
 from streamlet.wal import WriteAheadLog
 
 __all__ = ["EngineProbe"]

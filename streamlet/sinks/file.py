@@ -38,8 +38,8 @@ import anyio
 import anyio.to_thread
 import orjson
 
+from streamlet._faults import file_system
 from streamlet.errors import ConfigError, OutputError, SinkError, SinkUnavailableError
-from streamlet.faults import file_system
 from streamlet.fs import File, FileSystem, OsFileSystem, read_all, write_atomic
 from streamlet.records import Batch
 from streamlet.sinks.base import Sink, SinkContext, encode_output

@@ -4,7 +4,7 @@ A TCP client or a socket cannot send its data again on request, so streamlet
 must make it durable before telling the sender it arrived, as Spark
 Streaming's reliable receivers do. A :class:`Receiver` runs as a task and
 hands records to :meth:`ReceiverContext.store`; the block generator
-(:mod:`streamlet.blocks`) groups them into blocks, appends each block to the
+(:mod:`streamlet._blocks`) groups them into blocks, appends each block to the
 data WAL and logs it in the tracker, and only then completes the
 :class:`Stored` handle that ``store`` returned. A receiver acknowledges its
 sender only after that handle completes.

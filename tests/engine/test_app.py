@@ -366,7 +366,7 @@ async def test_a_failing_read_is_retried_with_the_same_ranges(tmp_path: Path) ->
 async def test_a_corrupt_checkpoint_falls_back_and_two_are_refused_by_name(
     tmp_path: Path,
 ) -> None:
-    from streamlet.checkpoint import CheckpointError
+    from streamlet._checkpoint import CheckpointError
 
     sink = ListSink()
     app = _counting_app(tmp_path / "state", sink, limit=50, checkpoint_interval=0)

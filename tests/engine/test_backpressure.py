@@ -9,8 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+from streamlet._backpressure import RateEstimator
 from streamlet.app import App
-from streamlet.backpressure import RateEstimator
 from streamlet.errors import ConfigError
 from streamlet.metrics import BatchInfo
 from streamlet.records import Batch

@@ -1,7 +1,7 @@
 """A receiver's records are acknowledged only once durable in the data WAL and the tracker.
 
 A real worker (``streamlet run``, a TcpSource into a FileSink) is SIGKILLed by
-its own crash point (``STREAMLET_CRASH_AT``, see :mod:`streamlet.faults`) at
+its own crash point (``STREAMLET_CRASH_AT``, see :mod:`streamlet._faults`) at
 a step of the block generator's cut while a client in this process sends
 numbered lines:
 

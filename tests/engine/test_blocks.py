@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from streamlet.blocks import BlockGenerator, throttle
+from streamlet._blocks import BlockGenerator, throttle
+from streamlet._tracker import Tracker
 from streamlet.errors import StreamletError
 from streamlet.records import Record
-from streamlet.tracker import Tracker
 from streamlet.wal import WriteAheadLog
 
 

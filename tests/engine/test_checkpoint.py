@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamlet.checkpoint import (
+from streamlet._checkpoint import (
     Checkpoint,
     CheckpointError,
     decode,
@@ -57,7 +57,7 @@ def test_corrupt_newest_falls_back_to_older(
     data = bytearray(Path(newest).read_bytes())
     data[-2] ^= 0x01
     Path(newest).write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="streamlet.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="streamlet._checkpoint"):
         latest = load_latest(FS, d)
     assert latest is not None
     assert latest.body == {"batch": 1}
@@ -181,7 +181,7 @@ def test_a_power_cut_at_any_operation_leaves_the_newest_checkpoint_written(when:
 
 def test_an_unreadable_checkpoint_is_pruned_before_a_readable_older_one(tmp_path: Path) -> None:
     """After recovery fell back from a corrupt newest checkpoint, the readable one stays."""
-    from streamlet.checkpoint import list_checkpoints, load_latest, write_checkpoint
+    from streamlet._checkpoint import list_checkpoints, load_latest, write_checkpoint
     from streamlet.fs import OsFileSystem
 
     fs = OsFileSystem()

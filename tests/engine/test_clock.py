@@ -8,15 +8,15 @@ from pathlib import Path
 import anyio
 import pytest
 
-from streamlet.checkpoint import Checkpointer
+from streamlet._checkpoint import Checkpointer
+from streamlet._handlers import HandlerSpec
+from streamlet._scheduler import BatchPolicy, BatchScheduler
+from streamlet._tracker import Tracker
 from streamlet.fs import OsFileSystem
-from streamlet.handlers import HandlerSpec
 from streamlet.metrics import BatchInfo
 from streamlet.records import Batch
-from streamlet.scheduler import BatchPolicy, BatchScheduler
 from streamlet.sources.sequence import SequenceSource
 from streamlet.testing.clock import FakeClock
-from streamlet.tracker import Tracker
 
 
 async def test_a_sleeper_wakes_when_time_is_advanced_to_its_deadline() -> None:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import anyio
 
+from streamlet._state import read_state
 from streamlet.app import App
 from streamlet.records import Batch, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources.receiver import Receiver, ReceiverContext
-from streamlet.state import read_state
 
 RECORD_BYTES = 2**20
 RECORDS = 70  # 70 MiB: the data WAL starts a second 64 MiB segment

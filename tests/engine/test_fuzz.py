@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamlet.checkpoint import CheckpointError, decode, encode
+from streamlet._checkpoint import CheckpointError, decode, encode
+from streamlet._tracker import restore
 from streamlet.errors import StreamletError, WALError
 from streamlet.records import Record, decode_records, encode_records
-from streamlet.tracker import restore
 from streamlet.wal import WriteAheadLog
 from streamlet.wal.format import encode_segment_header, segment_name
 
@@ -68,7 +68,7 @@ def test_a_header_with_a_wrong_checksum_names_the_problem() -> None:
     payload = orjson.dumps({"state": {}})
     header = orjson.dumps(
         {
-            "format": "streamlet.checkpoint",
+            "format": "streamlet._checkpoint",
             "version": 1,
             "length": len(payload),
             "crc32c": google_crc32c.value(payload) ^ 1,

@@ -59,7 +59,7 @@ async def test_blocking_code_runs_in_a_thread_with_thread_true(
 
     done = anyio.Event()
     app.add_listener(lambda info: done.set() if len(sink.values()) >= 20 else None)
-    with caplog.at_level(logging.WARNING, logger="streamlet.watchdog"):
+    with caplog.at_level(logging.WARNING, logger="streamlet._watchdog"):
         await _serve_until(app, done)
     assert sink.values() == list(range(20))
     assert "blocked" not in caplog.text
@@ -78,9 +78,9 @@ async def test_a_handler_blocking_the_loop_is_named_in_a_warning(
 
     done = anyio.Event()
     app.add_listener(lambda info: done.set())
-    with caplog.at_level(logging.WARNING, logger="streamlet.watchdog"):
+    with caplog.at_level(logging.WARNING, logger="streamlet._watchdog"):
         await _serve_until(app, done)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "streamlet.watchdog"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "streamlet._watchdog"]
     assert any("has been blocked" in w and "handler 'sleepy' (batch 1)" in w for w in warnings)
     assert any("was blocked for" in w and "'sleepy'" in w for w in warnings)
 
@@ -163,7 +163,7 @@ async def _echo(batch: Batch) -> list[int]:
 
 
 def test_batch_size_budgets_are_bounded_first_and_follow_record_size() -> None:
-    from streamlet.scheduler import FIRST_BATCH_RECORDS, size_budget
+    from streamlet._scheduler import FIRST_BATCH_RECORDS, size_budget
 
     assert size_budget(max_records=100_000, max_bytes=2**26, record_bytes=None) == (
         FIRST_BATCH_RECORDS
@@ -175,7 +175,7 @@ def test_batch_size_budgets_are_bounded_first_and_follow_record_size() -> None:
 
 
 def test_a_budget_goes_to_the_partitions_that_have_input() -> None:
-    from streamlet.tracker import share_budget
+    from streamlet._tracker import share_budget
 
     assert share_budget({0: 10, 1: 20}, 100) == {0: 10, 1: 20}
     # One hot partition among idle ones takes what they leave.
@@ -315,7 +315,7 @@ async def test_the_warning_names_the_handler_that_blocks_not_its_neighbours(
 
     done = anyio.Event()
     app.add_listener(lambda info: done.set())
-    with caplog.at_level(logging.WARNING, logger="streamlet.watchdog"):
+    with caplog.at_level(logging.WARNING, logger="streamlet._watchdog"):
         await _serve_until(app, done)
     warnings = [r.getMessage() for r in caplog.records if "has been blocked" in r.getMessage()]
     assert warnings

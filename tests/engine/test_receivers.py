@@ -10,12 +10,12 @@ import anyio
 import pytest
 from anyio.abc import TaskStatus
 
+from streamlet._state import read_state
 from streamlet.app import App
 from streamlet.errors import ConfigError
 from streamlet.records import Batch, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources.receiver import Receiver, ReceiverContext, Stored
-from streamlet.state import read_state
 from streamlet.wal.tools import verify
 
 
@@ -216,9 +216,9 @@ async def test_blocks_stay_within_max_block_bytes_however_far_cuts_lag(tmp_path:
 
 async def test_a_failing_data_wal_close_still_closes_the_tracker(tmp_path: Path) -> None:
     """Closing the data WAL raised, and the tracker's lock was left held until exit."""
+    from streamlet._faults import FaultyFileSystem, FsFault
+    from streamlet._tracker import Tracker
     from streamlet.errors import StreamletError
-    from streamlet.faults import FaultyFileSystem, FsFault
-    from streamlet.tracker import Tracker
 
     fs = FaultyFileSystem([])
     state = tmp_path / "state"

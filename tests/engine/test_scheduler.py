@@ -8,16 +8,16 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streamlet.checkpoint import Checkpointer, list_checkpoints
+from streamlet._checkpoint import Checkpointer, list_checkpoints
+from streamlet._handlers import HandlerSpec
+from streamlet._retry import RetryPolicy
+from streamlet._scheduler import BatchPolicy, BatchScheduler, partition_limit
+from streamlet._tracker import Tracker
 from streamlet.errors import OutputError
 from streamlet.fs import OsFileSystem
-from streamlet.handlers import HandlerSpec
 from streamlet.records import Batch, BlockRef, Record
-from streamlet.retry import RetryPolicy
-from streamlet.scheduler import BatchPolicy, BatchScheduler, partition_limit
 from streamlet.sinks.base import Sink
 from streamlet.sources.sequence import SequenceSource
-from streamlet.tracker import Tracker
 from streamlet.wal import Position
 from tests.engine.test_app import ListSink
 

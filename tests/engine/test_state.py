@@ -7,8 +7,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+from streamlet._state import is_state_directory, read_state
 from streamlet.errors import StreamletError
-from streamlet.state import is_state_directory, read_state
 from tests.engine.test_app import ListSink, _counting_app
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streamlet.checkpoint import retain_checkpoint
+from streamlet._checkpoint import retain_checkpoint
+from streamlet._statedir import LOCK, MANIFEST, StateDir, is_locked
 from streamlet.errors import ConfigError
 from streamlet.fs import OsFileSystem
 from streamlet.sinks.base import sink_ahead
-from streamlet.statedir import LOCK, MANIFEST, StateDir, is_locked
 from streamlet.wal import Position
 
 WANTED = {"format": "streamlet.app", "version": 1, "app": "a", "sources": {}, "handlers": {}}

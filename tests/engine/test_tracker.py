@@ -8,9 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamlet.errors import StreamletError
-from streamlet.records import BlockRef, OffsetRange
-from streamlet.tracker import (
+from streamlet._tracker import (
     Allocation,
     AllocEvent,
     TrackerState,
@@ -18,6 +16,8 @@ from streamlet.tracker import (
     encode_event,
     plan_allocation,
 )
+from streamlet.errors import StreamletError
+from streamlet.records import BlockRef, OffsetRange
 
 
 def _alloc_event(alloc: Allocation) -> AllocEvent:
@@ -111,8 +111,8 @@ def test_state_round_trips_through_json_at_any_point(
 
 
 def test_a_receiver_limit_takes_whole_blocks_oldest_first_and_at_least_one() -> None:
+    from streamlet._tracker import TrackerState, plan_allocation
     from streamlet.records import BlockRef
-    from streamlet.tracker import TrackerState, plan_allocation
 
     state = TrackerState()
     for i, size in enumerate([300, 300, 300, 5000], start=1):
@@ -154,7 +154,7 @@ def test_a_receiver_limit_takes_whole_blocks_oldest_first_and_at_least_one() -> 
 async def test_an_impossible_event_is_refused_before_it_is_logged(
     tmp_path: Path, event: dict[str, object]
 ) -> None:
-    from streamlet.tracker import Tracker
+    from streamlet._tracker import Tracker
 
     directory = str(tmp_path / "tracker")
     tracker = await Tracker.open(directory, base=None, after=None)

@@ -6,7 +6,7 @@ event (with the partitions' next offsets as acks) in the tracker, and only
 then completes the store; only then does the receiver commit the group's
 offsets. A real ``streamlet run`` worker (``kafka_stop_worker.py``) on its
 first run, nothing in its WAL yet, is SIGKILLed by its own crash point
-(``STREAMLET_CRASH_AT``, see :mod:`streamlet.faults`) at each step:
+(``STREAMLET_CRASH_AT``, see :mod:`streamlet._faults`) at each step:
 
 - ``block_before_tracker_event``: the chunk is in the data WAL only; the
   group must hold no offset (a restart starts from ``start="committed"``,

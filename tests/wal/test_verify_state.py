@@ -16,14 +16,14 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
+from streamlet._checkpoint import list_checkpoints
+from streamlet._state import verify_state
 from streamlet.app import App
-from streamlet.checkpoint import list_checkpoints
 from streamlet.cli import main
 from streamlet.fs import OsFileSystem
 from streamlet.records import Batch, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources.receiver import Receiver, ReceiverContext
-from streamlet.state import verify_state
 from streamlet.wal import Position
 from streamlet.wal.format import FRAME_HEADER_SIZE, segment_name
 from streamlet.wal.tools import read_records

@@ -15,7 +15,7 @@ The worker is always a real process, ``python -m streamlet run
 streamlet.testing.chaos.worker:app``, configured by a JSON file the harness
 writes into the run's directory; faults are real signals, real files
 damaged on disk, and I/O errors injected into the worker's file layer
-through the hooks of :mod:`streamlet.faults`. Random choices come from one
+through the hooks of :mod:`streamlet._faults`. Random choices come from one
 seed, printed with the report, so a failing run can be repeated.
 
 Use it from the command line::

@@ -84,7 +84,7 @@ def sigkill_steps(run: Run) -> None:
     """SIGKILL at each named commit step in turn; a FileSink part exists exactly when the step is
     past the sink commit.
     """
-    from streamlet.faults import POINTS
+    from streamlet._faults import POINTS
 
     for index in range(run.faults_wanted):
         point = POINTS[index % len(POINTS)]
@@ -237,7 +237,7 @@ async def _roll(log_dir: Path) -> None:
 
 def _flip_target(run: Run, log_name: str) -> tuple[Path, int, int] | None:
     """A record recovery will read, in a sealed segment: (segment path, frame offset, length)."""
-    from streamlet.checkpoint import load_latest
+    from streamlet._checkpoint import load_latest
     from streamlet.fs import OsFileSystem
     from streamlet.wal.format import segment_name
     from streamlet.wal.tools import read_records

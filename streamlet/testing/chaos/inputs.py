@@ -21,8 +21,8 @@ from typing import ClassVar
 
 import anyio
 
+from streamlet._tracker import TrackerState
 from streamlet.testing.chaos.config import SequenceInput, SourceConfig, TcpInput, WorkerConfig
-from streamlet.tracker import TrackerState
 
 __all__ = ["FedPipeline", "Pipeline", "SequencePipeline", "TcpPipeline", "quiet"]
 

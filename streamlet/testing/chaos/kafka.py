@@ -16,9 +16,9 @@ from typing import Literal
 
 import anyio
 
+from streamlet._tracker import TrackerState
 from streamlet.testing.chaos.config import KafkaInput, SourceConfig
 from streamlet.testing.chaos.inputs import FedPipeline, quiet
-from streamlet.tracker import TrackerState
 
 __all__ = ["KafkaPipeline", "KafkaReceiverPipeline"]
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from streamlet._tracker import TrackerState
 from streamlet.testing.chaos.checks import (
     Outputs,
     check_sink,
@@ -32,7 +33,6 @@ from streamlet.testing.chaos.process import Worker
 from streamlet.testing.chaos.readback import read_outputs, wal_verify
 from streamlet.testing.chaos.report import Report, ScenarioResult
 from streamlet.testing.chaos.scenarios import PIPELINES, PROFILES, SCENARIOS, Plan, Scenario
-from streamlet.tracker import TrackerState
 
 __all__ = ["Run", "run_profile", "run_scenario"]
 
@@ -112,7 +112,7 @@ class Run:
 
     def state(self) -> TrackerState:
         """The tracker state as recovery would rebuild it (read-only)."""
-        from streamlet.state import read_state
+        from streamlet._state import read_state
 
         if not (self.pipeline.state / "tracker").exists():
             return TrackerState()  # the first worker has not started yet

@@ -7,7 +7,7 @@ be cleaned up to it.
 
 File format (``checkpoint-<batch id, 12 digits>.json``)::
 
-    {"format":"streamlet.checkpoint","version":1,"length":N,"crc32c":C}\\n
+    {"format":"streamlet._checkpoint","version":1,"length":N,"crc32c":C}\\n
     <N bytes: the body, one orjson document>
 
 The header line says what the file is for a person reading it; the CRC32C
@@ -53,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT = "streamlet.checkpoint"
+FORMAT = "streamlet._checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d{12})\.json$")
 _MAX_HEADER = 4096
@@ -228,7 +228,7 @@ def retain_checkpoint(
 ) -> tuple[list[RetainedCheckpoint], Position | None]:
     """The checkpoints kept after writing ``new``, and how far the tracker log may be cleaned.
 
-    Mirrors :func:`~streamlet.checkpoint.write_checkpoint`, which keeps the
+    Mirrors :func:`~streamlet._checkpoint.write_checkpoint`, which keeps the
     newest ``keep`` checkpoints by batch id and replaces one of the same
     batch id. The log must reach back to the oldest kept checkpoint, so that
     recovery can fall back to it if a newer one is unreadable. When that

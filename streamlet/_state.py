@@ -21,12 +21,12 @@ from typing import Any
 
 import orjson
 
-from streamlet.checkpoint import Checkpoint, decode, list_checkpoints, load_latest
+from streamlet._checkpoint import Checkpoint, decode, list_checkpoints, load_latest
+from streamlet._statedir import CHECKPOINTS, DATA, MANIFEST, TRACKER
+from streamlet._statedir import is_locked as state_dir_in_use
+from streamlet._tracker import TrackerState, decode_event, restore
 from streamlet.errors import StreamletError
 from streamlet.fs import FileSystem, OsFileSystem, read_all
-from streamlet.statedir import CHECKPOINTS, DATA, MANIFEST, TRACKER
-from streamlet.statedir import is_locked as state_dir_in_use
-from streamlet.tracker import TrackerState, decode_event, restore
 from streamlet.wal.log import Position, Problem, is_locked
 from streamlet.wal.tools import VerifyReport, read_records, verify
 

@@ -45,8 +45,18 @@ from typing import Literal, Protocol
 
 import anyio
 
-from streamlet.backpressure import RateEstimator
-from streamlet.checkpoint import Checkpointer
+from streamlet._backpressure import RateEstimator
+from streamlet._checkpoint import Checkpointer
+from streamlet._faults import crash_point
+from streamlet._handlers import HandlerSpec, invoke
+from streamlet._retry import GaveUp, RetryPolicy, retrying
+from streamlet._tracker import (
+    Allocation,
+    Tracker,
+    TrackerState,
+    available_offsets,
+    plan_allocation,
+)
 from streamlet.clock import SYSTEM_CLOCK, Clock
 from streamlet.errors import (
     DecodeError,
@@ -56,20 +66,10 @@ from streamlet.errors import (
     SinkError,
     StreamletError,
 )
-from streamlet.faults import crash_point
-from streamlet.handlers import HandlerSpec, invoke
 from streamlet.metrics import BatchInfo, HandlerInfo
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
-from streamlet.retry import GaveUp, RetryPolicy, retrying
 from streamlet.sinks.base import Sink
 from streamlet.sources.base import DirectSource
-from streamlet.tracker import (
-    Allocation,
-    Tracker,
-    TrackerState,
-    available_offsets,
-    plan_allocation,
-)
 from streamlet.wal import Position
 
 __all__ = [
@@ -146,7 +146,7 @@ def size_budget(*, max_records: int, max_bytes: int, record_bytes: float | None)
     by bytes. Until a batch of the source was read its record size is
     unknown, and the first batch takes at most :data:`FIRST_BATCH_RECORDS`.
     The budget is shared among partitions by their backlog
-    (:func:`~streamlet.tracker.share_budget`).
+    (:func:`~streamlet._tracker.share_budget`).
 
     Args:
         max_records: the most records a batch takes from the source.
@@ -184,7 +184,7 @@ class BatchPolicy:
         max_batch_bytes: about the most bytes a batch takes from one source
             (see :func:`size_budget`; receivers: whole blocks, at least one).
         backpressure: adapt each source's rate to the handlers' speed
-            (:mod:`streamlet.backpressure`), within ``max_rate``.
+            (:mod:`streamlet._backpressure`), within ``max_rate``.
         min_rate: the floor of an adapted rate, records/s per source.
     """
 

@@ -13,7 +13,7 @@ in the data WAL: no batch will ever read it, and since its records were never
 acknowledged, their sender sends them again. That is the whole recovery story
 for this layer; nothing here needs replaying. The crash points
 ``block_before_tracker_event`` and ``block_after_tracker_event``
-(:mod:`streamlet.faults`) kill a worker at either side of the tracker event;
+(:mod:`streamlet._faults`) kill a worker at either side of the tracker event;
 ``tests/engine/test_block_durability.py`` and
 ``tests/kafka/test_kafka_receiver_durability.py`` check that no acknowledged
 record is lost and none is stored twice.
@@ -37,12 +37,12 @@ from collections.abc import Mapping, Sequence
 
 import anyio
 
+from streamlet._faults import CRASH_PAUSE, crash_due, crash_point
+from streamlet._tracker import Tracker
 from streamlet.clock import SYSTEM_CLOCK, Clock
 from streamlet.errors import StreamletError
-from streamlet.faults import CRASH_PAUSE, crash_due, crash_point
 from streamlet.records import BlockRef, Record, decode_records, encode_records
 from streamlet.sources.receiver import ReceiverContext, Stored
-from streamlet.tracker import Tracker
 from streamlet.wal import Position, WriteAheadLog
 
 __all__ = ["BlockGenerator", "throttle"]
