@@ -91,9 +91,9 @@ class HttpServer:
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/api/batches", self._batches)
         app.router.add_get("/api/events", self._events)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, shutdown_timeout=1.0)
+        site = web.TCPSite(runner, self.host, self.port)
         try:
             await site.start()
         except OSError as exc:

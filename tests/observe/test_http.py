@@ -236,3 +236,35 @@ def test_streamlet_status_prints_the_picture_and_says_when_nobody_answers(start:
     assert gone.returncode == 1
     assert "cannot reach" in gone.stderr
     assert "--http" in gone.stderr
+
+
+async def test_an_app_in_process_serves_while_it_runs_and_not_after(tmp_path: Path) -> None:
+    import anyio
+
+    import streamlet as sl
+
+    app = sl.App("inproc", state_dir=tmp_path / "state", batch_interval=0.05, http=":0")
+    numbers = app.source(sl.SequenceSource(rate=1000), name="numbers")
+
+    @app.handler(numbers)
+    async def count(batch: sl.Batch) -> list[int]:
+        return [len(batch)]
+
+    assert app.http_url is None
+    async with anyio.create_task_group() as tg:
+        await tg.start(app.serve)
+        url = app.http_url
+        assert url is not None
+        assert url.startswith("http://127.0.0.1:")  # ":0" is loopback, any free port
+        health = await anyio.to_thread.run_sync(_fetch, url + "healthz")
+        assert orjson.loads(health)["status"] == "ok"
+        app.stop()
+    assert app.http_url is None
+    with pytest.raises(urllib.error.URLError):  # closed with the app
+        await anyio.to_thread.run_sync(_fetch, url + "healthz")
+
+
+def _fetch(url: str) -> bytes:
+    """A GET from a thread: the server runs in the test's own event loop."""
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+        return bytes(response.read())
