@@ -14,7 +14,8 @@ A sink that cannot keep the rule (a print, an HTTP call) says so with
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import ClassVar, Literal, NamedTuple
 
 import orjson
@@ -51,6 +52,17 @@ class SinkContext(NamedTuple):
     sink may check earlier, before it does anything a refused start must
     not do (KafkaSink: before it fences the producer of another worker).
     """
+    group: str | None = None
+    """The consumer group of group mode (None: one worker runs the app).
+
+    In group mode every batch belongs to one *task*, partition ``p`` of each
+    of the app's Kafka sources, and its offset ranges are all of partition
+    ``p``. Batch ids are then local to a worker and mean nothing to a sink:
+    an exactly-once sink keys what it committed by the input offsets of each
+    task instead (see :meth:`Sink.acquire`).
+    """
+    source_topics: Mapping[str, str] = MappingProxyType({})
+    """Source name → Kafka topic, for the app's Kafka sources."""
 
 
 class Sink(ABC):
@@ -91,6 +103,26 @@ class Sink(ABC):
         know, as at-least-once sinks do not; 0 means nothing was committed.
         """
         return None
+
+    async def acquire(self, task: int) -> Mapping[str, int] | None:
+        """Group mode: take task ``task`` over; return where its input resumes.
+
+        Called when this worker is assigned the task, before any batch of it.
+        An exactly-once sink first fences every earlier owner of the task (a
+        worker that lost it in a rebalance but may still be running), then
+        reads what the task committed last: the result maps each source name
+        to the next offset of its partition ``task`` to read. A source absent
+        from it has no committed position in this sink (the app falls back
+        to the source's start). None (the default) means the sink keeps no
+        positions (at-least-once sinks).
+
+        Raises:
+            SinkError: the task could not be taken over (the app retries).
+        """
+        return None
+
+    async def release(self, task: int) -> None:  # noqa: B027 - optional hook
+        """Group mode: task ``task`` moved to another worker; drop what serves it."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources; called once at shutdown."""
