@@ -477,8 +477,10 @@ class BatchScheduler:
         except GaveUp as gave_up:
             raise gave_up.error from None
 
-    async def _read_input(self, alloc: Allocation) -> list[Record]:
+    async def _read_input(self, alloc: Allocation) -> tuple[list[Record], dict[str, int]]:
+        """The batch's records, and how many came from each source (counted as read)."""
         records: list[Record] = []
+        counts: dict[str, int] = {}
         by_source: dict[str, list[OffsetRange]] = {}
         for r in alloc.ranges:
             by_source.setdefault(r.source, []).append(r)
@@ -489,12 +491,16 @@ class BatchScheduler:
                     f"batch {alloc.id} was allocated from source {name!r}, which the app"
                     " no longer has; restore the source or use a new state_dir"
                 )
-            records.extend(await self._read_with_retries(alloc.id, name, source, ranges))
+            read = await self._read_with_retries(alloc.id, name, source, ranges)
+            counts[name] = len(read)
+            records.extend(read)
         if alloc.blocks:
             if self.blocks is None:
                 raise StreamletError(f"batch {alloc.id} holds blocks but the app has no receivers")
             records.extend(await self.blocks.read(alloc.blocks))
-        return records
+            for block in alloc.blocks:
+                counts[block.source] = counts.get(block.source, 0) + block.records
+        return records, counts
 
     async def _call_handler(
         self, spec: HandlerSpec, batch: Batch, trace: _Trace
@@ -619,7 +625,7 @@ class BatchScheduler:
         self, alloc: Allocation, *, scheduled: float | None, recovered: bool
     ) -> BatchInfo:
         started = self.clock.monotonic()
-        raw = await self._read_input(alloc)
+        raw, inputs = await self._read_input(alloc)
         if alloc.ranges:
             self._measure(raw)
         records, dead = self._decode(alloc.id, raw)
@@ -705,7 +711,7 @@ class BatchScheduler:
             total_delay=finished - (scheduled if scheduled is not None else started),
             recovered=recovered,
             dead_lettered=tuple(dead_handlers),
-            inputs=dict(Counter(r.source for r in raw)),
+            inputs=inputs,
             ranges=tuple(batch.ranges),
             blocks=tuple(batch.blocks),
             handlers=tuple(
