@@ -139,11 +139,23 @@ class Producer:
         return futures
 
     async def send_offsets(
-        self, group: str, offsets: Mapping[TopicPartition, int], metadata: str = ""
+        self,
+        group: str,
+        offsets: Mapping[TopicPartition, int],
+        metadata: str | Mapping[TopicPartition, str] = "",
     ) -> None:
-        """Add ``group``'s ``offsets`` to the open transaction."""
+        """Add ``group``'s ``offsets`` to the open transaction.
+
+        ``metadata``: one text for every partition, or one per partition.
+        """
         await self._raw.send_offsets_to_transaction(
-            {tp: OffsetAndMetadata(offset, metadata) for tp, offset in offsets.items()}, group
+            {
+                tp: OffsetAndMetadata(
+                    offset, metadata if isinstance(metadata, str) else metadata[tp]
+                )
+                for tp, offset in offsets.items()
+            },
+            group,
         )
 
     async def commit(self) -> None:

@@ -369,8 +369,12 @@ class KafkaSinkConfig:
         """The bootstrap servers, as a list."""
         return list(self.bootstrap_servers)
 
-    def producer_settings(self, context: SinkContext) -> dict[str, Any]:
-        """Keyword arguments for the sink's ``AIOKafkaProducer``, but for the partitioner."""
+    def producer_settings(self, context: SinkContext, task: int | None = None) -> dict[str, Any]:
+        """Keyword arguments for the sink's ``AIOKafkaProducer``, but for the partitioner.
+
+        ``task``: the group-mode task the producer serves, which has a
+        transactional id of its own (None: the app's one producer).
+        """
         settings: dict[str, Any] = {
             "client_id": f"streamlet.{context.app}.{context.handler}",
             # A transaction begun right after the previous commit may be told
@@ -381,7 +385,7 @@ class KafkaSinkConfig:
         settings.update(self.producer_config or {})
         settings["bootstrap_servers"] = self.servers
         if self.transactional:
-            settings["transactional_id"] = transactional_id(context)
+            settings["transactional_id"] = transactional_id(context, task)
             settings["transaction_timeout_ms"] = int(self.transaction_timeout * 1000)
         else:
             settings["enable_idempotence"] = True

@@ -1,5 +1,6 @@
 """Pure decisions about Kafka: where a partition starts, what a lost offset does, where a
-fetch is cut, what a failed transaction means, and the names of a sink's marker.
+fetch is cut, what a failed transaction means, the names of a sink's marker, and where a
+group-mode batch stands against its task's marker.
 
 Each is decided from values the caller has already looked up (the
 partition's log start and end, the group's committed offset, the fetched
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from streamlet.records import Record
+from streamlet.records import OffsetRange, Record
 
 if TYPE_CHECKING:
     from streamlet.sinks.base import SinkContext
@@ -22,9 +23,11 @@ if TYPE_CHECKING:
 __all__ = [
     "MARKER_METADATA",
     "MARKER_PREFIX",
+    "TASK_MARKER_PREFIX",
     "OutOfRange",
     "Start",
     "StartPolicy",
+    "TaskStanding",
     "TransactionFailure",
     "java_string_hash",
     "legacy_marker_group",
@@ -34,6 +37,10 @@ __all__ = [
     "out_of_range",
     "split",
     "start_offset",
+    "task_marker_group",
+    "task_marker_metadata",
+    "task_marker_start",
+    "task_standing",
     "transaction_failure",
     "transactional_id",
 ]
@@ -291,9 +298,14 @@ def _suffix_for(prefix: str, target: int) -> str:
     return full
 
 
-def transactional_id(context: SinkContext) -> str:
-    """The transactional id of the KafkaSink of ``context``'s app and handler."""
-    return f"streamlet.{context.app}.{context.handler}"
+def transactional_id(context: SinkContext, task: int | None = None) -> str:
+    """The transactional id of the KafkaSink of ``context``'s app and handler.
+
+    In group mode each task has its own (``task``): starting a task's producer
+    fences the task's earlier owner and nobody else (see :mod:`streamlet.kafka.sink`).
+    """
+    base = f"streamlet.{context.app}.{context.handler}"
+    return base if task is None else f"{base}.t{task}"
 
 
 def marker_group(context: SinkContext, source_group: str | None = None) -> str:
@@ -327,3 +339,76 @@ def _group_name(base: str, source_group: str | None) -> str:
         return base
     prefix = base + "."
     return prefix + _suffix_for(prefix, java_string_hash(source_group))
+
+
+# -- the sink's markers in group mode -------------------------------------------------
+
+TASK_MARKER_PREFIX = "streamlet-task/1 "
+"""Start of a task marker's metadata; the start of the range it ends follows it."""
+
+TaskStanding = Literal["write", "written", "overlap", "gap"]
+"""Where a group-mode batch stands against its task's marker (see :func:`task_standing`)."""
+
+
+def task_marker_group(context: SinkContext, source_group: str | None = None) -> str:
+    """The consumer group holding the task markers of ``context``'s app and handler.
+
+    ``streamlet-tasks.<app>.<handler>``, with the suffix of :func:`marker_group`
+    when a source group's offsets share the transaction. A name apart from
+    the single-worker marker's: that one counts batch ids, these count input
+    offsets, and neither must be read as the other.
+    """
+    return _group_name(f"streamlet-tasks.{context.app}.{context.handler}", source_group)
+
+
+def task_marker_metadata(start: int) -> str:
+    """The metadata of a task marker ending the range that started at ``start``.
+
+    The offset says where the task's input resumes; the start says which
+    range that was, for whoever reads the group with Kafka's tools.
+    """
+    return f"{TASK_MARKER_PREFIX}{start}"
+
+
+def task_marker_start(metadata: str) -> int | None:
+    """The range start a task marker's metadata names; None: not a task marker."""
+    if not metadata.startswith(TASK_MARKER_PREFIX):
+        return None
+    number = metadata[len(TASK_MARKER_PREFIX) :]
+    return int(number) if number.isdigit() else None
+
+
+def task_standing(ranges: Sequence[OffsetRange], marker: Mapping[str, int]) -> TaskStanding:
+    """Where a group-mode batch stands against its task's marker; pure.
+
+    Args:
+        ranges: the batch's offset ranges, all of the task's partition.
+        marker: source name -> the next offset the task's committed batches
+            left to read (a source without an entry has none committed).
+
+    Returns:
+        ``"written"``: every range ends at or below its marker, so the batch
+        was committed before (a re-run): skip it. ``"write"``: every range
+        starts at its marker, or its source has none: the next input. The
+        rest cannot happen while one owner resumes from the marker, and mean
+        two owners or a bug: ``"gap"``, a range starts past its marker
+        (input would be skipped); ``"overlap"``, a range crosses its marker,
+        or part of the batch is committed and part is not (input would be
+        written twice).
+    """
+    written = True
+    behind = False
+    for r in ranges:
+        at = marker.get(r.source)
+        if at is None:
+            written = False
+            continue
+        if r.start > at:
+            return "gap"
+        if r.start < at < r.until:
+            return "overlap"
+        written = written and r.until <= at
+        behind = behind or r.start < at
+    if written:
+        return "written"
+    return "overlap" if behind else "write"

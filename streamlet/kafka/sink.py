@@ -8,10 +8,8 @@ id's epoch, which fences every older producer of the id (a zombie worker
 still running after a restart), and it aborts or finishes that producer's
 open transaction before it answers. So one worker runs one app's handler; a
 second worker of the same app takes the id over and the first gets a
-:class:`~streamlet.errors.SinkError` at its next commit. Scaling out means
-separate apps over separate partitions for now; transactional ids per input
-partition (the scheme without KIP-447 group metadata, which aiokafka 0.14
-lacks) are left for later.
+:class:`~streamlet.errors.SinkError` at its next commit. Several workers
+share an app in group mode (below), with an id per task.
 
 **A marker committed in the same transaction as the outputs.** Each
 transaction also commits, with ``send_offsets_to_transaction``, the offset
@@ -75,6 +73,42 @@ worker does not fence the one that owns the marker. Markers of older
 streamlets (``streamlet-sink/1`` under a group name holding the start of
 the state id) are still read as this state directory's.
 
+**Group mode** (``SinkContext.group`` set): workers of one app share its
+Kafka sources' partitions through a consumer group, and each batch belongs
+to one *task*, partition ``p`` of every source. Batch ids are then a
+worker's own and say nothing across workers, so the sink keys what it wrote
+by input offsets, per task:
+
+* *A transactional id per task*, ``streamlet.<app>.<handler>.t<p>``.
+  aiokafka 0.14 has no KIP-447: its TxnOffsetCommit (v0) carries no group
+  generation, and the broker accepts it from a worker that lost the
+  partition long ago. So the transactional id is the only fence against
+  such a zombie, and it must change hands with the task.
+  :meth:`KafkaSink.acquire` starts the task's producer, whose InitProducerId
+  fences the previous owner's and settles its open transaction; only then
+  is the marker read, and no commit of the task is taken before.
+* *A marker per task, keyed by input offsets*, in a group of its own,
+  ``streamlet-tasks.<app>.<handler>`` (with the same hash suffix under
+  ``consume_from``). Each transaction commits, for each of the batch's
+  ranges, the offset ``until`` of the source topic's partition ``p``, with
+  metadata ``streamlet-task/1 <start>`` (the range it ends). The marker says
+  where the task's input resumes, which acquire returns, and a batch is
+  checked against it (:func:`~streamlet.kafka.policy.task_standing`): ranges
+  that end at or below it were written (the commit returns False), ranges
+  that start at it are written now, and a range crossing it or starting
+  past it means two owners or a bug, refused with an error naming the
+  task, the ranges and the marker.
+* *Fenced*: a task whose producer was fenced raises
+  :class:`~streamlet.errors.FencedError` and is dropped; the worker
+  releases it. An unknown outcome is settled as above, with a new producer
+  of the task's id and its marker read again. If the task has moved
+  meanwhile, that producer fences the new owner in turn; the offset check
+  then refuses whatever the two could write twice.
+* The state directory is not checked (any worker may own a task; the marker,
+  not a state directory, is the truth) and :meth:`KafkaSink.last_committed`
+  is None. Without transactions, one idempotent producer serves every task,
+  at-least-once, as above.
+
 Limits: the marker lives as long as Kafka keeps the group's offsets
 (``offsets.retention.minutes``, 7 days by default, counted from the last
 commit): an app that crashed and stays down longer than that re-writes the
@@ -87,8 +121,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import anyio
 from aiokafka.errors import (
@@ -133,10 +167,14 @@ from streamlet.kafka.policy import (
     marker_group,
     marker_metadata,
     marker_owner,
+    task_marker_group,
+    task_marker_metadata,
+    task_marker_start,
+    task_standing,
     transaction_failure,
     transactional_id,
 )
-from streamlet.records import Batch
+from streamlet.records import Batch, OffsetRange
 from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output, sink_ahead
 
 __all__ = [
@@ -149,6 +187,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Errors that no retry fixes: settings or permissions.
 _PERMANENT: tuple[type[BaseException], ...] = (
@@ -192,6 +231,27 @@ def _describe(exc: BaseException, *, cause: bool = True) -> str:
     return text
 
 
+async def _unread(producer: Producer) -> None:
+    """Reads nothing: for a producer started only to reach the cluster."""
+
+
+def _check_task_topics(context: SinkContext) -> None:
+    """Refuse sources sharing a topic: task markers are kept per topic-partition."""
+    topics = sorted(context.source_topics.values())
+    shared = sorted({t for t in topics if topics.count(t) > 1})
+    if shared:
+        raise ConfigError(
+            f"KafkaSink of handler {context.handler!r} (app {context.app!r}): in group mode"
+            " the task markers are kept per source topic, and several sources read"
+            f" {', '.join(shared)}; give each source its own topic"
+        )
+
+
+def _ranges(ranges: Sequence[OffsetRange]) -> str:
+    """``orders[1] 5..9, ...``: offset ranges for a message."""
+    return ", ".join(f"{r.source}[{r.partition}] {r.start}..{r.until}" for r in ranges)
+
+
 def _check_headers(headers: object) -> list[tuple[str, bytes]]:
     if headers is None:
         return []
@@ -210,13 +270,49 @@ def _check_headers(headers: object) -> list[tuple[str, bytes]]:
     return checked
 
 
+class _Task:
+    """One task of group mode: its producer, transactional id and marker."""
+
+    def __init__(self, number: int, transactional_id: str) -> None:
+        self.number = number
+        self.transactional_id = transactional_id
+        self.producer: Producer | None = None
+        # Source name -> the next offset to read, as committed; None while
+        # unknown: until the producer started, and after a commit whose
+        # outcome is unknown until a new producer has read the marker again.
+        self.marker: dict[str, int] | None = None
+        # Producers dropped by a cancelled commit, stopped by the next stop().
+        self.orphans: list[Producer] = []
+
+    def forget(self) -> None:
+        """Drop the producer without waiting (a commit is being cancelled)."""
+        if self.producer is not None:
+            self.orphans.append(self.producer)
+        self.producer, self.marker = None, None
+
+    async def stop(self) -> None:
+        """Stop the producer and any dropped ones; the marker is unknown after."""
+        self.forget()
+        producers, self.orphans = self.orphans, []
+        with anyio.CancelScope(shield=True):
+            for producer in producers:
+                await producer.stop()
+
+    def advance(self, ranges: Sequence[OffsetRange]) -> None:
+        """The batch of ``ranges`` committed: the marker moves to their ends."""
+        assert self.marker is not None
+        for r in ranges:
+            self.marker[r.source] = r.until
+
+
 class KafkaSink(Sink):
     """Writes each batch's outputs to a Kafka topic; exactly once by default.
 
     See the module docstring for how: a transaction per batch carrying the
     outputs, a marker offset (the batch id plus one) and the offsets of
     ``consume_from`` sources. One worker runs one app's handler: a second
-    worker with the same app and handler names fences the first.
+    worker with the same app and handler names fences the first. In group
+    mode each task has its own producer and marker (:meth:`acquire`).
 
     Args:
         topic: the output topic; it must exist (or the broker create it).
@@ -247,9 +343,9 @@ class KafkaSink(Sink):
         transaction_timeout: seconds. The broker aborts a transaction open
             longer than this, and the sink gives up waiting on one commit
             after this long (the outcome is then reconciled, see above).
-        open_timeout: seconds :meth:`open` (and a reconnect after a failed
-            commit) keeps trying to reach the cluster, with logged retries and
-            growing pauses, before it fails.
+        open_timeout: seconds :meth:`open`, :meth:`acquire` (and a reconnect
+            after a failed commit) keep trying to reach the cluster, with
+            logged retries and growing pauses, before they fail.
 
     Raises:
         ConfigError: an argument is invalid.
@@ -311,6 +407,12 @@ class KafkaSink(Sink):
         # Producers dropped by a cancelled commit, stopped by the next _retire.
         self._orphans: list[Producer] = []
         self._lock = anyio.Lock()
+        # Group mode with transactions: the tasks acquired, a lock per task
+        # number (acquire, commit and release of a task take turns), and the
+        # reason of each task dropped because it was fenced.
+        self._tasks: dict[int, _Task] = {}
+        self._task_locks: dict[int, anyio.Lock] = {}
+        self._fenced_tasks: dict[int, str] = {}
 
     # A property, not the base's class attribute: it depends on transactional.
     @property
@@ -325,13 +427,23 @@ class KafkaSink(Sink):
 
     @property
     def transactional_id(self) -> str | None:
-        """The producer's transactional id, once opened (None without transactions)."""
+        """The producer's transactional id, once opened (None without transactions).
+
+        None in group mode too: each task has its own, ``<this>.t<task>``.
+        """
         return self._transactional_id or None
 
     @property
     def marker_group(self) -> str | None:
-        """The group holding the marker, once opened (None without transactions)."""
+        """The group holding the marker, once opened (None without transactions).
+
+        In group mode, the group holding the task markers.
+        """
         return self._marker_group or None
+
+    def _grouped(self) -> bool:
+        """Group mode with transactions: producers and markers per task."""
+        return self._transactional and self._context is not None and self._context.group is not None
 
     def describe(self) -> str:
         return f"KafkaSink({self._topic})"
@@ -344,21 +456,29 @@ class KafkaSink(Sink):
     async def open(self, context: SinkContext) -> None:
         """Start the producer: fence older ones, settle their transaction, read the marker.
 
+        In group mode with transactions no producer starts here (each task's
+        starts in :meth:`acquire`); the cluster and the topic are checked.
+
         Raises:
             ConfigError: ``consume_from`` sources are unusable (no group, or
-                several groups), or the broker refuses the transaction timeout.
+                several groups), the broker refuses the transaction timeout,
+                or (group mode) two sources read one topic.
             SinkError: the cluster stayed unreachable for ``open_timeout``
                 (retriable), or refused access (not retriable).
         """
         if self._context is not None:
             raise SinkError(f"{self._where()} is already open")
         self._resolve_sources()
+        if self._transactional and context.group is not None:
+            _check_task_topics(context)
         self._context = context
         # Opening again after being fenced is a deliberate restart: it takes
         # the transactional id back.
         self._fenced = None
         self._owner_checked = False
-        if self._transactional:
+        if self._transactional and context.group is not None:
+            self._open_grouped(context)
+        elif self._transactional:
             self._transactional_id = transactional_id(context)
             base = marker_group(context)
             self._marker_group = marker_group(context, self._source_group)
@@ -377,10 +497,30 @@ class KafkaSink(Sink):
             )
         try:
             async with self._lock:
-                await self._connect()
+                if self._grouped():
+                    # No producer before a task is acquired; this only finds
+                    # a missing topic or an unreachable cluster early.
+                    await self._retrying(self._probe, "")
+                else:
+                    await self._connect()
         except BaseException:
             self._context = None
             raise
+
+    def _open_grouped(self, context: SinkContext) -> None:
+        self._transactional_id = ""
+        self._marker_group = task_marker_group(context, self._source_group)
+        # The plain name too, as for the single marker: the markers stay
+        # found when consume_from is added to an app between runs.
+        self._marker_groups = tuple(dict.fromkeys((self._marker_group, task_marker_group(context))))
+
+    async def _probe(self) -> None:
+        """Reach the cluster and the topic's metadata with a plain producer."""
+        context = self._context
+        assert context is not None
+        producer, _ = await self._ready(probe_settings(self._settings(context)), _unread)
+        with anyio.CancelScope(shield=True):
+            await producer.stop()
 
     def _resolve_sources(self) -> None:
         by_source: dict[str, str] = {}
@@ -419,8 +559,8 @@ class KafkaSink(Sink):
         self._by_source = by_source
         self._source_group = distinct[0] if distinct else None
 
-    def _settings(self, context: SinkContext) -> dict[str, Any]:
-        settings = self._config.producer_settings(context)
+    def _settings(self, context: SinkContext, task: int | None = None) -> dict[str, Any]:
+        settings = self._config.producer_settings(context, task)
         if self._partitioner is not None:
             settings["partitioner"] = checked_partitioner(self._partitioner)
         return settings
@@ -435,8 +575,25 @@ class KafkaSink(Sink):
         assert context is not None
         assert self._fenced is None
         await self._retire()
-        deadline = time.monotonic() + self._open_timeout
         settings = self._settings(context)
+        producer, next_batch = await self._retrying(
+            lambda: self._start(settings), self._transactional_id
+        )
+        self._producer, self._next = producer, next_batch
+        if self._transactional:
+            log.info(
+                "%s: producer %r ready, next batch to write is %d",
+                self._where(),
+                transactional_id(context),
+                next_batch,
+            )
+
+    async def _retrying(self, start: Callable[[], Awaitable[_T]], txn_id: str) -> _T:
+        """``start()``, tried again with growing pauses for ``open_timeout`` seconds.
+
+        ``txn_id`` names the transactional id in a refusal's message.
+        """
+        deadline = time.monotonic() + self._open_timeout
         backoff = _FIRST_BACKOFF
         attempt = 0
         while True:
@@ -444,25 +601,15 @@ class KafkaSink(Sink):
             error: BaseException
             try:
                 with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
-                    producer, next_batch = await self._start(settings)
+                    return await start()
             except TimeoutError as exc:
                 error = exc
             except ConfigError:
                 raise
             except _PERMANENT as exc:
-                raise self._refused(exc) from exc
+                raise self._refused(exc, txn_id) from exc
             except Exception as exc:
                 error = exc
-            else:
-                self._producer, self._next = producer, next_batch
-                if self._transactional:
-                    log.info(
-                        "%s: producer %r ready, next batch to write is %d",
-                        self._where(),
-                        transactional_id(context),
-                        next_batch,
-                    )
-                return
             left = deadline - time.monotonic()
             if left <= 0:
                 failure = SinkUnavailableError(
@@ -504,17 +651,28 @@ class KafkaSink(Sink):
                 with anyio.CancelScope(shield=True):
                     await probe.stop()
             self._owner_checked = True
+
+        async def read(producer: Producer) -> int | None:
+            return await self._read_marker(producer) if self._transactional else None
+
+        return await self._ready(settings, read)
+
+    async def _ready(
+        self, settings: Mapping[str, Any], read: Callable[[Producer], Awaitable[_T]]
+    ) -> tuple[Producer, _T]:
+        """Start a producer, wait for the topic's metadata, then ``read(producer)``.
+
+        Waiting for the metadata makes a missing topic fail here, not in the
+        middle of a batch.
+        """
         producer = await Producer.start(settings)
         try:
-            # Waits for the topic's metadata: a missing topic fails here, not
-            # in the middle of a batch.
             await producer.partitions(self._topic)
-            next_batch = await self._read_marker(producer) if self._transactional else None
+            return producer, await read(producer)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await producer.stop()
             raise
-        return producer, next_batch
 
     async def _read_marker(self, producer: Producer) -> int:
         """The next batch id to write: the highest marker of the sink's groups.
@@ -533,16 +691,19 @@ class KafkaSink(Sink):
                 continue
             owner = marker_owner(found.metadata)
             if owner is None:
-                raise ConfigError(
-                    f"consumer group {group!r} holds offset {found.offset} for {self._topic}[0]"
-                    f" with metadata {found.metadata!r}, which no streamlet KafkaSink wrote;"
-                    f" the group is reserved for {self._where()}. Delete the group"
-                    " (kafka-consumer-groups --delete) if nothing of this app is pending"
-                )
+                raise ConfigError(self._not_a_marker(group, tp, found.offset, found.metadata))
             if owner and context.state_id and owner != context.state_id and found.offset > 1:
                 raise ConfigError(self._foreign(group, owner, found.offset - 1))
             next_batch = max(next_batch, found.offset)
         return next_batch
+
+    def _not_a_marker(self, group: str, tp: TopicPartition, offset: int, metadata: str) -> str:
+        return (
+            f"consumer group {group!r} holds offset {offset} for {tp.topic}[{tp.partition}]"
+            f" with metadata {metadata!r}, which no streamlet KafkaSink wrote;"
+            f" the group is reserved for {self._where()}. Delete the group"
+            " (kafka-consumer-groups --delete) if nothing of this app is pending"
+        )
 
     def _foreign(self, group: str, owner: str, written: int) -> str:
         """Why outputs of another state directory refuse this sink, and what to do."""
@@ -563,7 +724,7 @@ class KafkaSink(Sink):
             " give the app or handler a new name"
         )
 
-    def _refused(self, exc: BaseException) -> BaseException:
+    def _refused(self, exc: BaseException, txn_id: str) -> BaseException:
         if isinstance(exc, InvalidTransactionTimeout):
             return ConfigError(
                 f"{self._where()}: the broker refuses transaction_timeout="
@@ -574,7 +735,7 @@ class KafkaSink(Sink):
             f"{self._where()}: Kafka refused access: {_describe(exc)}. The producer needs"
             f" WRITE on topic {self._topic!r}"
             + (
-                f", WRITE and DESCRIBE on transactional id {self._txn_id()!r}"
+                f", WRITE and DESCRIBE on transactional id {txn_id or '?'!r}"
                 f" and READ on the consumer group(s) {', '.join(self._marker_groups)}"
                 if self._transactional
                 else ""
@@ -613,6 +774,8 @@ class KafkaSink(Sink):
         """
         if self._context is None:
             raise SinkError(f"{self._where()} is not open; call open() first")
+        if self._grouped():
+            return await self._commit_task(batch, outputs)
         async with self._lock:
             if self._fenced is not None:
                 raise FencedError(self._fenced)
@@ -631,8 +794,11 @@ class KafkaSink(Sink):
             return await self._transact(producer, batch, messages)
 
     async def last_committed(self) -> int | None:
-        """The newest batch written, from the marker (None without transactions)."""
-        if not self._transactional:
+        """The newest batch written, from the marker (None without transactions).
+
+        None in group mode: batch ids are each worker's own there.
+        """
+        if not self._transactional or self._grouped():
             return None
         async with self._lock:
             if self._next is None:
@@ -641,6 +807,183 @@ class KafkaSink(Sink):
                 await self._connect()
             assert self._next is not None
             return max(0, self._next - 1)
+
+    # -- group mode ---------------------------------------------------------------------
+
+    async def acquire(self, task: int) -> Mapping[str, int] | None:
+        """Group mode: fence the task's earlier owners, then read where its input resumes.
+
+        Starts the producer of the task's transactional id: its InitProducerId
+        fences every older producer of the id (a worker that lost the task
+        but may still run) and settles their open transaction. Then the
+        task's marker is read. A task held already is taken over afresh.
+
+        Returns:
+            Source name -> the next offset of its partition ``task`` to read,
+            for each source the task committed a batch of ({} for a new
+            task); None without transactions or outside group mode, where
+            the sink keeps no positions.
+
+        Raises:
+            SinkError: the cluster stayed unreachable for ``open_timeout``
+                (retriable), or refused access (not retriable).
+            ConfigError: the marker group holds an offset no KafkaSink wrote.
+        """
+        if self._context is None:
+            raise SinkError(f"{self._where()} is not open; call open() first")
+        if not self._grouped():
+            return None
+        async with self._task_lock(task):
+            await self._drop(task)
+            state = _Task(task, transactional_id(self._context, task))
+            await self._take_over(state)
+            assert state.marker is not None
+            self._tasks[task] = state
+            return dict(state.marker)
+
+    async def release(self, task: int) -> None:
+        """Group mode: stop the task's producer and forget its marker.
+
+        A transaction is open only if a commit was cancelled; the next
+        owner's InitProducerId settles it.
+        """
+        async with self._task_lock(task):
+            await self._drop(task)
+
+    def _task_lock(self, number: int) -> anyio.Lock:
+        lock = self._task_locks.get(number)
+        if lock is None:
+            lock = self._task_locks[number] = anyio.Lock()
+        return lock
+
+    async def _drop(self, number: int, fenced: str | None = None) -> None:
+        """Stop task ``number``'s producers and forget it (``fenced``: why, for later commits).
+
+        Caller holds the task's lock.
+        """
+        task = self._tasks.pop(number, None)
+        if fenced is None:
+            self._fenced_tasks.pop(number, None)
+        else:
+            self._fenced_tasks[number] = fenced
+        if task is not None:
+            await task.stop()
+
+    async def _take_over(self, task: _Task) -> None:
+        """Start the task's producer (fencing older ones) and read its marker, with retries."""
+        context = self._context
+        assert context is not None
+        await task.stop()
+        settings = self._settings(context, task.number)
+
+        async def read(producer: Producer) -> dict[str, int]:
+            return await self._read_task_marker(producer, task.number)
+
+        task.producer, task.marker = await self._retrying(
+            lambda: self._ready(settings, read), task.transactional_id
+        )
+        log.info(
+            "%s: producer %r ready, task %d resumes at %s",
+            self._where(),
+            task.transactional_id,
+            task.number,
+            task.marker or "the sources' start (no marker)",
+        )
+
+    async def _read_task_marker(self, producer: Producer, number: int) -> dict[str, int]:
+        """Source name -> next offset to read, from the task's marker in the sink's groups.
+
+        Raises:
+            ConfigError: a marker group holds an offset no KafkaSink wrote.
+        """
+        context = self._context
+        assert context is not None
+        marker: dict[str, int] = {}
+        for name, topic in context.source_topics.items():
+            tp = TopicPartition(topic, number)
+            for group in self._marker_groups:
+                found = await producer.committed(group, tp)
+                if found is None:
+                    continue
+                if task_marker_start(found.metadata) is None:
+                    raise ConfigError(self._not_a_marker(group, tp, found.offset, found.metadata))
+                marker[name] = max(marker.get(name, found.offset), found.offset)
+        return marker
+
+    def _task_of(self, batch: Batch) -> int:
+        """The task ``batch`` belongs to: the one partition of all its ranges."""
+        context = self._context
+        assert context is not None
+        partitions = {r.partition for r in batch.ranges}
+        unknown = sorted({r.source for r in batch.ranges} - set(context.source_topics))
+        if len(partitions) != 1 or unknown:
+            raise SinkError(
+                f"{self._where()}: batch {batch.id} reads {_ranges(batch.ranges) or 'nothing'};"
+                " in group mode a batch reads one partition (its task) of the app's Kafka"
+                " sources" + (f", and {', '.join(unknown)} is not one of them" if unknown else "")
+            )
+        return partitions.pop()
+
+    async def _commit_task(self, batch: Batch, outputs: Sequence[object]) -> bool:
+        """Group mode: write ``batch`` with its task's producer, unless the marker covers it."""
+        number = self._task_of(batch)
+        async with self._task_lock(number):
+            task = self._tasks.get(number)
+            if task is None:
+                fenced = self._fenced_tasks.get(number)
+                if fenced is not None:
+                    raise FencedError(fenced)
+                raise SinkError(
+                    f"{self._where()}: batch {batch.id} belongs to task {number}, which this"
+                    f" worker has not acquired (or has released); call acquire({number}) first"
+                )
+            if task.producer is None:
+                # The last commit's outcome is unknown, or its producer
+                # failed: a new one settles it and the marker is read again.
+                await self._take_over(task)
+            producer, marker = task.producer, task.marker
+            assert producer is not None
+            assert marker is not None
+            standing = task_standing(batch.ranges, marker)
+            if standing == "written":
+                return False
+            if standing != "write":
+                raise SinkError(self._misplaced(batch, task, standing))
+            messages = self._encode(batch, outputs)
+            return await self._transact(producer, batch, messages, task)
+
+    def _misplaced(self, batch: Batch, task: _Task, standing: str) -> str:
+        """Why a batch that does not follow its task's marker is refused."""
+        marker = task.marker or {}
+        at = ", ".join(f"{name} {offset}" for name, offset in sorted(marker.items()))
+        what = (
+            "starts past the marker: the input between would never be written"
+            if standing == "gap"
+            else "overlaps what the task committed: that input would be written twice"
+        )
+        return (
+            f"{self._where()}: batch {batch.id} of task {task.number} reads"
+            f" {_ranges(batch.ranges)}, but the task's marker says its input resumes at {at}:"
+            f" the batch {what}. This does not happen while one worker owns the task and"
+            " resumes it where acquire() said: two workers own it, or the input did not"
+            " resume there. Nothing of the batch is written"
+        )
+
+    def _task_marker(
+        self, batch: Batch
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, str]]:
+        """The task marker's offsets of ``batch`` and their metadata."""
+        context = self._context
+        assert context is not None
+        offsets: dict[TopicPartition, int] = {}
+        metadata: dict[TopicPartition, str] = {}
+        for r in batch.ranges:
+            tp = TopicPartition(context.source_topics[r.source], r.partition)
+            offsets[tp] = r.until
+            metadata[tp] = task_marker_metadata(r.start)
+        return offsets, metadata
+
+    # -- writing ------------------------------------------------------------------------
 
     def _encode(self, batch: Batch, outputs: Sequence[object]) -> list[Message]:
         messages: list[Message] = []
@@ -678,9 +1021,21 @@ class KafkaSink(Sink):
             offsets[tp] = max(offsets.get(tp, r.until), r.until)
         return offsets
 
-    async def _transact(self, producer: Producer, batch: Batch, messages: list[Message]) -> bool:
-        """One transaction: outputs, marker, source offsets; see the module docstring."""
+    async def _transact(
+        self, producer: Producer, batch: Batch, messages: list[Message], task: _Task | None = None
+    ) -> bool:
+        """One transaction: outputs, marker, source offsets; see the module docstring.
+
+        ``task``: the group-mode task whose producer and marker this is.
+        """
         source_offsets = self._source_offsets(batch)
+        marker: Mapping[TopicPartition, int]
+        metadata: str | Mapping[TopicPartition, str]
+        if task is None:
+            marker = {TopicPartition(self._topic, 0): batch.id + 1}
+            metadata = marker_metadata(self._context.state_id if self._context else "")
+        else:
+            marker, metadata = self._task_marker(batch)
         committing = False
         stage = "starting the transaction"
         try:
@@ -690,11 +1045,7 @@ class KafkaSink(Sink):
                 futures = await producer.send_many(self._topic, messages)
                 # Invariant: the marker and the outputs commit or abort together.
                 stage = "adding the marker and source offsets"
-                await producer.send_offsets(
-                    self._marker_group,
-                    {TopicPartition(self._topic, 0): batch.id + 1},
-                    marker_metadata(self._context.state_id if self._context else ""),
-                )
+                await producer.send_offsets(self._marker_group, marker, metadata)
                 if source_offsets:
                     assert self._source_group is not None
                     await producer.send_offsets(self._source_group, source_offsets)
@@ -704,23 +1055,35 @@ class KafkaSink(Sink):
                 committing = True
                 await producer.commit()
         except Exception as exc:
-            return await self._failed(producer, batch, exc, committing, stage)
+            return await self._failed(producer, batch, exc, committing, stage, task)
         except BaseException:
             # Cancelled: the commit may still complete in the background, so
             # the outcome is unknown until a new producer settles it.
-            self._forget(producer)
+            self._forget(producer, task)
             raise
-        self._next = batch.id + 1
+        if task is None:
+            self._next = batch.id + 1
+        else:
+            task.advance(batch.ranges)
         return True
 
-    def _forget(self, producer: Producer) -> None:
-        """Drop ``producer`` without waiting; a later call stops it."""
+    def _forget(self, producer: Producer, task: _Task | None = None) -> None:
+        """Drop ``producer`` (``task``'s, if given) without waiting; a later call stops it."""
+        if task is not None:
+            task.forget()
+            return
         self._producer = None
         self._next = None
         self._orphans.append(producer)
 
     async def _failed(
-        self, producer: Producer, batch: Batch, exc: Exception, committing: bool, stage: str
+        self,
+        producer: Producer,
+        batch: Batch,
+        exc: Exception,
+        committing: bool,
+        stage: str,
+        task: _Task | None,
     ) -> bool:
         """Turn a failed transaction into a SinkError, or True if it committed after all."""
         cause = producer.failure() or exc
@@ -732,6 +1095,19 @@ class KafkaSink(Sink):
             timed_out=isinstance(exc, TimeoutError),
             producer_broken=producer.failure() is not None,
         )
+        if kind == "fenced" and task is not None:
+            fenced = (
+                f"{self._where()}: task {task.number} was fenced while writing batch"
+                f" {batch.id}: another producer with transactional id"
+                f" {task.transactional_id!r} started, so another worker took the task over (or"
+                " the transaction ran longer than"
+                f" transaction_timeout={self._transaction_timeout:g}s and the broker aborted"
+                " it). This worker's transaction was aborted and the task dropped: release it,"
+                " and acquire it again only once it is assigned here again"
+            )
+            log.error("%s", fenced)
+            await self._drop(task.number, fenced)
+            raise FencedError(fenced) from cause
         if kind == "fenced":
             self._fenced = (
                 f"{self._where()} was fenced while writing batch {batch.id}: another producer"
@@ -746,7 +1122,7 @@ class KafkaSink(Sink):
             await self._retire()
             raise FencedError(self._fenced) from cause
         if kind == "output":
-            await self._abort(producer, batch)
+            await self._abort(producer, batch, task)
             if isinstance(exc, PartitionerFailed):
                 raise OutputError(
                     f"the partitioner of {self._where()} failed {stage} of batch {batch.id}:"
@@ -758,7 +1134,7 @@ class KafkaSink(Sink):
                 " is visible"
             ) from cause
         if kind == "aborted":
-            await self._abort(producer, batch)
+            await self._abort(producer, batch, task)
             raise _sink_error(
                 cause,
                 f"{self._where()} could not write batch {batch.id} ({stage}):"
@@ -776,15 +1152,23 @@ class KafkaSink(Sink):
             _describe(cause),
         )
         try:
-            await self._connect()
+            if task is None:
+                await self._connect()
+            else:
+                await self._take_over(task)
         except SinkError as reconnect:
             raise _sink_error(
                 reconnect,
                 f"{self._where()}: {phase} batch {batch.id} failed ({_describe(cause)}) and"
                 f" whether it committed is unknown until Kafka is reachable again: {reconnect}",
             ) from cause
-        assert self._next is not None
-        if self._next > batch.id:
+        if task is None:
+            assert self._next is not None
+            committed = self._next > batch.id
+        else:
+            assert task.marker is not None
+            committed = task_standing(batch.ranges, task.marker) == "written"
+        if committed:
             log.info("%s: batch %d did commit", self._where(), batch.id)
             return True
         raise SinkUnavailableError(
@@ -792,8 +1176,8 @@ class KafkaSink(Sink):
             " transaction was rolled back, nothing of the batch is visible"
         ) from cause
 
-    async def _abort(self, producer: Producer, batch: Batch) -> None:
-        """Abort the open transaction; if that fails too, drop the producer."""
+    async def _abort(self, producer: Producer, batch: Batch, task: _Task | None) -> None:
+        """Abort the open transaction; if that fails too, drop the producer (``task``'s)."""
         try:
             with anyio.fail_after(self._transaction_timeout):
                 await producer.abort()
@@ -805,9 +1189,9 @@ class KafkaSink(Sink):
                 batch.id,
                 _describe(producer.failure() or exc),
             )
-            await self._retire()
+            await (self._retire() if task is None else task.stop())
         except BaseException:
-            self._forget(producer)
+            self._forget(producer, task)
             raise
 
     async def _send_plain(self, producer: Producer, batch: Batch, messages: list[Message]) -> None:
@@ -841,7 +1225,11 @@ class KafkaSink(Sink):
             raise
 
     async def aclose(self) -> None:
-        """Stop the producer (and any dropped after a cancelled commit)."""
+        """Stop the producer (and any dropped after a cancelled commit), and every task's."""
         async with self._lock:
             await self._retire()
+        for number in list(self._tasks):
+            async with self._task_lock(number):
+                await self._drop(number)
+        self._fenced_tasks.clear()
         self._context = None

@@ -1,10 +1,22 @@
-"""The Kafka sources' decisions, without a broker."""
+"""The Kafka sources' and sink's decisions, without a broker."""
 
 from __future__ import annotations
 
 import pytest
 
-from streamlet.kafka.policy import out_of_range, start_offset
+from streamlet.kafka.policy import (
+    java_string_hash,
+    marker_group,
+    out_of_range,
+    start_offset,
+    task_marker_group,
+    task_marker_metadata,
+    task_marker_start,
+    task_standing,
+    transactional_id,
+)
+from streamlet.records import OffsetRange
+from streamlet.sinks.base import SinkContext
 
 
 def _start(**kw: object) -> tuple[int, str]:
@@ -104,3 +116,58 @@ def test_both_kinds_of_kafka_source_are_kafka_sources() -> None:
     assert direct.topic == "t"
     with pytest.raises(ConfigError, match="mode must be"):
         sl.KafkaSource("t", bootstrap_servers="x:1", mode="sideways")  # type: ignore[call-overload]
+
+
+# -- the sink's task markers (group mode) ---------------------------------------------
+
+
+def _r(source: str, start: int, until: int, partition: int = 3) -> OffsetRange:
+    return OffsetRange(source, partition, start, until)
+
+
+@pytest.mark.parametrize(
+    ("ranges", "marker", "standing"),
+    [
+        # A new task, or a source the task never committed: the next input.
+        ([_r("a", 0, 5)], {}, "write"),
+        ([_r("a", 5, 9), _r("b", 0, 4)], {"a": 5}, "write"),
+        # Starting at the marker: the next input.
+        ([_r("a", 5, 9)], {"a": 5}, "write"),
+        ([_r("a", 5, 9), _r("b", 2, 2)], {"a": 5, "b": 2}, "write"),
+        # Ending at or below the marker: committed before, a re-run.
+        ([_r("a", 0, 5)], {"a": 5}, "written"),
+        ([_r("a", 0, 5)], {"a": 9}, "written"),
+        ([_r("a", 0, 5), _r("b", 2, 2)], {"a": 5, "b": 2}, "written"),
+        ([_r("a", 5, 5)], {"a": 5}, "written"),  # no input past the marker
+        # Crossing the marker: part of it committed.
+        ([_r("a", 3, 9)], {"a": 5}, "overlap"),
+        # One source's range committed, another's not.
+        ([_r("a", 0, 5), _r("b", 2, 6)], {"a": 5, "b": 2}, "overlap"),
+        ([_r("a", 0, 5), _r("b", 0, 4)], {"a": 5}, "overlap"),
+        # Starting past the marker: input in between would be skipped.
+        ([_r("a", 6, 9)], {"a": 5}, "gap"),
+        ([_r("a", 5, 9), _r("b", 7, 8)], {"a": 5, "b": 6}, "gap"),
+    ],
+)
+def test_where_a_batch_stands_against_its_task_marker(
+    ranges: list[OffsetRange], marker: dict[str, int], standing: str
+) -> None:
+    assert task_standing(ranges, marker) == standing
+
+
+def test_task_marker_names_and_metadata() -> None:
+    context = SinkContext("shop", "copy", "unused", "sid", group="g1")
+    assert transactional_id(context) == "streamlet.shop.copy"
+    assert transactional_id(context, 0) == "streamlet.shop.copy.t0"
+    assert transactional_id(context, 11) == "streamlet.shop.copy.t11"
+    assert task_marker_group(context) == "streamlet-tasks.shop.copy"
+    # With a source group, the same hash: one AddOffsetsToTxn covers both.
+    hashed = task_marker_group(context, "orders")
+    assert hashed.startswith("streamlet-tasks.shop.copy.")
+    assert java_string_hash(hashed) == java_string_hash("orders")
+    assert hashed != marker_group(context, "orders")
+    assert task_marker_metadata(42) == "streamlet-task/1 42"
+    assert task_marker_start(task_marker_metadata(42)) == 42
+    assert task_marker_start(task_marker_metadata(0)) == 0
+    for foreign in ("", "streamlet-task/1 ", "streamlet-task/1 x", "streamlet-sink/2 sid", "42"):
+        assert task_marker_start(foreign) is None, foreign
