@@ -287,6 +287,15 @@ class BatchScheduler:
         self.latest: dict[str, dict[int, int]] = {}
         #: The clock's time of the last sign of life: a tick, or a batch done.
         self.last_progress = clock.monotonic()
+        #: Group mode: the tasks this worker owns and has taken over (None:
+        #: one worker runs the app and batches span every partition).
+        self.tasks: set[int] | None = None
+        #: Group mode: no new batch starts while a rebalance is under way.
+        self.paused = False
+        self._in_flight: Allocation | None = None
+        self._batch_ended = anyio.Event()
+        #: Group mode: told of a task whose commit was fenced (after it is released).
+        self.fenced: Callable[[int], object] | None = None
         self._estimators = (
             {
                 name: RateEstimator(batch_interval=interval, min_rate=policy.min_rate)
@@ -309,8 +318,23 @@ class BatchScheduler:
     # -- recovery and the tick loop -------------------------------------------
 
     async def recover(self) -> int:
-        """Re-run every allocated-but-not-done batch, in order; return how many."""
+        """Re-run every allocated-but-not-done batch, in order; return how many.
+
+        In group mode they are dropped instead: this worker owns no task
+        until the group assigns it one, and a task's new owner (this worker
+        again, perhaps) resumes from what the sinks committed.
+        """
         pending = list(self.tracker.state.pending)
+        if self.tasks is not None:
+            for alloc in pending:
+                await self.tracker.log_dropped(alloc.id)
+            if pending:
+                log.info(
+                    "group mode: %d unfinished batch(es) dropped; each task resumes from"
+                    " what its sinks committed when it is assigned",
+                    len(pending),
+                )
+            return 0
         if pending:
             log.info(
                 "recovering %d unfinished batch(es): %s",
@@ -347,9 +371,86 @@ class BatchScheduler:
                     continue
                 scheduled = next_tick
                 next_tick += self.interval
-            alloc = await self.allocate(self.clock.time() - (self.clock.monotonic() - scheduled))
+            batch_time = self.clock.time() - (self.clock.monotonic() - scheduled)
+            if self.tasks is not None:
+                await self._group_tick(batch_time, scheduled)
+                continue
+            alloc = await self.allocate(batch_time)
             if alloc is not None:
                 await self._run_batch(alloc, scheduled=scheduled, recovered=False)
+
+    # -- group mode --------------------------------------------------------------
+
+    async def _group_tick(self, batch_time: float, scheduled: float) -> None:
+        """One batch per task this worker owns, one after another (group mode)."""
+        self.last_progress = self.clock.monotonic()
+        if self.paused or not self.tasks:
+            self.behind = False
+            return
+        latest = {name: await source.latest() for name, source in self.sources.items()}
+        behind = False
+        for task in sorted(self.tasks):
+            if self.paused or task not in self.tasks:
+                continue
+            alloc = await self.allocate(batch_time, task=task, latest=latest)
+            behind = behind or self.behind
+            if alloc is None:
+                continue
+            try:
+                await self._run_batch(alloc, scheduled=scheduled, recovered=False)
+            except FencedError as exc:
+                log.warning(
+                    "task %d was taken over by another worker while batch %d ran (%s);"
+                    " the batch is dropped and the new owner resumes from what was"
+                    " committed",
+                    task,
+                    alloc.id,
+                    exc,
+                )
+                await self.release_task(task)
+                if self.fenced is not None:
+                    self.fenced(task)
+        self.behind = behind
+
+    async def pause(self, budget: float) -> bool:
+        """Start no new batch, and wait up to ``budget`` s for the one under way; True if none is.
+
+        Called when the group takes tasks away (a rebalance starts). A batch
+        still running after the budget goes on; if its task moved, its commit
+        is fenced and it is dropped.
+        """
+        self.paused = True
+        with anyio.move_on_after(budget):
+            while self._in_flight is not None:
+                await self._batch_ended.wait()
+        return self._in_flight is None
+
+    def resume(self) -> None:
+        """New batches may start again (the rebalance is over)."""
+        self.paused = False
+
+    async def release_task(self, task: int) -> None:
+        """Give task ``task`` up: no more batches of it, its pending ones dropped, sinks told."""
+        if self.tasks is not None:
+            self.tasks.discard(task)
+        in_flight = self._in_flight.id if self._in_flight is not None else None
+        for alloc in list(self.tracker.state.pending):
+            if alloc.id != in_flight and any(r.partition == task for r in alloc.ranges):
+                await self.tracker.log_dropped(alloc.id)
+        for name in self.latest:
+            self.latest[name].pop(task, None)
+        for spec in self.handlers:
+            if spec.sink is not None:
+                await spec.sink.release(task)
+        if self.dead_letter is not None:
+            await self.dead_letter.release(task)
+
+    async def acquire_task(self, task: int, positions: Mapping[str, int]) -> None:
+        """Take task ``task`` over, resuming each source's partition ``task`` at ``positions``."""
+        for name, offset in positions.items():
+            self.tracker.reset_positions(name, {task: offset})
+        if self.tasks is not None:
+            self.tasks.add(task)
 
     async def drain(self) -> BatchInfo | None:
         """Run batches until receivers' stored blocks are all taken (a graceful stop).
@@ -367,22 +468,39 @@ class BatchScheduler:
             if not any(self.tracker.state.blocks.get(name) for name in self.receivers):
                 return info
 
-    async def allocate(self, batch_time: float) -> Allocation | None:
-        """Fix and durably log the next batch's input; None when there is none."""
+    async def allocate(
+        self,
+        batch_time: float,
+        *,
+        task: int | None = None,
+        latest: Mapping[str, Mapping[int, int]] | None = None,
+    ) -> Allocation | None:
+        """Fix and durably log the next batch's input; None when there is none.
+
+        Args:
+            batch_time: the batch's time.
+            task: group mode: only partition ``task`` of each source.
+            latest: what each source's ``latest()`` said this tick (None: ask).
+        """
         self.last_progress = self.clock.monotonic()
         if self.blocks is not None:
             await self.blocks.cut()
         state = self.tracker.state
-        latest: dict[str, Mapping[int, int]] = {}
+        chosen: dict[str, Mapping[int, int]] = {}
         for name, source in self.sources.items():
-            available = await source.latest()
+            available = latest[name] if latest is not None else await source.latest()
+            self._partitions[name] = max(1, len(available))
+            if task is not None:
+                available = {task: available[task]} if task in available else {}
+                self.latest.setdefault(name, {}).update(available)
+            else:
+                self.latest[name] = dict(available)
             known = state.positions.get(name, {})
             unseen = [p for p in available if p not in known]
             if unseen:
                 self.tracker.seed_positions(name, await source.start_positions(unseen))
-            latest[name] = available
-            self.latest[name] = dict(available)
-            self._partitions[name] = max(1, len(available))
+            chosen[name] = available
+        latest = chosen
         budgets = {
             name: size_budget(
                 max_records=self.policy.max_batch_records,
@@ -623,6 +741,17 @@ class BatchScheduler:
 
     async def _run_batch(
         self, alloc: Allocation, *, scheduled: float | None, recovered: bool
+    ) -> BatchInfo:
+        self._in_flight = alloc
+        try:
+            return await self._run_batch_in_flight(alloc, scheduled, recovered)
+        finally:
+            self._in_flight = None
+            self._batch_ended.set()
+            self._batch_ended = anyio.Event()
+
+    async def _run_batch_in_flight(
+        self, alloc: Allocation, scheduled: float | None, recovered: bool
     ) -> BatchInfo:
         started = self.clock.monotonic()
         raw, inputs = await self._read_input(alloc)

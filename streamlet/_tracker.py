@@ -44,6 +44,7 @@ __all__ = [
     "Allocation",
     "BlockEvent",
     "DoneEvent",
+    "DropEvent",
     "Event",
     "Tracker",
     "TrackerState",
@@ -116,7 +117,19 @@ class DoneEvent:
     batch_id: int
 
 
-Event = BlockEvent | AllocEvent | DoneEvent
+@dataclass(frozen=True, slots=True)
+class DropEvent:
+    """``drop``: a pending batch is given up, not committed: its task moved to another worker.
+
+    Group mode only. The batch's outputs were never committed by this worker
+    (or its commit was fenced); the task's new owner resumes from what the
+    sinks committed, so nothing of the batch is lost or run twice.
+    """
+
+    batch_id: int
+
+
+Event = BlockEvent | AllocEvent | DoneEvent | DropEvent
 """One tracker event; on disk, one orjson object (see :func:`encode_event`)."""
 
 
@@ -129,6 +142,8 @@ def encode_event(event: Event) -> bytes:
         return orjson.dumps(body)
     if isinstance(event, AllocEvent):
         return orjson.dumps({"e": "alloc", **event.alloc.to_json()})
+    if isinstance(event, DropEvent):
+        return orjson.dumps({"e": "drop", "id": event.batch_id})
     return orjson.dumps({"e": "done", "id": event.batch_id})
 
 
@@ -149,6 +164,8 @@ def decode_event(data: bytes | Mapping[str, Any]) -> Event:
             return AllocEvent(Allocation.from_json(raw))
         if kind == "done":
             return DoneEvent(int(raw["id"]))
+        if kind == "drop":
+            return DropEvent(int(raw["id"]))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise StreamletError(
             f"malformed tracker event {data!r}: {type(exc).__name__}: {exc}"
@@ -195,6 +212,8 @@ class TrackerState:
                     f"tracker log allocates batch {event.alloc.id} where"
                     f" {self.next_batch_id} was next"
                 )
+        elif isinstance(event, DropEvent) and not any(a.id == event.batch_id for a in self.pending):
+            raise StreamletError(f"tracker log drops batch {event.batch_id}, which is not pending")
         elif isinstance(event, DoneEvent) and (
             not self.pending or self.pending[0].id != event.batch_id
         ):
@@ -225,6 +244,8 @@ class TrackerState:
                     self.blocks[source] = [b for b in refs if b.id not in taken]
             self.pending.append(alloc)
             self.next_batch_id = alloc.id + 1
+        elif isinstance(event, DropEvent):
+            self.pending = [a for a in self.pending if a.id != event.batch_id]
         else:
             done = self.pending.pop(0)
             for r in done.ranges:
@@ -535,6 +556,19 @@ class Tracker:
     async def log_done(self, batch_id: int) -> None:
         """Record that batch ``batch_id`` is committed."""
         await self._log(DoneEvent(batch_id))
+
+    async def log_dropped(self, batch_id: int) -> None:
+        """Record that pending batch ``batch_id`` is given up (group mode: its task moved)."""
+        await self._log(DropEvent(batch_id))
+
+    def reset_positions(self, source: str, positions: Mapping[int, int]) -> None:
+        """Group mode: set where partitions resume, as a task's new owner learned from its sinks.
+
+        Not logged, like :meth:`seed_positions`: the first allocation logs
+        them as its ranges' starts, and after a restart the worker learns
+        them from the sinks again when it is assigned the task.
+        """
+        self.state.positions.setdefault(source, {}).update(positions)
 
     async def clean(self, up_to: Position) -> int:
         """Delete log segments wholly older than ``up_to``."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -161,6 +162,16 @@ class App:
             is served. Read-only; see SECURITY.md before binding anything
             but loopback.
         retained_batches: batches the status page and ``/api/batches`` keep.
+        group: run as one of many workers sharing the app's Kafka partitions
+            through this consumer group (None: this worker runs the whole
+            app). Every source must be a Kafka source in direct mode, and
+            the one exactly-once sink a KafkaSink; see docs/architecture.md,
+            "Group mode".
+        worker: this worker's name in the group (default: host and process id).
+        revoke_budget: seconds a rebalance waits for the batch under way
+            before the partitions move (default: 20 batch intervals, at most 10).
+        session_timeout: seconds without a heartbeat before the group gives
+            this worker's tasks to the others.
     """
 
     def __init__(
@@ -191,6 +202,10 @@ class App:
         clock: Clock = SYSTEM_CLOCK,
         http: str | None = None,
         retained_batches: int = 1000,
+        group: str | None = None,
+        worker: str | None = None,
+        revoke_budget: float | None = None,
+        session_timeout: float = 10.0,
     ) -> None:
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise ConfigError(
@@ -255,6 +270,14 @@ class App:
         self.retained_batches = _positive_int("retained_batches", retained_batches)
         #: Where the status page is served while the app runs (None: not served).
         self.http_url: str | None = None
+        self.group = group or None
+        self.worker = worker or f"{socket.gethostname()}-{os.getpid()}"
+        self.revoke_budget = (
+            _positive("revoke_budget", revoke_budget)
+            if revoke_budget is not None
+            else min(10.0, 20 * self.batch_interval)
+        )
+        self.session_timeout = _positive("session_timeout", session_timeout)
         self._sources: dict[str, AnySource] = {}
         self._handlers: list[HandlerSpec] = []
         self._decoders: dict[str, Callable[[bytes], object]] = {}
@@ -273,6 +296,10 @@ class App:
                 self.state_dir = os.fspath(value)
             elif key == "http":
                 self.http = parse_address(value)
+            elif key == "group":
+                self.group = str(value)
+            elif key == "worker":
+                self.worker = str(value)
             elif key == "batch_interval":
                 interval = _positive("batch_interval", value)
                 if not self._block_interval_given:
@@ -420,6 +447,18 @@ class App:
             for source in h.sources:
                 if source not in self._sources:
                     raise ConfigError(f"handler {h.name!r} reads unknown source {source!r}")
+        if self.group is not None:
+            from streamlet._group import check_group_mode
+
+            sinks = [(h.name, h.sink) for h in self._handlers if h.sink is not None]
+            if self.dead_letter is not None:
+                sinks.append(("dead-letter", self.dead_letter))
+            problems = check_group_mode(self._sources, sinks)
+            if problems:
+                raise ConfigError(
+                    f"app {self.name!r} cannot run in group mode ({self.group!r}): "
+                    + "; ".join(problems)
+                )
 
     async def serve(
         self,
@@ -510,7 +549,13 @@ class App:
             allocated = tracker.state.next_batch_id - 1
             for handler, sink in sinks:
                 context = SinkContext(
-                    self.name, handler, self.state_dir, statedir.state_id, allocated
+                    self.name,
+                    handler,
+                    self.state_dir,
+                    statedir.state_id,
+                    allocated,
+                    group=self.group,
+                    source_topics=_source_topics(direct),
                 )
                 await sink.open(context)
                 opened_sinks.append(sink)
@@ -562,13 +607,18 @@ class App:
                 )
             observed = probe
 
+            if self.group is not None:
+                scheduler.tasks = set()
+
             async def work() -> None:
                 if observed is not None:
                     observed.state = "recovering"
                 await scheduler.recover()
                 if observed is not None:
                     observed.state = "running"
-                if generator is None:
+                if self.group is not None:
+                    await self._serve_group(scheduler, direct, sinks, stop, duration, task_status)
+                elif generator is None:
                     task_status.started()
                     await scheduler.run(stop, duration=duration)
                 else:
@@ -608,6 +658,65 @@ class App:
                         await data_wal.aclose()
                 finally:
                     await tracker.aclose()
+
+    async def _serve_group(
+        self,
+        scheduler: BatchScheduler,
+        direct: Mapping[str, DirectSource],
+        sinks: Sequence[tuple[str, Sink]],
+        stop: anyio.Event,
+        duration: float | None,
+        task_status: TaskStatus[None],
+    ) -> None:
+        """Group mode: batches of the tasks the group gives this worker, until stopped."""
+        from streamlet._group import GroupWorker
+        from streamlet.kafka._group import GroupMember
+        from streamlet.kafka.direct import KafkaDirectSource
+
+        kafka = [s for s in direct.values() if isinstance(s, KafkaDirectSource)]
+        # Checked by _validate: a group, and every source a Kafka one.
+        assert self.group is not None
+        assert kafka
+        config = kafka[0].config
+        worker = GroupWorker(
+            scheduler=scheduler,
+            sources=direct,
+            sinks=[sink for _, sink in sinks],
+            revoke_budget=self.revoke_budget,
+            retry=self.retry,
+        )
+        member = GroupMember(
+            group=self.group,
+            worker=self.worker,
+            topics=[s.config.topic for s in kafka],
+            bootstrap_servers=config.bootstrap_servers,
+            consumer_config=config.consumer_config,
+            revoked=worker.revoked,
+            assigned=worker.assigned,
+            failed=worker.failed,
+            session_timeout=self.session_timeout,
+            rebalance_timeout=self.revoke_budget + 5.0,
+        )
+        scheduler.listeners.append(worker.on_batch)
+        scheduler.fenced = worker.fenced
+        log.info("joining group %r as worker %r", self.group, self.worker)
+        async with anyio.create_task_group() as tg:
+
+            async def follow_the_group() -> None:
+                await worker.run(member)
+                worker.stopped.set()
+
+            async def until_stopped() -> None:
+                await worker.stopped.wait()
+                stop.set()
+
+            tg.start_soon(follow_the_group)
+            tg.start_soon(until_stopped)
+            task_status.started()
+            await scheduler.run(stop, duration=duration)
+            tg.cancel_scope.cancel()
+        if worker.error is not None:
+            raise worker.error
 
     async def _serve_http(
         self,
@@ -785,3 +894,10 @@ class App:
                     log.warning("%s again: stopping now", signal.Signals(signum).name)
                     scope.cancel()
                     return
+
+
+def _source_topics(direct: Mapping[str, DirectSource]) -> dict[str, str]:
+    """Source name → topic, for the app's Kafka sources."""
+    from streamlet.kafka.direct import KafkaDirectSource
+
+    return {n: s.config.topic for n, s in direct.items() if isinstance(s, KafkaDirectSource)}

@@ -344,6 +344,13 @@ def _load_app(target: str) -> streamlet.App:
     help="Serve the live status page, /metrics (Prometheus), /api/status and /healthz here"
     " (e.g. 127.0.0.1:9100; read-only; see SECURITY.md before binding beyond loopback).",
 )
+@click.option(
+    "--group",
+    metavar="NAME",
+    help="Run as one of many workers sharing the app's Kafka partitions through this"
+    " consumer group (each worker with its own --state-dir).",
+)
+@click.option("--worker", metavar="NAME", help="This worker's name in the group.")
 def run(
     target: str,
     state_dir: str | None,
@@ -352,6 +359,8 @@ def run(
     log_level: str,
     quiet: bool,
     http: str | None,
+    group: str | None,
+    worker: str | None,
 ) -> None:
     """Run an app until Ctrl-C / SIGTERM (graceful; twice: at once) or --duration.
 
@@ -375,7 +384,13 @@ def run(
     if duration is not None and not duration > 0:
         raise click.BadParameter(f"must be a positive number of seconds, not {duration}")
     try:
-        app.configure(state_dir=state_dir, batch_interval=batch_interval, http=http)
+        app.configure(
+            state_dir=state_dir,
+            batch_interval=batch_interval,
+            http=http,
+            group=group,
+            worker=worker,
+        )
     except streamlet.ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if not quiet:

@@ -120,8 +120,11 @@ class SinkUnavailableError(SinkError):
 class FencedError(SinkError):
     """Another worker of the same app took over the sink; retrying cannot help.
 
-    The scheduler stops the app at once, with the batch not done: two
-    workers writing one app's outputs would break exactly-once.
+    One worker per app: the scheduler stops the app at once, with the batch
+    not done, as two workers writing one app's outputs would break
+    exactly-once. Group mode: the batch's task moved to another worker; the
+    batch is dropped and the task released (and taken over again if the
+    group still assigns it here).
     """
 
 

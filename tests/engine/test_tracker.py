@@ -62,6 +62,21 @@ def test_done_out_of_order_is_refused() -> None:
         state.apply(decode_event({"e": "done", "id": 2}))
 
 
+def test_a_dropped_batch_leaves_pending_without_committing_its_positions() -> None:
+    state = TrackerState(positions={"s": {0: 0, 1: 0}})
+    a1 = plan_allocation(state, batch_time=0, latest={"s": {0: 4}}, limits={})
+    state.apply(_alloc_event(a1))
+    a2 = plan_allocation(state, batch_time=0, latest={"s": {1: 6}}, limits={})
+    state.apply(_alloc_event(a2))
+    # Group mode: batch 1's task moved away; batch 2 goes on and is done.
+    state.apply(decode_event({"e": "drop", "id": 1}))
+    assert [a.id for a in state.pending] == [2]
+    state.apply(decode_event({"e": "done", "id": 2}))
+    assert state.committed == {"s": {1: 6}}  # nothing of batch 1
+    with pytest.raises(StreamletError, match="drops batch 1, which is not pending"):
+        state.apply(decode_event({"e": "drop", "id": 1}))
+
+
 def test_allocation_with_wrong_id_is_refused() -> None:
     state = TrackerState()
     bogus = Allocation(7, 0.0, (OffsetRange("s", 0, 0, 1),), ())
@@ -189,6 +204,7 @@ async def test_an_impossible_event_is_refused_before_it_is_logged(
             st.dictionaries(st.text(max_size=8), st.integers(0, 10**9), max_size=3),
         ),
         st.builds(lambda i: decode_event({"e": "done", "id": i}), st.integers(1, 10**9)),
+        st.builds(lambda i: decode_event({"e": "drop", "id": i}), st.integers(1, 10**9)),
         st.builds(
             lambda i, t, start, n: AllocEvent(
                 Allocation(i, t, (OffsetRange("s", 0, start, start + n),), ())

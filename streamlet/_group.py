@@ -1,0 +1,287 @@
+"""Group mode: many workers share an app's Kafka partitions through one consumer group.
+
+A *task* is partition ``p`` of every Kafka source of the app; it is the unit
+that moves between workers, and each batch covers one task. Kafka's group
+protocol says who owns what (:mod:`streamlet.kafka._group`); this module turns
+its verdicts into the scheduler's and the sinks' actions, in this order:
+
+* **revoke** (a rebalance begins; heartbeats still run): the scheduler starts
+  no new batch and the one under way gets up to ``revoke_budget`` seconds to
+  commit. One still running after that goes on; if its task moves, the new
+  owner's takeover fences its commit and it is dropped, never committed
+  twice.
+* **assign** (the new generation): tasks lost are released (their pending
+  batches dropped, their producers closed); tasks gained are *acquired*:
+  each exactly-once sink fences every earlier owner of the task (for
+  KafkaSink, InitProducerId of the task's own transactional id, which also
+  settles the old owner's open transaction) and then says where the task's
+  input resumes. Only then does the scheduler run batches of it. A task
+  with no committed position starts where its source says (``start=``).
+
+Why this is exactly once: only the current owner of a task can commit for it
+(the takeover fences the others first), its outputs and its position commit
+in one transaction, and the owner resumes from the position read after
+fencing. A batch that had run but not committed when its task moved is
+re-run by the new owner from the same position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import anyio
+import anyio.abc
+
+from streamlet._retry import GaveUp, RetryPolicy, retrying
+from streamlet._scheduler import BatchScheduler
+from streamlet.errors import SinkError, StreamletError
+from streamlet.kafka._group import GroupMember
+from streamlet.metrics import BatchInfo
+from streamlet.sinks.base import Sink
+from streamlet.sources.base import DirectSource
+
+__all__ = ["GroupWorker"]
+
+log = logging.getLogger(__name__)
+
+
+class GroupWorker:
+    """Keeps the scheduler's tasks in step with the group's assignment.
+
+    Args:
+        scheduler: runs the batches of the tasks this worker owns.
+        sources: the app's Kafka sources by name (where a task with no
+            committed position starts).
+        sinks: every sink of the app (handlers' and the dead-letter sink).
+        member: the membership, built with this worker's callbacks
+            (:meth:`revoked`, :meth:`assigned`, :meth:`failed`).
+        revoke_budget: seconds a rebalance waits for the batch under way.
+        retry: how often taking a task over is tried before the worker stops.
+    """
+
+    def __init__(
+        self,
+        *,
+        scheduler: BatchScheduler,
+        sources: Mapping[str, DirectSource],
+        sinks: Sequence[Sink],
+        revoke_budget: float,
+        retry: RetryPolicy,
+    ) -> None:
+        self.scheduler = scheduler
+        self.sources = dict(sources)
+        self.sinks = list(sinks)
+        self.revoke_budget = revoke_budget
+        self.retry = retry
+        self.member: GroupMember | None = None
+        #: The error that stopped the group work (None: none).
+        self.error: BaseException | None = None
+        self.stopped = anyio.Event()
+        self._send, self._receive = anyio.create_memory_object_stream[set[int]](math.inf)
+        self._revoked_at: float | None = None
+        self._assignment: set[int] = set()
+        self._closing = False
+        self._done: dict[tuple[str, int], int] = {}
+        self._done_changed = anyio.Event()
+        self._topics = {
+            name: topic
+            for name, source in self.sources.items()
+            if (topic := getattr(getattr(source, "config", None), "topic", None)) is not None
+        }
+
+    def on_batch(self, info: BatchInfo) -> None:
+        """A listener: the batch's ends become the group's committed offsets (soon)."""
+        for r in info.ranges:
+            topic = self._topics.get(r.source)
+            if topic is not None:
+                self._done[(topic, r.partition)] = r.until
+        self._done_changed.set()
+
+    async def _commit_offsets(self, member: GroupMember) -> None:
+        """Commit the newest batch ends to the group, a commit at a time."""
+        while True:
+            await self._done_changed.wait()
+            self._done_changed = anyio.Event()
+            owned = self.scheduler.tasks or set()
+            offsets = {tp: o for tp, o in self._done.items() if tp[1] in owned}
+            if offsets:
+                await member.commit(offsets)
+
+    # -- the membership's callbacks ------------------------------------------------
+
+    async def revoked(self) -> None:
+        """A rebalance takes the tasks away: pause, let the batch under way finish."""
+        self._revoked_at = time.monotonic()
+        if not await self.scheduler.pause(self.revoke_budget):
+            log.warning(
+                "rebalance: the batch under way did not finish within revoke_budget=%gs;"
+                " it goes on, and is dropped if its task moves",
+                self.revoke_budget,
+            )
+
+    def assigned(self, tasks: set[int]) -> None:
+        """The group's new assignment; taken over in :meth:`run`, not here (no heartbeats now)."""
+        self._assignment = set(tasks)
+        self._hand_on(tasks)
+
+    def _hand_on(self, tasks: set[int]) -> None:
+        if self._closing:
+            return  # leaving the group: a last rebalance may still call back
+        # Stopping: nobody follows the assignments any more.
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._send.send_nowait(set(tasks))
+
+    def fenced(self, task: int) -> None:
+        """A commit of ``task`` was fenced: take it over again if the group still says it is ours.
+
+        That happens to a worker that was paused past the session timeout
+        and kept its tasks in the next assignment: meanwhile another worker
+        took one over (and fenced this one's producer). Taking it over again
+        fences that worker in turn and resumes from what it committed.
+        """
+        if task in self._assignment:
+            self._hand_on(self._assignment)
+
+    def failed(self, error: BaseException) -> None:
+        """The membership's callbacks failed: the worker stops (not while it is leaving)."""
+        if self._closing:
+            log.warning("while leaving the group: %s", error)
+            return
+        if not isinstance(error, StreamletError):
+            wrapped = StreamletError(f"following the group's assignment failed: {error!r}")
+            wrapped.__cause__ = error
+            error = wrapped
+        self.error = self.error or error
+        self.stopped.set()
+
+    # -- running -------------------------------------------------------------------
+
+    async def run(self, member: GroupMember) -> None:
+        """Join the group and follow its assignments until cancelled or failed."""
+        self.member = member
+        try:
+            await member.start()
+            async with anyio.create_task_group() as group:
+                group.start_soon(member.run)
+                group.start_soon(self._commit_offsets, member)
+                async with self._receive:
+                    async for tasks in self._receive:
+                        # Only the newest assignment matters: skip the superseded.
+                        while True:
+                            try:
+                                tasks = self._receive.receive_nowait()
+                            except anyio.WouldBlock:
+                                break
+                        try:
+                            await self._apply(tasks)
+                        except StreamletError as exc:
+                            self.failed(exc)
+                            group.cancel_scope.cancel()
+        finally:
+            self._closing = True
+            self._send.close()
+            with anyio.CancelScope(shield=True):
+                await member.stop()
+
+    async def _apply(self, tasks: set[int]) -> None:
+        scheduler = self.scheduler
+        owned = set(scheduler.tasks or ())
+        for task in sorted(owned - tasks):
+            await scheduler.release_task(task)
+        gained = sorted(tasks - owned)
+        for task in gained:
+            positions = await self._take_over(task)
+            await scheduler.acquire_task(task, positions)
+        scheduler.resume()
+        paused = time.monotonic() - self._revoked_at if self._revoked_at is not None else 0.0
+        log.info(
+            "group: this worker owns tasks %s (gained %s, lost %s; batches paused %.2fs)",
+            sorted(tasks) or "none",
+            gained or "none",
+            sorted(owned - tasks) or "none",
+            paused,
+        )
+        self._revoked_at = None
+
+    async def _take_over(self, task: int) -> dict[str, int]:
+        """Fence the task's earlier owners in every sink; where its input resumes."""
+        positions: dict[str, int] = {}
+        for sink in self.sinks:
+
+            async def acquire(sink: Sink = sink) -> Mapping[str, int] | None:
+                return await sink.acquire(task)
+
+            try:
+                marks = await retrying(self.retry, f"taking task {task} over", acquire)
+            except GaveUp as gave_up:
+                raise SinkError(
+                    f"cannot take task {task} over in {sink.describe()} after"
+                    f" {gave_up.attempts} attempt(s): {gave_up.error}"
+                ) from gave_up.error
+            if marks:
+                for name, offset in marks.items():
+                    positions[name] = min(offset, positions.get(name, offset))
+        for name, source in self.sources.items():
+            if name in positions:
+                continue
+            # No sink knows: where the group's last owner got to, else the start.
+            topic = self._topics.get(name)
+            if topic is not None and self.member is not None:
+                committed = await self.member.committed(topic, task)
+                if committed is not None:
+                    positions[name] = committed
+                    continue
+            start = await source.start_positions([task])
+            if task in start:
+                positions[name] = start[task]
+        return positions
+
+
+def check_group_mode(sources: Mapping[str, object], sinks: Sequence[tuple[str, Sink]]) -> list[str]:
+    """What group mode cannot run in this app, as messages (empty: it can); pure."""
+    from streamlet.kafka.direct import KafkaDirectSource
+    from streamlet.kafka.sink import KafkaSink
+
+    problems: list[str] = []
+    if not sources:
+        problems.append("group mode shares Kafka sources' partitions, and the app has none")
+    for name, source in sources.items():
+        if not isinstance(source, KafkaDirectSource):
+            problems.append(
+                f"source {name!r} is a {type(source).__name__}: in group mode every source must"
+                " be a KafkaSource in direct mode (a receiver's stored records would be"
+                " stranded on a worker that lost its partitions)"
+            )
+            continue
+        if source.config.partitions is not None:
+            problems.append(
+                f"source {name!r} sets partitions=: in group mode the group assigns them"
+            )
+        if source.config.group_id is not None:
+            problems.append(
+                f"source {name!r} sets group_id=: in group mode its consumer must not commit"
+                " to a group (the worker group owns the partitions; positions live in the"
+                " sink's transactions)"
+            )
+    exactly_once = []
+    for handler, sink in sinks:
+        if sink.guarantee != "exactly-once":
+            continue
+        if not isinstance(sink, KafkaSink):
+            problems.append(
+                f"the sink of {handler!r} ({sink.describe()}) is exactly-once only on one"
+                " worker: in group mode use a KafkaSink (or an at-least-once sink)"
+            )
+        else:
+            exactly_once.append(handler)
+    if len(exactly_once) > 1:
+        problems.append(
+            f"handlers {', '.join(repr(h) for h in exactly_once)} each have an exactly-once"
+            " KafkaSink: group mode takes one exactly-once sink per app for now (each task"
+            " resumes from its sink's position)"
+        )
+    return problems

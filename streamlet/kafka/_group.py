@@ -1,0 +1,213 @@
+"""Group membership: the worker's seat in the app's Kafka consumer group.
+
+One consumer per worker joins the group and subscribes to every Kafka source
+topic of the app, with :class:`TaskAssignor` as its assignment strategy, so
+that Kafka's group protocol says which worker owns which task. It never
+fetches: every partition it is assigned is paused at once, and the sources'
+own group-less consumers read the batches' ranges. Kafka is the coordinator;
+streamlet builds none.
+
+aiokafka calls the rebalance listener from its coordinator task:
+``on_partitions_revoked`` while heartbeats still run (the place to wait for
+the batch under way) and ``on_partitions_assigned`` with *no* heartbeats
+(it must return in milliseconds, so the new tasks are only handed on).
+Exceptions in either are logged and swallowed by aiokafka, so both catch
+everything themselves and pass failures on to the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.protocol import (
+    ConsumerProtocolMemberAssignment,
+    ConsumerProtocolMemberMetadata,
+)
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import TopicPartition
+
+from streamlet.errors import ConfigError
+from streamlet.kafka._assign import assign_tasks, tasks_of
+
+__all__ = ["GroupMember", "TaskAssignor"]
+
+log = logging.getLogger(__name__)
+
+ASSIGNOR = "streamlet-tasks"
+
+
+class TaskAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
+    """Assigns whole tasks (partition p of every topic), sticky and balanced.
+
+    Each member's join metadata carries the tasks it owns now, so the leader
+    can keep them where they are (:func:`~streamlet.kafka._assign.assign_tasks`).
+    """
+
+    version = 0
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        self.owned: list[int] = []
+
+    @property
+    def name(self) -> str:
+        return ASSIGNOR
+
+    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
+        user_data = orjson.dumps({"worker": self.worker, "tasks": self.owned})
+        return ConsumerProtocolMemberMetadata(self.version, sorted(topics), user_data)
+
+    def assign(
+        self, cluster: Any, members: Mapping[str, ConsumerProtocolMemberMetadata]
+    ) -> dict[str, ConsumerProtocolMemberAssignment]:
+        topics = sorted({t for m in members.values() for t in m.subscription})
+        counts = {t: len(cluster.partitions_for_topic(t) or ()) for t in topics}
+        try:
+            tasks = tasks_of(counts)
+        except ConfigError as exc:
+            log.error("cannot assign tasks: %s", exc)  # noqa: TRY400 - the message says it all
+            tasks = []
+        owned = {member: _claims(meta.user_data) for member, meta in members.items()}
+        dealt = assign_tasks(tasks, owned)
+        return {
+            member: ConsumerProtocolMemberAssignment(
+                self.version, [(t, list(dealt[member])) for t in topics], b""
+            )
+            for member in members
+        }
+
+    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
+        pass
+
+
+def _claims(user_data: bytes | None) -> list[int]:
+    """The tasks a member's metadata says it owns (nothing, if unreadable)."""
+    try:
+        tasks = orjson.loads(user_data or b"{}").get("tasks", [])
+        return [int(t) for t in tasks]
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return []
+
+
+Revoked = Callable[[], Awaitable[None]]
+Assigned = Callable[[set[int]], None]
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, member: GroupMember) -> None:
+        self.member = member
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        try:
+            await self.member.revoked()
+        except Exception as exc:
+            log.exception("handling revoked partitions failed")
+            self.member.failed(exc)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        try:
+            partitions = list(assigned)
+            if partitions:
+                self.member.consumer.pause(*partitions)  # it never fetches
+            tasks = {tp.partition for tp in partitions}
+            self.member.assignor.owned = sorted(tasks)
+            self.member.assigned(tasks)
+        except Exception as exc:
+            log.exception("handling assigned partitions failed")
+            self.member.failed(exc)
+
+
+class GroupMember:
+    """One worker's membership of the app's group.
+
+    Args:
+        group: the consumer group id (one per app).
+        worker: this worker's name, in its join metadata and logs.
+        topics: every Kafka source topic of the app.
+        bootstrap_servers, consumer_config: where Kafka is and how to reach
+            it (the sources' own settings: security, client ids).
+        revoked: awaited when a rebalance takes this worker's tasks away
+            (heartbeats go on meanwhile, within ``rebalance_timeout``).
+        assigned: told the tasks of a new assignment; must return at once.
+        failed: told of an error in the callbacks (the worker then stops).
+        session_timeout: seconds without heartbeats before the group drops
+            this worker (a crash, a stop, a long pause: then it is a zombie).
+        rebalance_timeout: seconds the group waits for members to rejoin.
+    """
+
+    def __init__(
+        self,
+        *,
+        group: str,
+        worker: str,
+        topics: Iterable[str],
+        bootstrap_servers: str | Sequence[str],
+        consumer_config: Mapping[str, object],
+        revoked: Revoked,
+        assigned: Assigned,
+        failed: Callable[[BaseException], None],
+        session_timeout: float = 10.0,
+        rebalance_timeout: float = 30.0,
+    ) -> None:
+        self.group = group
+        self.topics = sorted(set(topics))
+        self.revoked = revoked
+        self.assigned = assigned
+        self.failed = failed
+        self.assignor = TaskAssignor(worker)
+        self.consumer = AIOKafkaConsumer(
+            **{
+                **dict(consumer_config),
+                "bootstrap_servers": (
+                    bootstrap_servers
+                    if isinstance(bootstrap_servers, str)
+                    else list(bootstrap_servers)
+                ),
+                "group_id": group,
+                "enable_auto_commit": False,
+                "isolation_level": "read_committed",
+                "auto_offset_reset": "earliest",
+                "partition_assignment_strategy": (self.assignor,),
+                "session_timeout_ms": int(session_timeout * 1000),
+                "heartbeat_interval_ms": max(100, int(session_timeout * 1000) // 10),
+                "rebalance_timeout_ms": int(rebalance_timeout * 1000),
+                "max_poll_interval_ms": max(300_000, int(rebalance_timeout * 1000)),
+            }
+        )
+
+    async def start(self) -> None:
+        """Join the group (the first assignment comes through ``assigned``)."""
+        self.consumer.subscribe(topics=self.topics, listener=_Listener(self))
+        await self.consumer.start()
+
+    async def run(self) -> None:
+        """Keep the membership alive: poll (nothing is fetched) until cancelled."""
+        while True:
+            await self.consumer.getmany(timeout_ms=1000)
+
+    async def commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        """Commit ``(topic, partition) → next offset`` under the group, with this generation.
+
+        For lag tools and for at-least-once sinks (where a task's next owner
+        starts when no sink knows better). The group refuses it while a
+        rebalance is under way: then it is skipped, as the next batch's
+        commit carries the same information further on.
+        """
+        try:
+            await self.consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
+        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+            log.debug("group offset commit skipped: %s", exc)
+
+    async def committed(self, topic: str, partition: int) -> int | None:
+        """The group's committed offset of ``topic`` partition ``partition`` (None: none)."""
+        offset = await self.consumer.committed(TopicPartition(topic, partition))
+        return int(offset) if offset is not None else None
+
+    async def stop(self) -> None:
+        """Leave the group: the others take this worker's tasks over at once."""
+        await self.consumer.stop()

@@ -1,0 +1,145 @@
+"""Group mode, exactly once through kills, joins, leaves and a paused zombie (real processes).
+
+Worker processes of tests/group/group_worker.py share a 4-partition topic
+through one consumer group and copy every record to an output topic with a
+KafkaSink. While they run, one is SIGKILLed and started again, one more
+joins, one is SIGSTOPped past the session timeout (the group gives its tasks
+away; when it is resumed it is a zombie whose commits must be fenced) and
+one leaves gracefully. A read_committed reader must then see every input
+value exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tests.conftest import TopicFactory
+from tests.kafka.test_kafka_sink import _read_all
+from tests.kafka.test_kafka_source import _produce
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+WORKER = Path(__file__).with_name("group_worker.py")
+RECORDS = 20_000
+
+
+class Worker:
+    def __init__(self, tmp_path: Path, name: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "streamlet",
+                "run",
+                "group_worker:app",
+                "--quiet",
+                "--worker",
+                name,
+                "--log-level",
+                "info",
+            ],
+            cwd=tmp_path,
+            env={**os.environ, **env, "GROUP_STATE": str(tmp_path / f"state-{name}")},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def log(self) -> str:
+        return f"--- {self.name} ---\n" + "".join(self.lines[-60:])
+
+    def owns_tasks(self) -> bool:
+        return any("this worker owns tasks [" in line for line in self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout)
+        self.reader.join(10)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        return code
+
+
+async def _output(bootstrap: str, topic: str) -> list[bytes]:
+    return [r.value for r in await _read_all(bootstrap, topic, partitions=4)]
+
+
+async def test_every_record_once_through_kills_joins_leaves_and_a_zombie(
+    kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path
+) -> None:
+    source, out = await new_topic(4, prefix="in"), await new_topic(4, prefix="out")
+    shutil.copy(WORKER, tmp_path / "group_worker.py")
+    env = {
+        "GROUP_BOOTSTRAP": kafka_bootstrap,
+        "GROUP_IN": source,
+        "GROUP_OUT": out,
+        "GROUP_NAME": f"group-{source}",
+    }
+    expected = [f"v{i}".encode() for i in range(RECORDS)]
+    workers: list[Worker] = []
+
+    def start(name: str) -> Worker:
+        worker = Worker(tmp_path, name, env)
+        workers.append(worker)
+        return worker
+
+    async def progress(at_least: int, within: float = 90) -> None:
+        with anyio.fail_after(within):
+            while len(await _output(kafka_bootstrap, out)) < at_least:  # noqa: ASYNC110
+                await anyio.sleep(0.3)
+
+    try:
+        w1, w2 = start("w1"), start("w2")
+        await _produce(kafka_bootstrap, source, expected[:10_000])
+        await progress(2_000)
+        w1.stop(signal.SIGKILL)  # a crash mid-run: its tasks move to w2
+        w1 = start("w1")  # back with the same state directory
+        await progress(5_000)
+        w3 = start("w3")  # one more joins
+        await _produce(kafka_bootstrap, source, expected[10_000:18_000])
+        await progress(8_000)
+        w2.process.send_signal(signal.SIGSTOP)  # a long pause: the group moves on
+        await anyio.sleep(9)  # past the 6 s session timeout
+        w2.process.send_signal(signal.SIGCONT)  # a zombie now: it must be fenced
+        # Everything so far, with all three workers in the group: no task may
+        # be left without a worker after the zombie comes back.
+        await progress(18_000)
+        code = w3.stop()  # a graceful leave
+        assert code == 0, w3.log()
+        await _produce(kafka_bootstrap, source, expected[18_000:])
+        await progress(RECORDS, within=120)
+        await anyio.sleep(2)  # anything written twice would show up by now
+        values = await _output(kafka_bootstrap, out)
+    finally:
+        logs = "\n".join(w.log() for w in workers)
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.stop(signal.SIGKILL)
+    counts = collections.Counter(values)
+    twice = {v: n for v, n in counts.items() if n > 1}
+    missing = set(expected) - set(counts)
+    assert twice == {}, f"{len(twice)} values written more than once\n{logs}"
+    assert missing == set(), f"{len(missing)} values missing\n{logs}"
+    assert len(values) == RECORDS
+    assert "fenced" in logs.lower() or "taken over" in logs, logs
+    assert os.environ.get("SHOW_GROUP_LOGS") is None, logs

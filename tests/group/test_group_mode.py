@@ -1,0 +1,109 @@
+"""Group mode: workers share an app's Kafka partitions through a consumer group (real broker)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import streamlet as sl
+from streamlet._group import check_group_mode
+from streamlet.errors import ConfigError
+from tests.conftest import TopicFactory
+from tests.kafka.test_kafka_source import _produce
+
+
+def _worker(
+    name: str,
+    tmp_path: Path,
+    bootstrap: str,
+    topic: str,
+    group: str,
+    seen: list[tuple[str, int, int]],
+) -> sl.App:
+    app = sl.App(
+        "shared",
+        state_dir=tmp_path / name,
+        batch_interval=0.05,
+        group=group,
+        worker=name,
+        session_timeout=6.0,
+    )
+    orders = app.source(
+        sl.KafkaSource(topic, bootstrap_servers=bootstrap, start="earliest"), name="orders"
+    )
+
+    def record(batch: sl.Batch, outputs: Sequence[object]) -> None:
+        seen.extend((name, r.partition, r.offset) for r in batch)
+
+    @app.handler(orders, sink=sl.CallbackSink(record))
+    async def passthrough(batch: sl.Batch) -> list[int]:
+        assert len({r.partition for r in batch}) <= 1  # a batch is one task
+        return [len(batch)]
+
+    return app
+
+
+async def _until(check: Any, within: float) -> None:
+    with anyio.fail_after(within):
+        while not check():  # noqa: ASYNC110 - polls what other tasks change
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.kafka
+async def test_two_workers_split_the_tasks_and_one_takes_all_when_the_other_leaves(
+    kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path
+) -> None:
+    topic = await new_topic(4)
+    group = f"g-{topic}"
+    seen: list[tuple[str, int, int]] = []
+    first = _worker("w1", tmp_path, kafka_bootstrap, topic, group, seen)
+    second = _worker("w2", tmp_path, kafka_bootstrap, topic, group, seen)
+    produced = await _produce(kafka_bootstrap, topic, [f"a{i}".encode() for i in range(400)])
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(first.serve)
+        await tg.start(second.serve)
+        await _until(lambda: len({(p, o) for _, p, o in seen}) >= 400, 60)
+        owners = {p: {w for w, q, _ in seen if q == p} for p in range(4)}
+        # After the group settles each partition is read by one worker; both work.
+        both = {w for w, _, _ in seen}
+        assert both == {"w1", "w2"}, owners
+
+        first.stop()  # leaves the group: w2 takes every task over
+        await _until(lambda: first.http_url is None, 5)
+        await anyio.sleep(0.5)
+        before = len(seen)
+        produced += await _produce(kafka_bootstrap, topic, [f"b{i}".encode() for i in range(200)])
+        await _until(lambda: len({(p, o) for _, p, o in seen}) >= 600, 60)
+        late = seen[before:]
+        assert {w for w, _, _ in late} == {"w2"}
+        assert {p for _, p, _ in late} == {0, 1, 2, 3}
+        second.stop()
+    # At-least-once sink: a record may repeat across the hand-over, never go missing.
+    assert {(p, o) for _, p, o in seen} == set(produced)
+
+
+def test_group_mode_refuses_what_one_worker_alone_can_do() -> None:
+    from streamlet.sources.sequence import SequenceSource
+
+    seq = SequenceSource(rate=1)
+    problems = check_group_mode({"numbers": seq}, [("h", sl.FileSink("/tmp/x"))])
+    assert any("numbers" in p and "KafkaSource in direct mode" in p for p in problems)
+    assert any("FileSink" in p and "exactly-once only on one worker" in p for p in problems)
+    assert check_group_mode({}, [])[0].startswith("group mode shares Kafka sources")
+
+
+def test_an_app_in_group_mode_with_a_sequence_source_is_refused_at_start(tmp_path: Path) -> None:
+    app = sl.App("g", state_dir=tmp_path / "s", group="g1")
+    numbers = app.source(sl.SequenceSource(rate=10), name="numbers")
+
+    @app.handler(numbers)
+    async def h(batch: sl.Batch) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match="cannot run in group mode"):
+        app.run(duration=0.1)
