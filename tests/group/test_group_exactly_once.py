@@ -15,73 +15,16 @@ import collections
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import anyio
 import pytest
 
 from tests.conftest import TopicFactory
-from tests.kafka.test_kafka_sink import _read_all
+from tests.group.support import RECORDS, WORKER, Worker, output
 from tests.kafka.test_kafka_source import _produce
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
-WORKER = Path(__file__).with_name("group_worker.py")
-RECORDS = 20_000
-
-
-class Worker:
-    def __init__(self, tmp_path: Path, name: str, env: dict[str, str]) -> None:
-        self.name = name
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamlet",
-                "run",
-                "group_worker:app",
-                "--quiet",
-                "--worker",
-                name,
-                "--log-level",
-                "info",
-            ],
-            cwd=tmp_path,
-            env={**os.environ, **env, "GROUP_STATE": str(tmp_path / f"state-{name}")},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    def log(self) -> str:
-        return f"--- {self.name} ---\n" + "".join(self.lines[-60:])
-
-    def owns_tasks(self) -> bool:
-        return any("this worker owns tasks [" in line for line in self.lines)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        code = self.process.wait(timeout)
-        self.reader.join(10)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        return code
-
-
-async def _output(bootstrap: str, topic: str) -> list[bytes]:
-    return [r.value for r in await _read_all(bootstrap, topic, partitions=4)]
 
 
 async def test_every_record_once_through_kills_joins_leaves_and_a_zombie(
@@ -105,7 +48,7 @@ async def test_every_record_once_through_kills_joins_leaves_and_a_zombie(
 
     async def progress(at_least: int, within: float = 90) -> None:
         with anyio.fail_after(within):
-            while len(await _output(kafka_bootstrap, out)) < at_least:  # noqa: ASYNC110
+            while len(await output(kafka_bootstrap, out)) < at_least:  # noqa: ASYNC110
                 await anyio.sleep(0.3)
 
     try:
@@ -129,7 +72,7 @@ async def test_every_record_once_through_kills_joins_leaves_and_a_zombie(
         await _produce(kafka_bootstrap, source, expected[18_000:])
         await progress(RECORDS, within=120)
         await anyio.sleep(2)  # anything written twice would show up by now
-        values = await _output(kafka_bootstrap, out)
+        values = await output(kafka_bootstrap, out)
     finally:
         logs = "\n".join(w.log() for w in workers)
         for worker in workers:
