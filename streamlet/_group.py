@@ -32,6 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -40,7 +41,7 @@ from streamlet._retry import GaveUp, RetryPolicy, retrying
 from streamlet._scheduler import BatchScheduler
 from streamlet.errors import SinkError, StreamletError
 from streamlet.kafka._group import GroupMember
-from streamlet.metrics import BatchInfo
+from streamlet.metrics import BatchInfo, LatencyHistogram
 from streamlet.sinks.base import Sink
 from streamlet.sources.base import DirectSource
 
@@ -71,6 +72,8 @@ class GroupWorker:
         sinks: Sequence[Sink],
         revoke_budget: float,
         retry: RetryPolicy,
+        group: str = "",
+        worker: str = "",
     ) -> None:
         self.scheduler = scheduler
         self.sources = dict(sources)
@@ -81,6 +84,12 @@ class GroupWorker:
         #: The error that stopped the group work (None: none).
         self.error: BaseException | None = None
         self.stopped = anyio.Event()
+        self.group = group
+        self.worker = worker
+        #: Assignments taken over, and how long each kept batches paused.
+        self.rebalances = 0
+        self.pauses = LatencyHistogram()
+        self.last_pause: float | None = None
         self._send, self._receive = anyio.create_memory_object_stream[set[int]](math.inf)
         self._revoked_at: float | None = None
         self._assignment: set[int] = set()
@@ -134,6 +143,18 @@ class GroupWorker:
         # Stopping: nobody follows the assignments any more.
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._send.send_nowait(set(tasks))
+
+    def status(self) -> dict[str, Any]:
+        """The worker's place in the group, for the status page and metrics."""
+        return {
+            "group": self.group,
+            "worker": self.worker,
+            "tasks": sorted(self.scheduler.tasks or ()),
+            "assigned": sorted(self._assignment),
+            "rebalances": self.rebalances,
+            "last_pause": self.last_pause,
+            "pauses": self.pauses,
+        }
 
     def fenced(self, task: int) -> None:
         """A commit of ``task`` was fenced: take it over again if the group still says it is ours.
@@ -198,6 +219,9 @@ class GroupWorker:
             await scheduler.acquire_task(task, positions)
         scheduler.resume()
         paused = time.monotonic() - self._revoked_at if self._revoked_at is not None else 0.0
+        self.rebalances += 1
+        self.pauses.observe(paused)
+        self.last_pause = paused
         log.info(
             "group: this worker owns tasks %s (gained %s, lost %s; batches paused %.2fs)",
             sorted(tasks) or "none",

@@ -270,6 +270,7 @@ class App:
         self.retained_batches = _positive_int("retained_batches", retained_batches)
         #: Where the status page is served while the app runs (None: not served).
         self.http_url: str | None = None
+        self._probe: EngineProbe | None = None
         self.group = group or None
         self.worker = worker or f"{socket.gethostname()}-{os.getpid()}"
         self.revoke_budget = (
@@ -684,7 +685,11 @@ class App:
             sinks=[sink for _, sink in sinks],
             revoke_budget=self.revoke_budget,
             retry=self.retry,
+            group=self.group,
+            worker=self.worker,
         )
+        if self._probe is not None:
+            self._probe.group = worker.status
         member = GroupMember(
             group=self.group,
             worker=self.worker,
@@ -758,6 +763,7 @@ class App:
         await server.start()
         self.http_url = server.url
         scheduler.listeners.append(monitor.on_batch)
+        self._probe = probe
         return server, probe
 
     async def _check_sinks_not_ahead(

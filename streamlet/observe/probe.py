@@ -7,7 +7,7 @@ it, and nothing it does changes the engine (the monitor is read-only).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from streamlet._scheduler import BatchScheduler
 from streamlet._tracker import Tracker
 from streamlet.clock import Clock
 from streamlet.observe.status import (
+    GroupStatus,
     Latencies,
     ReceiverStatus,
     SinkStatus,
@@ -53,6 +54,8 @@ class EngineProbe:
     blocks: BlockGenerator | None = None
     wals: Mapping[str, WriteAheadLog] = field(default_factory=dict)
     stop: anyio.Event | None = None
+    #: Group mode: the worker's place in the group (None: one worker runs the app).
+    group: Callable[[], Mapping[str, Any]] | None = None
     state: str = "starting"
     started: float = 0.0
 
@@ -104,7 +107,21 @@ class EngineProbe:
             sinks=list(self.sinks),
             wals=[_wal_status(name, wal) for name, wal in self.wals.items()],
             settings=dict(self.settings),
+            group=_group_status(self.group()) if self.group is not None else None,
         )
+
+
+def _group_status(raw: Mapping[str, Any]) -> GroupStatus:
+    pauses = raw["pauses"]
+    return GroupStatus(
+        group=raw["group"],
+        worker=raw["worker"],
+        tasks=tuple(raw["tasks"]),
+        assigned=tuple(raw["assigned"]),
+        rebalances=raw["rebalances"],
+        last_pause=raw["last_pause"],
+        pauses=Latencies(pauses.cumulative(), pauses.total),
+    )
 
 
 def _wal_status(name: str, wal: WriteAheadLog) -> WalStatus:

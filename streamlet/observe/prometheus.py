@@ -256,6 +256,29 @@ class _Now(Collector):
             )
             age.add_metric([app], snap.checkpoint_age)
             yield age
+        if snap.group is not None:
+            g = snap.group
+            owned = GaugeMetricFamily(
+                "streamlet_tasks_owned",
+                "Tasks (partition p of every source) this worker runs batches of",
+                labels=["app", "worker"],
+            )
+            owned.add_metric([app, g.worker], len(g.tasks))
+            yield owned
+            rebalances = CounterMetricFamily(
+                "streamlet_rebalances",
+                "Group assignments this worker took over since it started",
+                labels=["app", "worker"],
+            )
+            rebalances.add_metric([app, g.worker], g.rebalances)
+            yield rebalances
+            pause = HistogramMetricFamily(
+                "streamlet_rebalance_pause_seconds",
+                "From a rebalance taking tasks away to batches running again",
+                labels=["app", "worker"],
+            )
+            _histogram(pause, [app, g.worker], g.pauses)
+            yield pause
         if snap.wals:
             segments = GaugeMetricFamily(
                 "streamlet_wal_segments",

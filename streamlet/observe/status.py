@@ -18,6 +18,7 @@ from streamlet.metrics import BatchInfo
 
 __all__ = [
     "BatchLog",
+    "GroupStatus",
     "Latencies",
     "ReceiverStatus",
     "SinkStatus",
@@ -199,6 +200,28 @@ class WalStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupStatus:
+    """Group mode: this worker's place in the app's consumer group.
+
+    Attributes:
+        tasks: the tasks it runs batches of now.
+        assigned: the tasks the group's last assignment gave it (a task
+            assigned but not yet taken over is in this, not in ``tasks``).
+        rebalances: assignments taken over since it started.
+        last_pause: how long the last one kept batches paused (seconds).
+        pauses: every pause, as a histogram.
+    """
+
+    group: str
+    worker: str
+    tasks: tuple[int, ...]
+    assigned: tuple[int, ...]
+    rebalances: int
+    last_pause: float | None
+    pauses: Latencies
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """The engine at one moment, as the monitor may see it (read-only).
 
@@ -230,6 +253,7 @@ class Snapshot:
     sinks: Sequence[SinkStatus] = ()
     wals: Sequence[WalStatus] = ()
     settings: Mapping[str, Any] = field(default_factory=dict)
+    group: GroupStatus | None = None
 
 
 STALL_INTERVALS = 3
@@ -326,6 +350,18 @@ def status_document(snapshot: Snapshot, batches: BatchLog, *, recent: int = 20) 
         ],
         "errors": batches.errors,
         "settings": dict(snapshot.settings),
+        "group": (
+            {
+                "group": g.group,
+                "worker": g.worker,
+                "tasks": list(g.tasks),
+                "assigned": list(g.assigned),
+                "rebalances": g.rebalances,
+                "last_pause": g.last_pause,
+            }
+            if (g := snapshot.group) is not None
+            else None
+        ),
     }
 
 

@@ -84,6 +84,14 @@ def render(status: Mapping[str, Any], *, errors: int = 5) -> str:
         f"{status['app']}: {status['state']}, {health}; last batch {status['last_done']},"
         f" {len(status['pending'])} pending; up {_age(status['uptime'])}; {checkpoint}",
     ]
+    group = status.get("group")
+    if group:
+        pause = group.get("last_pause")
+        lines.append(
+            f"group {group['group']!r} as worker {group['worker']!r}: tasks"
+            f" {group['tasks'] or 'none'}, {group['rebalances']} rebalance(s)"
+            + (f", last paused batches {_age(pause)}" if pause is not None else "")
+        )
     rates = status.get("rates") or {}
     rate = rates.get("input_per_second")
     lines.append(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 import streamlet as sl
@@ -31,6 +33,7 @@ def _worker(
         group=group,
         worker=name,
         session_timeout=6.0,
+        http="127.0.0.1:0",
     )
     orders = app.source(
         sl.KafkaSource(topic, bootstrap_servers=bootstrap, start="earliest"), name="orders"
@@ -45,6 +48,16 @@ def _worker(
         return [len(batch)]
 
     return app
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+        return str(response.read().decode())
+
+
+async def _status(app: sl.App) -> Any:
+    assert app.http_url is not None
+    return orjson.loads(await anyio.to_thread.run_sync(_get, app.http_url + "api/status"))
 
 
 async def _until(check: Any, within: float) -> None:
@@ -73,6 +86,10 @@ async def test_two_workers_split_the_tasks_and_one_takes_all_when_the_other_leav
         both = {w for w, _, _ in seen}
         assert both == {"w1", "w2"}, owners
 
+        s1, s2 = await _status(first), await _status(second)
+        assert sorted(s1["group"]["tasks"] + s2["group"]["tasks"]) == [0, 1, 2, 3]
+        assert {s1["group"]["worker"], s2["group"]["worker"]} == {"w1", "w2"}
+
         first.stop()  # leaves the group: w2 takes every task over
         await _until(lambda: first.http_url is None, 5)
         await anyio.sleep(0.5)
@@ -82,6 +99,12 @@ async def test_two_workers_split_the_tasks_and_one_takes_all_when_the_other_leav
         late = seen[before:]
         assert {w for w, _, _ in late} == {"w2"}
         assert {p for _, p, _ in late} == {0, 1, 2, 3}
+        status = await _status(second)
+        assert status["group"]["tasks"] == [0, 1, 2, 3]
+        assert status["group"]["rebalances"] >= 2  # its first assignment, and w1 leaving
+        metrics = await anyio.to_thread.run_sync(_get, second.http_url + "metrics")
+        assert 'streamlet_tasks_owned{app="shared",worker="w2"} 4.0' in metrics
+        assert 'streamlet_rebalance_pause_seconds_count{app="shared",worker="w2"}' in metrics
         second.stop()
     # At-least-once sink: a record may repeat across the hand-over, never go missing.
     assert {(p, o) for _, p, o in seen} == set(produced)

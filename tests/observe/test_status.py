@@ -172,3 +172,23 @@ def test_loopback_addresses() -> None:
     assert not is_loopback("0.0.0.0")  # noqa: S104
     assert not is_loopback("192.168.1.5")
     assert not is_loopback("example.com")
+
+
+def test_group_mode_shows_the_workers_tasks_and_rebalances() -> None:
+    from streamlet.metrics import LatencyHistogram
+    from streamlet.observe.status import GroupStatus, Latencies
+
+    pauses = LatencyHistogram()
+    pauses.observe(0.4)
+    group = GroupStatus("orders", "w2", (1, 3), (1, 3), 2, 0.4, Latencies(pauses.cumulative(), 0.4))
+    doc = status_document(_snapshot(group=group), BatchLog())
+    assert doc["group"] == {
+        "group": "orders",
+        "worker": "w2",
+        "tasks": [1, 3],
+        "assigned": [1, 3],
+        "rebalances": 2,
+        "last_pause": 0.4,
+    }
+    assert "group 'orders' as worker 'w2': tasks [1, 3], 2 rebalance(s)" in render(doc)
+    assert status_document(_snapshot(), BatchLog())["group"] is None

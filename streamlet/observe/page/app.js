@@ -155,6 +155,12 @@ async function refreshStatus() {
   document.getElementById("uptime").textContent = duration(s.uptime);
   document.getElementById("checkpoint-age").textContent = duration(s.checkpoint_age);
   if (s.last_batch) addBatch(s.last_batch);
+  const group = document.getElementById("group-line");
+  group.hidden = !s.group;
+  if (s.group) {
+    document.getElementById("group").textContent =
+      `${s.group.group} as ${s.group.worker}: tasks ${s.group.tasks.join(", ") || "none"}, ${s.group.rebalances} rebalance(s)`;
+  }
   fill(document.querySelector("#sources tbody"), s.sources.flatMap((src) =>
     (src.partitions.length ? src.partitions : [{ partition: "–" }]).map((p) =>
       [src.name, src.kind, p.partition, p.position, p.latest, p.lag, src.rate_limit === null ? "none" : src.rate_limit.toFixed(0) + "/s"])));
