@@ -443,6 +443,40 @@ def status(url: str, as_json: bool, watch: float | None) -> None:
         time.sleep(watch)
 
 
+@main.command("group")
+@click.argument("group")
+@click.option(
+    "--bootstrap-servers",
+    required=True,
+    metavar="HOST:PORT[,...]",
+    help="The Kafka cluster the app's workers use.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the view as one JSON object.")
+def group_command(group: str, bootstrap_servers: str, as_json: bool) -> None:
+    """Show a group-mode app's workers, the tasks each owns, and each partition's lag.
+
+    Read-only: asks Kafka, touches no worker. The lag is the partition's end
+    (last stable offset) minus what the workers committed to the group after
+    their batches.
+    """
+    import dataclasses
+
+    import anyio
+    import orjson
+
+    from streamlet.kafka._group import describe_group, render_group
+
+    try:
+        view = anyio.run(describe_group, group, bootstrap_servers.split(","))
+    except streamlet.StreamletError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(1) from exc
+    if as_json:
+        click.echo(orjson.dumps(dataclasses.asdict(view), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render_group(view))
+
+
 @main.group()
 def checkpoint() -> None:
     """Look at an app's state directory (read-only; safe beside a running app)."""

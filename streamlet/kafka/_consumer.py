@@ -44,6 +44,27 @@ def _cancel_requests() -> int:
     return task.cancelling() if task is not None else 0
 
 
+async def stop_consumer(consumer: Any, what: str) -> None:
+    """Stop an ``AIOKafkaConsumer`` within ``CLOSE_TIMEOUT``; raises only the caller's cancellation.
+
+    aiokafka's close can let a ``CancelledError`` of one of its own tasks
+    escape into the caller; that one is not the caller's and is absorbed
+    (the close is finished by hand), as are errors of the close itself.
+    """
+    before = _cancel_requests()
+    with anyio.move_on_after(CLOSE_TIMEOUT) as waited:
+        try:
+            await consumer.stop()
+        except asyncio.CancelledError:
+            if _cancel_requests() > before:
+                raise
+            await _aiokafka.finish_consumer_stop(consumer)
+        except Exception as exc:
+            log.warning("closing %s failed: %r", what, exc)
+    if waited.cancelled_caught:
+        log.warning("closing %s took over %.0f s (brokers down?); left behind", what, CLOSE_TIMEOUT)
+
+
 class OutOfRangeFetch(Exception):
     """A fetch asked for offsets the partition no longer (or not yet) holds."""
 

@@ -17,12 +17,15 @@ everything themselves and pass failures on to the worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberAssignment,
@@ -31,10 +34,19 @@ from aiokafka.coordinator.protocol import (
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import TopicPartition
 
-from streamlet.errors import ConfigError
+from streamlet.errors import ConfigError, StreamletError
 from streamlet.kafka._assign import assign_tasks, tasks_of
+from streamlet.kafka._consumer import stop_consumer
 
-__all__ = ["GroupMember", "TaskAssignor"]
+__all__ = [
+    "GroupMember",
+    "GroupView",
+    "MemberView",
+    "PartitionView",
+    "TaskAssignor",
+    "describe_group",
+    "render_group",
+]
 
 log = logging.getLogger(__name__)
 
@@ -210,4 +222,154 @@ class GroupMember:
 
     async def stop(self) -> None:
         """Leave the group: the others take this worker's tasks over at once."""
-        await self.consumer.stop()
+        await stop_consumer(self.consumer, f"the membership of group {self.group!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    """One worker of a group, as Kafka describes it."""
+
+    worker: str
+    member_id: str
+    host: str
+    tasks: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionView:
+    """One source partition: its task's worker, the group's position and the end."""
+
+    topic: str
+    partition: int
+    worker: str | None
+    committed: int | None
+    end: int | None
+
+    @property
+    def lag(self) -> int | None:
+        if self.end is None:
+            return None
+        return max(0, self.end - (self.committed or 0))
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    """What ``streamlet group`` shows: who owns which task, and how far behind it is."""
+
+    group: str
+    state: str
+    members: tuple[MemberView, ...]
+    partitions: tuple[PartitionView, ...]
+
+
+async def describe_group(
+    group: str, bootstrap_servers: str | Sequence[str], config: Mapping[str, object] | None = None
+) -> GroupView:
+    """Ask Kafka about a group-mode app's group (read-only).
+
+    Raises:
+        StreamletError: Kafka cannot be reached, or the group is not a
+            streamlet group (another assignment protocol).
+    """
+    servers = bootstrap_servers if isinstance(bootstrap_servers, str) else list(bootstrap_servers)
+    admin = AIOKafkaAdminClient(**{**dict(config or {}), "bootstrap_servers": servers})
+    try:
+        await admin.start()
+        described = await admin.describe_consumer_groups([group])
+        committed = await admin.list_consumer_group_offsets(group)
+        (_error, _name, state, _ptype, protocol, raw_members, *_rest) = described[0].groups[0]
+        topics = sorted(
+            {t for m in raw_members for t in _subscription(m[3])} | {tp.topic for tp in committed}
+        )
+        counts = (
+            {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(topics)}
+            if topics
+            else {}
+        )
+    except KafkaError as exc:
+        raise StreamletError(f"cannot describe group {group!r} at {servers}: {exc}") from exc
+    finally:
+        await admin.close()
+    if raw_members and protocol != ASSIGNOR:
+        raise StreamletError(
+            f"group {group!r} assigns with {protocol!r}, not {ASSIGNOR!r}: it is not the group"
+            " of a streamlet app in group mode"
+        )
+    members = tuple(sorted((_member(m) for m in raw_members), key=lambda m: m.worker))
+    tps = [TopicPartition(t, p) for t in topics for p in range(counts.get(t, 0))]
+    ends: dict[TopicPartition, int] = {}
+    if tps:
+        consumer = AIOKafkaConsumer(
+            **{**dict(config or {}), "bootstrap_servers": servers},
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+        )
+        try:
+            await consumer.start()
+            ends = dict(await consumer.end_offsets(tps))
+        except KafkaError as exc:
+            raise StreamletError(f"cannot read the end offsets of {topics}: {exc}") from exc
+        finally:
+            await stop_consumer(consumer, "the end-offset reader")
+    owner = {t: m.worker for m in members for t in m.tasks}
+    partitions = tuple(
+        PartitionView(
+            tp.topic,
+            tp.partition,
+            owner.get(tp.partition),
+            committed[tp].offset if tp in committed else None,
+            end,
+        )
+        for tp, end in sorted(ends.items())
+    )
+    return GroupView(group, state, members, partitions)
+
+
+def _member(raw: Sequence[Any]) -> MemberView:
+    member_id, _client_id, host, metadata, assignment = raw[:5]
+    worker = member_id
+    try:
+        decoded = ConsumerProtocolMemberMetadata.decode(metadata)
+        worker = str(orjson.loads(decoded.user_data or b"{}").get("worker") or member_id)
+    except Exception:  # noqa: S110 - describing, not trusting: fall back to the id
+        pass
+    tasks: set[int] = set()
+    with contextlib.suppress(Exception):
+        for _topic, parts in ConsumerProtocolMemberAssignment.decode(assignment).assignment:
+            tasks.update(parts)
+    return MemberView(worker, member_id, host, tuple(sorted(tasks)))
+
+
+def _subscription(metadata: bytes) -> list[str]:
+    try:
+        return list(ConsumerProtocolMemberMetadata.decode(metadata).subscription)
+    except Exception:
+        return []
+
+
+def render_group(view: GroupView) -> str:
+    """``streamlet group``'s text: the workers and their tasks, then each partition's lag; pure."""
+    lines = [f"group {view.group!r}: {view.state}, {len(view.members)} worker(s)"]
+    if view.members:
+        width = max(len(m.worker) for m in view.members)
+        for m in view.members:
+            tasks = ", ".join(map(str, m.tasks)) or "none"
+            lines.append(f"  {m.worker:<{width}}  {m.host}  tasks {tasks}")
+    if view.partitions:
+        lines.append("")
+        rows = [("topic", "partition", "worker", "committed", "end", "lag")] + [
+            (
+                p.topic,
+                str(p.partition),
+                p.worker or "-",
+                "-" if p.committed is None else str(p.committed),
+                "-" if p.end is None else str(p.end),
+                "-" if p.lag is None else str(p.lag),
+            )
+            for p in view.partitions
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        lines += [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
+    return "\n".join(lines)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import re
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +18,7 @@ import pytest
 import streamlet as sl
 from streamlet._group import check_group_mode
 from streamlet.errors import ConfigError
+from streamlet.kafka._group import describe_group
 from tests.conftest import TopicFactory
 from tests.kafka.test_kafka_source import _produce
 
@@ -60,6 +65,17 @@ async def _status(app: sl.App) -> Any:
     return orjson.loads(await anyio.to_thread.run_sync(_get, app.http_url + "api/status"))
 
 
+async def _caught_up(group: str, bootstrap: str) -> bool:
+    view = await describe_group(group, bootstrap)
+    return bool(view.partitions) and all(p.lag == 0 for p in view.partitions)
+
+
+async def _until_async(check: Any, within: float) -> None:
+    with anyio.fail_after(within):
+        while not await check():  # noqa: ASYNC110 - polls the broker
+            await anyio.sleep(0.2)
+
+
 async def _until(check: Any, within: float) -> None:
     with anyio.fail_after(within):
         while not check():  # noqa: ASYNC110 - polls what other tasks change
@@ -89,6 +105,35 @@ async def test_two_workers_split_the_tasks_and_one_takes_all_when_the_other_leav
         s1, s2 = await _status(first), await _status(second)
         assert sorted(s1["group"]["tasks"] + s2["group"]["tasks"]) == [0, 1, 2, 3]
         assert {s1["group"]["worker"], s2["group"]["worker"]} == {"w1", "w2"}
+        # What an operator sees from outside: workers, their tasks, lag 0 once caught up.
+        view = await describe_group(group, kafka_bootstrap)
+        assert view.state == "Stable"
+        assert {m.worker: list(m.tasks) for m in view.members} == {
+            "w1": s1["group"]["tasks"],
+            "w2": s2["group"]["tasks"],
+        }
+        await _until_async(lambda: _caught_up(group, kafka_bootstrap), 30)
+        shown = await anyio.to_thread.run_sync(
+            functools.partial(
+                subprocess.run,
+                [
+                    sys.executable,
+                    "-m",
+                    "streamlet",
+                    "group",
+                    group,
+                    "--bootstrap-servers",
+                    kafka_bootstrap,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert f"group {group!r}: Stable, 2 worker(s)" in shown.stdout
+        assert re.search(rf"{topic}\s+0\s+w[12]\s+\d+\s+\d+\s+0", shown.stdout), shown.stdout
 
         first.stop()  # leaves the group: w2 takes every task over
         await _until(lambda: first.http_url is None, 5)
