@@ -20,11 +20,12 @@ grows back at once through the proportional term.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from streamlet.errors import ConfigError
 
-__all__ = ["RateEstimator"]
+__all__ = ["RateController", "RateEstimator"]
 
 
 @dataclass(slots=True)
@@ -95,3 +96,44 @@ class RateEstimator:
         self._last_error = error
         self.rate = new_rate
         return new_rate
+
+
+class RateController:
+    """Per source, the input rate backpressure sets from each finished batch; no I/O.
+
+    The scheduler feeds it every batch it runs (records per source, the time
+    the batch kept the worker busy, its scheduling delay) and applies the
+    rates that changed: as per-partition batch limits for direct sources,
+    as a throttle for receivers. One :class:`RateEstimator` per source.
+
+    Args:
+        names: the sources it sets rates for.
+        batch_interval: the app's batch interval in seconds.
+        min_rate: the lowest rate it sets, records/s per source.
+    """
+
+    def __init__(self, names: Iterable[str], *, batch_interval: float, min_rate: float) -> None:
+        self._estimators = {
+            name: RateEstimator(batch_interval=batch_interval, min_rate=min_rate) for name in names
+        }
+
+    @property
+    def rates(self) -> dict[str, float | None]:
+        """Per source, the rate set last (None: no batch of it measured yet)."""
+        return {name: estimator.rate for name, estimator in self._estimators.items()}
+
+    def update(
+        self, now: float, inputs: Mapping[str, int], *, busy: float, scheduling_delay: float
+    ) -> dict[str, float]:
+        """Feed one finished batch; return the rates that changed, by source."""
+        changed: dict[str, float] = {}
+        for name, estimator in self._estimators.items():
+            rate = estimator.update(
+                time=now,
+                records=inputs.get(name, 0),
+                processing_time=busy,
+                scheduling_delay=scheduling_delay,
+            )
+            if rate is not None:
+                changed[name] = rate
+        return changed

@@ -38,14 +38,13 @@ import base64
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import anyio
 
-from streamlet._backpressure import RateEstimator
+from streamlet._backpressure import RateController
 from streamlet._checkpoint import Checkpointer
 from streamlet._faults import crash_point
 from streamlet._handlers import HandlerSpec, invoke
@@ -183,9 +182,6 @@ class BatchPolicy:
         max_batch_records: the most records a batch takes from one source.
         max_batch_bytes: about the most bytes a batch takes from one source
             (see :func:`size_budget`; receivers: whole blocks, at least one).
-        backpressure: adapt each source's rate to the handlers' speed
-            (:mod:`streamlet._backpressure`), within ``max_rate``.
-        min_rate: the floor of an adapted rate, records/s per source.
     """
 
     interval: float
@@ -193,8 +189,6 @@ class BatchPolicy:
     on_failure: FailurePolicy = "stop"
     max_batch_records: int = 100_000
     max_batch_bytes: int = 64 * 2**20
-    backpressure: bool = False
-    min_rate: float = 100.0
 
 
 class BlockStore(Protocol):
@@ -225,7 +219,7 @@ class BatchScheduler:
         tracker: the durable tracker, already replayed.
         sources: direct sources by name, started.
         handlers: the app's handlers, sinks opened.
-        policy: batch interval, sizes, retries, failure routing, backpressure.
+        policy: batch interval, sizes, retries, failure routing.
         checkpointer: writes checkpoints and says how far the log may be cleaned.
         dead_letter: the sink for failed input (with ``on_failure`` set so).
         blocks: receivers' blocks (None: the app has no receivers).
@@ -235,6 +229,8 @@ class BatchScheduler:
             ``data``; a record it fails on goes to ``dead_letter`` (or, with
             none, stops the app with :class:`DecodeError`).
         clock: what ticks and batch timings read (:mod:`streamlet.clock`).
+        rate_controller: backpressure: the input rates from batch timings
+            (None: off; rates stay at the sources' ``max_rate``).
     """
 
     def __init__(
@@ -252,6 +248,7 @@ class BatchScheduler:
         listeners: Sequence[Listener] = (),
         decoders: Mapping[str, Callable[[bytes], object]] | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        rate_controller: RateController | None = None,
     ) -> None:
         self.app = app
         self.tracker = tracker
@@ -296,14 +293,7 @@ class BatchScheduler:
         self._batch_ended = anyio.Event()
         #: Group mode: told of a task whose commit was fenced (after it is released).
         self.fenced: Callable[[int], object] | None = None
-        self._estimators = (
-            {
-                name: RateEstimator(batch_interval=interval, min_rate=policy.min_rate)
-                for name in [*self.sources, *sorted(receivers)]
-            }
-            if policy.backpressure
-            else {}
-        )
+        self.rate_controller = rate_controller
 
     @property
     def limits(self) -> Mapping[str, int | None]:
@@ -313,7 +303,7 @@ class BatchScheduler:
     @property
     def rates(self) -> Mapping[str, float | None]:
         """Per source, the rate backpressure set (records/s; None: none yet or not on)."""
-        return {name: estimator.rate for name, estimator in self._estimators.items()}
+        return self.rate_controller.rates if self.rate_controller is not None else {}
 
     # -- recovery and the tick loop -------------------------------------------
 
@@ -862,7 +852,7 @@ class BatchScheduler:
             decode_failures=len(raw) - len(records),
         )
         if not recovered:
-            self._adapt_rates(records, info)
+            self._adapt_rates(info)
         for listener in self.listeners:
             try:
                 listener(info)
@@ -889,21 +879,17 @@ class BatchScheduler:
                 sample if known is None else max(sample, (known + sample) / 2)
             )
 
-    def _adapt_rates(self, records: Sequence[Record], info: BatchInfo) -> None:
-        """Feed the batch to each source's rate estimator and apply new rates."""
-        if not self._estimators:
+    def _adapt_rates(self, info: BatchInfo) -> None:
+        """Feed the batch to the rate controller and apply the rates it changed."""
+        if self.rate_controller is None:
             return
-        counts = Counter(r.source for r in records)
-        now = self.clock.monotonic()
-        for name, estimator in self._estimators.items():
-            rate = estimator.update(
-                time=now,
-                records=counts.get(name, 0),
-                processing_time=info.processing_time + info.commit_time,
-                scheduling_delay=info.scheduling_delay,
-            )
-            if rate is None:
-                continue
+        changed = self.rate_controller.update(
+            self.clock.monotonic(),
+            info.inputs,
+            busy=info.processing_time + info.commit_time,
+            scheduling_delay=info.scheduling_delay,
+        )
+        for name, rate in changed.items():
             if name in self.sources:
                 self._limits[name] = partition_limit(
                     rate, self.interval, self._partitions[name], self._static_limits[name]

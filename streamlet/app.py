@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from anyio.abc import TaskStatus
 
+from streamlet._backpressure import RateController
 from streamlet._blocks import BlockGenerator
 from streamlet._checkpoint import Checkpointer, load_latest
 from streamlet._faults import check_environment as check_fault_environment
@@ -572,8 +573,15 @@ class App:
                     on_failure=self.on_failure,
                     max_batch_records=self.max_batch_records,
                     max_batch_bytes=self.max_batch_bytes,
-                    backpressure=self.backpressure,
-                    min_rate=self.min_rate,
+                ),
+                rate_controller=(
+                    RateController(
+                        [*direct, *sorted(receivers)],
+                        batch_interval=self.batch_interval,
+                        min_rate=self.min_rate,
+                    )
+                    if self.backpressure
+                    else None
                 ),
                 checkpointer=Checkpointer(
                     self.fs,

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from streamlet._backpressure import RateEstimator
+from streamlet._backpressure import RateController, RateEstimator
 from streamlet.app import App
 from streamlet.errors import ConfigError
 from streamlet.metrics import BatchInfo
@@ -43,6 +43,16 @@ def test_the_rate_never_falls_below_the_floor_and_ignores_empty_batches() -> Non
     assert est.rate == 250
     assert est.update(time=2.0, records=0, processing_time=0.1, scheduling_delay=0) is None
     assert est.update(time=0.5, records=10, processing_time=0.1, scheduling_delay=0) is None
+
+
+def test_the_controller_sets_a_rate_per_source_and_reports_only_changes() -> None:
+    rates = RateController(["a", "b"], batch_interval=1.0, min_rate=10)
+    assert rates.rates == {"a": None, "b": None}
+    changed = rates.update(1.0, {"a": 500}, busy=0.5, scheduling_delay=0)
+    # "b" had no records: its estimator keeps no rate yet, and says nothing.
+    assert changed == {"a": 1000}
+    assert rates.rates == {"a": 1000, "b": None}
+    assert rates.update(2.0, {}, busy=0.1, scheduling_delay=0) == {}
 
 
 def test_bad_gains_are_config_errors() -> None:
