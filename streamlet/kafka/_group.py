@@ -290,7 +290,7 @@ async def describe_group(
         raise StreamletError(f"cannot describe group {group!r} at {servers}: {exc}") from exc
     finally:
         await admin.close()
-    if raw_members and protocol != ASSIGNOR:
+    if protocol and protocol != ASSIGNOR:  # empty while a rebalance is under way
         raise StreamletError(
             f"group {group!r} assigns with {protocol!r}, not {ASSIGNOR!r}: it is not the group"
             " of a streamlet app in group mode"

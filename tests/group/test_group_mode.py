@@ -175,3 +175,38 @@ def test_an_app_in_group_mode_with_a_sequence_source_is_refused_at_start(tmp_pat
 
     with pytest.raises(ConfigError, match="cannot run in group mode"):
         app.run(duration=0.1)
+
+
+@pytest.mark.kafka
+async def test_an_idle_worker_stays_in_the_group_and_takes_a_task_when_one_frees_up(
+    kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path
+) -> None:
+    topic = await new_topic(2)
+    group = f"g-{topic}"
+    seen: list[tuple[str, int, int]] = []
+    workers = [
+        _worker(n, tmp_path, kafka_bootstrap, topic, group, seen) for n in ("w1", "w2", "w3")
+    ]
+    async with anyio.create_task_group() as tg:
+        for w in workers:
+            await tg.start(w.serve)
+
+        async def settled() -> bool:
+            view = await describe_group(group, kafka_bootstrap)
+            return view.state == "Stable" and len(view.members) == 3
+
+        await _until_async(settled, 30)
+        await anyio.sleep(8)  # past the 6 s session timeout: an idle worker is not dropped
+        view = await describe_group(group, kafka_bootstrap)
+        assert view.state == "Stable"
+        tasks = {m.worker: m.tasks for m in view.members}
+        assert sorted(t for ts in tasks.values() for t in ts) == [0, 1]
+        (idle,) = [w for w, ts in tasks.items() if not ts]
+        busy = next(w for w in workers if w.worker != idle and tasks[w.worker])
+        busy.stop()
+        await _until(lambda: busy.http_url is None, 10)
+        produced = await _produce(kafka_bootstrap, topic, [f"c{i}".encode() for i in range(200)])
+        await _until(lambda: {(p, o) for _, p, o in seen} >= set(produced), 60)
+        assert idle in {w for w, _, _ in seen}  # the idle worker took the freed task
+        for w in workers:
+            w.stop()
