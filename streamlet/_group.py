@@ -49,6 +49,9 @@ __all__ = ["GroupWorker"]
 
 log = logging.getLogger(__name__)
 
+COMMIT_SPACING = 1.0
+"""Seconds between two commits of batch ends to the group (lag tools need no more)."""
+
 
 class GroupWorker:
     """Keeps the scheduler's tasks in step with the group's assignment.
@@ -111,14 +114,25 @@ class GroupWorker:
         self._done_changed.set()
 
     async def _commit_offsets(self, member: GroupMember) -> None:
-        """Commit the newest batch ends to the group, a commit at a time."""
+        """Commit the newest batch ends to the group, at most once a second, never mid-rebalance.
+
+        A commit that reaches the coordinator during a rebalance fails with
+        the old generation, and aiokafka then drops its member id and joins
+        again as a new member: the group waits a whole session timeout for
+        the old one. So commits wait while batches are paused (a rebalance
+        is under way), and are spaced out to make such a race rare; they
+        only serve lag tools and at-least-once sinks.
+        """
         while True:
             await self._done_changed.wait()
             self._done_changed = anyio.Event()
+            if self.scheduler.paused:
+                continue  # the next batch after the rebalance sets it again
             owned = self.scheduler.tasks or set()
             offsets = {tp: o for tp, o in self._done.items() if tp[1] in owned}
             if offsets:
                 await member.commit(offsets)
+            await anyio.sleep(COMMIT_SPACING)
 
     # -- the membership's callbacks ------------------------------------------------
 
