@@ -3,7 +3,7 @@ of one transaction per task.
 
 Run from the repository root::
 
-    python -m benchmarks.scale           # about 6 minutes
+    python -m benchmarks.scale           # about 5 minutes
     python -m benchmarks.scale --quick   # about 2 minutes, a smoke test
 
 One embedded single-node broker (:mod:`streamlet.testing.kafka`, the real
@@ -29,7 +29,7 @@ values seen twice.
 What is measured
 ----------------
 * **Throughput with 1, 2 and 3 workers.** A 12-partition topic is filled once
-  with ``--records`` records (default 300,000). For each worker count, a new
+  with ``--records`` records (default 600,000). For each worker count, a new
   group (a new app name, so new transactional ids and markers) and a new
   12-partition output topic: the workers are started together and read the
   whole input from the beginning; at most ``--batch-records`` records per
@@ -131,7 +131,7 @@ from streamlet.testing.kafka import KAFKA_VERSION, EmbeddedKafka, admin_client
 from streamlet.testing.kafka import create_topics as kafka_topics
 
 PARTITIONS = 12
-RECORDS = 300_000
+RECORDS = 600_000
 QUICK_RECORDS = 60_000
 RECORD_SIZE = 100
 BATCH_RECORDS = 5_000  # most records per batch (one task) on the 12-partition topic
@@ -1018,7 +1018,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"input records (default {RECORDS:,}, or {QUICK_RECORDS:,} with --quick)",
     )
     parser.add_argument(
-        "--rounds", type=int, help="rounds of parts 1 and 3 (default 2, or 1 with --quick)"
+        "--rounds", type=int, help="rounds of parts 1 and 3 (default 3, or 1 with --quick)"
     )
     parser.add_argument(
         "--cycles",
@@ -1042,7 +1042,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_given)
     quick = args.quick
     records = args.records or (QUICK_RECORDS if quick else RECORDS)
-    rounds = args.rounds or (1 if quick else 2)
+    rounds = args.rounds or (1 if quick else 3)
     cycles = args.cycles or (1 if quick else 3)
     if records < PARTITIONS or rounds < 1 or cycles < 1 or args.batch_records < 1 or args.rate <= 0:
         parser.error("--records, --rounds, --cycles, --batch-records and --rate must be positive")
