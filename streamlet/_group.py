@@ -126,8 +126,8 @@ class GroupWorker:
         while True:
             await self._done_changed.wait()
             self._done_changed = anyio.Event()
-            if self.scheduler.paused:
-                continue  # the next batch after the rebalance sets it again
+            while self.scheduler.paused:  # noqa: ASYNC110 - a rebalance: commit once it is over
+                await anyio.sleep(COMMIT_SPACING / 10)
             owned = self.scheduler.tasks or set()
             offsets = {tp: o for tp, o in self._done.items() if tp[1] in owned}
             if offsets:

@@ -386,6 +386,10 @@ class BatchScheduler:
             behind = behind or self.behind
             if alloc is None:
                 continue
+            if task not in self.tasks:
+                # Released (a rebalance) while the batch was being planned.
+                await self.tracker.log_dropped(alloc.id)
+                continue
             try:
                 await self._run_batch(alloc, scheduled=scheduled, recovered=False)
             except FencedError as exc:
@@ -400,6 +404,18 @@ class BatchScheduler:
                 await self.release_task(task)
                 if self.fenced is not None:
                     self.fenced(task)
+            except SinkError as exc:
+                if task in self.tasks:
+                    raise
+                # Released while the batch ran (a rebalance past revoke_budget):
+                # its sink has let the task go; the new owner redoes the batch.
+                log.warning(
+                    "task %d moved to another worker while batch %d ran; the batch is dropped (%s)",
+                    task,
+                    alloc.id,
+                    exc,
+                )
+                await self.release_task(task)
         self.behind = behind
 
     async def pause(self, budget: float) -> bool:

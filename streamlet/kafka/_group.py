@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
@@ -51,6 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ASSIGNOR = "streamlet-tasks"
+END_OFFSET_TRIES = 5
 
 
 class TaskAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
@@ -306,7 +308,16 @@ async def describe_group(
         )
         try:
             await consumer.start()
-            ends = dict(await consumer.end_offsets(tps))
+            consumer.assign(tps)  # the topics' metadata, which end_offsets needs
+            for attempt in range(1, END_OFFSET_TRIES + 1):
+                try:
+                    ends = dict(await consumer.end_offsets(tps))
+                    break
+                except KafkaError:
+                    # A consumer this fresh may not know the partitions' leaders yet.
+                    if attempt == END_OFFSET_TRIES:
+                        raise
+                    await anyio.sleep(0.2 * attempt)
         except KafkaError as exc:
             raise StreamletError(f"cannot read the end offsets of {topics}: {exc}") from exc
         finally:
