@@ -80,7 +80,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,11 +206,27 @@ async def _stamps(batch: Batch) -> list[list[list[float]]]:
     return [[[unpack(value)[0], count] for value, count in counts.items()]]
 
 
-async def _serve_for(app: App, seconds: float) -> None:
-    async with anyio.create_task_group() as tg:
-        await tg.start(app.serve)
-        await anyio.sleep(seconds)
-        app.stop()
+async def _serve_for(
+    app: App, seconds: float, started: Callable[[App], Callable[[], object]] | None = None
+) -> float:
+    """Serve ``app`` for ``seconds``; return when serving began (after ``started``, if given).
+
+    ``started`` runs once the app serves (it may start something that
+    watches it) and returns what undoes it, called when the app stopped.
+    """
+    undo: Callable[[], object] | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(app.serve)
+            if started is not None:
+                undo = started(app)
+            began = time.monotonic()
+            await anyio.sleep(seconds)
+            app.stop()
+    finally:
+        if undo is not None:
+            undo()
+    return began
 
 
 @dataclass
@@ -353,9 +369,19 @@ class FloodRound:
 
 
 async def run_throughput(
-    workdir: str, durability: str, seconds: float, warmup: float
+    workdir: str,
+    durability: str,
+    seconds: float,
+    warmup: float,
+    *,
+    http: str | None = None,
+    started: Callable[[App], Callable[[], object]] | None = None,
 ) -> FloodRound:
-    """Records/s of the batches done in the measured window, with ``durability``."""
+    """Records/s of the batches done in the measured window, with ``durability``.
+
+    ``http`` serves the app's status page and metrics there; ``started`` runs
+    once the app serves (see :func:`_serve_for`), before the window opens.
+    """
     state = tempfile.mkdtemp(prefix=f"flood-{durability}-", dir=workdir)
     try:
         app = App(
@@ -364,6 +390,7 @@ async def run_throughput(
             batch_interval=FLOOD_BATCH_INTERVAL,
             block_interval=FLOOD_BLOCK_INTERVAL,
             durability=durability,
+            http=http,
         )
         progress = _Progress()
         receiver = app.source(_FloodReceiver(FLOOD_WINDOW, progress))
@@ -371,8 +398,7 @@ async def run_throughput(
         done: list[tuple[float, float, BatchInfo]] = []
         app.add_listener(lambda info: done.append((time.monotonic(), time.process_time(), info)))
         app.add_listener(progress.batch_done)
-        began = time.monotonic()
-        await _serve_for(app, warmup + seconds)
+        began = await _serve_for(app, warmup + seconds, started)
     finally:
         shutil.rmtree(state, ignore_errors=True)
     start, end = began + warmup, began + warmup + seconds

@@ -28,10 +28,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,17 +39,8 @@ import anyio
 from benchmarks.common import work_directory
 
 # The throughput pipeline is the one benchmarks.latency measures, not a copy.
-from benchmarks.latency import (
-    FLOOD_BATCH_INTERVAL,
-    FLOOD_BLOCK_INTERVAL,
-    FLOOD_WINDOW,
-    _count,
-    _FloodReceiver,
-    _Progress,
-)
+from benchmarks.latency import FloodRound, run_throughput
 from streamlet import App
-from streamlet.metrics import BatchInfo
-from streamlet.sinks.file import FileSink
 
 TARGET_RATIO = 0.95
 
@@ -75,64 +65,33 @@ def watch(url: str) -> None:
         time.sleep(0.02)
 
 
-@dataclass
-class Round:
-    watched: bool
-    rate: float
-    cpu: float
+def _watch(app: App) -> Callable[[], object]:
+    """Start the watcher process on ``app``'s page; return what stops it."""
+    assert app.http_url is not None
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.observe", "--watch", app.http_url]
+    )
 
-    @property
-    def per_cpu(self) -> float:
-        return self.rate / self.cpu if self.cpu else 0.0
+    def stop() -> None:
+        watcher.kill()
+        watcher.wait()
+
+    return stop
 
 
-async def run_round(workdir: str, watched: bool, seconds: float, warmup: float) -> Round:
-    state = tempfile.mkdtemp(prefix="observe-", dir=workdir)
-    watcher: subprocess.Popen[bytes] | None = None
-    try:
-        app = App(
-            "flood",
-            state_dir=state,
-            batch_interval=FLOOD_BATCH_INTERVAL,
-            block_interval=FLOOD_BLOCK_INTERVAL,
-            http="127.0.0.1:0" if watched else None,
-        )
-        progress = _Progress()
-        receiver = app.source(_FloodReceiver(FLOOD_WINDOW, progress))
-        app.handler(receiver, sink=FileSink(os.path.join(state, "out")), name="count")(_count)
-        done: list[tuple[float, float, BatchInfo]] = []
-        app.add_listener(lambda info: done.append((time.monotonic(), time.process_time(), info)))
-        app.add_listener(progress.batch_done)
-        async with anyio.create_task_group() as tg:
-            await tg.start(app.serve)
-            if watched:
-                assert app.http_url is not None
-                # Spawned once per round, outside the measured window.
-                watcher = subprocess.Popen(  # noqa: ASYNC220
-                    [sys.executable, "-m", "benchmarks.observe", "--watch", app.http_url]
-                )
-            began = time.monotonic()
-            await anyio.sleep(warmup + seconds)
-            app.stop()
-    finally:
-        if watcher is not None:
-            watcher.kill()
-            watcher.wait()
-        shutil.rmtree(state, ignore_errors=True)
-    start, end = began + warmup, began + warmup + seconds
-    measured = [entry for entry in done if start <= entry[0] <= end]
-    if len(measured) < 2:
-        return Round(watched, 0.0, 0.0)
-    (first, first_cpu, _), (last, last_cpu, _) = measured[0], measured[-1]
-    records = sum(info.records for _, _, info in measured[1:])
-    span = last - first
-    return Round(watched, records / span, (last_cpu - first_cpu) / span)
+async def run_round(workdir: str, watched: bool, seconds: float, warmup: float) -> FloodRound:
+    """One round of the throughput pipeline, served and watched or not served."""
+    if not watched:
+        return await run_throughput(workdir, "always", seconds, warmup)
+    return await run_throughput(
+        workdir, "always", seconds, warmup, http="127.0.0.1:0", started=_watch
+    )
 
 
 @dataclass
 class Result:
-    on: list[Round] = field(default_factory=list)
-    off: list[Round] = field(default_factory=list)
+    on: list[FloodRound] = field(default_factory=list)
+    off: list[FloodRound] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         on = statistics.median(r.rate for r in self.on)
