@@ -60,6 +60,7 @@ class GroupWorker:
         scheduler: runs the batches of the tasks this worker owns.
         sources: the app's Kafka sources by name (where a task with no
             committed position starts).
+        topics: their topics, by source name.
         sinks: every sink of the app (handlers' and the dead-letter sink).
         member: the membership, built with this worker's callbacks
             (:meth:`revoked`, :meth:`assigned`, :meth:`failed`).
@@ -75,6 +76,7 @@ class GroupWorker:
         sinks: Sequence[Sink],
         revoke_budget: float,
         retry: RetryPolicy,
+        topics: Mapping[str, str],
         group: str = "",
         worker: str = "",
     ) -> None:
@@ -99,11 +101,7 @@ class GroupWorker:
         self._closing = False
         self._done: dict[tuple[str, int], int] = {}
         self._done_changed = anyio.Event()
-        self._topics = {
-            name: topic
-            for name, source in self.sources.items()
-            if (topic := getattr(getattr(source, "config", None), "topic", None)) is not None
-        }
+        self._topics = dict(topics)
 
     def on_batch(self, info: BatchInfo) -> None:
         """A listener: the batch's ends become the group's committed offsets (soon)."""

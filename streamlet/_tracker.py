@@ -448,8 +448,6 @@ class Tracker:
 
     def __init__(self, wal: WriteAheadLog, state: TrackerState, last_event: Position | None):
         self._wal = wal
-        #: The tracker's log (read-only use: its figures for the monitor).
-        self.wal = wal
         self.state = state
         #: Position of the newest event applied; a checkpoint records it.
         self.last_event = last_event
@@ -458,6 +456,11 @@ class Tracker:
         # flight, the later one could finish first, and a checkpoint taken in
         # between would claim an event it does not hold.
         self._lock = anyio.Lock()
+
+    @property
+    def wal(self) -> WriteAheadLog:
+        """The tracker's log (read it only: the monitor takes its figures)."""
+        return self._wal
 
     @classmethod
     async def open(

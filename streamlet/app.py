@@ -687,10 +687,12 @@ class App:
         assert self.group is not None
         assert kafka
         config = kafka[0].config
+        topics = _source_topics(direct)
         worker = GroupWorker(
             scheduler=scheduler,
             sources=direct,
             sinks=[sink for _, sink in sinks],
+            topics=topics,
             revoke_budget=self.revoke_budget,
             retry=self.retry,
             group=self.group,
@@ -701,7 +703,7 @@ class App:
         member = GroupMember(
             group=self.group,
             worker=self.worker,
-            topics=[s.config.topic for s in kafka],
+            topics=topics.values(),
             bootstrap_servers=config.bootstrap_servers,
             consumer_config=config.consumer_config,
             revoked=worker.revoked,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from tests.kafka.test_kafka_sink import _read_all
@@ -73,3 +75,21 @@ class Worker:
 
 async def output(bootstrap: str, topic: str) -> list[bytes]:
     return [r.value for r in await _read_all(bootstrap, topic, partitions=4)]
+
+
+async def setup_group_app(
+    bootstrap: str, new_topic: Callable[..., Awaitable[str]], directory: Path
+) -> tuple[str, str, dict[str, str]]:
+    """Input and output topics of 4 partitions, the worker module in ``directory``, its env.
+
+    Returns ``(input topic, output topic, environment of the workers)``.
+    """
+    source, out = await new_topic(4, prefix="in"), await new_topic(4, prefix="out")
+    shutil.copy(WORKER, directory / "group_worker.py")
+    env = {
+        "GROUP_BOOTSTRAP": bootstrap,
+        "GROUP_IN": source,
+        "GROUP_OUT": out,
+        "GROUP_NAME": f"group-{source}",
+    }
+    return source, out, env

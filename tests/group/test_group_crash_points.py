@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import collections
-import shutil
 from pathlib import Path
 
 import anyio
 import pytest
 
 from tests.conftest import TopicFactory
-from tests.group.support import WORKER, Worker, output
+from tests.group.support import Worker, output, setup_group_app
 from tests.kafka.test_kafka_source import _produce
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -24,14 +23,7 @@ RECORDS = 8_000
 async def test_a_worker_killed_at_a_commit_step_loses_and_repeats_nothing(
     kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path, point: str
 ) -> None:
-    source, out = await new_topic(4, prefix="in"), await new_topic(4, prefix="out")
-    shutil.copy(WORKER, tmp_path / "group_worker.py")
-    env = {
-        "GROUP_BOOTSTRAP": kafka_bootstrap,
-        "GROUP_IN": source,
-        "GROUP_OUT": out,
-        "GROUP_NAME": f"group-{source}",
-    }
+    source, out, env = await setup_group_app(kafka_bootstrap, new_topic, tmp_path)
     expected = [f"v{i}".encode() for i in range(RECORDS)]
     await _produce(kafka_bootstrap, source, expected[: RECORDS // 2])
     # w1 kills itself at this step of its 3rd batch; w2 takes its tasks over

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import os
-import shutil
 import signal
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import anyio
 import pytest
 
 from tests.conftest import TopicFactory
-from tests.group.support import RECORDS, WORKER, Worker, output
+from tests.group.support import RECORDS, Worker, output, setup_group_app
 from tests.kafka.test_kafka_source import _produce
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -30,14 +29,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 async def test_every_record_once_through_kills_joins_leaves_and_a_zombie(
     kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path
 ) -> None:
-    source, out = await new_topic(4, prefix="in"), await new_topic(4, prefix="out")
-    shutil.copy(WORKER, tmp_path / "group_worker.py")
-    env = {
-        "GROUP_BOOTSTRAP": kafka_bootstrap,
-        "GROUP_IN": source,
-        "GROUP_OUT": out,
-        "GROUP_NAME": f"group-{source}",
-    }
+    source, out, env = await setup_group_app(kafka_bootstrap, new_topic, tmp_path)
     expected = [f"v{i}".encode() for i in range(RECORDS)]
     workers: list[Worker] = []
 
