@@ -35,7 +35,13 @@ from streamlet.metrics import BatchInfo
 from streamlet.records import Batch, OffsetRange, Record
 from streamlet.sinks import CallbackSink, FileSink, KafkaSink, PrintSink, SQLiteSink
 from streamlet.sinks.base import Sink, SinkContext
-from streamlet.sources import DirectSource, KafkaSource, SequenceSource, TcpSource
+from streamlet.sources import (
+    DirectorySource,
+    DirectSource,
+    KafkaSource,
+    SequenceSource,
+    TcpSource,
+)
 from streamlet.sources.receiver import Receiver, ReceiverContext, Stored
 from streamlet.tcp import TcpClient
 
@@ -51,6 +57,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DirectSource",
+    "DirectorySource",
     "FencedError",
     "FileSink",
     "HandlerError",
