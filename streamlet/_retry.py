@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import anyio
 
-from streamlet.clock import SYSTEM_CLOCK, Clock
+from streamlet.clock import SYSTEM_CLOCK, Clock, SystemClock
 from streamlet.errors import ConfigError, StreamletError
 
 __all__ = [
@@ -278,11 +278,18 @@ async def _bounded(
     """
     if bound == math.inf:
         return await call()
+    if isinstance(clock, SystemClock):
+        # Its time.monotonic() is asyncio's loop time, which a cancel scope's
+        # deadline reads: no task needed (a tenth of the cost of the alarm).
+        with anyio.CancelScope(deadline=bound) as scope:
+            return await call()
+        assert scope.cancelled_caught
+        raise AttemptTimeout(f"no answer within {bound - began:.3g} s")
     timed_out = False
     result: list[_T] = []
     failure: Exception | None = None
-    # The clock, not a cancel scope's deadline, bounds the attempt: a cancel
-    # scope reads the event loop's time, which a FakeClock does not move.
+    # Any other clock (a FakeClock) bounds the attempt itself: a cancel
+    # scope reads the event loop's time, which such a clock does not move.
     async with anyio.create_task_group() as group:
 
         async def alarm() -> None:
@@ -307,10 +314,12 @@ async def _bounded(
     raise failure
 
 
-def _describe(exc: BaseException) -> str:
-    """``Type: message`` for a log line (aiokafka's messages already start with their type)."""
+def _describe(exc: BaseException, *, cause: bool = True) -> str:
+    """``Type: message`` for a log line, and the error it wraps, if it wraps one."""
     name = type(exc).__name__
-    text = str(exc)
-    if not text:
-        return name
-    return text if text.startswith(name) else f"{name}: {text}"
+    text = str(exc) or name
+    if not text.startswith(name):  # aiokafka's messages already start with their type
+        text = f"{name}: {text}"
+    if cause and exc.__cause__ is not None:
+        text += f" (caused by {_describe(exc.__cause__, cause=False)})"
+    return text

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import anyio
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from streamlet._retry import OutOfTime, Patience, retrying_until
 from streamlet.errors import (
     ClientError,
     ConfigError,
@@ -317,37 +317,29 @@ class TcpClient:
             RejectedError: the server refused the hello.
         """
         where = f"{self.host}:{self.port}"
-        give_up = math.inf if self.connect_timeout is None else self.connect_timeout
-        give_up += anyio.current_time()
-        delay = self.reconnect_backoff
-        while True:
-            attempt = min(_ATTEMPT_TIMEOUT, max(0.0, give_up - anyio.current_time()))
-            try:
-                with anyio.fail_after(attempt):
-                    return await self._hello()
-            except (
-                OSError,
-                TimeoutError,
-                anyio.EndOfStream,
-                anyio.IncompleteRead,
-                anyio.DelimiterNotFound,
-                anyio.BrokenResourceError,
-                anyio.ClosedResourceError,
-            ) as exc:
-                # A server that stops (or is killed) between accepting the
-                # connection and answering the hello is not reached yet.
-                reason = _describe(exc)
-            except _Busy as exc:
-                reason = str(exc)
-            if anyio.current_time() + delay >= give_up:
-                raise UnreachableError(
-                    f"cannot reach the streamlet TcpSource at {where} within"
-                    f" {self.connect_timeout} s (last attempt: {reason}); check that the app"
-                    " is running and listening there"
-                )
-            log.debug("connecting to %s failed (%s); next attempt in %.2f s", where, reason, delay)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, self.max_backoff)
+        patience = Patience(
+            self.connect_timeout,
+            backoff=self.reconnect_backoff,
+            max_backoff=self.max_backoff,
+            attempt_timeout=_ATTEMPT_TIMEOUT,
+        )
+        try:
+            # Debug: waiting for a server that is still starting is expected.
+            return await retrying_until(
+                patience,
+                f"connecting to {where}",
+                self._hello,
+                transient=_not_reached_yet,
+                log_level=logging.DEBUG,
+            )
+        except OutOfTime as gave_up:
+            error = gave_up.error
+            reason = str(error) if isinstance(error, _Busy) else _describe(error)
+            raise UnreachableError(
+                f"cannot reach the streamlet TcpSource at {where} within"
+                f" {self.connect_timeout} s (last attempt: {reason}); check that the app"
+                " is running and listening there"
+            ) from error
 
     async def _hello(self) -> tuple[SocketStream, BufferedByteReceiveStream, int]:
         stream = await anyio.connect_tcp(self.host, self.port)
@@ -463,6 +455,27 @@ class TcpClient:
 
 class _Busy(Exception):
     """The server has too many connections; try again later."""
+
+
+def _not_reached_yet(exc: Exception) -> bool:
+    """Whether a failed connection attempt is tried again.
+
+    A server that stops (or is killed) between accepting the connection and
+    answering the hello is not reached yet; a refused hello is an answer.
+    """
+    return isinstance(
+        exc,
+        (
+            OSError,
+            TimeoutError,
+            anyio.EndOfStream,
+            anyio.IncompleteRead,
+            anyio.DelimiterNotFound,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            _Busy,
+        ),
+    )
 
 
 async def _read_line(reader: BufferedByteReceiveStream) -> bytes:

@@ -16,6 +16,7 @@ from typing import TypeVar
 import anyio
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
+from streamlet._retry import AttemptTimeout, OutOfTime, Patience, retrying_until
 from streamlet.errors import ConfigError, SourceError, SourceUnavailableError
 from streamlet.kafka._consumer import Consumer, Group, kafka_error
 from streamlet.kafka.config import KafkaSourceConfig
@@ -26,6 +27,24 @@ __all__ = ["Link"]
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+
+class _TopicMissing(Exception):
+    """The cluster does not list the topic (yet)."""
+
+
+def _may_connect_later(exc: Exception) -> bool:
+    """A consumer's failed start worth another try: a network error or a retriable refusal."""
+    return isinstance(exc, OSError) or (isinstance(exc, KafkaError) and exc.retriable)
+
+
+def _may_answer_later(exc: Exception) -> bool:
+    """A failed broker request worth another try: retriable, or timed out."""
+    return isinstance(exc, KafkaError) and (exc.retriable or isinstance(exc, KafkaTimeoutError))
+
+
+def _reason(error: Exception) -> str:
+    return "timed out" if isinstance(error, AttemptTimeout) else str(error)
 
 
 class Link:
@@ -63,10 +82,10 @@ class Link:
             ConfigError: the topic or a requested partition does not exist.
         """
         config = self.config
-        deadline = time.monotonic() + config.connect_timeout
-        consumer = await self._start_consumer(deadline)
+        since = time.monotonic()
+        consumer = await self._start_consumer(since)
         try:
-            await self._assign_partitions(consumer, deadline)
+            await self._assign_partitions(consumer, since)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await consumer.stop()
@@ -81,24 +100,35 @@ class Link:
             config.isolation,
         )
 
-    async def _assign_partitions(self, consumer: Consumer, deadline: float) -> None:
+    async def _assign_partitions(self, consumer: Consumer, since: float) -> None:
         config = self.config
-        while not await consumer.topic_exists():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ConfigError(
-                    f"topic {config.topic!r} does not exist at {config.servers} (waited"
-                    f" {config.connect_timeout:g} s); create it, or fix the topic name"
-                )
-            log.warning(
-                "topic %r does not exist at %s yet; checking again (%.0f s left)",
-                config.topic,
-                config.servers,
-                remaining,
+
+        async def look() -> None:
+            if not await consumer.topic_exists():
+                raise _TopicMissing("the topic does not exist yet")
+
+        try:
+            await retrying_until(
+                Patience(config.connect_timeout, backoff=1.0, max_backoff=1.0),
+                f"finding topic {config.topic!r} at {config.servers}",
+                look,
+                transient=lambda exc: isinstance(exc, _TopicMissing),
+                since=since,
             )
-            await anyio.sleep(min(1.0, remaining))
+        except OutOfTime as gave_up:
+            if isinstance(gave_up.error, AttemptTimeout):
+                # The cluster did not answer: nothing says the topic is missing.
+                raise SourceUnavailableError(
+                    f"the topics at {config.servers} were not listed within"
+                    f" connect_timeout={config.connect_timeout:g} s; check the brokers'"
+                    " health, or raise connect_timeout"
+                ) from None
+            raise ConfigError(
+                f"topic {config.topic!r} does not exist at {config.servers} (waited"
+                f" {config.connect_timeout:g} s); create it, or fix the topic name"
+            ) from None
         existing: frozenset[int] = frozenset()
-        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+        with anyio.move_on_after(max(0.0, since + config.connect_timeout - time.monotonic())):
             existing = await consumer.load_partitions()
         if not existing:
             raise SourceError(
@@ -117,49 +147,44 @@ class Link:
             )
         consumer.assign(config.partitions)
 
-    async def _start_consumer(self, deadline: float) -> Consumer:
+    async def _start_consumer(self, since: float) -> Consumer:
+        """A started consumer, tried for ``connect_timeout`` seconds from ``since``."""
         config = self.config
-        attempt = 0
-        delay = 0.25
-        while True:
-            attempt += 1
+
+        async def start() -> Consumer:
             consumer = Consumer(config.topic, config.consumer_kwargs(), headers=config.headers)
-            error: BaseException | None = None
-            with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
-                try:
-                    await consumer.start()
-                except (KafkaError, OSError) as exc:
-                    error = exc
-                else:
-                    return consumer
-            with anyio.CancelScope(shield=True):
-                await consumer.stop()
-            if isinstance(error, KafkaError) and not error.retriable:
-                raise SourceError(
-                    f"Kafka at {config.servers} refused the connection: {error}. Check"
-                    " bootstrap_servers and the security settings in consumer_config"
-                    " (security_protocol, ssl_context, sasl_*)"
-                ) from error
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                failure = SourceUnavailableError(
-                    f"could not connect to Kafka at {config.servers} within"
-                    f" connect_timeout={config.connect_timeout:g} s ({attempt} attempt(s);"
-                    f" last error: {error or 'timed out'}). Check that the brokers are"
-                    " running and reachable from this host, that bootstrap_servers is"
-                    " right, and that consumer_config holds the listener's security"
-                    " settings (security_protocol, ssl_context, sasl_*)"
-                )
-                raise failure from error
-            log.warning(
-                "cannot reach Kafka at %s (attempt %d): %s; retrying in %.2f s",
-                config.servers,
-                attempt,
-                error or "timed out",
-                min(delay, remaining),
+            try:
+                await consumer.start()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await consumer.stop()
+                raise
+            return consumer
+
+        try:
+            return await retrying_until(
+                Patience(config.connect_timeout, backoff=0.25, max_backoff=2.0),
+                f"connecting to Kafka at {config.servers}",
+                start,
+                transient=_may_connect_later,
+                since=since,
             )
-            await anyio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 2.0)
+        except OutOfTime as gave_up:
+            failure = SourceUnavailableError(
+                f"could not connect to Kafka at {config.servers} within"
+                f" connect_timeout={config.connect_timeout:g} s ({gave_up.attempts} attempt(s);"
+                f" last error: {_reason(gave_up.error)}). Check that the brokers are"
+                " running and reachable from this host, that bootstrap_servers is"
+                " right, and that consumer_config holds the listener's security"
+                " settings (security_protocol, ssl_context, sasl_*)"
+            )
+            raise failure from gave_up.error
+        except KafkaError as exc:
+            raise SourceError(
+                f"Kafka at {config.servers} refused the connection: {exc}. Check"
+                " bootstrap_servers and the security settings in consumer_config"
+                " (security_protocol, ssl_context, sasl_*)"
+            ) from exc
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None
@@ -197,37 +222,25 @@ class Link:
         already waited for the same answer (default: now).
         """
         config = self.config
-        deadline = (time.monotonic() if since is None else since) + config.fetch_timeout
-        delay = 0.1
-        while True:
-            error: BaseException | None = None
-            with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
-                try:
-                    return await fn()
-                except KafkaError as exc:
-                    if not (exc.retriable or isinstance(exc, KafkaTimeoutError)):
-                        raise kafka_error(
-                            f"{action} of topic {config.topic!r} at {config.servers} failed",
-                            exc,
-                        ) from exc
-                    error = exc
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                failure = SourceUnavailableError(
-                    f"{action} of topic {config.topic!r} at {config.servers} did not succeed"
-                    f" within fetch_timeout={config.fetch_timeout:g} s (last error:"
-                    f" {error or 'timed out'}); check the brokers' health"
-                )
-                raise failure from error
-            log.warning(
-                "%s of topic %r failed: %s; retrying in %.1f s",
-                action,
-                config.topic,
-                error,
-                min(delay, remaining),
+        try:
+            return await retrying_until(
+                Patience(config.fetch_timeout, backoff=0.1, max_backoff=2.0),
+                f"{action} of topic {config.topic!r}",
+                fn,
+                transient=_may_answer_later,
+                since=since,
             )
-            await anyio.sleep(min(delay, remaining))
-            delay = min(delay * 2, 2.0)
+        except OutOfTime as gave_up:
+            failure = SourceUnavailableError(
+                f"{action} of topic {config.topic!r} at {config.servers} did not succeed"
+                f" within fetch_timeout={config.fetch_timeout:g} s (last error:"
+                f" {_reason(gave_up.error)}); check the brokers' health"
+            )
+            raise failure from gave_up.error
+        except KafkaError as exc:
+            raise kafka_error(
+                f"{action} of topic {config.topic!r} at {config.servers} failed", exc
+            ) from exc
 
     async def end_offsets(
         self, partitions: Iterable[int], *, since: float | None = None

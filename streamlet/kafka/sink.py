@@ -120,7 +120,6 @@ the marker group, or give the app a new name.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -139,6 +138,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import TopicPartition
 
+from streamlet._retry import OutOfTime, Patience, retrying_until
 from streamlet.errors import (
     ConfigError,
     FencedError,
@@ -593,44 +593,26 @@ class KafkaSink(Sink):
 
         ``txn_id`` names the transactional id in a refusal's message.
         """
-        deadline = time.monotonic() + self._open_timeout
-        backoff = _FIRST_BACKOFF
-        attempt = 0
-        while True:
-            attempt += 1
-            error: BaseException
-            try:
-                with anyio.fail_after(max(deadline - time.monotonic(), 0.001)):
-                    return await start()
-            except TimeoutError as exc:
-                error = exc
-            except ConfigError:
-                raise
-            except _PERMANENT as exc:
-                raise self._refused(exc, txn_id) from exc
-            except Exception as exc:
-                error = exc
-            left = deadline - time.monotonic()
-            if left <= 0:
-                failure = SinkUnavailableError(
-                    f"{self._where()} could not connect to Kafka at {', '.join(self._servers)}"
-                    f" within {self._open_timeout:g}s ({attempt} attempt(s)); last error:"
-                    f" {_describe(error)}. Check bootstrap_servers, that the broker is up and"
-                    f" reachable, that topic {self._topic!r} exists, and the security settings"
-                    " in producer_config"
-                )
-                raise failure from error
-            pause = min(backoff, left)
-            log.warning(
-                "%s: cannot connect to Kafka at %s (attempt %d): %s; retrying in %.2fs",
-                self._where(),
-                ", ".join(self._servers),
-                attempt,
-                _describe(error),
-                pause,
+        servers = ", ".join(self._servers)
+        try:
+            return await retrying_until(
+                Patience(self._open_timeout, backoff=_FIRST_BACKOFF, max_backoff=_MAX_BACKOFF),
+                f"{self._where()}: connecting to Kafka at {servers}",
+                start,
+                # Anything but a bad setting or a refusal may pass.
+                transient=lambda exc: not isinstance(exc, (ConfigError, *_PERMANENT)),
             )
-            await anyio.sleep(pause)
-            backoff = min(backoff * 2, _MAX_BACKOFF)
+        except OutOfTime as gave_up:
+            failure = SinkUnavailableError(
+                f"{self._where()} could not connect to Kafka at {servers}"
+                f" within {self._open_timeout:g}s ({gave_up.attempts} attempt(s)); last error:"
+                f" {_describe(gave_up.error)}. Check bootstrap_servers, that the broker is up"
+                f" and reachable, that topic {self._topic!r} exists, and the security settings"
+                " in producer_config"
+            )
+            raise failure from gave_up.error
+        except _PERMANENT as exc:
+            raise self._refused(exc, txn_id) from exc
 
     async def _start(self, settings: Mapping[str, Any]) -> tuple[Producer, int | None]:
         if self._transactional and not self._owner_checked:

@@ -8,6 +8,7 @@ pauses are exact. Binary fractions keep the arithmetic exact too.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -230,3 +231,19 @@ def test_patience_refuses_impossible_settings() -> None:
         Patience(timeout=1.0, backoff=2.0, max_backoff=1.0)
     with pytest.raises(ConfigError):
         Patience(timeout=1.0, backoff=1.0, max_backoff=1.0, attempt_timeout=0.0)
+
+
+async def test_on_the_system_clock_attempts_are_cut_off_in_real_time() -> None:
+    # The one test in real time: the system clock's attempts are bounded by
+    # a cancel scope's deadline, not by a task sleeping on the clock.
+    async def hang() -> None:
+        await anyio.sleep_forever()
+
+    patience = Patience(timeout=0.2, backoff=0.01, max_backoff=0.01, attempt_timeout=0.05)
+    started = time.monotonic()
+    with pytest.raises(OutOfTime) as caught:
+        await retrying_until(patience, "x", hang)
+    assert 0.2 <= time.monotonic() - started < 5
+    assert isinstance(caught.value.error, AttemptTimeout)
+    assert caught.value.attempts >= 2
+    assert await retrying_until(patience, "x", _Calls(FakeClock(), OSError("once"))) == "done"
