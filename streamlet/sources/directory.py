@@ -74,6 +74,7 @@ import aiofiles
 import aiofiles.os
 import anyio
 import orjson
+from aiofiles.threadpool.binary import AsyncFileIO
 
 from streamlet.errors import ConfigError, SourceError
 from streamlet.fs import OsFileSystem, read_all, write_atomic
@@ -90,6 +91,9 @@ MARKER_SUFFIX = ".done"
 TEMP_SUFFIX = ".tmp"
 CHUNK = 1 << 20
 """Bytes read at a time; a read never holds a whole file, only a batch's lines."""
+
+READERS = 16
+"""Files read at once when a batch spans several."""
 
 _new_tuple = tuple.__new__  # Record(...) costs a Python call per line
 
@@ -400,7 +404,7 @@ class DirectorySource(DirectSource):
                 was taken, a range is outside the manifest, or (``jsonl``) a
                 line is not JSON.
         """
-        out: list[Record] = []
+        pieces: list[tuple[_File, int, int]] = []
         for r in ranges:
             if r.partition != 0 or r.start < self._base or r.until > self.end:
                 raise SourceError(
@@ -415,9 +419,25 @@ class DirectorySource(DirectSource):
                 lo = max(r.start, file.first) - file.first
                 hi = min(r.until, file.end) - file.first
                 if hi > lo:
-                    await self._read_lines(file, lo, hi, out)
+                    pieces.append((file, lo, hi))
                 index += 1
-        return out
+        if len(pieces) == 1:
+            out: list[Record] = []
+            await self._read_lines(*pieces[0], out)
+            return out
+        # Many files (small ones, mostly): several at a time, since each open,
+        # read and close waits for a worker thread; the lines keep their order.
+        parts: list[list[Record]] = [[] for _ in pieces]
+        limiter = anyio.CapacityLimiter(READERS)
+
+        async def read_piece(at: int) -> None:
+            async with limiter:
+                await self._read_lines(*pieces[at], parts[at])
+
+        async with anyio.create_task_group() as tg:
+            for at in range(len(pieces)):
+                tg.start_soon(read_piece, at)
+        return [record for part in parts for record in part]
 
     def describe(self) -> str:
         return f"DirectorySource({self.directory})"
@@ -497,24 +517,26 @@ class DirectorySource(DirectSource):
 
     # -- reading -------------------------------------------------------------------
 
-    async def _locate(self, file: _File) -> str:
-        """The path holding ``file`` now, checked against the manifest."""
+    async def _open_file(self, file: _File) -> tuple[str, AsyncFileIO]:
+        """The file holding ``file``'s lines now, open and checked against the manifest."""
         path = os.path.join(self.directory, file.name)
         paths = [path]
         if self.finished == "move":
             paths.append(os.path.join(self.done_dir, file.name))
         for candidate in paths:
             try:
-                st = await aiofiles.os.stat(candidate)
+                f = await aiofiles.open(candidate, "rb", buffering=0)
             except FileNotFoundError:
                 continue
+            st = os.fstat(f.fileno())  # of the open file: no race with a rename
             if st.st_size < file.size:
+                await f.close()
                 raise SourceError(
-                    f"file {candidate} of source {self.name!r} is {st.st_size} bytes, shorter"
-                    f" than the {file.size} it had when it was taken (lines"
+                    f"file {candidate} of source {self.name!r} is {st.st_size} bytes,"
+                    f" shorter than the {file.size} it had when it was taken (lines"
                     f" [{file.first}, {file.end})): a complete file must not change. Put"
-                    " back the file as it was for the batch to run again; its lines cannot"
-                    " be skipped"
+                    " back the file as it was for the batch to run again; its lines"
+                    " cannot be skipped"
                 )
             if st.st_size > file.size or st.st_mtime_ns != file.mtime_ns:
                 log.warning(
@@ -524,7 +546,7 @@ class DirectorySource(DirectSource):
                     self.name,
                     file.size,
                 )
-            return candidate
+            return candidate, f
         raise SourceError(
             f"file {path} of source {self.name!r} is gone, and its lines"
             f" [{file.first}, {file.end}) are needed by a batch that is not done. Put the"
@@ -534,7 +556,15 @@ class DirectorySource(DirectSource):
 
     async def _read_lines(self, file: _File, lo: int, hi: int, out: list[Record]) -> None:
         """Append lines ``[lo, hi)`` of ``file`` (numbered within it) to ``out``."""
-        path = await self._locate(file)
+        path, f = await self._open_file(file)
+        try:
+            await self._read_open(f, path, file, lo, hi, out)
+        finally:
+            await f.close()
+
+    async def _read_open(
+        self, f: AsyncFileIO, path: str, file: _File, lo: int, hi: int, out: list[Record]
+    ) -> None:
         marks = file.marks
         if not marks:
             marks.append((0, 0))
@@ -546,40 +576,40 @@ class DirectorySource(DirectSource):
         first = file.first
         jsonl = self.format == "jsonl"
         carry = b""
-        async with aiofiles.open(path, "rb") as f:
+        if pos:
             await f.seek(pos)
-            while line < hi:
-                if pos < size:
-                    data = await f.read(min(self.chunk_size, size - pos))
-                    if not data:
-                        break  # shorter than recorded: reported below
-                    pos += len(data)
-                    lines = (carry + data if carry else data).split(b"\n")
-                    carry = lines.pop()
-                elif carry:
-                    lines = [carry]  # the last line, without a newline
-                    carry = b""
+        while line < hi:
+            if pos < size:
+                data = await f.read(min(self.chunk_size, size - pos))
+                if not data:
+                    break  # shorter than recorded: reported below
+                pos += len(data)
+                lines = (carry + data if carry else data).split(b"\n")
+                carry = lines.pop()
+            elif carry:
+                lines = [carry]  # the last line, without a newline
+                carry = b""
+            else:
+                break
+            start = max(0, lo - line)
+            stop = min(len(lines), hi - line)
+            if stop > start:
+                if jsonl:
+                    self._decode_json(lines, start, stop, line, file, path, key, ts, out)
                 else:
-                    break
-                start = max(0, lo - line)
-                stop = min(len(lines), hi - line)
-                if stop > start:
-                    if jsonl:
-                        self._decode_json(lines, start, stop, line, file, path, key, ts, out)
-                    else:
-                        base = first + line
-                        out.extend(
-                            [
-                                _new_tuple(Record, (v, key, ts, name, 0, base + i, None, ()))
-                                for i, v in enumerate(lines[start:stop], start)
-                            ]
-                        )
-                if line < hi < line + len(lines):
-                    # Line `hi` starts inside this chunk: mark it, so that the
-                    # next batch, which starts there, seeks to it directly.
-                    rest = sum(len(v) + 1 for v in lines[hi - line :]) + len(carry)
-                    _mark(marks, hi, pos - rest)
-                line += len(lines)
+                    base = first + line
+                    out.extend(
+                        [
+                            _new_tuple(Record, (v, key, ts, name, 0, base + i, None, ()))
+                            for i, v in enumerate(lines[start:stop], start)
+                        ]
+                    )
+            if line < hi < line + len(lines):
+                # Line `hi` starts inside this chunk: mark it, so that the
+                # next batch, which starts there, seeks to it directly.
+                rest = sum(len(v) + 1 for v in lines[hi - line :]) + len(carry)
+                _mark(marks, hi, pos - rest)
+            line += len(lines)
         if line < hi:
             raise SourceError(
                 f"file {path} of source {self.name!r} has fewer lines than the {file.lines}"
