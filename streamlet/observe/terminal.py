@@ -65,6 +65,11 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _limit(per_second: float | None) -> str:
+    """A backpressure rate limit; None: not limited."""
+    return "-" if per_second is None else f"{per_second:,.0f}/s"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     cells = [[str(c) for c in header], *[["-" if c is None else str(c) for c in r] for r in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -111,7 +116,7 @@ def render(status: Mapping[str, Any], *, errors: int = 5) -> str:
                 p["position"],
                 p["latest"],
                 p["lag"],
-                "-" if s["rate_limit"] is None else f"{s['rate_limit']:,.0f}/s",
+                _limit(s["rate_limit"]),
             )
             for s in status["sources"]
             for p in s["partitions"]
@@ -127,7 +132,7 @@ def render(status: Mapping[str, Any], *, errors: int = 5) -> str:
                     r["kind"],
                     r["pending_blocks"],
                     r["pending_records"],
-                    "-" if r["rate_limit"] is None else f"{r['rate_limit']:,.0f}/s",
+                    _limit(r["rate_limit"]),
                 )
                 for r in status["receivers"]
             ],

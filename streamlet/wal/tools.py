@@ -211,26 +211,18 @@ def dump(
     the dump continues with the next segment. A bad segment header is
     reported the same way.
     """
-    fs = fs or OsFileSystem()
-    path = os.path.abspath(os.fspath(directory))
     report = on_problem or (lambda problem: None)
-    for seq in list_segments(fs, path):
-        segment_path = os.path.join(path, segment_name(seq))
-        file = fs.open(segment_path)
-        try:
-            reader = SegmentReader(file, seq)
-            while True:
-                for offset, payload in reader:
-                    yield _listed(seq, offset, payload, crc_ok=True)
-                ending = reader.ending
-                assert ending is not None
-                if ending.fault is not FrameFault.BAD_CRC:
-                    break
-                yield _listed(seq, ending.offset, reader.step_over(), crc_ok=False)
-            if ending.kind is not EndKind.CLEAN:
-                report(Problem(segment_path, ending.offset, ending.reason))
-        finally:
-            file.close()
+    for seq, segment_path, reader in _segments(directory, fs):
+        while True:
+            for offset, payload in reader:
+                yield _listed(seq, offset, payload, crc_ok=True)
+            ending = reader.ending
+            assert ending is not None
+            if ending.fault is not FrameFault.BAD_CRC:
+                break
+            yield _listed(seq, ending.offset, reader.step_over(), crc_ok=False)
+        if ending.kind is not EndKind.CLEAN:
+            report(Problem(segment_path, ending.offset, ending.reason))
 
 
 def _listed(seq: int, offset: int, payload: bytes, *, crc_ok: bool) -> dict[str, object]:
@@ -257,23 +249,34 @@ def read_records(
     is not intact, torn tail or corruption alike, and tells ``on_problem``.
     Segments are read a chunk at a time, so memory stays bounded.
     """
-    fs = fs or OsFileSystem()
-    path = os.path.abspath(os.fspath(directory))
     report = on_problem or (lambda problem: None)
-    for seq in list_segments(fs, path):
-        segment_path = os.path.join(path, segment_name(seq))
-        file = fs.open(segment_path)
-        try:
-            reader = SegmentReader(file, seq)
-            for offset, payload in reader:
-                yield Position(seq, offset, len(payload)), payload
-        finally:
-            file.close()
+    for seq, segment_path, reader in _segments(directory, fs):
+        for offset, payload in reader:
+            yield Position(seq, offset, len(payload)), payload
         ending = reader.ending
         assert ending is not None
         if ending.kind is not EndKind.CLEAN:
             report(Problem(segment_path, ending.offset, ending.reason))
             return
+
+
+def _segments(
+    directory: str | os.PathLike[str], fs: FileSystem | None
+) -> Iterator[tuple[int, str, SegmentReader]]:
+    """Each segment of the log in ``directory`` in order: seq, path and a reader from its start.
+
+    The segment's file stays open until the caller asks for the next one
+    (or drops the iterator).
+    """
+    fs = fs or OsFileSystem()
+    path = os.path.abspath(os.fspath(directory))
+    for seq in list_segments(fs, path):
+        segment_path = os.path.join(path, segment_name(seq))
+        file = fs.open(segment_path)
+        try:
+            yield seq, segment_path, SegmentReader(file, seq)
+        finally:
+            file.close()
 
 
 def repair(
