@@ -33,7 +33,14 @@ from streamlet.errors import (
 )
 from streamlet.metrics import BatchInfo
 from streamlet.records import Batch, OffsetRange, Record
-from streamlet.sinks import CallbackSink, FileSink, KafkaSink, PrintSink, SQLiteSink
+from streamlet.sinks import (
+    CallbackSink,
+    FileSink,
+    KafkaSink,
+    PostgresSink,
+    PrintSink,
+    SQLiteSink,
+)
 from streamlet.sinks.base import Sink, SinkContext
 from streamlet.sources import (
     DirectorySource,
@@ -65,6 +72,7 @@ __all__ = [
     "KafkaSource",
     "OffsetRange",
     "OutputError",
+    "PostgresSink",
     "PrintSink",
     "Receiver",
     "ReceiverContext",

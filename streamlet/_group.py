@@ -281,6 +281,7 @@ def check_group_mode(sources: Mapping[str, object], sinks: Sequence[tuple[str, S
     """What group mode cannot run in this app, as messages (empty: it can); pure."""
     from streamlet.kafka.direct import KafkaDirectSource
     from streamlet.kafka.sink import KafkaSink
+    from streamlet.sinks.postgres import PostgresSink
 
     problems: list[str] = []
     if not sources:
@@ -307,17 +308,20 @@ def check_group_mode(sources: Mapping[str, object], sinks: Sequence[tuple[str, S
     for handler, sink in sinks:
         if sink.guarantee != "exactly-once":
             continue
-        if not isinstance(sink, KafkaSink):
+        # These two key what they committed by each task's input offsets and
+        # fence a task's earlier owners when it is acquired.
+        if not isinstance(sink, (KafkaSink, PostgresSink)):
             problems.append(
                 f"the sink of {handler!r} ({sink.describe()}) is exactly-once only on one"
-                " worker: in group mode use a KafkaSink (or an at-least-once sink)"
+                " worker: in group mode use a KafkaSink or a PostgresSink (or an"
+                " at-least-once sink)"
             )
         else:
             exactly_once.append(handler)
     if len(exactly_once) > 1:
         problems.append(
             f"handlers {', '.join(repr(h) for h in exactly_once)} each have an exactly-once"
-            " KafkaSink: group mode takes one exactly-once sink per app for now (each task"
+            " sink: group mode takes one exactly-once sink per app for now (each task"
             " resumes from its sink's position)"
         )
     return problems
