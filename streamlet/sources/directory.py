@@ -138,23 +138,39 @@ def _count_lines(path: str, size: int, chunk: int) -> tuple[int, list[tuple[int,
     marks = [(0, 0)]
     lines = 0
     pos = 0
-    last = b"\n"
-    with open(path, "rb") as f:
+    last = 0x0A
+    buffer = bytearray(min(chunk, size))
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
         while pos < size:
-            data = f.read(min(chunk, size - pos))
-            if not data:
+            n = f.readinto(view[: min(chunk, size - pos)])
+            if not n:
                 raise OSError(f"{path} ended at byte {pos}, before its size {size}")
-            count = data.count(b"\n")
+            count = buffer.count(b"\n", 0, n)
             if count:
                 lines += count
-                marks.append((lines, pos + data.rfind(b"\n") + 1))
-            pos += len(data)
-            last = data[-1:]
-    if last != b"\n":
+                marks.append((lines, pos + buffer.rfind(b"\n", 0, n) + 1))
+            pos += n
+            last = buffer[n - 1]
+    if last != 0x0A:  # a last line without its newline
         lines += 1
     if marks[-1][1] >= size:
         marks.pop()  # the end of the file is no line's start
     return lines, marks
+
+
+@dataclass(slots=True)
+class _Spill:
+    """Lines a read split past its range's end, kept for the next range of that file."""
+
+    file: _File
+    line: int
+    """Number (within the file) of ``lines[0]``."""
+    lines: list[bytes]
+    carry: bytes
+    """The bytes after the last of ``lines``: part of a line."""
+    pos: int
+    """Where in the file the bytes after ``carry`` begin."""
 
 
 @dataclass(slots=True)
@@ -274,7 +290,7 @@ class DirectorySource(DirectSource):
         self._finished = 0
         #: The end of the last range a batch committed (its ``done`` follows).
         self._committed = 0
-        self._started = False
+        self._spill: _Spill | None = None
 
     # -- the manifest -------------------------------------------------------------
 
@@ -351,7 +367,6 @@ class DirectorySource(DirectSource):
             raise ConfigError(f"DirectorySource directory {self.directory} is not a directory")
         await anyio.to_thread.run_sync(self._load)
         self._committed = self._finished
-        self._started = True
 
     async def start_positions(self, partitions: Iterable[int]) -> Mapping[int, int]:
         """A new state directory starts after the files already finished (moved or deleted)."""
@@ -565,21 +580,31 @@ class DirectorySource(DirectSource):
     async def _read_open(
         self, f: AsyncFileIO, path: str, file: _File, lo: int, hi: int, out: list[Record]
     ) -> None:
-        marks = file.marks
-        if not marks:
-            marks.append((0, 0))
-        line, pos = marks[bisect.bisect_right(marks, (lo, file.size)) - 1]
         size = file.size
+        spill = self._spill
+        lines: list[bytes] = []
+        if spill is not None and spill.file is file and spill.line == lo:
+            # The last read split these lines already: go on from them.
+            self._spill = None
+            line, lines, carry, pos = spill.line, spill.lines, spill.carry, spill.pos
+        else:
+            # The nearest known line start at or before `lo`; the file's start else.
+            at = bisect.bisect_right(file.marks, (lo, size)) - 1
+            line, pos = file.marks[at] if at >= 0 else (0, 0)
+            carry = b""
         key = file.name.encode()
         ts = file.mtime_ns / 1e9
         name = self.name
         first = file.first
         jsonl = self.format == "jsonl"
-        carry = b""
-        if pos:
-            await f.seek(pos)
+        positioned = pos == 0
         while line < hi:
-            if pos < size:
+            if lines:
+                pass  # from the spill
+            elif pos < size:
+                if not positioned:
+                    await f.seek(pos)
+                    positioned = True
                 data = await f.read(min(self.chunk_size, size - pos))
                 if not data:
                     break  # shorter than recorded: reported below
@@ -591,25 +616,29 @@ class DirectorySource(DirectSource):
                 carry = b""
             else:
                 break
+            count = len(lines)
             start = max(0, lo - line)
-            stop = min(len(lines), hi - line)
+            stop = min(count, hi - line)
             if stop > start:
                 if jsonl:
                     self._decode_json(lines, start, stop, line, file, path, key, ts, out)
                 else:
                     base = first + line
+                    part = lines if start == 0 and stop == count else lines[start:stop]
                     out.extend(
                         [
                             _new_tuple(Record, (v, key, ts, name, 0, base + i, None, ()))
-                            for i, v in enumerate(lines[start:stop], start)
+                            for i, v in enumerate(part, start)
                         ]
                     )
-            if line < hi < line + len(lines):
-                # Line `hi` starts inside this chunk: mark it, so that the
-                # next batch, which starts there, seeks to it directly.
-                rest = sum(len(v) + 1 for v in lines[hi - line :]) + len(carry)
-                _mark(marks, hi, pos - rest)
-            line += len(lines)
+            if line < hi <= line + count and hi < file.lines:
+                # Line `hi` is where the next batch starts: mark where it is,
+                # and keep what was split past it for that batch.
+                rest = lines[hi - line :]
+                _mark(file.marks, hi, pos - len(carry) - sum(len(v) + 1 for v in rest))
+                self._spill = _Spill(file, hi, rest, carry, pos)
+            line += count
+            lines = []
         if line < hi:
             raise SourceError(
                 f"file {path} of source {self.name!r} has fewer lines than the {file.lines}"
@@ -617,8 +646,6 @@ class DirectorySource(DirectSource):
                 " after it was complete. Put back the file as it was for the batch to run"
                 " again; its lines cannot be skipped"
             )
-        if line == hi and pos - len(carry) < size:
-            _mark(marks, hi, pos - len(carry))
 
     def _decode_json(
         self,

@@ -43,7 +43,7 @@ files_st = st.lists(st.tuples(lines_st, st.booleans()), min_size=1, max_size=5)
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     files=files_st,
