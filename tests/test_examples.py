@@ -77,3 +77,40 @@ def test_tcp_example_takes_lines_from_streamlet_send(tmp_path: Path) -> None:
         rows = conn.execute("SELECT count(*), count(DISTINCT line) FROM lines").fetchone()
     conn.close()
     assert rows == (500, 500)
+
+
+def test_directory_example_reads_each_file_once_and_moves_it_to_done(tmp_path: Path) -> None:
+    import sqlite3
+
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.txt").write_text("".join(f"a{i}\n" for i in range(300)))
+    (inbox / "skipped.csv").write_text("not matched\n")
+    run = ["streamlet", "run", "examples.directory_lines:app", "--duration", "3"]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", *run],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
+    try:
+        # A file that arrives while the worker runs, by rename as the convention asks.
+        (inbox / ".b.txt").write_text("".join(f"b{i}\n" for i in range(200)))
+        os.rename(inbox / ".b.txt", inbox / "b.txt")
+        _, stderr = worker.communicate(timeout=60)
+        assert worker.returncode == 0, stderr
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    with sqlite3.connect(tmp_path / "out" / "directory_lines.db") as conn:
+        rows = conn.execute(
+            "SELECT file, count(*), count(DISTINCT text) FROM lines GROUP BY file ORDER BY file"
+        ).fetchall()
+    conn.close()
+    assert rows == [("a.txt", 300, 300), ("b.txt", 200, 200)]
+    assert sorted(os.listdir(inbox / "done")) == ["a.txt", "b.txt"]
+    assert (inbox / "skipped.csv").exists()
