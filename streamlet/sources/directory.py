@@ -443,15 +443,23 @@ class DirectorySource(DirectSource):
         # Many files (small ones, mostly): several at a time, since each open,
         # read and close waits for a worker thread; the lines keep their order.
         parts: list[list[Record]] = [[] for _ in pieces]
+        failed: list[Exception] = []
         limiter = anyio.CapacityLimiter(READERS)
 
-        async def read_piece(at: int) -> None:
+        async def read_piece(at: int, scope: anyio.CancelScope) -> None:
             async with limiter:
-                await self._read_lines(*pieces[at], parts[at])
+                try:
+                    await self._read_lines(*pieces[at], parts[at])
+                except Exception as exc:
+                    # Raised as itself below, not in an exception group.
+                    failed.append(exc)
+                    scope.cancel()
 
         async with anyio.create_task_group() as tg:
             for at in range(len(pieces)):
-                tg.start_soon(read_piece, at)
+                tg.start_soon(read_piece, at, tg.cancel_scope)
+        if failed:
+            raise failed[0]
         return [record for part in parts for record in part]
 
     def describe(self) -> str:

@@ -203,3 +203,28 @@ def test_random_kills_lose_and_repeat_nothing(tmp_path: Path) -> None:
     assert all(done < total for _, done, total in progress), progress
     assert progress[-1][1] > progress[0][1]
     _finish(tmp_path, inbox, "move")
+
+
+def test_a_file_removed_before_its_batch_runs_again_stops_the_worker_naming_it(
+    tmp_path: Path,
+) -> None:
+    inbox = _setup(tmp_path, "delete")
+    for _ in range(10):
+        inbox.add()
+    worker = _start(tmp_path, "--duration", "30", env={"STREAMLET_CRASH_AT": "after_handler:2"})
+    _, stderr = worker.communicate(timeout=60)
+    assert worker.returncode == -signal.SIGKILL, stderr
+    # Batch 2 (lines 20-39) is logged, not committed; one of its files goes away.
+    gone = inbox.path / "f0003.txt"
+    kept = gone.read_bytes()
+    gone.unlink()
+    worker = _start(tmp_path, "--duration", "5")
+    _, stderr = worker.communicate(timeout=60)
+    assert worker.returncode != 0
+    assert f"error: file {gone} of source 'files' is gone" in stderr, stderr
+    assert "Traceback" not in stderr
+    assert "Put the file back" in stderr
+    _, _, file_batches, _ = _outputs(tmp_path)
+    assert max(file_batches) == 1  # nothing of batch 2 was skipped or half written
+    gone.write_bytes(kept)
+    _finish(tmp_path, inbox, "delete")
