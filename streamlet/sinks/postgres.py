@@ -323,7 +323,10 @@ class PostgresSink(Sink):
         table_ddl: SQL run in one transaction at every :meth:`open` (a
             script, or a list of them). Write it idempotent (``CREATE TABLE
             IF NOT EXISTS``).
-        min_connections: connections the pool keeps open.
+        min_connections: connections the pool keeps open even when idle. With
+            the default 0 a connection is made when first needed and kept
+            while in use (and 5 minutes idle); above 0 the pool also
+            reconnects on its own after an outage, logging each try.
         max_connections: the pool's limit.
         statement_timeout: seconds one statement may run (the server's
             ``statement_timeout``; 0: no limit). Also bounds how long a
@@ -346,7 +349,7 @@ class PostgresSink(Sink):
         apply: PostgresApply,
         *,
         table_ddl: str | Sequence[str] | None = None,
-        min_connections: int = 1,
+        min_connections: int = 0,
         max_connections: int = 4,
         statement_timeout: float = 60.0,
         idle_in_transaction_timeout: float = 60.0,
