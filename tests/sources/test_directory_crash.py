@@ -85,7 +85,7 @@ class Inbox:
         """Half a file under a temporary name: a writer still at work."""
         n = self.count
         self.count += 1
-        temp = self.path / f"f{n:04d}.txt.tmp"
+        temp = self.path / f".f{n:04d}.txt"  # matches the glob, but hidden
         data = self.lines(n)
         temp.write_bytes(data[: len(data) // 2])
         return n, temp
@@ -170,9 +170,12 @@ def test_a_kill_at_each_commit_step_loses_and_repeats_nothing(tmp_path: Path, po
     _, _, file_batches, _ = _outputs(tmp_path)
     committed = point in ("after_sink_commit", "before_done", "after_done")
     assert max(file_batches) == (4 if committed else 3)
-    # Files whose lines batch 4 read are still there until its done is
-    # logged and the next batch is planned: a re-run finds them.
-    assert (inbox.path / "f0011.txt").exists()
+    # Batch 4 read lines 60-79: the ends of f0008 and f0010 (lines 56-62 and
+    # 70-76) and all of f0009. They stay until its done is logged and the
+    # next batch is planned, so a re-run finds them; the files batches 1-3
+    # read wholly (f0000-f0007) were deleted when batch 4 was planned.
+    assert all((inbox.path / f"f{n:04d}.txt").exists() for n in (8, 9, 10, 11))
+    assert not any((inbox.path / f"f{n:04d}.txt").exists() for n in range(8))
     inbox.add()  # a file that arrives while the worker is down
     _finish(tmp_path, inbox, "delete")
 
