@@ -21,7 +21,11 @@ directory fsync)::
 
     {"format": "streamlet.directory", "version": 1, "directory": <abs path>,
      "base": <first offset listed>, "finished": <offsets below are finished>,
-     "files": [[name, first offset, lines, size, mtime_ns], ...]}
+     "files": [[name, first offset, lines, size, mtime_ns, inode, stamp], ...]}
+
+``mtime_ns`` is the modification time when the file was taken (its records'
+timestamp); ``inode`` and ``stamp`` (a modification time) are those of the
+file as last seen, which tell it apart from a new file of the same name.
 
 Invariant: a file is in the durable manifest before :meth:`latest` returns
 an offset past its first line, so no range is logged over a file the
@@ -55,8 +59,12 @@ logged, and plans the next batch only after that, so the source finishes
 the files below the last committed range at the next :meth:`latest`, and
 on a restart those below the recovered position (:meth:`resume_from`). A
 file already moved or deleted (a crash before the manifest was rewritten)
-is not an error. A moved file that a pending batch still needs is read
-from ``done_dir``.
+is not an error, and a new file that took its name meanwhile is told apart
+by its inode and read as new. A moved file that a pending batch still
+needs is read from ``done_dir``; a file put back after it was gone becomes
+the file its lines are read from, and the one finished. ``done_dir`` must
+be on the directory's file system (files are renamed into it), and a file
+there of the same name is replaced.
 """
 
 from __future__ import annotations
@@ -115,6 +123,10 @@ class _File:
     lines: int
     size: int
     mtime_ns: int
+    """Modification time when taken: the records' timestamp."""
+    ino: int
+    stamp: int
+    """Inode and modification time as last seen: which file of that name it is."""
     marks: list[tuple[int, int]] = field(default_factory=list)
     """Known line starts, ``(line within the file, byte)``, sorted; not stored."""
 
@@ -124,15 +136,20 @@ class _File:
         return self.first + self.lines
 
     def to_json(self) -> list[Any]:
-        return [self.name, self.first, self.lines, self.size, self.mtime_ns]
+        return [self.name, self.first, self.lines, self.size, self.mtime_ns, self.ino, self.stamp]
+
+    def same(self, st: os.stat_result) -> bool:
+        """Whether ``st`` is of this file (rather than another of its name)."""
+        return st.st_ino == self.ino and st.st_mtime_ns == self.stamp
 
 
-def _count_lines(path: str, size: int, chunk: int) -> tuple[int, list[tuple[int, int]]]:
+def _count_lines(path: str, size: int, ino: int, chunk: int) -> tuple[int, list[tuple[int, int]]]:
     """Lines in the first ``size`` bytes of ``path`` and a line start every ``chunk`` bytes.
 
     A last line without a newline counts. Blocking: run in a worker thread.
 
     Raises:
+        FileNotFoundError: ``path`` is gone, or is no longer inode ``ino``.
         OSError: the file cannot be read, or it is shorter than ``size``.
     """
     marks = [(0, 0)]
@@ -142,6 +159,8 @@ def _count_lines(path: str, size: int, chunk: int) -> tuple[int, list[tuple[int,
     buffer = bytearray(min(chunk, size))
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_ino != ino:
+            raise FileNotFoundError(f"{path} was replaced since it was listed")
         while pos < size:
             n = f.readinto(view[: min(chunk, size - pos)])
             if not n:
@@ -178,6 +197,7 @@ class _Candidate:
     name: str
     size: int
     mtime_ns: int
+    ino: int
 
 
 def _complete(directory: str, pattern: str, marker: bool, known: set[str]) -> list[_Candidate]:
@@ -204,7 +224,7 @@ def _complete(directory: str, pattern: str, marker: bool, known: set[str]) -> li
             continue  # gone between listing and stat: it was not ours yet
         if not stat.S_ISREG(st.st_mode):
             continue
-        found.append(_Candidate(name, st.st_size, st.st_mtime_ns))
+        found.append(_Candidate(name, st.st_size, st.st_mtime_ns, st.st_ino))
     return found
 
 
@@ -291,6 +311,8 @@ class DirectorySource(DirectSource):
         #: The end of the last range a batch committed (its ``done`` follows).
         self._committed = 0
         self._spill: _Spill | None = None
+        #: A file was put back under another inode: the manifest must say so.
+        self._adopted = False
 
     # -- the manifest -------------------------------------------------------------
 
@@ -314,7 +336,8 @@ class DirectorySource(DirectSource):
             body = orjson.loads(read_all(self._fs, path))
             kind = (body.get("format"), body.get("version"))
             files = [
-                _File(str(n), int(f), int(c), int(s), int(m)) for n, f, c, s, m in body["files"]
+                _File(str(n), int(f), int(c), int(s), int(m), int(i), int(t))
+                for n, f, c, s, m, i, t in body["files"]
             ]
             base, finished = int(body["base"]), int(body["finished"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -439,9 +462,19 @@ class DirectorySource(DirectSource):
         if len(pieces) == 1:
             out: list[Record] = []
             await self._read_lines(*pieces[0], out)
-            return out
-        # Many files (small ones, mostly): several at a time, since each open,
-        # read and close waits for a worker thread; the lines keep their order.
+        else:
+            out = await self._read_pieces(pieces)
+        if self._adopted:
+            self._adopted = False
+            await self._save()
+        return out
+
+    async def _read_pieces(self, pieces: list[tuple[_File, int, int]]) -> list[Record]:
+        """Read ``(file, lo, hi)`` pieces, :data:`READERS` files at a time, in order.
+
+        Many files (small ones, mostly) are read several at a time, since each
+        open, read and close waits for a worker thread.
+        """
         parts: list[list[Record]] = [[] for _ in pieces]
         failed: list[Exception] = []
         limiter = anyio.CapacityLimiter(READERS)
@@ -477,7 +510,7 @@ class DirectorySource(DirectSource):
             for c in found:
                 path = os.path.join(self.directory, c.name)
                 try:
-                    lines, marks = _count_lines(path, c.size, chunk)
+                    lines, marks = _count_lines(path, c.size, c.ino, chunk)
                 except FileNotFoundError:
                     continue  # moved away before it was taken: not ours
                 except OSError as exc:
@@ -485,7 +518,9 @@ class DirectorySource(DirectSource):
                         f"source {self.name!r} cannot read the new file {path}: {exc}. A"
                         " complete file must not change; see DirectorySource's convention"
                     ) from exc
-                taken.append(_File(c.name, first, lines, c.size, c.mtime_ns, marks))
+                taken.append(
+                    _File(c.name, first, lines, c.size, c.mtime_ns, c.ino, c.mtime_ns, marks)
+                )
                 first += lines
             return taken
 
@@ -509,7 +544,15 @@ class DirectorySource(DirectSource):
         done = [f for f in self._files if f.end <= upto]
         if not done:
             return
-        await anyio.to_thread.run_sync(self._finish_files, done)
+        try:
+            await anyio.to_thread.run_sync(self._finish_files, done)
+        except OSError as exc:
+            verb = "move" if self.finished == "move" else "delete"
+            raise SourceError(
+                f"source {self.name!r} cannot {verb} its finished file(s) in {self.directory}:"
+                f" {exc}. The directory must be writable, and done_dir ({self.done_dir}) on"
+                " its file system; the files go once this is fixed, and are not read again"
+            ) from exc
         self._files = self._files[len(done) :]
         self._firsts = self._firsts[len(done) :]
         self._names.difference_update(f.name for f in done)
@@ -522,17 +565,34 @@ class DirectorySource(DirectSource):
         if self.finished == "move":
             os.makedirs(self.done_dir, exist_ok=True)
         for f in files:
-            names = [f.name] + ([f.name + MARKER_SUFFIX] if self.complete == "marker" else [])
+            path = os.path.join(self.directory, f.name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                # Moved or removed already: by a run that crashed before it
+                # rewrote the manifest (or by hand, once it was finished).
+                continue
+            if not f.same(st):
+                # Another file of that name came after this one was finished
+                # and moved or removed, before the manifest was rewritten (or
+                # the file was changed, against the convention): it is left,
+                # and read as a new file.
+                log.warning(
+                    "file %s is not the file of that name whose lines were read (another"
+                    " inode or modification time): it is left in place and read as a new file",
+                    path,
+                )
+                continue
+            # The marker first: a marker left without its file is a new file's.
+            names = ([f.name + MARKER_SUFFIX] if self.complete == "marker" else []) + [f.name]
             for name in names:
-                path = os.path.join(self.directory, name)
+                source = os.path.join(self.directory, name)
                 try:
                     if self.finished == "move":
-                        os.rename(path, os.path.join(self.done_dir, name))
+                        os.rename(source, os.path.join(self.done_dir, name))
                     else:
-                        os.remove(path)
+                        os.remove(source)
                 except FileNotFoundError:
-                    # Moved or removed already: by a run that crashed before it
-                    # rewrote the manifest (or by hand, once it was finished).
                     continue
         self._fs.sync_dir(self.directory)
         if self.finished == "move":
@@ -541,41 +601,62 @@ class DirectorySource(DirectSource):
     # -- reading -------------------------------------------------------------------
 
     async def _open_file(self, file: _File) -> tuple[str, AsyncFileIO]:
-        """The file holding ``file``'s lines now, open and checked against the manifest."""
+        """The file holding ``file``'s lines now, open and checked against the manifest.
+
+        The file itself (its inode) where it is, in the directory or in
+        ``done_dir``; else a file put back under its name, which becomes the
+        file (the error below says to put it back).
+        """
         path = os.path.join(self.directory, file.name)
         paths = [path]
         if self.finished == "move":
             paths.append(os.path.join(self.done_dir, file.name))
+        chosen: tuple[str, AsyncFileIO, os.stat_result] | None = None
         for candidate in paths:
             try:
                 f = await aiofiles.open(candidate, "rb", buffering=0)
             except FileNotFoundError:
                 continue
             st = os.fstat(f.fileno())  # of the open file: no race with a rename
-            if st.st_size < file.size:
+            if chosen is None or file.same(st):
+                if chosen is not None:
+                    await chosen[1].close()
+                chosen = (candidate, f, st)
+            else:
                 await f.close()
-                raise SourceError(
-                    f"file {candidate} of source {self.name!r} is {st.st_size} bytes,"
-                    f" shorter than the {file.size} it had when it was taken (lines"
-                    f" [{file.first}, {file.end})): a complete file must not change. Put"
-                    " back the file as it was for the batch to run again; its lines"
-                    " cannot be skipped"
-                )
-            if st.st_size > file.size or st.st_mtime_ns != file.mtime_ns:
-                log.warning(
-                    "file %s of source %r changed after it was taken; reading its first %d"
-                    " bytes as recorded",
-                    candidate,
-                    self.name,
-                    file.size,
-                )
-            return candidate, f
-        raise SourceError(
-            f"file {path} of source {self.name!r} is gone, and its lines"
-            f" [{file.first}, {file.end}) are needed by a batch that is not done. Put the"
-            f" file back ({file.size} bytes) for the batch to run again; a missing file"
-            " is never skipped"
-        )
+            if file.same(st):
+                break
+        if chosen is None:
+            raise SourceError(
+                f"file {path} of source {self.name!r} is gone, and its lines"
+                f" [{file.first}, {file.end}) are needed by a batch that is not done. Put"
+                f" the file back ({file.size} bytes) for the batch to run again; a missing"
+                " file is never skipped"
+            )
+        candidate, f, st = chosen
+        if st.st_size < file.size:
+            await f.close()
+            raise SourceError(
+                f"file {candidate} of source {self.name!r} is {st.st_size} bytes,"
+                f" shorter than the {file.size} it had when it was taken (lines"
+                f" [{file.first}, {file.end})): a complete file must not change. Put"
+                " back the file as it was for the batch to run again; its lines"
+                " cannot be skipped"
+            )
+        if not file.same(st) or st.st_size > file.size:
+            log.warning(
+                "file %s of source %r is not as it was taken (put back, or changed);"
+                " reading its first %d bytes as recorded",
+                candidate,
+                self.name,
+                file.size,
+            )
+        if not file.same(st):
+            # Put back after it was gone: the file now, and the one to move or
+            # delete once it is finished.
+            file.ino, file.stamp = st.st_ino, st.st_mtime_ns
+            self._adopted = True
+        return candidate, f
 
     async def _read_lines(self, file: _File, lo: int, hi: int, out: list[Record]) -> None:
         """Append lines ``[lo, hi)`` of ``file`` (numbered within it) to ``out``."""

@@ -212,7 +212,7 @@ async def test_a_file_that_grew_is_read_up_to_its_recorded_size(
     with (tmp_path / "a.txt").open("ab") as f:
         f.write(b"3\n")
     assert [r.value for r in await _read(source, 0, 2)] == [b"1", b"2"]
-    assert "changed after it was taken" in caplog.text
+    assert "not as it was taken" in caplog.text
 
 
 async def test_a_range_outside_the_manifest_is_refused(tmp_path: Path) -> None:
@@ -333,3 +333,59 @@ async def test_a_new_state_directory_starts_after_the_finished_files(tmp_path: P
     await source.latest()
     fresh = await _open(tmp_path, finished="delete")
     assert await fresh.start_positions([0]) == {0: 1}
+
+
+@pytest.mark.parametrize("finished", ["move", "delete"])
+async def test_a_new_file_that_took_a_finished_files_name_is_read_not_finished(
+    tmp_path: Path, finished: str
+) -> None:
+    """A crash after the old file went, before the manifest said so; then a new one came."""
+    _put(tmp_path, "data.csv", b"old\n")
+    source = await _open(tmp_path, finished=finished)
+    await source.latest()
+    manifest = (tmp_path / ".streamlet-files.json").read_bytes()
+    await source.commit([OffsetRange("files", 0, 0, 1)])
+    await source.latest()
+    assert not (tmp_path / "data.csv").exists()
+    (tmp_path / ".streamlet-files.json").write_bytes(manifest)  # as before the crash
+    _put(tmp_path, "data.csv", b"new 1\nnew 2\n")  # the old inode may be reused
+    later = (tmp_path / "data.csv").stat().st_mtime_ns + 10**9
+    os.utime(tmp_path / "data.csv", ns=(later, later))
+    restarted = await _open(tmp_path, finished=finished)
+    restarted.resume_from({0: 1})
+    assert await restarted.latest() == {0: 3}
+    assert (tmp_path / "data.csv").exists()
+    assert [r.value for r in await _read(restarted, 1, 3)] == [b"new 1", b"new 2"]
+
+
+async def test_a_file_put_back_after_it_was_gone_is_read_and_then_finished(
+    tmp_path: Path,
+) -> None:
+    _put(tmp_path, "a.txt", b"1\n2\n")
+    source = await _open(tmp_path, finished="delete")
+    await source.latest()
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(SourceError, match="is gone"):
+        await _read(source, 0, 2)
+    _put(tmp_path, "a.txt", b"1\n2\n")
+    later = (tmp_path / "a.txt").stat().st_mtime_ns + 10**9
+    os.utime(tmp_path / "a.txt", ns=(later, later))  # another file; perhaps the same inode
+    restarted = await _open(tmp_path, finished="delete")  # as after the failed run
+    await restarted.latest()
+    assert [r.value for r in await _read(restarted, 0, 2)] == [b"1", b"2"]
+    again = await _open(tmp_path, finished="delete")  # the put-back file is in the manifest
+    again.resume_from({0: 2})
+    assert await again.latest() == {0: 2}
+    assert not (tmp_path / "a.txt").exists()
+
+
+async def test_a_finished_file_that_cannot_be_moved_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "done").write_bytes(b"a file where the directory should be")
+    _put(tmp_path / "in", "a", b"1\n")
+    source = await _open(tmp_path / "in", finished="move", done_dir=tmp_path / "done")
+    await source.latest()
+    await source.commit([OffsetRange("files", 0, 0, 1)])
+    with pytest.raises(SourceError, match="cannot move its finished file"):
+        await source.latest()
+    assert (tmp_path / "in" / "a").exists()
