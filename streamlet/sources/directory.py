@@ -12,8 +12,9 @@ the order they were taken, each with its first offset, its line count, its
 size and its modification time. A logged range ``[start, until)`` therefore
 names, through the manifest, a list of (file, lines) and so of (file, byte
 range); the manifest only grows at its end, so a logged range keeps its
-meaning. A record's offset is its line's number in the stream, its key the
-file's name (UTF-8), its timestamp the file's modification time.
+meaning. A record's value is its line without the ``\n``, its offset the
+line's number in the stream, its key the file's name (UTF-8), its timestamp
+the file's modification time when it was taken.
 
 **The manifest** (``manifest=``; default ``<directory>/.streamlet-<source
 name>.json``) is JSON, replaced atomically (temp file, fsync, rename,
@@ -33,8 +34,8 @@ manifest does not hold.
 
 **Complete files** (the convention writers must follow). A file is taken
 when its name matches ``pattern``, it is a regular file directly in the
-directory, its name does not start with ``.`` and does not end with
-``.tmp``, and:
+directory, its name does not start with ``.`` and ends neither with
+``.tmp`` nor with ``.done``, and:
 
 * ``complete="rename"`` (default): it is there. Writers write under a hidden
   or ``.tmp`` name (or elsewhere on the same file system) and rename the
@@ -44,10 +45,10 @@ directory, its name does not start with ``.`` and does not end with
   finished.
 
 A complete file must not change afterwards. Each read checks the file
-against the manifest: a file that is gone or shorter than when it was
-taken is a :class:`~streamlet.errors.SourceError` naming the file and
-what to do, never a silent skip; one that grew is read up to its recorded
-size, with a warning.
+against the manifest: a file that is gone, shorter than when it was taken
+or with fewer lines is a :class:`~streamlet.errors.SourceError` naming the
+file and what to do, never a silent skip or a short batch; one that grew
+is read up to its recorded size, with a warning.
 
 **Finished files** (``finished=``): ``"keep"`` leaves them (the manifest
 then remembers every name, and a name is read once); ``"move"`` renames a
@@ -60,7 +61,7 @@ the files below the last committed range at the next :meth:`latest`, and
 on a restart those below the recovered position (:meth:`resume_from`). A
 file already moved or deleted (a crash before the manifest was rewritten)
 is not an error, and a new file that took its name meanwhile is told apart
-by its inode and read as new. A moved file that a pending batch still
+by its inode and modification time, left, and read as new. A moved file that a pending batch still
 needs is read from ``done_dir``; a file put back after it was gone becomes
 the file its lines are read from, and the one finished. ``done_dir`` must
 be on the directory's file system (files are renamed into it), and a file
