@@ -227,6 +227,7 @@ class GroupWorker:
             await scheduler.release_task(task)
         gained = sorted(tasks - owned)
         for task in gained:
+            await scheduler.task_idle(task)
             positions = await self._take_over(task)
             await scheduler.acquire_task(task, positions)
         scheduler.resume()

@@ -38,7 +38,7 @@ import base64
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -276,9 +276,7 @@ class BatchScheduler:
         self.decoders = dict(decoders or {})
         #: Whether the last allocation was cut short by the size bound.
         self.behind = False
-        #: The handlers under way on the event loop now: name → batch id
-        #: (read by the loop watchdog; ``thread=True`` handlers are not in it).
-        self.running: dict[str, int] = {}
+        self._running: dict[tuple[str, int], None] = {}
         #: Per direct source, what ``latest()`` said at the last allocation:
         #: partition → the end of what may be read (lag = this - position).
         self.latest: dict[str, dict[int, int]] = {}
@@ -289,11 +287,24 @@ class BatchScheduler:
         self.tasks: set[int] | None = None
         #: Group mode: no new batch starts while a rebalance is under way.
         self.paused = False
-        self._in_flight: Allocation | None = None
+        #: Group mode: per task, how often it was released (see ``_run_task_batch``).
+        self._task_epochs: dict[int, int] = {}
+        #: The batches under way: id → allocation (several in group mode).
+        self._in_flight: dict[int, Allocation] = {}
         self._batch_ended = anyio.Event()
         #: Group mode: told of a task whose commit was fenced (after it is released).
         self.fenced: Callable[[int], object] | None = None
         self.rate_controller = rate_controller
+
+    @property
+    def running(self) -> Mapping[str, int]:
+        """The handlers under way on the event loop now: name → batch id.
+
+        Read by the loop watchdog; ``thread=True`` handlers are not in it.
+        In group mode a handler may run for several tasks' batches at once:
+        the newest batch is named.
+        """
+        return dict(sorted(self._running))
 
     @property
     def limits(self) -> Mapping[str, int | None]:
@@ -372,51 +383,116 @@ class BatchScheduler:
     # -- group mode --------------------------------------------------------------
 
     async def _group_tick(self, batch_time: float, scheduled: float) -> None:
-        """One batch per task this worker owns, one after another (group mode)."""
+        """One batch per task this worker owns, run side by side (group mode).
+
+        Each task's batch is planned and logged in task order, then all of
+        them run at once: their reads, handlers and sink transactions
+        overlap, as Kafka Streams' tasks do. Only marking them done keeps
+        the order they were allocated in (the tracker's rule), so each batch
+        waits for the one before it to be done or dropped first.
+        """
         self.last_progress = self.clock.monotonic()
         if self.paused or not self.tasks:
             self.behind = False
             return
         latest = {name: await source.latest() for name, source in self.sources.items()}
         behind = False
+        planned: list[tuple[int, int, Allocation]] = []
         for task in sorted(self.tasks):
             if self.paused or task not in self.tasks:
                 continue
+            epoch = self._task_epochs.get(task, 0)
             alloc = await self.allocate(batch_time, task=task, latest=latest)
             behind = behind or self.behind
-            if alloc is None:
-                continue
-            if task not in self.tasks:
-                # Released (a rebalance) while the batch was being planned.
-                await self.tracker.log_dropped(alloc.id)
-                continue
-            try:
-                await self._run_batch(alloc, scheduled=scheduled, recovered=False)
-            except FencedError as exc:
-                log.warning(
-                    "task %d was taken over by another worker while batch %d ran (%s);"
-                    " the batch is dropped and the new owner resumes from what was"
-                    " committed",
-                    task,
-                    alloc.id,
-                    exc,
-                )
-                await self.release_task(task)
-                if self.fenced is not None:
-                    self.fenced(task)
-            except SinkError as exc:
-                if task in self.tasks:
-                    raise
-                # Released while the batch ran (a rebalance past revoke_budget):
-                # its sink has let the task go; the new owner redoes the batch.
-                log.warning(
-                    "task %d moved to another worker while batch %d ran; the batch is dropped (%s)",
-                    task,
-                    alloc.id,
-                    exc,
-                )
-                await self.release_task(task)
+            if alloc is not None:
+                planned.append((task, epoch, alloc))
         self.behind = behind
+        if not planned:
+            return
+        turns = [anyio.Event() for _ in planned]
+
+        async def run_task(index: int, task: int, epoch: int, alloc: Allocation) -> None:
+            previous = turns[index - 1] if index else None
+
+            async def turn() -> None:
+                if previous is not None:
+                    await previous.wait()
+
+            try:
+                await self._run_task_batch(task, epoch, alloc, scheduled, turn)
+            finally:
+                turns[index].set()
+
+        async with anyio.create_task_group() as tg:
+            for index, (task, epoch, alloc) in enumerate(planned):
+                tg.start_soon(run_task, index, task, epoch, alloc)
+
+    async def _run_task_batch(
+        self,
+        task: int,
+        epoch: int,
+        alloc: Allocation,
+        scheduled: float,
+        turn: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Run one task's batch; drop it instead when its task moved meanwhile.
+
+        ``epoch`` is the task's release count when the batch was planned: a
+        task released since (and perhaps acquired again, with new producers
+        that fenced this batch's) has moved on without this batch.
+        """
+
+        def moved() -> bool:
+            return task not in self.tasks_owned or self._task_epochs.get(task, 0) != epoch
+
+        if moved():
+            # Released (a rebalance) while the batch was being planned.
+            await self._drop(alloc.id)
+            return
+        try:
+            await self._run_batch(alloc, scheduled=scheduled, recovered=False, turn=turn)
+        except FencedError as exc:
+            if moved():
+                log.info(
+                    "batch %d of task %d was fenced after the task was released; dropped",
+                    alloc.id,
+                    task,
+                )
+                await self._drop(alloc.id)
+                return
+            log.warning(
+                "task %d was taken over by another worker while batch %d ran (%s);"
+                " the batch is dropped and the new owner resumes from what was"
+                " committed",
+                task,
+                alloc.id,
+                exc,
+            )
+            await self.release_task(task)
+            if self.fenced is not None:
+                self.fenced(task)
+        except SinkError as exc:
+            if not moved():
+                raise
+            # Released while the batch ran (a rebalance past revoke_budget):
+            # its sink has let the task go; the new owner redoes the batch.
+            log.warning(
+                "task %d moved while batch %d ran; the batch is dropped (%s)",
+                task,
+                alloc.id,
+                exc,
+            )
+            await self._drop(alloc.id)
+
+    async def _drop(self, batch_id: int) -> None:
+        """Log batch ``batch_id`` dropped, unless it no longer is pending."""
+        if any(a.id == batch_id for a in self.tracker.state.pending):
+            await self.tracker.log_dropped(batch_id)
+
+    @property
+    def tasks_owned(self) -> frozenset[int]:
+        """Group mode: the tasks this worker owns now (empty outside group mode)."""
+        return frozenset(self.tasks or ())
 
     async def pause(self, budget: float) -> bool:
         """Start no new batch, and wait up to ``budget`` s for the one under way; True if none is.
@@ -427,9 +503,9 @@ class BatchScheduler:
         """
         self.paused = True
         with anyio.move_on_after(budget):
-            while self._in_flight is not None:
+            while self._in_flight:
                 await self._batch_ended.wait()
-        return self._in_flight is None
+        return not self._in_flight
 
     def resume(self) -> None:
         """New batches may start again (the rebalance is over)."""
@@ -439,9 +515,9 @@ class BatchScheduler:
         """Give task ``task`` up: no more batches of it, its pending ones dropped, sinks told."""
         if self.tasks is not None:
             self.tasks.discard(task)
-        in_flight = self._in_flight.id if self._in_flight is not None else None
+        self._task_epochs[task] = self._task_epochs.get(task, 0) + 1
         for alloc in list(self.tracker.state.pending):
-            if alloc.id != in_flight and any(r.partition == task for r in alloc.ranges):
+            if alloc.id not in self._in_flight and any(r.partition == task for r in alloc.ranges):
                 await self.tracker.log_dropped(alloc.id)
         for name in self.latest:
             self.latest[name].pop(task, None)
@@ -450,6 +526,18 @@ class BatchScheduler:
                 await spec.sink.release(task)
         if self.dead_letter is not None:
             await self.dead_letter.release(task)
+
+    async def task_idle(self, task: int) -> None:
+        """Wait until no batch of task ``task`` is under way.
+
+        A task released while its batch still ran (a rebalance past
+        ``revoke_budget``) may come straight back to this worker: its sinks
+        must not take it over (new producers, new positions) until that
+        batch has ended, or the batch could commit through them input the
+        new positions then read again.
+        """
+        while any(r.partition == task for alloc in self._in_flight.values() for r in alloc.ranges):
+            await self._batch_ended.wait()
 
     async def acquire_task(self, task: int, positions: Mapping[str, int]) -> None:
         """Take task ``task`` over, resuming each source's partition ``task`` at ``positions``."""
@@ -746,18 +834,31 @@ class BatchScheduler:
             )
 
     async def _run_batch(
-        self, alloc: Allocation, *, scheduled: float | None, recovered: bool
+        self,
+        alloc: Allocation,
+        *,
+        scheduled: float | None,
+        recovered: bool,
+        turn: Callable[[], Awaitable[None]] | None = None,
     ) -> BatchInfo:
-        self._in_flight = alloc
+        """Run a batch to done; ``turn`` is awaited after its sinks committed, before done.
+
+        ``turn`` lets batches run side by side yet be marked done in order.
+        """
+        self._in_flight[alloc.id] = alloc
         try:
-            return await self._run_batch_in_flight(alloc, scheduled, recovered)
+            return await self._run_batch_in_flight(alloc, scheduled, recovered, turn)
         finally:
-            self._in_flight = None
+            del self._in_flight[alloc.id]
             self._batch_ended.set()
             self._batch_ended = anyio.Event()
 
     async def _run_batch_in_flight(
-        self, alloc: Allocation, scheduled: float | None, recovered: bool
+        self,
+        alloc: Allocation,
+        scheduled: float | None,
+        recovered: bool,
+        turn: Callable[[], Awaitable[None]] | None,
     ) -> BatchInfo:
         started = self.clock.monotonic()
         raw, inputs = await self._read_input(alloc)
@@ -776,13 +877,13 @@ class BatchScheduler:
                     spec, views[spec.name], traces[spec.name]
                 )
                 return
-            self.running[spec.name] = batch.id
+            self._running[spec.name, batch.id] = None
             try:
                 results[spec.name] = await self._call_handler(
                     spec, views[spec.name], traces[spec.name]
                 )
             finally:
-                del self.running[spec.name]
+                del self._running[spec.name, batch.id]
 
         async with anyio.create_task_group() as tg:
             for spec in self.handlers:
@@ -828,6 +929,8 @@ class BatchScheduler:
         dead_handlers = [s.name for s in self.handlers if s.name in failed or s.name in refused]
         outputs = sum(len(r) for n, (_, r) in to_commit.items() if n not in refused)
         crash_point("after_sink_commit", batch.id)
+        if turn is not None:
+            await turn()
 
         await self._commit_sources(batch)
         crash_point("before_done", batch.id)

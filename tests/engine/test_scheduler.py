@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
+import anyio
 import orjson
 import pytest
 
@@ -13,9 +14,9 @@ from streamlet._handlers import HandlerSpec
 from streamlet._retry import RetryPolicy
 from streamlet._scheduler import BatchPolicy, BatchScheduler, partition_limit
 from streamlet._tracker import Tracker
-from streamlet.errors import OutputError
+from streamlet.errors import OutputError, SinkError
 from streamlet.fs import OsFileSystem
-from streamlet.records import Batch, BlockRef, Record
+from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources.sequence import SequenceSource
 from streamlet.wal import Position
@@ -213,3 +214,129 @@ async def test_the_batch_info_says_what_each_handler_did(tmp_path: Path, tracker
     assert odd_info.errors == ("OutputError: output 3 cannot be written",)
     assert odd_info.commit_attempts == 1  # an OutputError is never retried
     assert info.decode_failures == 0
+
+
+# -- group mode ---------------------------------------------------------------------
+
+
+class TaskSink(Sink):
+    """Per task, the next input offset it holds (a KafkaSink's marker, in memory).
+
+    Like KafkaSink it commits only for tasks it holds, and only a batch that
+    starts exactly at its task's marker: anything else is a second owner or
+    a replay, refused.
+    """
+
+    def __init__(self) -> None:
+        self.held: set[int] = set()
+        self.marker: dict[int, int] = {}
+        self.values: list[int] = []
+
+    async def acquire(self, task: int) -> dict[str, int]:
+        self.held.add(task)
+        return {"seq": self.marker.get(task, 0)}
+
+    async def release(self, task: int) -> None:
+        self.held.discard(task)
+
+    async def commit(self, batch: Batch, outputs: Sequence[object]) -> bool:
+        (r,) = batch.ranges
+        if r.partition not in self.held:
+            raise SinkError(f"task {r.partition} is not held")
+        if r.start != self.marker.get(r.partition, 0):
+            raise SinkError(f"batch {batch.id} starts at {r.start}, not at the marker")
+        self.marker[r.partition] = r.until
+        self.values.extend(int(o) for o in outputs)  # type: ignore[call-overload]
+        return True
+
+
+def _grouped(
+    tmp_path: Path, tracker: Tracker, handler: Callable[[Batch], Awaitable[list[int]]]
+) -> tuple[BatchScheduler, TaskSink]:
+    source = SequenceSource(rate=None, limit=6, partitions=2)
+    source.name = "seq"
+    sink = TaskSink()
+    scheduler = BatchScheduler(
+        app="g",
+        tracker=tracker,
+        sources={"seq": source},
+        handlers=[HandlerSpec("h", handler, ("seq",), sink)],
+        policy=BatchPolicy(interval=0.01, max_batch_records=3),
+        checkpointer=Checkpointer(
+            OsFileSystem(), str(tmp_path / "checkpoints"), "g", interval=0, loaded=None, last_done=0
+        ),
+    )
+    scheduler.tasks = set()
+    return scheduler, sink
+
+
+async def _take(scheduler: BatchScheduler, sink: TaskSink, task: int) -> None:
+    """What GroupWorker does on an assignment: wait for the task's batch, fence, resume."""
+    await scheduler.task_idle(task)
+    await scheduler.acquire_task(task, await sink.acquire(task))
+
+
+async def test_tasks_batches_run_side_by_side_and_are_done_in_order(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    started: set[int] = set()
+    both = anyio.Event()
+
+    async def handler(batch: Batch) -> list[int]:
+        started.add(batch.ranges[0].partition)
+        if started == {0, 1}:
+            both.set()
+        await both.wait()  # one after another, the first would wait forever
+        return [int(r.value) for r in batch]
+
+    scheduler, sink = _grouped(tmp_path, tracker, handler)
+    for task in (0, 1):
+        await _take(scheduler, sink, task)
+    with anyio.fail_after(10):
+        await scheduler._group_tick(0.0, 0.0)
+    assert started == {0, 1}
+    assert sink.marker == {0: 3, 1: 3}
+    assert tracker.state.pending == []
+    assert tracker.state.last_done == 2
+
+
+async def test_a_task_given_up_and_taken_back_mid_batch_drops_that_batch_and_goes_on(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    # A rebalance past revoke_budget: task 0 is released while its batch
+    # runs, and the group hands it straight back. The batch must not commit
+    # through the new acquisition, whose positions start where it started.
+    entered, go = anyio.Event(), anyio.Event()
+
+    async def handler(batch: Batch) -> list[int]:
+        if not go.is_set():
+            entered.set()
+            await go.wait()
+        return [int(r.value) for r in batch]
+
+    scheduler, sink = _grouped(tmp_path, tracker, handler)
+    await _take(scheduler, sink, 0)
+    taken_back = anyio.Event()
+
+    async def rebalance() -> None:
+        await entered.wait()
+        await scheduler.release_task(0)
+        await _take(scheduler, sink, 0)
+        taken_back.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rebalance)
+            tg.start_soon(scheduler._group_tick, 0.0, 0.0)
+            await entered.wait()
+            await anyio.sleep(0.05)
+            assert not taken_back.is_set()  # not while the old batch runs
+            go.set()
+        assert taken_back.is_set()
+        assert tracker.state.pending == []  # the old batch was dropped
+        assert sink.values == []
+        for _ in range(3):
+            await scheduler._group_tick(0.0, 0.0)
+    expected = await scheduler.sources["seq"].read([OffsetRange("seq", 0, 0, 6)])
+    assert sink.values == [int(r.value) for r in expected]  # each once, in order
+    assert sink.marker == {0: 6}

@@ -27,11 +27,16 @@ async def test_a_worker_killed_at_a_commit_step_loses_and_repeats_nothing(
     expected = [f"v{i}".encode() for i in range(RECORDS)]
     await _produce(kafka_bootstrap, source, expected[: RECORDS // 2])
     # w1 kills itself at this step of its 3rd batch; w2 takes its tasks over
-    # (after the session timeout), and w1 comes back without the fault.
+    # (after the session timeout), and w1 comes back without the fault. w2
+    # starts once w1 owns the tasks: a w2 that joined first could read
+    # everything and leave w1 no third batch.
     w1 = Worker(tmp_path, "w1", env, {"STREAMLET_CRASH_AT": f"{point}:3"})
-    w2 = Worker(tmp_path, "w2", env)
-    workers = [w1, w2]
+    workers = [w1]
     try:
+        with anyio.fail_after(60):
+            while not w1.owns_tasks() and w1.process.poll() is None:  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+        workers.append(Worker(tmp_path, "w2", env))
         with anyio.fail_after(60):
             while w1.process.poll() is None:  # noqa: ASYNC110
                 await anyio.sleep(0.1)

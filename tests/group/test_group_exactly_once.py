@@ -68,8 +68,7 @@ async def test_every_record_once_through_kills_joins_leaves_and_a_zombie(
     finally:
         logs = "\n".join(w.log() for w in workers)
         for worker in workers:
-            if worker.process.poll() is None:
-                worker.stop(signal.SIGKILL)
+            worker.stop(signal.SIGKILL)  # also closes the pipe of one that ended
     counts = collections.Counter(values)
     twice = {v: n for v, n in counts.items() if n > 1}
     missing = set(expected) - set(counts)

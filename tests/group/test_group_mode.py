@@ -93,14 +93,23 @@ async def test_two_workers_split_the_tasks_and_one_takes_all_when_the_other_leav
     second = _worker("w2", tmp_path, kafka_bootstrap, topic, group, seen)
     produced = await _produce(kafka_bootstrap, topic, [f"a{i}".encode() for i in range(400)])
 
+    async def split() -> bool:
+        s1, s2 = await _status(first), await _status(second)
+        return bool(s1["group"]["tasks"]) and bool(s2["group"]["tasks"])
+
     async with anyio.create_task_group() as tg:
         await tg.start(first.serve)
         await tg.start(second.serve)
-        await _until(lambda: len({(p, o) for _, p, o in seen}) >= 400, 60)
-        owners = {p: {w for w, q, _ in seen if q == p} for p in range(4)}
+        # The first worker may read everything before the second joins: what
+        # is produced once both own tasks shows the split.
+        await _until_async(split, 60)
+        split_at = len(seen)
+        produced += await _produce(kafka_bootstrap, topic, [f"m{i}".encode() for i in range(400)])
+        await _until(lambda: len({(p, o) for _, p, o in seen}) >= 800, 60)
+        since = seen[split_at:]
+        owners = {p: {w for w, q, _ in since if q == p} for p in range(4)}
         # After the group settles each partition is read by one worker; both work.
-        both = {w for w, _, _ in seen}
-        assert both == {"w1", "w2"}, owners
+        assert {w for w, _, _ in since} == {"w1", "w2"}, owners
 
         s1, s2 = await _status(first), await _status(second)
         assert sorted(s1["group"]["tasks"] + s2["group"]["tasks"]) == [0, 1, 2, 3]
@@ -140,7 +149,7 @@ async def test_two_workers_split_the_tasks_and_one_takes_all_when_the_other_leav
         await anyio.sleep(0.5)
         before = len(seen)
         produced += await _produce(kafka_bootstrap, topic, [f"b{i}".encode() for i in range(200)])
-        await _until(lambda: len({(p, o) for _, p, o in seen}) >= 600, 60)
+        await _until(lambda: len({(p, o) for _, p, o in seen}) >= 1000, 60)
         late = seen[before:]
         assert {w for w, _, _ in late} == {"w2"}
         assert {p for _, p, _ in late} == {0, 1, 2, 3}
