@@ -312,6 +312,8 @@ class DirectorySource(DirectSource):
         #: The end of the last range a batch committed (its ``done`` follows).
         self._committed = 0
         self._spill: _Spill | None = None
+        #: keep: the files before this one are done, their line starts let go.
+        self._kept = 0
         #: A file was put back under another inode: the manifest must say so.
         self._adopted = False
 
@@ -419,9 +421,14 @@ class DirectorySource(DirectSource):
         New files are in the durable manifest before this returns.
         """
         await self._finish(self._committed)
-        found = await anyio.to_thread.run_sync(
-            _complete, self.directory, self.pattern, self.complete == "marker", self._names
-        )
+        try:
+            found = await anyio.to_thread.run_sync(
+                _complete, self.directory, self.pattern, self.complete == "marker", self._names
+            )
+        except OSError as exc:
+            raise SourceError(
+                f"source {self.name!r} cannot list its directory {self.directory}: {exc}"
+            ) from exc
         if found:
             if self.order == "mtime":
                 found.sort(key=lambda c: (c.mtime_ns, c.name))
@@ -540,6 +547,11 @@ class DirectorySource(DirectSource):
         if upto <= self._finished:
             return
         if self.finished == "keep":
+            # Kept files stay listed (their names are read once); only the
+            # line starts of those whose batches are done are let go.
+            while self._kept < len(self._files) and self._files[self._kept].end <= upto:
+                self._files[self._kept].marks = []
+                self._kept += 1
             self._finished = upto
             return
         done = [f for f in self._files if f.end <= upto]

@@ -389,3 +389,11 @@ async def test_a_finished_file_that_cannot_be_moved_is_a_clear_error(tmp_path: P
     with pytest.raises(SourceError, match="cannot move its finished file"):
         await source.latest()
     assert (tmp_path / "in" / "a").exists()
+
+
+async def test_a_directory_that_went_away_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    source = await _open(tmp_path / "in")
+    (tmp_path / "in").rmdir()
+    with pytest.raises(SourceError, match="cannot list its directory"):
+        await source.latest()
