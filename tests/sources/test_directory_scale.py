@@ -107,28 +107,33 @@ def test_a_one_gib_file_is_read_in_bounded_memory(tmp_path: Path) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     lines = BIG // LINE
-    pad = b"x" * (LINE - 13) + b"\n"
-    per_chunk = 8192
-    with (inbox / ".big.txt.tmp").open("wb") as f:
-        for start in range(0, lines, per_chunk):
-            f.write(b"".join(b"%012d" % i + pad for i in range(start, start + per_chunk)))
-    (inbox / ".big.txt.tmp").rename(inbox / "big.txt")
-    assert (inbox / "big.txt").stat().st_size == BIG
-    (tmp_path / "big_app.py").write_text(BIG_APP)
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(tmp_path / "big_app.py"),
-            str(inbox),
-            str(tmp_path / "state"),
-            str(lines),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    read, bad, peak = (int(v) for v in result.stdout.split())
-    assert (read, bad) == (lines, 0)
-    assert peak < PEAK_RSS, f"peak RSS {peak >> 20} MiB reading a {BIG >> 20} MiB file"
+    try:
+        pad = b"x" * (LINE - 13) + b"\n"
+        per_chunk = 8192
+        with (inbox / ".big.txt.tmp").open("wb") as f:
+            for start in range(0, lines, per_chunk):
+                f.write(b"".join(b"%012d" % i + pad for i in range(start, start + per_chunk)))
+        (inbox / ".big.txt.tmp").rename(inbox / "big.txt")
+        assert (inbox / "big.txt").stat().st_size == BIG
+        (tmp_path / "big_app.py").write_text(BIG_APP)
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(tmp_path / "big_app.py"),
+                str(inbox),
+                str(tmp_path / "state"),
+                str(lines),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        read, bad, peak = (int(v) for v in result.stdout.split())
+        assert (read, bad) == (lines, 0)
+        assert peak < PEAK_RSS, f"peak RSS {peak >> 20} MiB reading a {BIG >> 20} MiB file"
+    finally:
+        # 1 GiB is too much to leave behind in pytest's kept temporary directories.
+        for name in (".big.txt.tmp", "big.txt"):
+            (inbox / name).unlink(missing_ok=True)
