@@ -288,6 +288,16 @@ class _ApplyFailed(Exception):
     """Carries the user's exception out of the transaction to be classified and wrapped."""
 
 
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset of a connection given back: nothing beyond asyncpg's own.
+
+    asyncpg rolls back a transaction left open (there is none: every attempt
+    commits, rolls back or drops its connection) before it calls this. Its
+    default reset would add a round trip per batch (``RESET ALL``, ``UNLISTEN
+    *``, ...) for session state that apply functions must not leave behind.
+    """
+
+
 def _discard(conn: Any) -> bool:
     """Close ``conn`` at once (the server rolls back its transaction); whether it was closed.
 
@@ -319,7 +329,9 @@ class PostgresSink(Sink):
             otherwise.
         apply: ``apply(conn, batch, outputs)``: writes the batch's rows
             with ``conn`` (an ``asyncpg.Connection``) inside the sink's
-            transaction; must not commit or roll back.
+            transaction; must not commit or roll back, nor leave session
+            state behind (``SET`` without ``LOCAL``, session advisory locks,
+            ``LISTEN``): connections are reused without a reset.
         table_ddl: SQL run in one transaction at every :meth:`open` (a
             script, or a list of them). Write it idempotent (``CREATE TABLE
             IF NOT EXISTS``).
@@ -395,6 +407,8 @@ class PostgresSink(Sink):
         self._connect_options = dict(connect_options or {})
         self._context: SinkContext | None = None
         self._pool: Any = None
+        # Connections of finished commits, held for the next ones.
+        self._spare: list[Any] = []
         self._owners: dict[int, str] = {}
 
     # -- naming ---------------------------------------------------------------------
@@ -460,7 +474,7 @@ class PostgresSink(Sink):
 
         async def connect() -> Any:
             return await asyncpg.create_pool(
-                self._dsn, min_size=self._min, max_size=self._max, **options
+                self._dsn, min_size=self._min, max_size=self._max, reset=_keep_session, **options
             )
 
         try:
@@ -644,20 +658,25 @@ class PostgresSink(Sink):
         self, context: SinkContext, batch: Batch, outputs: Sequence[object], task: int | None
     ) -> bool:
         """One transaction; raises :class:`_Retry` for failures another attempt may fix."""
-        try:
-            conn = await self._pool.acquire()
-        except Exception as exc:
-            if failure_kind(exc, closed=True) in ("retry", "unknown"):
-                raise _Retry(exc, unknown=False) from exc
-            raise
+        conn = self._spare.pop() if self._spare else None
+        if conn is None:
+            try:
+                conn = await self._pool.acquire()
+            except Exception as exc:
+                if failure_kind(exc, closed=True) in ("retry", "unknown"):
+                    raise _Retry(exc, unknown=False) from exc
+                raise
         committing = False
+        healthy = False
         try:
             written = await self._transact(conn, context, batch, outputs, task)
             if written is None:
                 committing = True
                 await conn.execute("COMMIT")
-                return True
-            await conn.execute("ROLLBACK")
+                written = True
+            else:
+                await conn.execute("ROLLBACK")
+            healthy = True
             return written
         except _ApplyFailed as failed:
             closed = _discard(conn)
@@ -677,17 +696,22 @@ class PostgresSink(Sink):
             _discard(conn)
             raise
         finally:
-            await self._release(conn)
+            if healthy:
+                # Kept for the next batch, out of the pool: a pool round trip
+                # per batch costs as much as one more statement.
+                self._spare.append(conn)
+            else:
+                await self._release(conn)
 
-    async def _release(self, conn: Any) -> None:
+    async def _release(self, conn: Any, pool: Any = None) -> None:
         """Give ``conn`` back to the pool; a no-op for a discarded one (it left the pool).
 
-        The pool resets a connection it gets back; if that fails, the pool
-        drops it, and what the attempt decided stands.
+        If that fails, the pool drops the connection, and what the attempt
+        decided stands.
         """
         with anyio.CancelScope(shield=True):
             try:
-                await self._pool.release(conn)
+                await (pool or self._pool).release(conn)
             except Exception as exc:
                 log.debug("%s: a connection failed as it went back to the pool: %r", self, exc)
 
@@ -946,6 +970,9 @@ class PostgresSink(Sink):
         self._context = None
         if pool is None:
             return
+        spare, self._spare = self._spare, []
+        for conn in spare:
+            await self._release(conn, pool)
         try:
             with anyio.fail_after(5):
                 await pool.close()

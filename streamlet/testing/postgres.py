@@ -126,10 +126,15 @@ class EmbeddedPostgres:
         run_as: the user the server runs as when this process is root
             (ignored otherwise: the server then runs as this process's user).
         port: the loopback port (0: a free one, chosen at the first start).
+        settings: ``postgresql.conf`` settings over the defaults above, as
+            they are written there (``{"fsync": "on"}`` for a benchmark).
     """
 
-    def __init__(self, *, run_as: str = "nobody", port: int = 0) -> None:
+    def __init__(
+        self, *, run_as: str = "nobody", port: int = 0, settings: dict[str, str] | None = None
+    ) -> None:
         self.port = port
+        self._settings = dict(settings or {})
         self.password = secrets.token_urlsafe(18)
         self.startup_seconds = 0.0
         self._run_as = run_as if os.geteuid() == 0 else None
@@ -152,6 +157,11 @@ class EmbeddedPostgres:
         if self._work is None:
             raise PostgresError("the server was never started")
         return self._work / "server.log"
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id (its session id too), while it runs."""
+        return self._process.pid if self.running and self._process is not None else None
 
     @property
     def running(self) -> bool:
@@ -220,6 +230,7 @@ class EmbeddedPostgres:
             "shared_buffers": "32MB",
             "deadlock_timeout": "100ms",
             "log_min_messages": "warning",
+            **self._settings,
         }
         with (work / "data" / "postgresql.conf").open("a") as conf:
             conf.write("\n# streamlet.testing.postgres\n")
