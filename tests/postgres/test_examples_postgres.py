@@ -85,3 +85,39 @@ async def test_directory_to_postgres_copies_each_line_once_across_a_crash(
     )
     assert [tuple(r) for r in rows] == [("a.txt", 3000, 3000), ("b.txt", 2000, 2000)]
     assert sorted(os.listdir(inbox / "done")) == ["a.txt", "b.txt"]
+
+
+async def test_the_readme_snippet_writes_its_rows_against_a_real_server(
+    tmp_path: Path, pg_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+
+    import anyio
+
+    import streamlet as sl
+
+    readme = (ROOT / "README.md").read_text()
+    (snippet,) = [
+        s
+        for s in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+        if "PostgresSink(" in s
+    ]
+    dsn = re.search(r'"(postgresql://[^"]+)"', snippet)
+    assert dsn is not None
+    namespace: dict[str, object] = {"__name__": "readme_postgres"}
+    exec(compile(snippet.replace(dsn.group(1), pg_database), "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    sink = namespace["sink"]
+    assert isinstance(sink, sl.PostgresSink)
+
+    monkeypatch.chdir(tmp_path)
+    app = sl.App("readme_pg", state_dir=tmp_path / "state", batch_interval=0.05)
+    numbers = app.source(sl.SequenceSource(rate=None, limit=500), name="numbers")
+
+    @app.handler(numbers, sink=sink)
+    async def orders(batch: sl.Batch) -> list[tuple[str, int]]:
+        return [(f"sku-{r.offset % 7}", r.offset) for r in batch]
+
+    with anyio.fail_after(30):
+        await app.serve(duration=1.5)
+    rows = await _fetch(pg_database, "SELECT count(*), count(DISTINCT qty) FROM orders")
+    assert tuple(rows[0]) == (500, 500)
