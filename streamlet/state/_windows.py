@@ -462,8 +462,8 @@ class Fold:
 
     name: str
     initial: JSON
-    step: Callable[[Any, Any], JSON]
-    finish: Callable[[Any], JSON] | None = None
+    step: Callable[[Any, Any], Any]
+    finish: Callable[[Any], Any] | None = None
 
     def zero(self) -> JSON:
         # A copy, so that a step that mutates its accumulator cannot change
@@ -471,10 +471,14 @@ class Fold:
         return _fresh(self.initial)
 
     def add(self, acc: JSON, item: Any) -> JSON:
-        return self.step(acc, item)
+        new: JSON = self.step(acc, item)
+        return new
 
     def result(self, acc: JSON) -> JSON:
-        return acc if self.finish is None else self.finish(acc)
+        if self.finish is None:
+            return acc
+        value: JSON = self.finish(acc)
+        return value
 
 
 ValueFn: TypeAlias = Callable[[Any], Any]
@@ -538,7 +542,7 @@ def max_(value: ValueFn | None = None) -> Fold:
     return _extreme("max", lambda v, acc: v > acc, value)
 
 
-def reduce(fn: Callable[[Any, Any], JSON], value: ValueFn | None = None) -> Fold:
+def reduce(fn: Callable[[Any, Any], Any], value: ValueFn | None = None) -> Fold:
     """``fn(fn(v1, v2), v3) ...`` over the window's values in input order.
 
     The accumulator is None before the first value, so None values are
@@ -558,8 +562,8 @@ def reduce(fn: Callable[[Any, Any], JSON], value: ValueFn | None = None) -> Fold
 
 def aggregate(
     initial: JSON,
-    add: Callable[[Any, Any], JSON],
-    result: Callable[[Any], JSON] | None = None,
+    add: Callable[[Any, Any], Any],
+    result: Callable[[Any], Any] | None = None,
 ) -> Fold:
     """A general fold: ``acc = add(acc, record)`` from ``initial``, emitting ``result(acc)``.
 
