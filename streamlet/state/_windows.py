@@ -78,13 +78,13 @@ __all__ = [
     "closing",
     "count",
     "due",
-    "flush",
     "is_json",
     "is_late",
     "key_order",
     "max_",
     "min_",
     "next_watermark",
+    "open_results",
     "reduce",
     "sliding",
     "sum_",
@@ -261,7 +261,9 @@ class Window(NamedTuple):
     """The half-open window ``[start, end)``, in seconds since the epoch."""
 
     start: float
+    """First second in the window: a whole multiple of the spec's slide."""
     end: float
+    """First second after the window: ``start + size``."""
 
 
 def windows_of(t: float, spec: WindowSpec) -> list[Window]:
@@ -350,8 +352,11 @@ class WindowResult(NamedTuple):
     """One closed window's result for one key."""
 
     key: Key
+    """The state key the pane belongs to."""
     start: float
+    """The window's start, as in the pane's ``(key, start)``."""
     end: float
+    """The window's end; results are emitted in order of it."""
     value: JSON
     """The aggregation's ``result`` of the window's accumulator."""
 
@@ -377,12 +382,13 @@ def closing(
     return _results(panes, spec, agg, lambda end_ms: end_ms <= limit)
 
 
-def flush(
+def open_results(
     panes: Mapping[tuple[Key, float], JSON], spec: WindowSpec, agg: Aggregation
 ) -> list[WindowResult]:
     """The results of every open pane, in emission order, as if all had closed.
 
-    For tests and reports at shutdown: it decides nothing about closing.
+    For tests and for reports of what is still open (``emit="update"``, a
+    shutdown summary): it decides nothing about closing.
     """
     return _results(panes, spec, agg, lambda _end_ms: True)
 

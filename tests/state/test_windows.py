@@ -35,13 +35,13 @@ from streamlet.state._windows import (
     closing,
     count,
     due,
-    flush,
     is_json,
     is_late,
     key_order,
     max_,
     min_,
     next_watermark,
+    open_results,
     reduce,
     sliding,
     sum_,
@@ -210,7 +210,7 @@ def test_closed_windows_come_out_by_end_then_key_encoding() -> None:
     ]
     assert got[0] == WindowResult(b"z", 0.0, 10.0, 5)
     assert closing(panes, None, spec, count()) == []
-    assert [r.value for r in flush(panes, spec, count())] == [5, 4, 3, 1, 2, 6]
+    assert [r.value for r in open_results(panes, spec, count())] == [5, 4, 3, 1, 2, 6]
 
 
 def test_key_order_is_the_stores_key_encoding() -> None:
@@ -407,7 +407,7 @@ class Run:
 
     def everything(self, spec: WindowSpec, agg: Aggregation) -> dict[tuple[Key, float], JSON]:
         """Emitted and still-open results, by pane."""
-        results = self.all_emitted + flush(self.book.panes, spec, agg)
+        results = self.all_emitted + open_results(self.book.panes, spec, agg)
         return {(r.key, r.start): r.value for r in results}
 
 
