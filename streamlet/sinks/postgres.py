@@ -713,7 +713,9 @@ class PostgresSink(Sink):
             try:
                 await (pool or self._pool).release(conn)
             except Exception as exc:
-                log.debug("%s: a connection failed as it went back to the pool: %r", self, exc)
+                log.debug(
+                    "%s: a connection failed as it went back to the pool: %r", self._where(), exc
+                )
 
     async def _transact(
         self,
