@@ -265,3 +265,60 @@ async def test_the_password_is_never_shown(
         assert secret not in str(refused.value)
         assert password not in caplog.text
     assert secret not in caplog.text
+
+
+async def test_a_serialization_failure_is_rolled_back_and_tried_again(
+    make_sink: MakeSink, pg_database: str
+) -> None:
+    """Repeatable read: a row another transaction changed fails the batch; the retry passes."""
+    setup = await asyncpg.connect(pg_database)
+    await setup.execute("CREATE TABLE stock (sku text PRIMARY KEY, qty int)")
+    await setup.execute("INSERT INTO stock VALUES ('a', 10)")
+    calls = 0
+
+    async def take(conn: Any, batch: Batch, outputs: Sequence[object]) -> None:
+        nonlocal calls
+        calls += 1
+        await conn.fetchval("SELECT qty FROM stock WHERE sku = 'a'")  # the snapshot is taken
+        if calls == 1:
+            await setup.execute("UPDATE stock SET qty = qty - 1 WHERE sku = 'a'")
+        await conn.execute("UPDATE stock SET qty = qty - 2 WHERE sku = 'a'")
+        await insert_words(conn, batch, outputs)
+
+    sink = await make_sink(take, isolation="repeatable_read")
+    assert await sink.commit(batch(1), [("a", 1)]) is True
+    assert calls == 2
+    assert await setup.fetchval("SELECT qty FROM stock") == 7
+    await setup.close()
+    assert [r["word"] for r in await query(pg_database, "SELECT word FROM words")] == ["a"]
+
+
+async def test_a_failover_to_a_server_that_refuses_writes_is_waited_out(
+    make_sink: MakeSink, pg_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sink's connections drop and the database answers read-only for a while, as
+    while a standby is promoted; the commit waits and then writes the batch once."""
+    name = urlsplit(pg_database).path.lstrip("/")
+    sink = await make_sink()
+    assert await sink.commit(batch(1), [("before", 1)]) is True
+    admin = await asyncpg.connect(pg_database)
+    await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    await admin.fetch(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name LIKE 'streamlet/%' AND datname = $1",
+        name,
+    )
+    caplog.set_level(logging.WARNING, logger="streamlet.sinks.postgres")
+
+    async def promote() -> None:
+        await anyio.sleep(1.0)
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off')
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(promote)
+        with anyio.fail_after(20):
+            assert await sink.commit(batch(2), [("after", 2)]) is True
+    await admin.close()
+    assert "retrying in" in caplog.text
+    words = await query(pg_database, "SELECT word FROM words ORDER BY batch_id")
+    assert [r["word"] for r in words] == ["before", "after"]
