@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import signal
@@ -62,6 +63,17 @@ class Worker:
 
     def owns_tasks(self) -> bool:
         return any("this worker owns tasks [" in line for line in self.lines)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def last_assignment(self) -> float:
+        """When this worker last logged its tasks (its log's clock), 0 if never."""
+        for line in reversed(self.lines):
+            if "this worker owns tasks" in line:
+                stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                return stamp.timestamp()
+        return 0.0
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.process.poll() is None:

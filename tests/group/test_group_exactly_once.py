@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import time
 from pathlib import Path
 
 import anyio
@@ -24,6 +25,20 @@ from tests.group.support import RECORDS, Worker, output, setup_group_app
 from tests.kafka.test_kafka_source import _produce
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+async def settled(workers: list[Worker], joined: Worker) -> None:
+    """Wait until ``joined`` owns tasks and no worker's tasks changed for 2 s.
+
+    A worker stopped while the group is still rebalancing may be waited
+    for rather than evicted, and then it is no zombie.
+    """
+    with anyio.fail_after(60):
+        while True:
+            quiet = all(time.time() - w.last_assignment() > 2 for w in workers if w.alive())
+            if joined.owns_tasks() and quiet:
+                return
+            await anyio.sleep(0.2)
 
 
 async def test_every_record_once_through_kills_joins_leaves_and_a_zombie(
@@ -53,6 +68,7 @@ async def test_every_record_once_through_kills_joins_leaves_and_a_zombie(
         w3 = start("w3")  # one more joins
         await _produce(kafka_bootstrap, source, expected[10_000:18_000])
         await progress(8_000)
+        await settled(workers, w3)
         w2.process.send_signal(signal.SIGSTOP)  # a long pause: the group moves on
         await anyio.sleep(9)  # past the 6 s session timeout
         w2.process.send_signal(signal.SIGCONT)  # a zombie now: it must be fenced
@@ -75,5 +91,8 @@ async def test_every_record_once_through_kills_joins_leaves_and_a_zombie(
     assert twice == {}, f"{len(twice)} values written more than once\n{logs}"
     assert missing == set(), f"{len(missing)} values missing\n{logs}"
     assert len(values) == RECORDS
-    assert "fenced" in logs.lower() or "taken over" in logs, logs
+    # The zombie either had a batch under way and was fenced, or woke between
+    # batches and learnt from the group that its tasks had moved.
+    zombie = "".join(w2.lines)
+    assert "fenced" in logs.lower() or "taken over" in logs or "lost [" in zombie, logs
     assert os.environ.get("SHOW_GROUP_LOGS") is None, logs
