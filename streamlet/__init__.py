@@ -24,6 +24,7 @@ from streamlet.errors import (
     SinkUnavailableError,
     SourceError,
     SourceUnavailableError,
+    StateError,
     StreamletError,
     UnreachableError,
     WALClosedError,
@@ -50,6 +51,7 @@ from streamlet.sources import (
     TcpSource,
 )
 from streamlet.sources.receiver import Receiver, ReceiverContext, Stored
+from streamlet.state import KeyedState, State
 from streamlet.tcp import TcpClient
 
 __version__ = "0.1.0"
@@ -70,6 +72,7 @@ __all__ = [
     "HandlerError",
     "KafkaSink",
     "KafkaSource",
+    "KeyedState",
     "OffsetRange",
     "OutputError",
     "PostgresSink",
@@ -87,6 +90,8 @@ __all__ = [
     "SinkUnavailableError",
     "SourceError",
     "SourceUnavailableError",
+    "State",
+    "StateError",
     "Stored",
     "StreamletError",
     "TcpClient",

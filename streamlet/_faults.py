@@ -8,7 +8,8 @@ without changing its code:
     SIGKILL this process when it reaches that point of the commit protocol
     (for that batch, or for the first batch that gets there). Points, in
     protocol order: ``after_allocate``, ``after_handler``,
-    ``after_sink_commit``, ``before_done``, ``after_done``.
+    ``after_sink_commit``, ``after_state_commit`` (apps with keyed state),
+    ``before_done``, ``after_done``.
 
 ``STREAMLET_CRASH_AT=<point>[:<n>]``, receivers' points
     The same on the way from a receiver's store to its acknowledgement
@@ -87,7 +88,14 @@ __all__ = [
 ENV = "STREAMLET_CRASH_AT"
 FS_ENV = "STREAMLET_FAULT_FS"
 CLOCK_ENV = "STREAMLET_FAULT_CLOCK"
-POINTS = ("after_allocate", "after_handler", "after_sink_commit", "before_done", "after_done")
+POINTS = (
+    "after_allocate",
+    "after_handler",
+    "after_sink_commit",
+    "after_state_commit",
+    "before_done",
+    "after_done",
+)
 RECEIVER_POINTS = (
     "block_before_tracker_event",
     "block_after_tracker_event",

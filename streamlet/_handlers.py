@@ -20,7 +20,7 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import CodeType
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio.to_thread
 
@@ -28,9 +28,13 @@ from streamlet.errors import ConfigError, HandlerError
 from streamlet.records import Batch
 from streamlet.sinks.base import Sink
 
+if TYPE_CHECKING:
+    from streamlet.state import KeyedState, State
+
 __all__ = ["HandlerFn", "HandlerSpec", "check_handler", "code_of", "invoke"]
 
-HandlerFn: TypeAlias = Callable[[Batch], Awaitable[Any] | AsyncIterator[Any] | Any]
+HandlerFn: TypeAlias = Callable[..., Awaitable[Any] | AsyncIterator[Any] | Any]
+"""``handler(batch)``, or ``handler(batch, state)`` for a handler with keyed state."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,7 @@ class HandlerSpec:
         sources: names of the sources whose records it receives.
         sink: where its outputs go, or None to discard them.
         thread: a plain ``def`` to run in a worker thread (blocking code).
+        state: its keyed state, passed as the second argument (None: none).
     """
 
     name: str
@@ -50,6 +55,7 @@ class HandlerSpec:
     sources: tuple[str, ...]
     sink: Sink | None
     thread: bool = False
+    state: State | None = None
 
 
 def _is_async(fn: object) -> bool:
@@ -77,7 +83,7 @@ def code_of(fn: object) -> CodeType | None:
     return code if isinstance(code, CodeType) else None
 
 
-def check_handler(name: str, fn: object, *, thread: bool) -> None:
+def check_handler(name: str, fn: object, *, thread: bool, state: bool = False) -> None:
     """Refuse a handler that cannot be run as declared, at registration; pure.
 
     A plain ``def`` would otherwise be called (its side effects done) on
@@ -101,18 +107,29 @@ def check_handler(name: str, fn: object, *, thread: bool) -> None:
             " blocking code, register it with @app.handler(..., thread=True) to run it in a"
             " worker thread"
         )
+    wanted = 2 if state else 1
+    try:
+        inspect.signature(fn).bind(*range(wanted))
+    except TypeError:
+        what = "(batch, state), as it has state=" if state else "(batch)"
+        raise ConfigError(
+            f"handler {name!r} cannot be called as {name}{what}; give it those parameters"
+        ) from None
+    except ValueError:
+        pass  # no signature to check (a builtin): it fails when called, as before
 
 
-async def invoke(spec: HandlerSpec, batch: Batch) -> list[object]:
-    """Call the handler once on ``batch`` and collect all its outputs.
+async def invoke(spec: HandlerSpec, batch: Batch, state: KeyedState | None = None) -> list[object]:
+    """Call the handler once on ``batch`` (and its ``state``) and collect all its outputs.
 
     Raises:
         HandlerError: the handler returned something that is not a collection
             of outputs (its own exceptions propagate unchanged, for retries).
     """
+    args: tuple[object, ...] = (batch,) if state is None else (batch, state)
     if spec.thread:
-        return _outputs(spec, batch, await anyio.to_thread.run_sync(_in_thread, spec.fn, batch))
-    result = spec.fn(batch)
+        return _outputs(spec, batch, await anyio.to_thread.run_sync(_in_thread, spec.fn, args))
+    result = spec.fn(*args)
     if inspect.isasyncgen(result):
         return [item async for item in result]
     if not inspect.isawaitable(result):
@@ -123,9 +140,9 @@ async def invoke(spec: HandlerSpec, batch: Batch) -> list[object]:
     return _outputs(spec, batch, await result)
 
 
-def _in_thread(fn: HandlerFn, batch: Batch) -> object:
+def _in_thread(fn: HandlerFn, args: tuple[object, ...]) -> object:
     """Call a ``thread=True`` handler; a generator's body runs here too, not on the loop."""
-    value = fn(batch)
+    value = fn(*args)
     if inspect.isgenerator(value):
         return list(value)
     return value

@@ -69,6 +69,8 @@ from streamlet.metrics import BatchInfo, HandlerInfo
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources.base import DirectSource
+from streamlet.state._keyed import KeyedState
+from streamlet.state._store import Changes, StateStore
 from streamlet.wal import Position
 
 __all__ = [
@@ -231,6 +233,7 @@ class BatchScheduler:
         clock: what ticks and batch timings read (:mod:`streamlet.clock`).
         rate_controller: backpressure: the input rates from batch timings
             (None: off; rates stay at the sources' ``max_rate``).
+        stores: the keyed state of each stateful handler, by handler name.
     """
 
     def __init__(
@@ -249,6 +252,7 @@ class BatchScheduler:
         decoders: Mapping[str, Callable[[bytes], object]] | None = None,
         clock: Clock = SYSTEM_CLOCK,
         rate_controller: RateController | None = None,
+        stores: Mapping[str, StateStore] | None = None,
     ) -> None:
         self.app = app
         self.tracker = tracker
@@ -295,6 +299,7 @@ class BatchScheduler:
         #: Group mode: told of a task whose commit was fenced (after it is released).
         self.fenced: Callable[[int], object] | None = None
         self.rate_controller = rate_controller
+        self.stores = dict(stores or {})
 
     @property
     def running(self) -> Mapping[str, int]:
@@ -715,18 +720,40 @@ class BatchScheduler:
         return records, counts
 
     async def _call_handler(
-        self, spec: HandlerSpec, batch: Batch, trace: _Trace
+        self,
+        spec: HandlerSpec,
+        batch: Batch,
+        trace: _Trace,
+        changes: dict[str, Changes] | None = None,
     ) -> list[object] | _Failure:
+        """Call a handler with retries; a stateful one's encoded changes go to ``changes``.
+
+        Each attempt of a stateful handler gets a fresh view of the state as
+        of the previous batch, so a failed attempt leaves nothing behind.
+        """
+        store = self.stores.get(spec.name)
+
+        async def call() -> list[object]:
+            if store is None:
+                return await invoke(spec, batch)
+            state = KeyedState(store, batch.id, batch.time)
+            outputs = await invoke(spec, batch, state)
+            # Encoded now: a value that cannot be stored fails the handler
+            # before any sink commits the batch.
+            assert changes is not None
+            changes[spec.name] = state.changes()
+            return outputs
+
         async def once() -> list[object]:
             trace.attempts += 1
             timeout = self.retry.timeout
             if timeout is None:
-                return await invoke(spec, batch)
+                return await call()
             if spec.thread:
                 # A thread cannot be interrupted: the call counts as failed
                 # once it returns late, and its outputs are dropped.
                 started = time.monotonic()  # real time, as a timeout is
-                outputs = await invoke(spec, batch)
+                outputs = await call()
                 took = time.monotonic() - started
                 if took > timeout:
                     raise TimeoutError(
@@ -735,7 +762,7 @@ class BatchScheduler:
                     )
                 return outputs
             with anyio.fail_after(timeout):
-                return await invoke(spec, batch)
+                return await call()
 
         try:
             return await retrying(
@@ -870,17 +897,25 @@ class BatchScheduler:
 
         results: dict[str, list[object] | _Failure] = {}
         traces = {spec.name: _Trace() for spec in self.handlers}
+        # A stateful handler whose state already holds this batch ran and
+        # committed everything before a crash (state commits after the
+        # sinks): it is not called again.
+        settled = {name for name, store in self.stores.items() if store.seq >= batch.id}
+        changes: dict[str, Changes] = {}
 
         async def run_one(spec: HandlerSpec) -> None:
+            if spec.name in settled:
+                results[spec.name] = []
+                return
             if spec.thread:  # runs in a thread: it cannot block the loop
                 results[spec.name] = await self._call_handler(
-                    spec, views[spec.name], traces[spec.name]
+                    spec, views[spec.name], traces[spec.name], changes
                 )
                 return
             self._running[spec.name, batch.id] = None
             try:
                 results[spec.name] = await self._call_handler(
-                    spec, views[spec.name], traces[spec.name]
+                    spec, views[spec.name], traces[spec.name], changes
                 )
             finally:
                 del self._running[spec.name, batch.id]
@@ -900,7 +935,9 @@ class BatchScheduler:
         to_commit = {
             spec.name: (spec.sink, result)
             for spec in self.handlers
-            if spec.sink is not None and not isinstance(result := results[spec.name], _Failure)
+            if spec.sink is not None
+            and spec.name not in settled
+            and not isinstance(result := results[spec.name], _Failure)
         }
         committed: dict[str, SinkError | None] = {}
 
@@ -929,6 +966,13 @@ class BatchScheduler:
         dead_handlers = [s.name for s in self.handlers if s.name in failed or s.name in refused]
         outputs = sum(len(r) for n, (_, r) in to_commit.items() if n not in refused)
         crash_point("after_sink_commit", batch.id)
+        for name, store in self.stores.items():
+            # A handler that failed (or whose outputs were refused) changes
+            # nothing; its store still moves on to this batch.
+            kept = changes.get(name) if name not in failed and name not in refused else None
+            await store.commit(kept or Changes(batch.id, batch.time, {}, frozenset()))
+        if self.stores:
+            crash_point("after_state_commit", batch.id)
         if turn is not None:
             await turn()
 

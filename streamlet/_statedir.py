@@ -53,6 +53,7 @@ MANIFEST = "app.json"
 TRACKER = "tracker"
 DATA = "data"
 CHECKPOINTS = "checkpoints"
+STATE = "state"
 MANIFEST_FORMAT = "streamlet.app"
 MANIFEST_VERSION = 1
 _MANIFEST_KEYS = ("format", "version", "app", "sources", "handlers")
@@ -108,6 +109,10 @@ class StateDir:
     def checkpoints(self) -> str:
         """The checkpoints' directory."""
         return os.path.join(self.path, CHECKPOINTS)
+
+    def state_store(self, handler: str) -> str:
+        """The file of handler ``handler``'s keyed state."""
+        return os.path.join(self.path, STATE, f"{handler}.sqlite")
 
     @classmethod
     def open(cls, path: str, fs: FileSystem, manifest: Mapping[str, Any]) -> StateDir:

@@ -40,6 +40,8 @@ from streamlet.observe.address import parse_address
 from streamlet.sinks.base import Sink, SinkContext, sink_ahead
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver
+from streamlet.state import State
+from streamlet.state._store import StateStore
 from streamlet.wal import Position, WriteAheadLog
 
 __all__ = ["App"]
@@ -352,6 +354,7 @@ class App:
         sink: Sink | None = None,
         name: str | None = None,
         thread: bool = False,
+        state: State | None = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Decorate an ``async def handler(batch)`` to run on every batch of ``sources``.
 
@@ -362,6 +365,11 @@ class App:
         it is refused here, before it could run. ``handler_timeout`` cannot
         interrupt a thread: a call that returns late counts as failed and its
         outputs are dropped.
+
+        With ``state=State(...)`` the handler is called as ``handler(batch,
+        state)``: ``state`` is a dict-like :class:`~streamlet.state.KeyedState`
+        holding what earlier batches stored, and what this batch changes in
+        it becomes durable exactly once, with the batch.
         """
         items = [sources] if isinstance(sources, (DirectSource, Receiver, str)) else list(sources)
         names: list[str] = []
@@ -378,10 +386,12 @@ class App:
             raise ConfigError("a handler needs at least one source")
         if sink is not None and not isinstance(sink, Sink):
             raise ConfigError(f"sink must be a streamlet Sink, not {type(sink).__name__}")
+        if state is not None and not isinstance(state, State):
+            raise ConfigError(f"state must be a streamlet State, not {type(state).__name__}")
 
         def register(fn: HandlerFn) -> HandlerFn:
             handler_name = name or getattr(fn, "__name__", "") or f"handler-{len(self._handlers)}"
-            check_handler(handler_name, fn, thread=thread)
+            check_handler(handler_name, fn, thread=thread, state=state is not None)
             if any(h.name == handler_name for h in self._handlers):
                 raise ConfigError(f"the app already has a handler named {handler_name!r}")
             if sink is not None and any(h.sink is sink for h in self._handlers):
@@ -389,7 +399,7 @@ class App:
                     f"handler {handler_name!r} reuses another handler's sink object;"
                     " give each handler its own sink"
                 )
-            self._handlers.append(HandlerSpec(handler_name, fn, tuple(names), sink, thread))
+            self._handlers.append(HandlerSpec(handler_name, fn, tuple(names), sink, thread, state))
             return fn
 
         return register
@@ -417,6 +427,8 @@ class App:
                 h.name: {
                     "sources": sorted(h.sources),
                     "sink": h.sink.describe() if h.sink is not None else None,
+                    # Only when there is state: older manifests stay valid as they are.
+                    **({"state": h.state.describe()} if h.state is not None else {}),
                 }
                 for h in sorted(self._handlers, key=lambda h: h.name)
             },
@@ -456,6 +468,12 @@ class App:
             if self.dead_letter is not None:
                 sinks.append(("dead-letter", self.dead_letter))
             problems = check_group_mode(self._sources, sinks)
+            problems.extend(
+                f"handler {h.name!r} has keyed state: state that moves with its task is not"
+                " built yet, so group mode cannot run it; run one worker"
+                for h in self._handlers
+                if h.state is not None
+            )
             if problems:
                 raise ConfigError(
                     f"app {self.name!r} cannot run in group mode ({self.group!r}): "
@@ -526,6 +544,7 @@ class App:
         receivers = {n: src for n, src in self._sources.items() if isinstance(src, Receiver)}
         started_sources: list[DirectSource] = []
         opened_sinks: list[Sink] = []
+        stores: dict[str, StateStore] = {}
         data_wal: WriteAheadLog | None = None
         server: HttpServer | None = None
         try:
@@ -562,6 +581,22 @@ class App:
                 await sink.open(context)
                 opened_sinks.append(sink)
             await self._check_sinks_not_ahead(sinks, tracker.state)
+            for spec in self._handlers:
+                if spec.state is None:
+                    continue
+                stores[spec.name] = store = await StateStore.open(
+                    statedir.state_store(spec.name),
+                    app=self.name,
+                    handler=spec.name,
+                    state_id=statedir.state_id,
+                    ttl=spec.state.ttl,
+                    cache_keys=spec.state.cache_keys,
+                )
+                store.check_against(
+                    tracker.state.last_done,
+                    [a.id for a in tracker.state.pending],
+                    tracker.state.next_batch_id - 1,
+                )
             scheduler = BatchScheduler(
                 app=self.name,
                 tracker=tracker,
@@ -598,6 +633,7 @@ class App:
                 listeners=self._listeners,
                 decoders=self._decoders,
                 clock=self.clock,
+                stores=stores,
             )
             stop = self._stop
             assert stop is not None
@@ -655,6 +691,11 @@ class App:
                         await sink.aclose()
                     except Exception:
                         log.exception("closing sink %s failed", sink.describe())
+                for store in stores.values():
+                    try:
+                        await store.aclose()
+                    except Exception:
+                        log.exception("closing state store %s failed", store.path)
                 for source in reversed(started_sources):
                     try:
                         await source.aclose()

@@ -26,6 +26,7 @@ __all__ = [
     "SinkUnavailableError",
     "SourceError",
     "SourceUnavailableError",
+    "StateError",
     "StreamletError",
     "UnreachableError",
     "WALClosedError",
@@ -147,6 +148,16 @@ class SourceUnavailableError(SourceError):
     """A source's server cannot be reached or answered too late; a later try may pass."""
 
     retriable = True
+
+
+class StateError(StreamletError):
+    """A handler's keyed state cannot be used as it is.
+
+    A key of the wrong type or a value that cannot be encoded (the handler
+    counts as failed on the batch, without retries), or a state store that
+    is damaged, foreign, or does not fit the state directory (the app does
+    not start).
+    """
 
 
 class CheckpointError(StreamletError):

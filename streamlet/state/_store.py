@@ -1,0 +1,373 @@
+"""A handler's keyed state on disk: one SQLite file, changed once per batch.
+
+Layout: ``<state_dir>/state/<handler>.sqlite``, in WAL journal mode with
+``synchronous=FULL``, so a commit is durable when it returns and readers
+(``streamlet state show``) never block the app.
+
+Tables (format 1)::
+
+    kv(k BLOB PRIMARY KEY, v BLOB NOT NULL, touched REAL NOT NULL) WITHOUT ROWID
+    meta(name TEXT PRIMARY KEY, value TEXT NOT NULL)
+
+``k`` is the encoded key (:func:`encode_key`: a type byte, then the key),
+``v`` the orjson encoding of the value, ``touched`` the batch time of the
+write that set it (what a ``ttl`` counts from). ``meta`` holds ``format``,
+``app``, ``handler``, ``state_id`` (the state directory's identity) and
+``seq``: the id of the newest batch whose changes are in the file.
+
+The commit protocol (single worker; docs/architecture.md, "Keyed state"):
+a batch's handler works on a :class:`~streamlet.state._keyed.KeyedState`
+over the state as of the previous batch; its changes are encoded as soon as
+it returns (a value that cannot be stored fails the handler, before any
+sink commits) and written, with ``seq`` = the batch id, in one SQLite
+transaction *after* every sink committed the batch and *before* the tracker
+marks it done. A batch run again after a crash therefore finds either
+``seq`` below its id (its changes are not in: it runs on the state it ran
+on before, and the sinks skip what they already hold) or ``seq`` equal to
+its id (everything of the batch committed: the handler is skipped). The
+store is never ahead of the sinks, and never behind the tracker's ``done``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import anyio.to_thread
+
+from streamlet.errors import StateError
+
+__all__ = ["STATE_FORMAT", "Changes", "StateKey", "StateStore", "decode_key", "encode_key"]
+
+STATE_FORMAT = 1
+
+StateKey = str | bytes | int
+"""What a state key may be: text, bytes (a Kafka record's key) or an integer."""
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS kv("
+    "k BLOB PRIMARY KEY, v BLOB NOT NULL, touched REAL NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS kv_touched ON kv(touched)",
+    "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+
+
+def encode_key(key: object) -> bytes:
+    """The stored form of a key; keys of other types are refused (TypeError)."""
+    if isinstance(key, str):
+        return b"s" + key.encode("utf-8", "surrogatepass")
+    if isinstance(key, bytes):
+        return b"b" + key
+    if isinstance(key, int) and not isinstance(key, bool):
+        return b"i" + str(key).encode("ascii")
+    raise TypeError(f"a state key must be str, bytes or int, not {type(key).__name__}")
+
+
+def decode_key(raw: bytes) -> StateKey:
+    """The key :func:`encode_key` stored as ``raw``."""
+    kind, body = raw[:1], raw[1:]
+    if kind == b"s":
+        return body.decode("utf-8", "surrogatepass")
+    if kind == b"b":
+        return bytes(body)
+    if kind == b"i":
+        return int(body)
+    raise StateError(f"a stored state key has an unknown type byte {kind!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What one batch does to a store, encoded: ready to commit.
+
+    Attributes:
+        batch_id: the batch; becomes the store's ``seq``.
+        time: the batch's time (the ``touched`` of what it writes).
+        writes: encoded key → encoded value, set by the batch.
+        deletes: encoded keys the batch removed (expired ones included).
+    """
+
+    batch_id: int
+    time: float
+    writes: dict[bytes, bytes]
+    deletes: frozenset[bytes]
+
+
+class StateStore:
+    """One handler's keyed state: reads for the batch under way, one commit per batch.
+
+    Reads go through a bounded cache of encoded values (``cache_keys``), so
+    a state larger than memory works: only the keys a batch touches are
+    loaded. Use :meth:`open`; see the module docstring for the protocol.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        conn: sqlite3.Connection,
+        *,
+        handler: str,
+        seq: int,
+        ttl: float | None,
+        cache_keys: int,
+    ) -> None:
+        self.path = path
+        self.handler = handler
+        #: The newest batch whose changes are in the store (0: none yet).
+        self.seq = seq
+        self.ttl = ttl
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[bytes, tuple[bytes, float] | None] = OrderedDict()
+        self._cache_keys = cache_keys
+
+    @classmethod
+    async def open(
+        cls,
+        path: str,
+        *,
+        app: str,
+        handler: str,
+        state_id: str,
+        ttl: float | None = None,
+        cache_keys: int = 100_000,
+    ) -> StateStore:
+        """Open (or create) the store at ``path``, checking it belongs to this app.
+
+        Raises:
+            StateError: the file is damaged, of another format, or of another
+                app, handler or state directory.
+        """
+        return await anyio.to_thread.run_sync(
+            lambda: cls._open(path, app, handler, state_id, ttl, cache_keys)
+        )
+
+    @classmethod
+    def _open(
+        cls,
+        path: str,
+        app: str,
+        handler: str,
+        state_id: str,
+        ttl: float | None,
+        cache_keys: int,
+    ) -> StateStore:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        created = not os.path.exists(path)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+            orphan = not created and conn.execute("SELECT 1 FROM kv LIMIT 1").fetchone()
+            if not meta and not orphan:
+                meta = {
+                    "format": str(STATE_FORMAT),
+                    "app": app,
+                    "handler": handler,
+                    "state_id": state_id,
+                    "seq": "0",
+                }
+                conn.executemany("INSERT INTO meta(name, value) VALUES (?, ?)", meta.items())
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StateError(
+                f"state store {path} cannot be read: {exc}. The file is damaged or is not"
+                " a state store; restore the state directory from a backup (the state"
+                " cannot be rebuilt from the outputs)"
+            ) from exc
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            _check_identity(path, meta, app=app, handler=handler, state_id=state_id)
+            seq = int(meta["seq"])
+        except (StateError, KeyError, ValueError) as exc:
+            conn.close()
+            if isinstance(exc, StateError):
+                raise
+            raise StateError(f"state store {path} has damaged identity rows: {exc!r}") from exc
+        return cls(path, conn, handler=handler, seq=seq, ttl=ttl, cache_keys=cache_keys)
+
+    # -- the batch under way -------------------------------------------------------
+
+    def read(self, key: bytes, time: float) -> bytes | None:
+        """The encoded value of ``key`` as committed, or None (absent, or expired at ``time``)."""
+        cached = self._cache.get(key, _UNCACHED)
+        if cached is _UNCACHED:
+            with self._lock:
+                row = self._conn.execute("SELECT v, touched FROM kv WHERE k = ?", (key,)).fetchone()
+            found = (bytes(row[0]), float(row[1])) if row is not None else None
+            self._remember(key, found)
+        else:
+            self._cache.move_to_end(key)
+            found = cached  # type: ignore[assignment]
+        if found is None:
+            return None
+        value, touched = found
+        if self.ttl is not None and touched < time - self.ttl:
+            return None
+        return value
+
+    def _remember(self, key: bytes, found: tuple[bytes, float] | None) -> None:
+        cache = self._cache
+        cache[key] = found
+        cache.move_to_end(key)
+        while len(cache) > self._cache_keys:
+            cache.popitem(last=False)
+
+    def expired(self, time: float) -> list[tuple[bytes, bytes]]:
+        """Keys (and values) whose ``ttl`` ran out by ``time``, oldest first; empty without one."""
+        if self.ttl is None:
+            return []
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT k, v FROM kv WHERE touched < ? ORDER BY touched, k", (time - self.ttl,)
+            ).fetchall()
+        return [(bytes(k), bytes(v)) for k, v in rows]
+
+    def keys(self, time: float) -> Iterator[bytes]:
+        """Every committed key not expired at ``time``, in key order, read in pages."""
+        after = b""
+        floor = -float("inf") if self.ttl is None else time - self.ttl
+        while True:
+            with self._lock:
+                rows = self._conn.execute(
+                    "SELECT k FROM kv WHERE k > ? AND touched >= ? ORDER BY k LIMIT 1000",
+                    (after, floor),
+                ).fetchall()
+            if not rows:
+                return
+            for (k,) in rows:
+                yield bytes(k)
+            after = bytes(rows[-1][0])
+
+    def count(self, time: float) -> int:
+        """How many committed keys are live at ``time``."""
+        floor = -float("inf") if self.ttl is None else time - self.ttl
+        with self._lock:
+            (n,) = self._conn.execute(
+                "SELECT COUNT(*) FROM kv WHERE touched >= ?", (floor,)
+            ).fetchone()
+        return int(n)
+
+    # -- committing ------------------------------------------------------------------
+
+    async def commit(self, changes: Changes) -> None:
+        """Make ``changes`` durable with ``seq`` = their batch, in one transaction.
+
+        Called after the batch's sinks committed and before it is marked
+        done. A batch at or below ``seq`` is already in: nothing is written.
+
+        Raises:
+            StateError: the write failed (disk full, I/O error): the batch is
+                not done and runs again on restart.
+        """
+        if changes.batch_id <= self.seq:
+            return
+        await anyio.to_thread.run_sync(self._commit, changes)
+
+    def _commit(self, changes: Changes) -> None:
+        conn = self._conn
+        with self._lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                if changes.deletes:
+                    conn.executemany("DELETE FROM kv WHERE k = ?", [(k,) for k in changes.deletes])
+                if changes.writes:
+                    conn.executemany(
+                        "INSERT INTO kv(k, v, touched) VALUES (?, ?, ?) ON CONFLICT(k) DO"
+                        " UPDATE SET v = excluded.v, touched = excluded.touched",
+                        [(k, v, changes.time) for k, v in changes.writes.items()],
+                    )
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE name = 'seq'", (str(changes.batch_id),)
+                )
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                # What is cached may be ahead of the file now: forget it.
+                self._cache.clear()
+                raise StateError(
+                    f"state of handler {self.handler!r} could not be written to {self.path}"
+                    f" for batch {changes.batch_id}: {exc}. The batch is not done and runs"
+                    " again when the app restarts (free disk space first if it is full)"
+                ) from exc
+        for k in changes.deletes:
+            self._remember(k, None)
+        for k, v in changes.writes.items():
+            self._remember(k, (v, changes.time))
+        self.seq = changes.batch_id
+
+    def check_against(self, last_done: int, pending: Sequence[int], allocated: int) -> None:
+        """Refuse a store that does not fit the tracker (a lost, stale or foreign file).
+
+        Every batch commits the store before it is done, so ``seq`` is the
+        last done batch, or a pending one whose state committed just before
+        a crash.
+
+        Raises:
+            StateError: ``seq`` is behind the last done batch (the store was
+                replaced by an older copy, or deleted) or ahead of what the
+                state directory allocated (the state directory is older).
+        """
+        seq = self.seq
+        if seq == last_done or seq in pending:
+            return
+        if seq > allocated:
+            raise StateError(
+                f"state store {self.path} holds batch {seq}, past batch {allocated}, the"
+                " newest the state directory allocated: the state directory is older than"
+                " the store (restored from a backup?). Restore both from the same backup"
+            )
+        what = "is empty" if seq == 0 else f"stops at batch {seq}"
+        raise StateError(
+            f"state store {self.path} of handler {self.handler!r} {what}, but batch"
+            f" {last_done} is done: the store was deleted or replaced by an older copy, and"
+            " running on would lose the state of the batches between. Restore the state"
+            " directory (store and tracker together) from one backup; to start over on"
+            " purpose, use a new state_dir and new outputs"
+        )
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+_UNCACHED: object = object()
+
+
+def _check_identity(
+    path: str, meta: dict[str, str], *, app: str, handler: str, state_id: str
+) -> None:
+    if not meta:
+        raise StateError(
+            f"state store {path} holds values but no identity; it is not a streamlet state"
+            " store of this version. Move it away"
+        )
+    if meta.get("format") != str(STATE_FORMAT):
+        raise StateError(
+            f"state store {path} is of format {meta.get('format')!r}; this streamlet reads"
+            f" format {STATE_FORMAT}"
+        )
+    for name, want in (("app", app), ("handler", handler)):
+        if meta.get(name) != want:
+            raise StateError(
+                f"state store {path} belongs to {name} {meta.get(name)!r}, not {want!r}: it was"
+                " copied from another app or handler. Move it away, or run the app it belongs to"
+            )
+    if state_id and meta.get("state_id") and meta["state_id"] != state_id:
+        raise StateError(
+            f"state store {path} was made in another state directory (id {meta['state_id']},"
+            f" this one is {state_id}): its batch numbers mean nothing here. Restore the"
+            " store of this state directory, or use a new state_dir to start over"
+        )
