@@ -505,6 +505,76 @@ def checkpoint_show(directory: str, as_json: bool) -> None:
         click.echo(view.describe())
 
 
+@main.group("state")
+def state_group() -> None:
+    """Look at handlers' keyed state (read-only; safe beside a running app)."""
+
+
+@state_group.command("show")
+@click.argument("directory", metavar="STATE_DIR", type=_LOG_DIR)
+@click.option("--handler", metavar="NAME", help="Show only this handler's state.")
+@click.option(
+    "--key",
+    metavar="K",
+    help="Show this key's value; K is looked up as text, as its UTF-8 bytes and as an"
+    " integer (if it is one), and the output says which matched. Exit 1 if none does.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="How many keys to list per handler, in key order.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def state_show(
+    directory: str, handler: str | None, key: str | None, limit: int, as_json: bool
+) -> None:
+    """Print each handler's keyed state as of its last committed batch: keys, values, times.
+
+    STATE_DIR is the app's state directory. Each store is read read-only in
+    one transaction, so what is printed is the state after one batch (the
+    "as of batch" line), even while the app runs. Times are batch times in
+    UTC; a ttl counts from a key's "touched" time.
+    """
+    import orjson
+
+    from streamlet.state._show import key_candidates, open_state_dir, read_store
+
+    try:
+        found = open_state_dir(directory)
+        views = [
+            read_store(name, path, ttl=found.ttl(name), limit=limit, key=key)
+            for name, path in found.select(handler).items()
+        ]
+    except OSError as exc:
+        click.echo(f"error: cannot read the state directory {directory}: {exc}", err=True)
+        raise click.exceptions.Exit(2) from exc
+    except streamlet.StreamletError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise click.exceptions.Exit(1) from exc
+    if as_json:
+        document = {
+            "directory": found.directory,
+            "app": found.app,
+            "handlers": [view.to_json() for view in views],
+        }
+        click.echo(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(f"state directory {found.directory} (app {found.app!r})")
+        for view in views:
+            click.echo(view.describe())
+    if key is not None and not any(view.entries for view in views):
+        where = f"handler {handler!r}" if handler is not None else "any handler's state"
+        types = ", ".join(type(candidate).__name__ for candidate in key_candidates(key))
+        click.echo(
+            f"error: key {key!r} is not in {where} (looked up as {types});"
+            " run without --key to list the keys",
+            err=True,
+        )
+        raise click.exceptions.Exit(1)
+
+
 @main.command("send")
 @click.argument(
     "file",
