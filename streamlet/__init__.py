@@ -9,6 +9,7 @@ may change without notice.
 
 from __future__ import annotations
 
+from streamlet import windows
 from streamlet.app import App
 from streamlet.errors import (
     CheckpointError,
@@ -51,7 +52,7 @@ from streamlet.sources import (
     TcpSource,
 )
 from streamlet.sources.receiver import Receiver, ReceiverContext, Stored
-from streamlet.state import KeyedState, State
+from streamlet.state import KeyedState, State, StateKey
 from streamlet.tcp import TcpClient
 
 __version__ = "0.1.0"
@@ -92,6 +93,7 @@ __all__ = [
     "SourceUnavailableError",
     "State",
     "StateError",
+    "StateKey",
     "Stored",
     "StreamletError",
     "TcpClient",
@@ -102,4 +104,5 @@ __all__ = [
     "WALError",
     "WALFailedError",
     "__version__",
+    "windows",
 ]

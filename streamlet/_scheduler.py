@@ -300,6 +300,10 @@ class BatchScheduler:
         self.fenced: Callable[[int], object] | None = None
         self.rate_controller = rate_controller
         self.stores = dict(stores or {})
+        #: Handlers that also run on batches with no input (their state asks to).
+        self.idle_handlers = frozenset(
+            spec.name for spec in self.handlers if spec.state is not None and spec.state.idle
+        )
 
     @property
     def running(self) -> Mapping[str, int]:
@@ -381,7 +385,7 @@ class BatchScheduler:
             if self.tasks is not None:
                 await self._group_tick(batch_time, scheduled)
                 continue
-            alloc = await self.allocate(batch_time)
+            alloc = await self.allocate(batch_time, idle=bool(self.idle_handlers))
             if alloc is not None:
                 await self._run_batch(alloc, scheduled=scheduled, recovered=False)
 
@@ -573,6 +577,7 @@ class BatchScheduler:
         *,
         task: int | None = None,
         latest: Mapping[str, Mapping[int, int]] | None = None,
+        idle: bool = False,
     ) -> Allocation | None:
         """Fix and durably log the next batch's input; None when there is none.
 
@@ -580,6 +585,9 @@ class BatchScheduler:
             batch_time: the batch's time.
             task: group mode: only partition ``task`` of each source.
             latest: what each source's ``latest()`` said this tick (None: ask).
+            idle: log a batch even without input (an *idle batch*, for the
+                handlers in ``idle_handlers``: windows close and keys expire
+                on the batch clock, as Spark's no-data batches do).
         """
         self.last_progress = self.clock.monotonic()
         if self.blocks is not None:
@@ -627,7 +635,7 @@ class BatchScheduler:
             receiver_max_bytes=self.policy.max_batch_bytes,
         )
         self.behind = self._cut_short(state, alloc, latest)
-        if alloc.empty:
+        if alloc.empty and not idle:
             return None
         await self.tracker.log_allocated(alloc)
         crash_point("after_allocate", alloc.id)
@@ -901,6 +909,10 @@ class BatchScheduler:
         # committed everything before a crash (state commits after the
         # sinks): it is not called again.
         settled = {name for name, store in self.stores.items() if store.seq >= batch.id}
+        idle = alloc.empty
+        if idle:
+            # An idle batch runs only the handlers that asked for it.
+            settled |= {spec.name for spec in self.handlers} - self.idle_handlers
         changes: dict[str, Changes] = {}
 
         async def run_one(spec: HandlerSpec) -> None:
@@ -938,6 +950,8 @@ class BatchScheduler:
             if spec.sink is not None
             and spec.name not in settled
             and not isinstance(result := results[spec.name], _Failure)
+            # An idle batch with nothing to say leaves the sinks alone.
+            and not (idle and not result)
         }
         committed: dict[str, SinkError | None] = {}
 

@@ -114,3 +114,42 @@ def test_directory_example_reads_each_file_once_and_moves_it_to_done(tmp_path: P
     assert rows == [("a.txt", 300, 300), ("b.txt", 200, 200)]
     assert sorted(os.listdir(inbox / "done")) == ["a.txt", "b.txt"]
     assert (inbox / "skipped.csv").exists()
+
+
+def test_window_counts_writes_each_window_once_with_every_reading(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    run = [sys.executable, "-m", "streamlet", "run", "examples.window_counts:app"]
+    env = {**os.environ, "PYTHONPATH": ""}
+    # Killed after some windows closed, then run on: each window once, exact.
+    killed = subprocess.run(
+        [*run, "--duration", "30", "--batch-interval", "0.1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "STREAMLET_CRASH_AT": "after_sink_commit:25"},
+        check=False,
+    )
+    assert killed.returncode == -9, killed.stderr
+    result = subprocess.run(
+        [*run, "--duration", "2.5", "--batch-interval", "0.1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [
+        orjson.loads(line)
+        for part in sorted((tmp_path / "out" / "window_counts").glob("part-*.jsonl"))
+        for line in part.read_bytes().splitlines()
+    ]
+    windows = [(sensor, start) for sensor, start, _, _ in rows]
+    assert len(windows) == len(set(windows)), "a window was written twice"
+    assert {sensor for sensor, _ in windows} == {"s0", "s1", "s2", "s3", "s4"}
+    assert all(end - start == 10.0 for _, start, end, _ in rows)
+    # 50 readings a second over 5 sensors: at most 100 per sensor in 10 s (a
+    # reading counted twice in a full window would show as 101).
+    assert all(0 < n <= 100 for _, _, _, n in rows)

@@ -30,10 +30,16 @@ class State:
         cache_keys: how many keys' encoded values stay in memory between
             batches; the rest is read from disk when a batch needs it, so the
             state may be larger than memory.
+        idle: the handler also runs on a batch with no input (an *idle
+            batch*, every batch interval while nothing arrives), so that
+            processing-time windows close and keys expire on the batch clock
+            rather than waiting for the next record. Its sink is called only
+            when it returns outputs. False: it runs only when input arrives.
     """
 
     ttl: float | None = None
     cache_keys: int = 100_000
+    idle: bool = True
 
     def __post_init__(self) -> None:
         if self.ttl is not None and not (self.ttl > 0 and math.isfinite(self.ttl)):

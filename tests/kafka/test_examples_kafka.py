@@ -123,3 +123,54 @@ async def test_kafka_to_kafka_writes_each_order_total_once_across_a_crash(
     positions = [(t["partition"], t["offset"]) for t in totals]
     assert len(set(positions)) == 2000
     assert sum(int(t["cents"]) for t in totals) == sum(125 * (i % 4 + 1) for i in range(2000))  # type: ignore[call-overload]
+
+
+async def test_running_counts_ends_at_each_users_exact_count_across_a_crash(
+    tmp_path: Path, kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    clicks_topic = await new_topic(partitions=2)
+    counts_topic = await new_topic(partitions=2)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for i in range(3000):
+            await producer.send(clicks_topic, b"click", key=b"u%d" % (i % 7))
+        await producer.flush()
+    finally:
+        await producer.stop()
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    env = {
+        **os.environ,
+        "STREAMLET_KAFKA": kafka_bootstrap,
+        "STREAMLET_TOPIC": clicks_topic,
+        "STREAMLET_OUTPUT_TOPIC": counts_topic,
+    }
+    fast = ("--batch-interval", "0.1")
+    # Killed after the first batch's transaction, before its state commits:
+    # the batch runs again on the counts it saw, and the sink skips it.
+    await _crash_then_run("examples.running_counts:app", tmp_path, env, crashed=fast, then=fast)
+
+    consumer = AIOKafkaConsumer(
+        counts_topic,
+        bootstrap_servers=kafka_bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    seen: dict[str, list[int]] = {}
+    try:
+        got = await consumer.getmany(timeout_ms=3000)
+        while any(got.values()):
+            for messages in got.values():
+                for m in messages:
+                    out = orjson.loads(m.value or b"")
+                    seen.setdefault(out["user"], []).append(out["count"])
+            got = await consumer.getmany(timeout_ms=1000)
+    finally:
+        await consumer.stop()
+    expected = {f"u{u}": len(range(u, 3000, 7)) for u in range(7)}
+    assert {user: counts[-1] for user, counts in seen.items()} == expected
+    for counts in seen.values():  # each batch's count once, only ever growing
+        assert counts == sorted(set(counts))

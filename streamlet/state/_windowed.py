@@ -1,0 +1,152 @@
+"""Keyed windows kept in a handler's :class:`~streamlet.state.KeyedState`.
+
+:func:`windowed` runs one batch through a window aggregation: the decisions
+are :func:`streamlet.state._windows.apply_batch` (pure, property-tested
+against a brute-force model); this module only loads the part of the book
+the batch needs from the state and writes it back, so that windows commit
+exactly once with the batch like any other state.
+
+Layout inside the state, under keys no user key can take (bytes starting
+with a NUL and ``streamlet.window``):
+
+* ``<prefix><name>/meta``: ``{"watermark": ..., "starts": [open window starts, ms]}``;
+* ``<prefix><name>/<start ms>``: one open window: ``{key (hex of its stored
+  form): accumulator}``.
+
+A batch reads the meta entry, the windows its records fall in and the
+windows due to close, never the others: a batch costs what its windows
+hold, not what the whole state holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+from streamlet.errors import StateError
+from streamlet.records import Record
+from streamlet.state._keyed import KeyedState
+from streamlet.state._store import decode_key, encode_key
+from streamlet.state._windows import (
+    JSON,
+    Aggregation,
+    Book,
+    Event,
+    Key,
+    WindowResult,
+    WindowSpec,
+    apply_batch,
+    windows_of,
+)
+
+__all__ = ["Windowed", "windowed"]
+
+_PREFIX = b"\x00streamlet.window\x00"
+
+
+class Windowed(NamedTuple):
+    """What :func:`windowed` did with one batch."""
+
+    results: list[WindowResult]
+    """The windows that closed, each once: by end, then key."""
+    late: list[Record]
+    """Event time: the records behind the watermark, in input order; no window took them."""
+
+
+def _record_key(record: Record) -> Key:
+    if record.key is None:
+        raise StateError(
+            f"record at offset {record.offset} of partition {record.partition} of source"
+            f" {record.source!r} has no key; give windowed() a key= function"
+        )
+    return record.key
+
+
+def _record_time(record: Record) -> float:
+    return record.timestamp
+
+
+def windowed(
+    state: KeyedState,
+    records: Iterable[Record],
+    spec: WindowSpec,
+    agg: Aggregation,
+    *,
+    key: Callable[[Record], Key] = _record_key,
+    event_time: Callable[[Record], float] = _record_time,
+    name: str = "window",
+) -> Windowed:
+    """Add a batch's records to their windows; return the windows that closed.
+
+    Processing time (``spec.time == "processing"``): a record belongs to the
+    windows of its batch's time, and a window closes in the first batch at or
+    after its end (with ``State(idle=True)``, the default, that batch runs
+    even when no input arrives). Event time: a record belongs to the windows
+    of ``event_time(record)`` (default: its Kafka timestamp); the watermark is
+    the largest event time seen in earlier batches minus ``spec.lateness``;
+    records behind it are late (returned, never added), and windows whose end
+    it passed close.
+
+    Args:
+        state: the handler's state for this batch.
+        records: the batch's records (or the ones to aggregate).
+        spec: the windows (:func:`streamlet.windows.tumbling`, ``sliding``).
+        agg: the aggregation (``count()``, ``sum_()``, ...).
+        key: a record's key (default: its Kafka key).
+        event_time: a record's event time in seconds, for event-time windows.
+        name: tells several windowed aggregations of one handler apart.
+
+    Raises:
+        StateError: a record has no key, or an accumulator cannot be stored.
+    """
+    base = _PREFIX + name.encode() + b"/"
+    meta_key = base + b"meta"
+    meta = state.get(meta_key) or {"watermark": None, "starts": []}
+    open_starts: set[int] = set(meta["starts"])
+    events = [
+        Event(key(r), event_time(r) if spec.time == "event" else state.time, r) for r in records
+    ]
+    watermark: float | None = meta["watermark"]
+    # The windows this batch may touch: those its records fall in, and those
+    # that may close (every open one that ends by the batch's clock). Loading
+    # more than apply_batch uses is harmless; loading less is not (it would
+    # start a window afresh over the stored one), so this errs wide.
+    clock: float | None
+    times: set[float]
+    if spec.time == "processing":
+        now = state.time if watermark is None else max(state.time, watermark)
+        clock = now
+        times = {state.time, now} if events else set()
+    else:
+        clock = watermark
+        times = {e.time for e in events}
+    wanted = {_ms(w.start) for t in times for w in windows_of(t, spec)}
+    size_ms = round(spec.size * 1000)
+    due = {s for s in open_starts if clock is not None and s + size_ms <= round(clock * 1000)}
+    loaded = (wanted | due) & open_starts
+    panes: dict[tuple[Key, float], JSON] = {}
+    for start in loaded:
+        for hexed, acc in state[base + str(start).encode()].items():
+            panes[(decode_key(bytes.fromhex(hexed)), start / 1000)] = acc
+    try:
+        book, results, late = apply_batch(Book(panes, watermark), events, state.time, spec, agg)
+    except TypeError as exc:
+        raise StateError(f"windowed aggregation {name!r}: {exc}") from None
+    kept: dict[int, dict[str, JSON]] = {}
+    for (k, pane_start), acc in book.panes.items():
+        kept.setdefault(_ms(pane_start), {})[encode_key(k).hex()] = acc
+    for start in loaded | wanted:
+        entry = base + str(start).encode()
+        if start in kept:
+            state[entry] = kept[start]
+        elif start in open_starts:
+            del state[entry]
+    state[meta_key] = {
+        "watermark": book.watermark,
+        "starts": sorted((open_starts - loaded) | set(kept)),
+    }
+    return Windowed(results, [e.item for e in late])
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
