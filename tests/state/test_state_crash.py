@@ -31,6 +31,7 @@ APP = """
 import streamlet as sl
 from streamlet.sinks.file import FileSink
 from streamlet.sinks.sqlite import SQLiteSink
+from streamlet.windows import count, tumbling, windowed
 
 
 def insert(conn, batch, outputs):
@@ -72,6 +73,18 @@ async def to_files(batch, state):
     " NOT NULL)")), state=sl.State())
 async def to_db(batch, state):
     return tally(batch, state)
+
+
+# Event time = the value in ms: 5 s windows of 5,000 values, exact counts.
+WINDOW = tumbling(5.0, time="event", lateness=10.0)
+
+
+@app.handler(numbers, sink=FileSink({windows!r}), state=sl.State())
+async def per_window(batch, state):
+    done = windowed(state, batch, WINDOW, count(), key=lambda r: "all",
+                    event_time=lambda r: int(r.value) / 1000)
+    assert not done.late, done.late[:3]
+    return [[r.start, r.end, r.value] for r in done.results]
 """
 
 
@@ -94,6 +107,7 @@ def _setup(tmp_path: Path) -> Path:
             state=str(tmp_path / "state"),
             files=str(tmp_path / "files"),
             db=str(tmp_path / "out.db"),
+            windows=str(tmp_path / "windows"),
             records=RECORDS,
             keys=KEYS,
         )
@@ -157,6 +171,16 @@ def _finish(cwd: Path) -> None:
     assert file_sums == sums
     assert db_counts == counts, "SQLiteSink increments do not add up to the counts"
     assert db_sums == sums
+    windows = [
+        orjson.loads(line)
+        for lines in FileSink.read_committed(cwd / "windows").values()
+        for line in lines
+    ]
+    starts = [start for start, _, _ in windows]
+    assert len(starts) == len(set(starts)), "a window was emitted twice"
+    assert all(n == 5000 for _, _, n in windows), [w for w in windows if w[2] != 5000][:5]
+    # The watermark ends 10 s behind the last value (199.999 s): windows ending by 185 s close.
+    assert sorted(starts) == [5.0 * i for i in range(37)]
     for handler in ("to_files", "to_db"):
         _, stored = _stored(cwd, handler)
         assert {k: c for k, (c, _) in stored.items()} == counts, f"{handler}'s stored counts"
