@@ -85,7 +85,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FailurePolicy = Literal["stop", "dead_letter"]
+FailurePolicy = Literal["stop", "dead_letter", "dead_letter_batch"]
 Listener = Callable[[BatchInfo], object]
 
 
@@ -179,8 +179,11 @@ class BatchPolicy:
         interval: the batch interval in seconds.
         retry: retry policy for handlers, sinks and input reads.
         on_failure: what a handler failing after its retries does: "stop"
-            the app with the batch uncommitted, or route the handler's input
-            records to the dead-letter sink and go on.
+            the app with the batch uncommitted; "dead_letter": find the
+            records it fails on (:meth:`BatchScheduler._isolate`), send those
+            to the dead-letter sink and commit its outputs for the rest;
+            "dead_letter_batch": send all the handler's input records of
+            the batch to the dead-letter sink.
         max_batch_records: the most records a batch takes from one source.
         max_batch_bytes: about the most bytes a batch takes from one source
             (see :func:`size_budget`; receivers: whole blocks, at least one).
@@ -733,6 +736,7 @@ class BatchScheduler:
         batch: Batch,
         trace: _Trace,
         changes: dict[str, Changes] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> list[object] | _Failure:
         """Call a handler with retries; a stateful one's encoded changes go to ``changes``.
 
@@ -752,9 +756,11 @@ class BatchScheduler:
             changes[spec.name] = state.changes()
             return outputs
 
+        policy = retry or self.retry
+
         async def once() -> list[object]:
             trace.attempts += 1
-            timeout = self.retry.timeout
+            timeout = policy.timeout
             if timeout is None:
                 return await call()
             if spec.thread:
@@ -774,13 +780,77 @@ class BatchScheduler:
 
         try:
             return await retrying(
-                self.retry,
+                policy,
                 f"handler {spec.name!r} on batch {batch.id}",
                 once,
                 on_failure=trace.failed,
             )
         except GaveUp as gave_up:
             return _Failure(gave_up.error, gave_up.attempts)
+
+    async def _isolate(
+        self, spec: HandlerSpec, view: Batch, failure: _Failure, trace: _Trace
+    ) -> tuple[list[object], list[object]]:
+        """Find the records ``spec`` fails on; its outputs for the others, and dead letters.
+
+        The handler failed on the whole of ``view`` after its retries. Bisect:
+        a part it fails on is split in two and each half tried once more
+        (one attempt, no retries: the whole batch already had them), down to
+        single records. The outputs of the parts that pass, in record order,
+        are what the handler commits; each record it still fails on alone is
+        a dead letter naming the handler, the error and the attempts. This
+        assumes a handler's outputs for a batch are those of its records, as
+        for a per-record transform; a handler that aggregates over the batch
+        should use ``on_failure="dead_letter_batch"``.
+
+        Bounded: if no part has passed after ``2 * log2(n) + 16`` calls, the
+        failure looks like one of everything (a service down past the
+        retries) and the parts still undecided go to the dead-letter sink
+        whole: a few calls, not one per record. Otherwise bisection finds k
+        bad records of n in about ``2 k log2(n / k)`` calls;
+        and a part that times out goes whole (each try would wait it out; a
+        handler that timed out on the whole batch is not bisected at all).
+
+        Deterministic for a deterministic handler, so a batch run again after
+        a crash splits the same way and its sink skips what it holds.
+        """
+        once = RetryPolicy(max_retries=0, backoff=0, timeout=self.retry.timeout)
+        patience = 2 * max(1, len(view.records)).bit_length() + 16
+        calls = passed = 0
+        good: list[object] = []
+        dead: list[object] = []
+
+        def bury(records: Sequence[Record], why: _Failure) -> None:
+            error = f"{type(why.error).__name__}: {why.error}"
+            attempts = failure.attempts + (why.attempts if why is not failure else 0)
+            dead.extend(_dead_letter(r, view.id, error, spec.name, attempts) for r in records)
+
+        async def split(records: list[Record], known: _Failure | None) -> None:
+            nonlocal calls, passed
+            if known is None:
+                if passed == 0 and calls >= patience:
+                    bury(records, failure)
+                    return
+                calls += 1
+                part = Batch(view.id, view.time, records, view.ranges, view.blocks)
+                result = await self._call_handler(spec, part, trace, retry=once)
+                if not isinstance(result, _Failure):
+                    passed += 1
+                    good.extend(result)
+                    return
+                if isinstance(result.error, (OutputError, TimeoutError)):
+                    bury(records, result)
+                    return
+                known = result
+            if len(records) == 1:
+                bury(records, known)
+                return
+            middle = len(records) // 2
+            await split(records[:middle], None)
+            await split(records[middle:], None)
+
+        await split(list(view.records), failure)
+        return good, dead
 
     async def _commit_sink(
         self,
@@ -914,21 +984,37 @@ class BatchScheduler:
             # An idle batch runs only the handlers that asked for it.
             settled |= {spec.name for spec in self.handlers} - self.idle_handlers
         changes: dict[str, Changes] = {}
+        isolated: dict[str, list[object]] = {}
+        # Per-record dead letters: not for a stateful handler, whose parts
+        # would each start from the same state.
+        isolate = self.policy.on_failure == "dead_letter" and self.dead_letter is not None
+
+        async def call(spec: HandlerSpec) -> None:
+            result = await self._call_handler(spec, views[spec.name], traces[spec.name], changes)
+            if (
+                isinstance(result, _Failure)
+                and isolate
+                and spec.name not in self.stores
+                # A timeout is not bisected: every part tried would wait it out.
+                and not isinstance(result.error, (OutputError, TimeoutError))
+            ):
+                good, letters = await self._isolate(
+                    spec, views[spec.name], result, traces[spec.name]
+                )
+                if len(letters) < len(views[spec.name]):  # else it failed on every record
+                    result, isolated[spec.name] = good, letters
+            results[spec.name] = result
 
         async def run_one(spec: HandlerSpec) -> None:
             if spec.name in settled:
                 results[spec.name] = []
                 return
             if spec.thread:  # runs in a thread: it cannot block the loop
-                results[spec.name] = await self._call_handler(
-                    spec, views[spec.name], traces[spec.name], changes
-                )
+                await call(spec)
                 return
             self._running[spec.name, batch.id] = None
             try:
-                results[spec.name] = await self._call_handler(
-                    spec, views[spec.name], traces[spec.name], changes
-                )
+                await call(spec)
             finally:
                 del self._running[spec.name, batch.id]
 
@@ -939,6 +1025,16 @@ class BatchScheduler:
 
         failed = {n: r for n, r in results.items() if isinstance(r, _Failure)}
         self._route_failures(batch, views, failed, dead)
+        for name, letters in isolated.items():
+            log.error(
+                "handler %r on batch %d failed on %d of its %d record(s); those go to the"
+                " dead-letter sink, its outputs for the rest are committed",
+                name,
+                batch.id,
+                len(letters),
+                len(views[name]),
+            )
+            dead.extend(letters)
         crash_point("after_handler", batch.id)
 
         # Handlers' sinks first, then the dead letters: a sink refusing a
@@ -977,7 +1073,11 @@ class BatchScheduler:
             dead_failure = await self._commit_sink("dead-letter", self.dead_letter, batch, dead)
             if dead_failure is not None:
                 raise dead_failure
-        dead_handlers = [s.name for s in self.handlers if s.name in failed or s.name in refused]
+        dead_handlers = [
+            s.name
+            for s in self.handlers
+            if s.name in failed or s.name in refused or isolated.get(s.name)
+        ]
         outputs = sum(len(r) for n, (_, r) in to_commit.items() if n not in refused)
         crash_point("after_sink_commit", batch.id)
         for name, store in self.stores.items():
@@ -1015,7 +1115,8 @@ class BatchScheduler:
                     name=spec.name,
                     records=len(views[spec.name]),
                     outputs=0
-                    if spec.name in dead_handlers or spec.name not in to_commit
+                    if (spec.name in dead_handlers and spec.name not in isolated)
+                    or spec.name not in to_commit
                     else len(to_commit[spec.name][1]),
                     attempts=traces[spec.name].attempts,
                     dead_lettered=spec.name in dead_handlers,

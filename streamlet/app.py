@@ -137,8 +137,13 @@ class App:
         retry_backoff: seconds before the first retry; doubles per retry.
         handler_timeout: the most one handler call may take, in seconds.
         on_failure: ``"stop"`` (default) stops the app with the batch
-            uncommitted, to run again after a fix; ``"dead_letter"`` sends a
-            failing handler's input records to ``dead_letter`` and goes on.
+            uncommitted, to run again after a fix; ``"dead_letter"`` finds
+            the records a failing handler fails on (by bisecting the batch),
+            sends only those to ``dead_letter`` and commits the handler's
+            outputs for the rest; ``"dead_letter_batch"`` sends all of a
+            failing handler's input records of the batch (for handlers that
+            aggregate over a batch, or keep keyed state, where outputs are
+            not per record; stateful handlers always fail whole batches).
         dead_letter: the sink for dead letters.
         durability: the tracker log's fsync policy (``"always"``; see the WAL).
         tracker_segment_bytes: size of the tracker log's segment files; the
@@ -244,10 +249,13 @@ class App:
         self.retry = RetryPolicy(
             max_retries=max_retries, backoff=retry_backoff, timeout=handler_timeout
         )
-        if on_failure not in ("stop", "dead_letter"):
-            raise ConfigError(f"on_failure must be 'stop' or 'dead_letter', not {on_failure!r}")
-        if on_failure == "dead_letter" and dead_letter is None:
-            raise ConfigError("on_failure='dead_letter' needs a dead_letter sink")
+        if on_failure not in ("stop", "dead_letter", "dead_letter_batch"):
+            raise ConfigError(
+                "on_failure must be 'stop', 'dead_letter' or 'dead_letter_batch', not"
+                f" {on_failure!r}"
+            )
+        if on_failure != "stop" and dead_letter is None:
+            raise ConfigError(f"on_failure={on_failure!r} needs a dead_letter sink")
         self.on_failure: FailurePolicy = on_failure
         self.dead_letter = dead_letter
         if durability not in ("always", "interval", "none"):
