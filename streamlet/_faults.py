@@ -1,8 +1,8 @@
 """Fault hooks for crash and chaos tests, switched on by environment variables.
 
-In production none of the variables is set and each hook costs one lookup.
-They let a test make a real worker process (``streamlet run``) misbehave
-without changing its code:
+In production none of the variables is set (nor the in-process crash hook
+below) and each hook costs a lookup or two. They let a test make a real
+worker process (``streamlet run``) misbehave without changing its code:
 
 ``STREAMLET_CRASH_AT=<point>[:<batch id>]``
     SIGKILL this process when it reaches that point of the commit protocol
@@ -27,6 +27,13 @@ without changing its code:
       (no receiver was told).
     * ``receiver_after_group_commit``: a Kafka receiver's ``n``-th commit
       of its consumer group's offsets has returned.
+
+In process, :func:`crash_in_process` (behind the test kit's
+:meth:`streamlet.testing.AppHarness.crash_at`) makes a crash point of either
+list raise :class:`SimulatedCrash` where the variable would kill (without
+the pause of ``block_before_tracker_event``): the app unwinds with no later
+step of the protocol running, and the test starts it again in the same
+process. The variable works as above whether or not a hook is set.
 
 ``STREAMLET_FAULT_FS=<fault>[;<fault>...]``
     The file layer that :class:`~streamlet.app.App` and
@@ -62,7 +69,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from streamlet.errors import ConfigError
@@ -75,10 +84,13 @@ __all__ = [
     "FS_ENV",
     "POINTS",
     "RECEIVER_POINTS",
+    "CrashHook",
     "FaultyFileSystem",
     "FsFault",
+    "SimulatedCrash",
     "check_environment",
     "crash_due",
+    "crash_in_process",
     "crash_point",
     "file_system",
     "install_clock",
@@ -145,8 +157,56 @@ def crash_due(point: str, batch_id: int) -> bool:
     return name == point and (batch is None or batch == batch_id)
 
 
+class SimulatedCrash(BaseException):
+    """The app "died" at a crash point: raised by an in-process crash hook instead of SIGKILL.
+
+    A ``BaseException``, as :class:`~streamlet.testing.faultfs.PowerCut` is,
+    so that no ``except Exception`` of the engine takes it for a failure to
+    retry, log or dead-letter: it unwinds the app the way a kill ends it.
+
+    Attributes:
+        point: the crash point (one of :data:`POINTS`).
+        batch_id: the batch that reached it.
+    """
+
+    def __init__(self, point: str, batch_id: int) -> None:
+        super().__init__(f"simulated crash at {point} of batch {batch_id}")
+        self.point = point
+        self.batch_id = batch_id
+
+
+CrashHook = Callable[[str, int], bool]
+"""``hook(point, batch_id)``: True to crash there (see :func:`crash_in_process`)."""
+
+# A context variable, not a module global: tasks started inside the block
+# inherit it, and two tests on one event loop do not see each other's hook.
+_crash_hook: ContextVar[CrashHook | None] = ContextVar("streamlet_crash_hook", default=None)
+
+
+@contextmanager
+def crash_in_process(hook: CrashHook) -> Iterator[None]:
+    """Within the block, a crash point for which ``hook`` says True raises :class:`SimulatedCrash`.
+
+    Tasks started inside the block (an app served there) inherit the hook.
+    The hook is asked before the environment variable; it runs on the event
+    loop at each crash point, so it must be quick and must not raise.
+    """
+    token = _crash_hook.set(hook)
+    try:
+        yield
+    finally:
+        _crash_hook.reset(token)
+
+
 def crash_point(point: str, batch_id: int) -> None:
-    """SIGKILL this process if the environment asked for a crash here."""
+    """Crash here if asked: raise SimulatedCrash for an in-process hook, or SIGKILL this process.
+
+    Raises:
+        SimulatedCrash: a hook set by :func:`crash_in_process` asked for it.
+    """
+    hook = _crash_hook.get()
+    if hook is not None and hook(point, batch_id):
+        raise SimulatedCrash(point, batch_id)
     if crash_due(point, batch_id):
         os.kill(os.getpid(), signal.SIGKILL)
 
