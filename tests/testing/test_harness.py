@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from streamlet.testing import (
     assert_same_after_crash,
 )
 from streamlet.testing.pytest_plugin import streamlet_harness  # noqa: F401 - the fixture
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _names(directory: Path) -> list[str]:
@@ -391,3 +394,14 @@ def test_the_kit_names_are_exported_and_load_only_when_used() -> None:
         "assert 'asyncpg' not in sys.modules\n"  # the postgres extra
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_the_readme_example_test_passes() -> None:
+    section = README.read_text().split("## Testing your app", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert snippet is not None
+    namespace: dict[str, object] = {"__name__": "readme_testing"}
+    exec(compile(snippet.group(1), "README.md", "exec"), namespace)  # noqa: S102 - our README
+    await namespace["test_counts_words"]()  # type: ignore[operator]
+    for point in ("after_handler", "after_sink_commit", "before_done"):
+        await namespace["test_a_crash_changes_nothing"](point)  # type: ignore[operator]
