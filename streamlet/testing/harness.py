@@ -50,11 +50,20 @@ written data survives in the page cache; a power cut is a different test
 runs inputs twice, with and without a crash, and compares every handler's
 committed outputs.
 
-Why a copy of the app and not a seam in :class:`App`: the harness swaps the
-registrations (which it reads from the app's private ``_sources``,
-``_handlers`` and ``_decoders``; it ships and is tested with this package)
-and sets the public settings ``fs``, ``clock`` and ``state_dir``, so the
-engine runs as it does in production with no testing branch in it.
+Choices:
+
+* A copy of the app, not a seam in :class:`App`: the harness swaps the
+  registrations (read from the app's private ``_sources``, ``_handlers``
+  and ``_decoders``; it ships and is tested with this package) and sets the
+  public settings ``fs``, ``clock`` and ``state_dir``, so the engine runs as
+  in production, with no testing branch in it.
+* A start per call, not one app kept running between calls: between two
+  calls a test may await anything, and a clock that jumps whenever all
+  tasks wait would meanwhile run the app through idle ticks. A start per
+  call keeps batches where the test asks for them (and runs recovery and
+  the last checkpoint each time, as a restart would).
+* The name ``AppHarness``, not ``TestRun``: pytest tries to collect a class
+  named ``Test...`` that a test module imports.
 """
 
 from __future__ import annotations

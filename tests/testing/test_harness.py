@@ -178,6 +178,14 @@ async def test_the_users_app_is_not_changed() -> None:
     assert app._stop is None
 
 
+async def test_run_batches_counts_idle_batches_and_says_when_there_are_none() -> None:
+    async with AppHarness(window_counts.app) as harness:
+        ran = await harness.run_batches(3)  # State(idle=True): a batch every interval
+        assert [info.records for info in ran] == [0, 0, 0]
+    with pytest.raises(AssertionError, match=r"0 batch\(es\) ran in 5 s of the app's clock"):
+        await AppHarness(_echo_app()).run_batches(1, limit=5.0)
+
+
 # -- retries and dead letters -------------------------------------------------------
 
 
