@@ -46,7 +46,9 @@ process's kernel would do, and the harness checks that the state directory
 changed no more (a close may still sync, which changes nothing a kill
 leaves). The next start recovers on what is there, as after ``kill -9``:
 written data survives in the page cache; a power cut is a different test
-(see :mod:`streamlet.testing.faultfs`). :func:`assert_same_after_crash`
+(see :mod:`streamlet.testing.faultfs`). Unlike a kill, it does not end the
+test's process: what the user's code keeps in module globals or closures
+survives it. :func:`assert_same_after_crash`
 runs inputs twice, with and without a crash, and compares every handler's
 committed outputs.
 
