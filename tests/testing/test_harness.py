@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -375,6 +377,22 @@ async def test_the_in_process_hook_raises_where_the_variable_would_kill() -> Non
         with pytest.raises(SimulatedCrash, match="after_handler of batch 2"):
             crash_point("after_handler", 2)
     crash_point("after_handler", 2)  # the hook is gone with the block
+
+
+def test_the_variable_still_kills_with_a_hook_set() -> None:
+    code = (
+        "from streamlet._faults import crash_in_process, crash_point\n"
+        "with crash_in_process(lambda point, batch: False):\n"
+        "    crash_point('after_done', 3)\n"
+        "    crash_point('after_done', 4)\n"
+        "print('alive')\n"
+    )
+    env = {**os.environ, "STREAMLET_CRASH_AT": "after_done:4"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, timeout=60, check=False
+    )
+    assert result.returncode == -signal.SIGKILL
+    assert result.stdout == b""
 
 
 # -- the package and the fixture -------------------------------------------------------
