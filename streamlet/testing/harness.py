@@ -568,6 +568,7 @@ class AppHarness:
             app.stop()
         limit = duration if duration is not None else self.limit
         self._ops_at_crash = None
+        failure: Exception | None = None
         try:
             with crash_in_process(self._crash_here):
                 async with anyio.create_task_group() as tg:
@@ -585,11 +586,16 @@ class AppHarness:
             crash = next((e for e in leaves if isinstance(e, SimulatedCrash)), None)
             if crash is None:
                 errors = [e for e in leaves if isinstance(e, Exception)]
-                if len(errors) == 1 and errors[0] is not exc:
-                    raise errors[0] from None
-                raise
-            self.crashes.append(crash)
-            self._check_nothing_written_after(crash)
+                if len(errors) != 1 or errors[0] is exc:
+                    raise
+                # The app's error as App.serve raised it, not in our task group's
+                # ExceptionGroup; raised below, so its context stays its own.
+                failure = errors[0]
+            else:
+                self.crashes.append(crash)
+                self._check_nothing_written_after(crash)
+        if failure is not None:
+            raise failure
         return ran
 
     def _check_nothing_written_after(self, crash: SimulatedCrash) -> None:

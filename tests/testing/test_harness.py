@@ -245,8 +245,9 @@ async def test_with_on_failure_stop_the_handlers_error_is_raised() -> None:
 
     harness = AppHarness(app)
     harness.feed("in", ["a"])
-    with pytest.raises(sl.HandlerError, match="handler 'fails' failed on batch 1"):
+    with pytest.raises(sl.HandlerError, match="handler 'fails' failed on batch 1") as caught:
         await harness.until_idle()
+    assert isinstance(caught.value.__cause__, ValueError)  # the handler's own error
     assert harness.outputs("fails") == []
 
 
