@@ -9,9 +9,14 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
+import anyio
+
+from streamlet.errors import StreamletError
+from streamlet.kafka._group import GroupView, describe_group
 from tests.kafka.test_kafka_sink import _read_all
 
 WORKER = Path(__file__).with_name("group_worker.py")
@@ -90,13 +95,18 @@ async def output(bootstrap: str, topic: str) -> list[bytes]:
 
 
 async def setup_group_app(
-    bootstrap: str, new_topic: Callable[..., Awaitable[str]], directory: Path
+    bootstrap: str,
+    new_topic: Callable[..., Awaitable[str]],
+    directory: Path,
+    *,
+    partitions: int = 4,
 ) -> tuple[str, str, dict[str, str]]:
-    """Input and output topics of 4 partitions, the worker module in ``directory``, its env.
+    """Input and output topics of ``partitions``, the worker module in ``directory``, its env.
 
     Returns ``(input topic, output topic, environment of the workers)``.
     """
-    source, out = await new_topic(4, prefix="in"), await new_topic(4, prefix="out")
+    source = await new_topic(partitions, prefix="in")
+    out = await new_topic(partitions, prefix="out")
     shutil.copy(WORKER, directory / "group_worker.py")
     env = {
         "GROUP_BOOTSTRAP": bootstrap,
@@ -105,3 +115,34 @@ async def setup_group_app(
         "GROUP_NAME": f"group-{source}",
     }
     return source, out, env
+
+
+async def group_settled(
+    bootstrap: str, group: str, workers: Iterable[Worker], *, quiet: float = 1.5, within: float = 45
+) -> GroupView:
+    """Wait until the group is Stable with exactly ``workers``, each working, for ``quiet`` s.
+
+    Each worker must own tasks (by the group and by its own log) and have
+    logged no new assignment for ``quiet`` seconds. So a SIGKILLed worker's
+    old member is gone (after the session timeout), and a worker stopped now
+    is evicted rather than waited for in a rebalance. Returns the group's view.
+    """
+    names = sorted(w.name for w in workers)
+    with anyio.fail_after(within):
+        while True:
+            try:
+                view = await describe_group(group, bootstrap)
+            except StreamletError:
+                view = None
+            calm = all(
+                w.owns_tasks() and time.time() - w.last_assignment() > quiet for w in workers
+            )
+            if (
+                view is not None
+                and view.state == "Stable"
+                and sorted(m.worker for m in view.members) == names
+                and all(m.tasks for m in view.members)
+                and calm
+            ):
+                return view
+            await anyio.sleep(0.3)
