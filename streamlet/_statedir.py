@@ -25,6 +25,7 @@ record the id beside the batch ids they commit and refuse another one.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import uuid
@@ -33,8 +34,11 @@ from typing import Any
 
 import orjson
 
+from streamlet._upgrade import plan_upgrade
 from streamlet.errors import ConfigError
 from streamlet.fs import FileSystem, OsFileSystem, lock_held, read_all, try_lock, write_atomic
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINTS",
@@ -54,6 +58,7 @@ TRACKER = "tracker"
 DATA = "data"
 CHECKPOINTS = "checkpoints"
 STATE = "state"
+NEW_STATE = "new_state"
 MANIFEST_FORMAT = "streamlet.app"
 MANIFEST_VERSION = 1
 _MANIFEST_KEYS = ("format", "version", "app", "sources", "handlers")
@@ -94,6 +99,12 @@ class StateDir:
         #: The directory's identity, made once when its manifest was written.
         self.state_id = state_id
         self._lock_fd = lock_fd
+        #: The app's manifest as written.
+        self.manifest: dict[str, Any] = {}
+        #: Handlers that gained keyed state in an upgrade and whose store has
+        #: not started yet: an empty store is right for them (once), where
+        #: for any other handler it means a store was lost.
+        self.new_state: set[str] = set()
 
     @property
     def tracker(self) -> str:
@@ -129,7 +140,7 @@ class StateDir:
             if isinstance(fs, OsFileSystem):
                 _check_permissions(path)
                 lock_fd = _lock(path)
-            state_id = _manifest(path, fs, manifest)
+            state_id, new_state = _manifest(path, fs, manifest)
         except OSError as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -143,7 +154,17 @@ class StateDir:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
-        return cls(path, fs, state_id, lock_fd)
+        opened = cls(path, fs, state_id, lock_fd)
+        opened.manifest = dict(manifest)
+        opened.new_state = new_state
+        return opened
+
+    def state_started(self) -> None:
+        """The new handlers' stores exist now: forget :attr:`new_state`."""
+        if self.new_state:
+            manifest_path = os.path.join(self.path, MANIFEST)
+            _write(self.fs, manifest_path, self.manifest, self.state_id, set())
+            self.new_state = set()
 
     def close(self) -> None:
         """Release the lock; the directory may then be opened by another worker."""
@@ -166,8 +187,13 @@ def _check_permissions(path: str) -> None:
         )
 
 
-def _manifest(path: str, fs: FileSystem, wanted: Mapping[str, Any]) -> str:
-    """Compare the manifest with ``wanted``, or write it; return the state id."""
+def _manifest(path: str, fs: FileSystem, wanted: Mapping[str, Any]) -> tuple[str, set[str]]:
+    """Compare the manifest with ``wanted`` (upgrading it), or write it.
+
+    Returns:
+        The state id, and the handlers whose keyed state is new (see
+        :attr:`StateDir.new_state`).
+    """
     manifest_path = os.path.join(path, MANIFEST)
     if fs.exists(manifest_path):
         try:
@@ -177,15 +203,37 @@ def _manifest(path: str, fs: FileSystem, wanted: Mapping[str, Any]) -> str:
                 f"{manifest_path} is not valid JSON ({exc}); the state directory is"
                 " damaged: restore it or choose another state_dir"
             ) from None
-        state_id = found.pop("state_id", "") if isinstance(found, dict) else ""
-        if found != dict(wanted):
+        if not isinstance(found, dict):
             raise ConfigError(mismatch(path, manifest_path, found, wanted))
-        return str(state_id)
+        state_id = str(found.pop("state_id", ""))
+        new_state = set(found.pop(NEW_STATE, []))
+        if found == dict(wanted):
+            return state_id, new_state
+        upgrade = plan_upgrade(found, wanted)
+        if upgrade.refused:
+            raise ConfigError(
+                f"state_dir {path} cannot run this version of the app ({manifest_path}): "
+                + "; ".join(upgrade.refused)
+            )
+        stateful = {n for n, h in wanted.get("handlers", {}).items() if "state" in h}
+        new_state = (new_state | upgrade.gained_state) & stateful
+        for change in upgrade.accepted:
+            log.warning("state_dir %s: the app changed: %s", path, change)
+        _write(fs, manifest_path, wanted, state_id, new_state)
+        return state_id, new_state
     # Under the lock: a leftover temp file is from a crash, never a live writer.
     state_id = uuid.uuid4().hex
-    body = orjson.dumps({**wanted, "state_id": state_id}, option=orjson.OPT_INDENT_2)
-    write_atomic(fs, manifest_path, body)
-    return state_id
+    _write(fs, manifest_path, wanted, state_id, set())
+    return state_id, set()
+
+
+def _write(
+    fs: FileSystem, manifest_path: str, wanted: Mapping[str, Any], state_id: str, new: set[str]
+) -> None:
+    body: dict[str, Any] = {**wanted, "state_id": state_id}
+    if new:
+        body[NEW_STATE] = sorted(new)
+    write_atomic(fs, manifest_path, orjson.dumps(body, option=orjson.OPT_INDENT_2))
 
 
 def mismatch(path: str, manifest_path: str, found: Any, wanted: Mapping[str, Any]) -> str:

@@ -600,11 +600,15 @@ class App:
                     ttl=spec.state.ttl,
                     cache_keys=spec.state.cache_keys,
                 )
+                if spec.name in statedir.new_state:
+                    # State added in an upgrade: it starts empty at the last done batch.
+                    await store.start_at(tracker.state.last_done)
                 store.check_against(
                     tracker.state.last_done,
                     [a.id for a in tracker.state.pending],
                     tracker.state.next_batch_id - 1,
                 )
+            await anyio.to_thread.run_sync(statedir.state_started)
             scheduler = BatchScheduler(
                 app=self.name,
                 tracker=tracker,

@@ -308,6 +308,14 @@ class StateStore:
             self._remember(k, (v, changes.time))
         self.seq = changes.batch_id
 
+    async def start_at(self, batch_id: int) -> None:
+        """Start an empty store at ``batch_id`` (keyed state added to a running app).
+
+        A store that holds anything already is left as it is.
+        """
+        if self.seq == 0 and self.count(-float("inf")) == 0 and batch_id > 0:
+            await anyio.to_thread.run_sync(self._commit, Changes(batch_id, 0.0, {}, frozenset()))
+
     def check_against(self, last_done: int, pending: Sequence[int], allocated: int) -> None:
         """Refuse a store that does not fit the tracker (a lost, stale or foreign file).
 

@@ -130,14 +130,14 @@ def test_run_rejects_a_bad_interval_with_exit_2(app_dir: Path) -> None:
     assert "batch_interval must be a positive number" in result.stderr
 
 
-def test_run_refuses_a_state_dir_of_another_app(app_dir: Path) -> None:
+def test_run_refuses_a_renamed_source_on_its_state_dir(app_dir: Path) -> None:
     assert streamlet_cli(app_dir, "run", "tinyapp:app", "--duration", "0.1").returncode == 0
     other = textwrap.dedent(APP).replace('name="numbers"', 'name="letters"')
     (app_dir / "otherapp.py").write_text(other.format(state_dir=str(app_dir / "state")))
     result = streamlet_cli(app_dir, "run", "otherapp:app", "--duration", "0.1")
     assert result.returncode == 2
-    assert "belongs to a different app" in result.stderr
-    assert "sources" in result.stderr
+    assert "source 'numbers' appears renamed to 'letters'" in result.stderr
+    assert "name='numbers'" in result.stderr
 
 
 SLOW_APP = """
