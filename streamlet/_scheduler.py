@@ -422,6 +422,7 @@ class BatchScheduler:
         if not planned:
             return
         turns = [anyio.Event() for _ in planned]
+        failures: list[Exception] = []
 
         async def run_task(index: int, task: int, epoch: int, alloc: Allocation) -> None:
             previous = turns[index - 1] if index else None
@@ -432,12 +433,21 @@ class BatchScheduler:
 
             try:
                 await self._run_task_batch(task, epoch, alloc, scheduled, turn)
+            except Exception as exc:
+                # The app stops: the other tasks' batches are cancelled (none
+                # is marked done after this one), and the error is raised as
+                # itself, not in an exception group, so that `streamlet run`
+                # prints it as one line.
+                failures.append(exc)
+                tg.cancel_scope.cancel()
             finally:
                 turns[index].set()
 
         async with anyio.create_task_group() as tg:
             for index, (task, epoch, alloc) in enumerate(planned):
                 tg.start_soon(run_task, index, task, epoch, alloc)
+        if failures:
+            raise failures[0]
 
     async def _run_task_batch(
         self,
@@ -803,11 +813,12 @@ class BatchScheduler:
         for a per-record transform; a handler that aggregates over the batch
         should use ``on_failure="dead_letter_batch"``.
 
-        Bounded: if no part has passed after ``2 * log2(n) + 16`` calls, the
+        Bounded: after ``2 * log2(n) + 16`` failing calls in a row, the
         failure looks like one of everything (a service down past the
-        retries) and the parts still undecided go to the dead-letter sink
-        whole: a few calls, not one per record. Otherwise bisection finds k
-        bad records of n in about ``2 k log2(n / k)`` calls;
+        retries, from the start or from some point on) and the parts still
+        undecided go to the dead-letter sink whole: a few calls, not one per
+        record. Otherwise bisection finds k bad records of n in about
+        ``2 k log2(n / k)`` calls;
         and a part that times out goes whole (each try would wait it out; a
         handler that timed out on the whole batch is not bisected at all).
 
@@ -816,7 +827,7 @@ class BatchScheduler:
         """
         once = RetryPolicy(max_retries=0, backoff=0, timeout=self.retry.timeout)
         patience = 2 * max(1, len(view.records)).bit_length() + 16
-        calls = passed = 0
+        failing = 0  # calls that failed since the last one that passed
         good: list[object] = []
         dead: list[object] = []
 
@@ -826,18 +837,18 @@ class BatchScheduler:
             dead.extend(_dead_letter(r, view.id, error, spec.name, attempts) for r in records)
 
         async def split(records: list[Record], known: _Failure | None) -> None:
-            nonlocal calls, passed
+            nonlocal failing
             if known is None:
-                if passed == 0 and calls >= patience:
+                if failing >= patience:
                     bury(records, failure)
                     return
-                calls += 1
                 part = Batch(view.id, view.time, records, view.ranges, view.blocks)
                 result = await self._call_handler(spec, part, trace, retry=once)
                 if not isinstance(result, _Failure):
-                    passed += 1
+                    failing = 0
                     good.extend(result)
                     return
+                failing += 1
                 if isinstance(result.error, (OutputError, TimeoutError)):
                     bury(records, result)
                     return
@@ -902,6 +913,7 @@ class BatchScheduler:
         views: Mapping[str, Batch],
         failures: Mapping[str, _Failure],
         dead: list[object],
+        recovered: bool = False,
     ) -> None:
         """Apply ``on_failure`` to handlers that failed on ``batch``.
 
@@ -910,7 +922,11 @@ class BatchScheduler:
         """
         for name, failure in failures.items():
             view = views[name]
-            if self.policy.on_failure == "stop" or self.dead_letter is None:
+            # A stateful handler failing on a batch run again after a crash
+            # may have had its outputs committed then: dead-lettering its input
+            # now would leave the outputs without the state that made them.
+            stateful_rerun = recovered and name in self.stores
+            if self.policy.on_failure == "stop" or self.dead_letter is None or stateful_rerun:
                 if isinstance(failure.error, OutputError):
                     raise failure.error
                 raise HandlerError(
@@ -1024,8 +1040,16 @@ class BatchScheduler:
         processed = self.clock.monotonic()
 
         failed = {n: r for n, r in results.items() if isinstance(r, _Failure)}
-        self._route_failures(batch, views, failed, dead)
+        self._route_failures(batch, views, failed, dead, recovered)
         for name, letters in isolated.items():
+            if not letters:
+                log.warning(
+                    "handler %r on batch %d failed on the whole batch, then passed on each"
+                    " part of it; nothing is dead-lettered",
+                    name,
+                    batch.id,
+                )
+                continue
             log.error(
                 "handler %r on batch %d failed on %d of its %d record(s); those go to the"
                 " dead-letter sink, its outputs for the rest are committed",
@@ -1050,6 +1074,17 @@ class BatchScheduler:
             and not (idle and not result)
         }
         committed: dict[str, SinkError | None] = {}
+        # A bisected handler commits part of its input as outputs and the rest
+        # as dead letters. A re-run may bisect differently (a failure that
+        # passed), and its sink then skips the batch: so the dead letters
+        # commit first, and the worst a re-run can do is put a record in both
+        # places, visibly, never in neither.
+        letters_first = any(isolated.values()) and self.dead_letter is not None
+        if letters_first:
+            assert self.dead_letter is not None
+            dead_failure = await self._commit_sink("dead-letter", self.dead_letter, batch, dead)
+            if dead_failure is not None:
+                raise dead_failure
 
         async def commit_one(name: str, sink: Sink, outputs: list[object]) -> None:
             committed[name] = await self._commit_sink(
@@ -1068,8 +1103,12 @@ class BatchScheduler:
             for name, error in committed.items()
             if isinstance(error, OutputError)
         }
+        if refused and letters_first:
+            # The batch's dead letters are committed already: its refused
+            # input cannot join them. Stop, with the batch not done.
+            raise next(iter(refused.values())).error
         self._route_failures(batch, views, refused, dead)
-        if dead and self.dead_letter is not None:
+        if dead and self.dead_letter is not None and not letters_first:
             dead_failure = await self._commit_sink("dead-letter", self.dead_letter, batch, dead)
             if dead_failure is not None:
                 raise dead_failure

@@ -19,7 +19,14 @@ from typing import Any
 import orjson
 
 from streamlet.errors import StateError
-from streamlet.state._store import Changes, StateKey, StateStore, decode_key, encode_key
+from streamlet.state._store import (
+    INTERNAL,
+    Changes,
+    StateKey,
+    StateStore,
+    decode_key,
+    encode_key,
+)
 
 __all__ = ["KeyedState"]
 
@@ -61,7 +68,9 @@ class KeyedState(MutableMapping[StateKey, Any]):
             ) from None
 
     def __getitem__(self, key: StateKey) -> Any:
-        k = self._key(key)
+        return self._get(self._key(key), key)
+
+    def _get(self, k: bytes, key: object) -> Any:
         if k in self._changed:
             value = self._changed[k]
             if value is _DELETED:
@@ -98,7 +107,11 @@ class KeyedState(MutableMapping[StateKey, Any]):
             if changed.get(k, None) is not _DELETED:
                 yield decode_key(k)
         for k, value in list(changed.items()):
-            if value is not _DELETED and self._store.read(k, self.time) is None:
+            if (
+                k[:1] != INTERNAL
+                and value is not _DELETED
+                and self._store.read(k, self.time) is None
+            ):
                 yield decode_key(k)
 
     def __len__(self) -> int:
@@ -106,7 +119,11 @@ class KeyedState(MutableMapping[StateKey, Any]):
 
     def changed(self) -> dict[StateKey, Any]:
         """The keys this batch set so far and their values (deleted ones left out)."""
-        return {decode_key(k): v for k, v in self._changed.items() if v is not _DELETED}
+        return {
+            decode_key(k): v
+            for k, v in self._changed.items()
+            if v is not _DELETED and k[:1] != INTERNAL
+        }
 
     def changes(self) -> Changes:
         """This batch's changes, encoded: ready for :meth:`StateStore.commit`.
@@ -134,8 +151,24 @@ class KeyedState(MutableMapping[StateKey, Any]):
         try:
             return orjson.dumps(value)
         except TypeError as exc:
+            what = f"entry {k[1:]!r}" if k[:1] == INTERNAL else f"key {decode_key(k)!r}"
             raise StateError(
                 f"handler {self._store.handler!r}, batch {self.batch_id}: the state value of"
-                f" key {decode_key(k)!r} cannot be stored ({exc}); state values must be what"
-                " orjson encodes (dict, list, str, int, float, bool, None)"
+                f" {what} cannot be stored ({exc}); state values must be what orjson"
+                " encodes (dict, list, str, int, float, bool, None)"
             ) from None
+
+    # -- streamlet's own entries (windows' books) ---------------------------------------
+
+    def internal_get(self, name: bytes, default: Any = None) -> Any:
+        """Streamlet's own entry ``name`` (not a user key: it never expires or shows)."""
+        try:
+            return self._get(INTERNAL + name, name)
+        except KeyError:
+            return default
+
+    def internal_set(self, name: bytes, value: Any) -> None:
+        self._changed[INTERNAL + name] = value
+
+    def internal_delete(self, name: bytes) -> None:
+        self._changed[INTERNAL + name] = _DELETED

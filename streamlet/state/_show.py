@@ -38,7 +38,7 @@ import orjson
 
 from streamlet._statedir import MANIFEST, STATE
 from streamlet.errors import StateError, StreamletError
-from streamlet.state._store import StateKey, decode_key, encode_key
+from streamlet.state._store import _USER_ONLY, StateKey, decode_key, encode_key
 
 __all__ = [
     "Entry",
@@ -331,10 +331,12 @@ def _read(
             conn.execute("COMMIT")
             return StoreView(handler, path, None, None, 0, 0, ttl, (), key)
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
-        (count,) = conn.execute("SELECT COUNT(*) FROM kv").fetchone()
+        # streamlet's own entries (windows' books) are not the user's keys.
+        (count,) = conn.execute(f"SELECT COUNT(*) FROM kv WHERE {_USER_ONLY}").fetchone()  # noqa: S608
         if key is None:
             rows = conn.execute(
-                "SELECT k, v, touched FROM kv ORDER BY k LIMIT ?", (max(limit, 0),)
+                f"SELECT k, v, touched FROM kv WHERE {_USER_ONLY} ORDER BY k LIMIT ?",  # noqa: S608
+                (max(limit, 0),),
             ).fetchall()
         else:
             rows = []

@@ -42,7 +42,15 @@ import anyio.to_thread
 
 from streamlet.errors import StateError
 
-__all__ = ["STATE_FORMAT", "Changes", "StateKey", "StateStore", "decode_key", "encode_key"]
+__all__ = [
+    "INTERNAL",
+    "STATE_FORMAT",
+    "Changes",
+    "StateKey",
+    "StateStore",
+    "decode_key",
+    "encode_key",
+]
 
 STATE_FORMAT = 1
 
@@ -52,9 +60,22 @@ StateKey = str | bytes | int
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kv("
     "k BLOB PRIMARY KEY, v BLOB NOT NULL, touched REAL NOT NULL) WITHOUT ROWID",
-    "CREATE INDEX IF NOT EXISTS kv_touched ON kv(touched)",
     "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
+# Only a store with a ttl looks keys up by age: without one, the index would
+# cost every write (about a third of an upsert) for nothing.
+_WITH_TTL = "CREATE INDEX IF NOT EXISTS kv_touched ON kv(touched)"
+_WITHOUT_TTL = "DROP INDEX IF EXISTS kv_touched"
+
+INTERNAL = b"w"
+"""The type byte of streamlet's own entries in a store (windows' books):
+:func:`encode_key` never makes it, so no user key can take theirs, and they
+never expire or show among the user's keys."""
+_USER_ONLY = "NOT (k >= x'77' AND k < x'78')"
+EXPIRED_PER_BATCH = 10_000
+"""The most expired keys one batch takes out, oldest first: a store that
+was stopped past its ``ttl`` for a long time drains over several batches
+instead of loading every key at once."""
 
 
 def encode_key(key: object) -> bytes:
@@ -165,6 +186,7 @@ class StateStore:
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)
+            conn.execute(_WITH_TTL if ttl is not None else _WITHOUT_TTL)
             meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
             orphan = not created and conn.execute("SELECT 1 FROM kv LIMIT 1").fetchone()
             if not meta and not orphan:
@@ -213,7 +235,7 @@ class StateStore:
         if found is None:
             return None
         value, touched = found
-        if self.ttl is not None and touched < time - self.ttl:
+        if self.ttl is not None and touched < time - self.ttl and key[:1] != INTERNAL:
             return None
         return value
 
@@ -230,18 +252,21 @@ class StateStore:
             return []
         with self._lock:
             rows = self._conn.execute(
-                "SELECT k, v FROM kv WHERE touched < ? ORDER BY touched, k", (time - self.ttl,)
+                f"SELECT k, v FROM kv WHERE touched < ? AND {_USER_ONLY}"  # noqa: S608 - constants
+                " ORDER BY touched, k LIMIT ?",
+                (time - self.ttl, EXPIRED_PER_BATCH),
             ).fetchall()
         return [(bytes(k), bytes(v)) for k, v in rows]
 
     def keys(self, time: float) -> Iterator[bytes]:
-        """Every committed key not expired at ``time``, in key order, read in pages."""
+        """Every committed user key not expired at ``time``, in key order, read in pages."""
         after = b""
         floor = -float("inf") if self.ttl is None else time - self.ttl
         while True:
             with self._lock:
                 rows = self._conn.execute(
-                    "SELECT k FROM kv WHERE k > ? AND touched >= ? ORDER BY k LIMIT 1000",
+                    f"SELECT k FROM kv WHERE k > ? AND touched >= ? AND {_USER_ONLY}"  # noqa: S608
+                    " ORDER BY k LIMIT 1000",
                     (after, floor),
                 ).fetchall()
             if not rows:
@@ -255,7 +280,8 @@ class StateStore:
         floor = -float("inf") if self.ttl is None else time - self.ttl
         with self._lock:
             (n,) = self._conn.execute(
-                "SELECT COUNT(*) FROM kv WHERE touched >= ?", (floor,)
+                f"SELECT COUNT(*) FROM kv WHERE touched >= ? AND {_USER_ONLY}",  # noqa: S608
+                (floor,),
             ).fetchone()
         return int(n)
 

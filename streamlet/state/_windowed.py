@@ -6,12 +6,13 @@ against a brute-force model); this module only loads the part of the book
 the batch needs from the state and writes it back, so that windows commit
 exactly once with the batch like any other state.
 
-Layout inside the state, under keys no user key can take (bytes starting
-with a NUL and ``streamlet.window``):
+Layout inside the state, as streamlet's own entries (``KeyedState.internal_*``:
+a type byte no user key has, never expired by ``ttl``, never listed):
 
-* ``<prefix><name>/meta``: ``{"watermark": ..., "starts": [open window starts, ms]}``;
-* ``<prefix><name>/<start ms>``: one open window: ``{key (hex of its stored
-  form): accumulator}``.
+* ``window/<name>/meta``: ``{"watermark": ..., "starts": [open window starts, ms]}``;
+* ``window/<name>/<start ms>``: one open window: ``{key (hex of its stored
+  form): accumulator}``. A window is one entry: its keys must fit in memory
+  together (one entry per key and window is a later step).
 
 A batch reads the meta entry, the windows its records fall in and the
 windows due to close, never the others: a batch costs what its windows
@@ -40,8 +41,6 @@ from streamlet.state._windows import (
 )
 
 __all__ = ["Windowed", "windowed"]
-
-_PREFIX = b"\x00streamlet.window\x00"
 
 
 class Windowed(NamedTuple):
@@ -99,9 +98,9 @@ def windowed(
     Raises:
         StateError: a record has no key, or an accumulator cannot be stored.
     """
-    base = _PREFIX + name.encode() + b"/"
+    base = b"window/" + name.encode() + b"/"
     meta_key = base + b"meta"
-    meta = state.get(meta_key) or {"watermark": None, "starts": []}
+    meta = state.internal_get(meta_key) or {"watermark": None, "starts": []}
     open_starts: set[int] = set(meta["starts"])
     events = [
         Event(key(r), event_time(r) if spec.time == "event" else state.time, r) for r in records
@@ -126,7 +125,7 @@ def windowed(
     loaded = (wanted | due) & open_starts
     panes: dict[tuple[Key, float], JSON] = {}
     for start in loaded:
-        for hexed, acc in state[base + str(start).encode()].items():
+        for hexed, acc in state.internal_get(base + str(start).encode(), {}).items():
             panes[(decode_key(bytes.fromhex(hexed)), start / 1000)] = acc
     try:
         book, results, late = apply_batch(Book(panes, watermark), events, state.time, spec, agg)
@@ -138,13 +137,16 @@ def windowed(
     for start in loaded | wanted:
         entry = base + str(start).encode()
         if start in kept:
-            state[entry] = kept[start]
+            state.internal_set(entry, kept[start])
         elif start in open_starts:
-            del state[entry]
-    state[meta_key] = {
-        "watermark": book.watermark,
-        "starts": sorted((open_starts - loaded) | set(kept)),
-    }
+            state.internal_delete(entry)
+    state.internal_set(
+        meta_key,
+        {
+            "watermark": book.watermark,
+            "starts": sorted((open_starts - loaded) | set(kept)),
+        },
+    )
     return Windowed(results, [e.item for e in late])
 
 

@@ -123,3 +123,61 @@ async def test_a_handler_that_times_out_is_not_bisected(tmp_path: Path, tracker:
     assert calls == [50, 50]
     assert len(dead.values()) == 50
     assert good.batches == {}
+
+
+async def test_a_bisected_batch_commits_its_dead_letters_before_its_outputs(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    # Were the outputs first, a crash between the two commits and a re-run on
+    # which the handler passes would leave the bad record in neither sink.
+    order: list[str] = []
+
+    class Logged(ListSink):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        async def commit(self, batch: Batch, outputs: Any) -> bool:
+            order.append(self.name)
+            return await super().commit(batch, outputs)
+
+    async def square(batch: Batch) -> list[int]:
+        if any(_bad(int(r.value)) for r in batch):
+            raise ValueError("bad record")
+        return [int(r.value) ** 2 for r in batch]
+
+    source = SequenceSource(rate=None, limit=20, value=lambda p, o: b"%d" % o)
+    source.name = "seq"
+    good, dead = Logged("outputs"), Logged("dead letters")
+    scheduler = BatchScheduler(
+        app="d",
+        tracker=tracker,
+        sources={"seq": source},
+        handlers=[HandlerSpec("h", square, ("seq",), good)],
+        policy=BatchPolicy(interval=0.01, on_failure="dead_letter", retry=RetryPolicy(0)),
+        checkpointer=Checkpointer(
+            OsFileSystem(), str(tmp_path / "cp"), "d", interval=0, loaded=None, last_done=0
+        ),
+        dead_letter=dead,
+    )
+    alloc = await scheduler.allocate(0.0)
+    assert alloc is not None
+    await scheduler._run_batch(alloc, scheduled=None, recovered=False)
+    assert order == ["dead letters", "outputs"]
+    assert len(dead.values()) == 3  # 3, 10, 17
+
+
+async def test_bisection_stops_when_everything_fails_after_a_part_passed(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    calls: list[int] = []
+
+    async def flaky(batch: Batch) -> list[int]:
+        calls.append(len(batch))
+        if len(calls) == 3:  # the first half passes, then the service goes down
+            return [0] * len(batch)
+        raise ConnectionError("the service is down")
+
+    _, dead = await _run_one_batch(tmp_path, tracker, flaky, "dead_letter", records=1000)
+    assert len(dead.values()) == 500
+    assert len(calls) <= 3 + 2 * (1000).bit_length() + 16

@@ -340,3 +340,19 @@ async def test_a_task_given_up_and_taken_back_mid_batch_drops_that_batch_and_goe
     expected = await scheduler.sources["seq"].read([OffsetRange("seq", 0, 0, 6)])
     assert sink.values == [int(r.value) for r in expected]  # each once, in order
     assert sink.marker == {0: 6}
+
+
+async def test_a_task_batch_that_fails_stops_the_tick_with_its_own_error(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    async def handler(batch: Batch) -> list[int]:
+        if batch.ranges[0].partition == 1:
+            raise OutputError("task 1 cannot be written")
+        return [int(r.value) for r in batch]
+
+    scheduler, sink = _grouped(tmp_path, tracker, handler)
+    scheduler.retry = RetryPolicy(max_retries=0)
+    for task in (0, 1):
+        await _take(scheduler, sink, task)
+    with pytest.raises(OutputError, match="task 1 cannot be written"):  # not an ExceptionGroup
+        await scheduler._group_tick(0.0, 0.0)

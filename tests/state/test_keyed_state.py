@@ -315,3 +315,34 @@ async def test_the_store_behaves_as_a_dict_committed_per_batch(
         assert store.count(0.0) == len(model)
     finally:
         await store.aclose()
+
+
+async def test_a_stateful_handler_failing_on_a_rerun_batch_stops_rather_than_dead_letters(
+    tmp_path: Path, tracker: Tracker, store: StateStore
+) -> None:
+    # Its outputs may have been committed before the crash; dead-lettering
+    # the input now would leave them without the state that made them.
+    async def fails(batch: Batch, state: KeyedState) -> list[int]:
+        raise ConnectionError("down")
+
+    source = SequenceSource(rate=None, limit=4, key=lambda p, o: b"k")
+    source.name = "seq"
+    scheduler = BatchScheduler(
+        app="a",
+        tracker=tracker,
+        sources={"seq": source},
+        handlers=[HandlerSpec("h", fails, ("seq",), ListSink())],
+        policy=BatchPolicy(
+            interval=0.01, on_failure="dead_letter", retry=RetryPolicy(max_retries=0)
+        ),
+        checkpointer=Checkpointer(
+            OsFileSystem(), str(tmp_path / "cp"), "a", interval=0, loaded=None, last_done=0
+        ),
+        dead_letter=ListSink(),
+        stores={"h": store},
+    )
+    alloc = await scheduler.allocate(0.0)
+    assert alloc is not None
+    with pytest.raises(HandlerError, match="failed on batch 1"):
+        await scheduler._run_batch(alloc, scheduled=None, recovered=True)
+    assert store.seq == 0
