@@ -123,19 +123,25 @@ class Producer:
                 raise PartitionerFailed(f"on output {index}: {exc}") from exc.__cause__ or exc
         builders: dict[int, Any] = {}
         futures: list[asyncio.Future[Any]] = []
+
+        async def send(builder: Any, partition: int) -> None:
+            future = await raw.send_batch(builder, topic, partition=partition)
+            # At once: a later send_batch that raises (a fenced producer)
+            # must not leave this one's failure unread, logged as an error.
+            future.add_done_callback(_retrieve)
+            futures.append(future)
+
         for partition, (key, value, headers) in zip(placed, messages, strict=True):
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = raw.create_batch()
             if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                futures.append(await raw.send_batch(builder, topic, partition=partition))
+                await send(builder, partition)
                 builder = builders[partition] = raw.create_batch()
                 # An empty batch takes any one record that fits a request.
                 builder.append(timestamp=None, key=key, value=value, headers=headers)
         for partition, builder in builders.items():
-            futures.append(await raw.send_batch(builder, topic, partition=partition))
-        for future in futures:
-            future.add_done_callback(_retrieve)
+            await send(builder, partition)
         return futures
 
     async def send_offsets(

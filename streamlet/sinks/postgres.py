@@ -120,6 +120,8 @@ _T = TypeVar("_T")
 
 _FIRST_BACKOFF = 0.1
 _MAX_BACKOFF = 2.0
+_ACQUIRE_TIMEOUT = 30.0
+"""Seconds a commit waits for a pooled connection before it counts as a retriable failure."""
 # One lock id for every streamlet DDL transaction: workers starting together
 # would otherwise race on CREATE TABLE IF NOT EXISTS (a unique violation).
 _DDL_LOCK = 0x5354524D4C4554  # "STRMLET"
@@ -174,9 +176,11 @@ WITH batch AS (
 )
 SELECT count(*) FROM batch
 """
+# Only the batch's sources: a row of a source the app no longer has keeps
+# its old owner, and would fence every commit.
 _LOCK_TASK = """
 SELECT source, next_offset, owner FROM streamlet_offsets
-WHERE app = $1 AND handler = $2 AND partition = $3
+WHERE app = $1 AND handler = $2 AND partition = $3 AND source = ANY($4::text[])
 ORDER BY source FOR UPDATE
 """
 _ADVANCE_TASK = """
@@ -661,7 +665,9 @@ class PostgresSink(Sink):
         conn = self._spare.pop() if self._spare else None
         if conn is None:
             try:
-                conn = await self._pool.acquire()
+                conn = await self._pool.acquire(timeout=_ACQUIRE_TIMEOUT)
+            except TimeoutError as exc:
+                raise _Retry(exc, unknown=False) from exc
             except Exception as exc:
                 if failure_kind(exc, closed=True) in ("retry", "unknown"):
                     raise _Retry(exc, unknown=False) from exc
@@ -696,9 +702,12 @@ class PostgresSink(Sink):
             _discard(conn)
             raise
         finally:
-            if healthy:
-                # Kept for the next batch, out of the pool: a pool round trip
-                # per batch costs as much as one more statement.
+            if healthy and not self._spare:
+                # One kept for the next batch, out of the pool: a pool round
+                # trip per batch costs as much as one more statement. Only
+                # one: commits of several tasks at once would otherwise keep
+                # every connection out of the pool, and the next acquire
+                # would wait for ever.
                 self._spare.append(conn)
             else:
                 await self._release(conn)
@@ -780,7 +789,8 @@ class PostgresSink(Sink):
                 f"{self._where()}: batch {batch.id} belongs to task {task}, which this worker"
                 f" has not acquired (or has released); call acquire({task}) first"
             )
-        rows = await conn.fetch(_LOCK_TASK, context.app, context.handler, task)
+        sources = sorted({r.source for r in batch.ranges})
+        rows = await conn.fetch(_LOCK_TASK, context.app, context.handler, task, sources)
         holders = {row["owner"] for row in rows}
         if holders != {owner}:
             others = sorted(str(h) for h in holders - {owner})

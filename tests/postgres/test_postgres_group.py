@@ -139,3 +139,27 @@ def test_group_mode_takes_a_postgres_sink_but_not_a_sqlite_sink(tmp_path: Any) -
     assert any(
         "exactly-once only on one worker" in p for p in check_group_mode(sources, [("w", sqlite)])
     )
+
+
+async def test_more_tasks_committing_at_once_than_the_pool_has_connections(
+    pg_database: str,
+) -> None:
+    # A worker's tasks commit side by side; the sink must give connections
+    # back to the pool, or the fifth commit (and every acquire after) waits.
+    sink = PostgresSink(
+        pg_database, insert_words, table_ddl=DDL, retry_timeout=10, max_connections=2
+    )
+    await sink.open(_context("state-a"))
+    try:
+        for task in range(5):
+            await sink.acquire(task)
+        with anyio.fail_after(30):
+            for tick in range(3):
+                async with anyio.create_task_group() as tg:
+                    for task in range(5):
+                        batch = _batch(tick * 5 + task + 1, task, tick * 10, tick * 10 + 10)
+                        tg.start_soon(sink.commit, batch, [(f"t{task}-{tick}", 1)])
+            assert await sink.acquire(0) == {"orders": 30}
+        assert len(await _words(pg_database)) == 15
+    finally:
+        await sink.aclose()
