@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import click
@@ -491,18 +492,25 @@ def checkpoint_show(directory: str, as_json: bool) -> None:
 
     from streamlet._state import read_state
 
-    try:
+    with _reading_state_dir(directory):
         view = read_state(directory)
+    if as_json:
+        click.echo(orjson.dumps(view.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(view.describe())
+
+
+@contextlib.contextmanager
+def _reading_state_dir(directory: str) -> Iterator[None]:
+    """The read-only tools' errors as one line: exit 2 if unreadable, 1 if refused."""
+    try:
+        yield
     except OSError as exc:
         click.echo(f"error: cannot read the state directory {directory}: {exc}", err=True)
         raise click.exceptions.Exit(2) from exc
     except streamlet.StreamletError as exc:
         click.echo(f"error: {exc}", err=True)
         raise click.exceptions.Exit(1) from exc
-    if as_json:
-        click.echo(orjson.dumps(view.to_json(), option=orjson.OPT_INDENT_2).decode())
-    else:
-        click.echo(view.describe())
 
 
 @main.group("state")
@@ -541,18 +549,12 @@ def state_show(
 
     from streamlet.state._show import key_candidates, open_state_dir, read_store
 
-    try:
+    with _reading_state_dir(directory):
         found = open_state_dir(directory)
         views = [
             read_store(name, path, ttl=found.ttl(name), limit=limit, key=key)
             for name, path in found.select(handler).items()
         ]
-    except OSError as exc:
-        click.echo(f"error: cannot read the state directory {directory}: {exc}", err=True)
-        raise click.exceptions.Exit(2) from exc
-    except streamlet.StreamletError as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise click.exceptions.Exit(1) from exc
     if as_json:
         document = {
             "directory": found.directory,

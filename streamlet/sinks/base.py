@@ -20,9 +20,10 @@ from typing import ClassVar, Literal, NamedTuple
 
 import orjson
 
+from streamlet.errors import ConfigError
 from streamlet.records import Batch
 
-__all__ = ["Guarantee", "Sink", "SinkContext", "encode_output", "sink_ahead"]
+__all__ = ["Guarantee", "Sink", "SinkContext", "ddl_scripts", "encode_output", "sink_ahead"]
 
 Guarantee = Literal["exactly-once", "at-least-once"]
 
@@ -130,6 +131,22 @@ class Sink(ABC):
     def describe(self) -> str:
         """A short name for logs and the state-dir manifest."""
         return type(self).__name__
+
+
+def ddl_scripts(sink: str, table_ddl: str | Sequence[str] | None) -> list[str]:
+    """A database sink's ``table_ddl`` as a list of scripts; pure.
+
+    Raises:
+        ConfigError: it is neither a str nor a sequence of str.
+    """
+    if table_ddl is None:
+        return []
+    if isinstance(table_ddl, str):
+        return [table_ddl]
+    scripts = list(table_ddl)
+    if not all(isinstance(s, str) for s in scripts):
+        raise ConfigError(f"{sink} table_ddl must be a str or a list of str")
+    return scripts
 
 
 def encode_output(output: object) -> bytes:

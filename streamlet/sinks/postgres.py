@@ -100,7 +100,7 @@ from streamlet.errors import (
 )
 from streamlet.kafka.policy import task_standing
 from streamlet.records import Batch
-from streamlet.sinks.base import Sink, SinkContext
+from streamlet.sinks.base import Sink, SinkContext, ddl_scripts
 
 __all__ = ["Failure", "PostgresApply", "PostgresSink", "failure_kind"]
 
@@ -377,14 +377,7 @@ class PostgresSink(Sink):
             raise ConfigError(f"PostgresSink apply must be a function, not {type(apply).__name__}")
         if not isinstance(dsn, str) or urlsplit(dsn).scheme not in ("postgresql", "postgres"):
             raise ConfigError("PostgresSink dsn must be a postgresql://user@host:port/database URL")
-        if table_ddl is None:
-            scripts: list[str] = []
-        elif isinstance(table_ddl, str):
-            scripts = [table_ddl]
-        else:
-            scripts = list(table_ddl)
-            if not all(isinstance(s, str) for s in scripts):
-                raise ConfigError("PostgresSink table_ddl must be a str or a list of str")
+        scripts = ddl_scripts("PostgresSink", table_ddl)
         if not 0 <= min_connections <= max_connections or max_connections < 1:
             raise ConfigError(
                 "PostgresSink needs 0 <= min_connections <= max_connections and"

@@ -44,7 +44,7 @@ import orjson
 from streamlet.errors import ConfigError, OutputError, SinkError, SinkUnavailableError
 from streamlet.fs import OsFileSystem
 from streamlet.records import Batch, OffsetRange
-from streamlet.sinks.base import Sink, SinkContext
+from streamlet.sinks.base import Sink, SinkContext, ddl_scripts
 
 __all__ = ["ApplyFunction", "SQLiteSink"]
 
@@ -153,14 +153,7 @@ class SQLiteSink(Sink):
                 "SQLiteSink apply must be a plain function, not async: it runs in the sink's"
                 " worker thread inside the batch's transaction"
             )
-        if table_ddl is None:
-            scripts: list[str] = []
-        elif isinstance(table_ddl, str):
-            scripts = [table_ddl]
-        else:
-            scripts = list(table_ddl)
-            if not all(isinstance(s, str) for s in scripts):
-                raise ConfigError("SQLiteSink table_ddl must be a str or a list of str")
+        scripts = ddl_scripts("SQLiteSink", table_ddl)
         if not timeout >= 0:
             raise ConfigError(f"SQLiteSink timeout must be >= 0 seconds, not {timeout!r}")
         self._path = os.fspath(path)
