@@ -53,8 +53,7 @@ close are outside), and process CPU microseconds per update (all threads:
 SQLite's and RocksDB's included), which a neighbour on a shared machine
 disturbs less. Ratios are of the medians, against both floors.
 
-Not measured yet: window-close latency (window end → result durable) at
-batch intervals of 100 ms and 1 s, the second part of issue 14.
+Window-close latency is measured by ``benchmarks/windows.py``.
 
 Everything runs in one process, in a temporary directory in the repository
 (on its file system, not a tmpfs), removed afterwards. The table goes to
