@@ -30,7 +30,9 @@ BOOTSTRAP = os.environ.get("STREAMLET_KAFKA", "localhost:9092")
 TOPIC = os.environ.get("STREAMLET_TOPIC", "page-views")
 
 
-def add_counts(conn: sqlite3.Connection, batch: sl.Batch, outputs: Sequence[object]) -> None:
+def add_counts(
+    conn: sqlite3.Connection, batch: sl.Batch, outputs: Sequence[tuple[str, int]]
+) -> None:
     """Add one batch's counts; runs inside the batch's transaction."""
     conn.executemany(
         "INSERT INTO views (page, views) VALUES (?, ?)"

@@ -25,7 +25,9 @@ from collections.abc import Sequence
 import streamlet as sl
 
 
-def insert(conn: sqlite3.Connection, batch: sl.Batch, outputs: Sequence[object]) -> None:
+def insert(
+    conn: sqlite3.Connection, batch: sl.Batch, outputs: Sequence[tuple[str | None, int, str]]
+) -> None:
     """Write one batch's lines; runs inside the batch's transaction."""
     conn.executemany("INSERT INTO lines (client, seq, line) VALUES (?, ?, ?)", outputs)
 

@@ -18,7 +18,7 @@ from collections import Counter
 
 import streamlet as sl
 
-WORDS = ("stream", "batch", "record", "offset", "block", "segment", "log", "fsync")
+WORDS: tuple[str, ...] = ("stream", "batch", "record", "offset", "block", "segment", "log", "fsync")
 WORDS += ("commit", "replay", "sink", "source", "handler", "crash", "restart", "exactly", "once")
 
 

@@ -35,3 +35,16 @@ async def test_a_readme_snippet_runs(
     for handler in app._handlers:
         if isinstance(handler.sink, FileSink):
             assert FileSink.read_committed(handler.sink.directory)
+
+
+def test_the_readme_snippets_pass_mypy_strict(tmp_path: Path) -> None:
+    """What a user copies from the README type-checks as the library is typed."""
+    from mypy import api
+
+    files = []
+    for index, snippet in enumerate(SNIPPETS):
+        path = tmp_path / f"readme_snippet_{index}.py"
+        path.write_text(snippet)
+        files.append(str(path))
+    out, err, status = api.run(["--strict", "--no-incremental", *files])
+    assert status == 0, out + err

@@ -85,7 +85,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -106,7 +106,9 @@ __all__ = ["Failure", "PostgresApply", "PostgresSink", "failure_kind"]
 
 log = logging.getLogger(__name__)
 
-PostgresApply = Callable[[Any, Batch, Sequence[object]], Awaitable[None] | None]
+_Out = TypeVar("_Out")
+
+PostgresApply = Callable[[Any, Batch, Sequence[_Out]], Awaitable[None] | None]
 """``apply(conn, batch, outputs)``: write a batch's rows with the ``asyncpg.Connection``.
 
 Usually ``async def``; a plain function returning an awaitable (such as
@@ -321,7 +323,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-class PostgresSink(Sink):
+class PostgresSink(Sink, Generic[_Out]):
     """Writes each batch through ``apply`` in one PostgreSQL transaction, exactly once.
 
     Args:
@@ -362,7 +364,7 @@ class PostgresSink(Sink):
     def __init__(
         self,
         dsn: str,
-        apply: PostgresApply,
+        apply: PostgresApply[_Out],
         *,
         table_ddl: str | Sequence[str] | None = None,
         min_connections: int = 0,
@@ -757,7 +759,7 @@ class PostgresSink(Sink):
         if task is not None and not await self._advance_task(conn, context, batch, task):
             return False
         try:
-            result = self._apply(conn, batch, outputs)
+            result = self._apply(conn, batch, cast("Sequence[_Out]", outputs))
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:

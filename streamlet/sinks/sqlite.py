@@ -37,7 +37,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Generic, TypeVar, cast
 
 import orjson
 
@@ -50,8 +50,13 @@ __all__ = ["ApplyFunction", "SQLiteSink"]
 
 log = logging.getLogger(__name__)
 
-ApplyFunction = Callable[[sqlite3.Connection, Batch, Sequence[object]], None]
-"""``apply(conn, batch, outputs)``: write a batch's rows; must not commit."""
+_Out = TypeVar("_Out")
+
+ApplyFunction = Callable[[sqlite3.Connection, Batch, Sequence[_Out]], None]
+"""``apply(conn, batch, outputs)``: write a batch's rows; must not commit.
+
+Generic in the outputs' type: ``SQLiteSink(path, insert)`` takes the type
+``insert`` declares for them, so the function type-checks as written."""
 
 _T = TypeVar("_T")
 
@@ -117,7 +122,7 @@ class _ApplyFailed(Exception):
     """Carries the user's exception out of the transaction to be wrapped."""
 
 
-class SQLiteSink(Sink):
+class SQLiteSink(Sink, Generic[_Out]):
     """Writes each batch through ``apply`` in one transaction, at most once.
 
     Args:
@@ -141,7 +146,7 @@ class SQLiteSink(Sink):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        apply: ApplyFunction,
+        apply: ApplyFunction[_Out],
         *,
         table_ddl: str | Sequence[str] | None = None,
         timeout: float = 30.0,
@@ -333,7 +338,7 @@ class SQLiteSink(Sink):
                     return False
                 self._in_apply = True
                 try:
-                    self._apply(conn, batch, outputs)
+                    self._apply(conn, batch, cast("Sequence[_Out]", outputs))
                 except Exception as exc:
                     raise _ApplyFailed from exc
                 finally:
