@@ -168,7 +168,9 @@ class KeyedState(MutableMapping[StateKey, Any]):
             return default
 
     def internal_set(self, name: bytes, value: Any) -> None:
+        """Set streamlet's own entry ``name`` (windows' books), committed with the batch."""
         self._changed[INTERNAL + name] = value
 
     def internal_delete(self, name: bytes) -> None:
+        """Delete streamlet's own entry ``name`` when the batch commits."""
         self._changed[INTERNAL + name] = _DELETED
