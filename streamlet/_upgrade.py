@@ -71,9 +71,14 @@ def plan_upgrade(found: Mapping[str, Any], wanted: Mapping[str, Any]) -> Upgrade
     upgrade = Upgrade()
     for key in ("format", "version", "app"):
         if found.get(key) != wanted.get(key):
+            what = (
+                "another app's state directory"
+                if key == "app"
+                else "a state directory of another streamlet version"
+            )
             upgrade.refused.append(
                 f"{key}: the state directory has {found.get(key)!r}, the app {wanted.get(key)!r}"
-                " (another app's state directory); use a new state_dir"
+                f" ({what}); use a new state_dir"
             )
     if upgrade.refused:
         return upgrade

@@ -173,7 +173,7 @@ class App:
         group: run as one of many workers sharing the app's Kafka partitions
             through this consumer group (None: this worker runs the whole
             app). Every source must be a Kafka source in direct mode, and
-            the one exactly-once sink a KafkaSink; see docs/architecture.md,
+            the one exactly-once sink a KafkaSink or a PostgresSink; see docs/architecture.md,
             "Group mode".
         worker: this worker's name in the group (default: host and process id).
         revoke_budget: seconds a rebalance waits for the batch under way
