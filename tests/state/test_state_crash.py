@@ -22,6 +22,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from streamlet._faults import POINTS
 from streamlet.sinks.file import FileSink
 
 RECORDS = 100_000  # per partition, 2 partitions
@@ -187,17 +188,7 @@ def _finish(cwd: Path) -> None:
         assert {k: s for k, (_, s) in stored.items()} == sums, f"{handler}'s stored sums"
 
 
-@pytest.mark.parametrize(
-    "point",
-    [
-        "after_allocate",
-        "after_handler",
-        "after_sink_commit",
-        "after_state_commit",
-        "before_done",
-        "after_done",
-    ],
-)
+@pytest.mark.parametrize("point", POINTS)  # every step, after_state_commit included
 def test_a_kill_at_each_commit_step_keeps_counts_exact(tmp_path: Path, point: str) -> None:
     cwd = _setup(tmp_path)
     worker = _start(cwd, "--duration", "30", env={"STREAMLET_CRASH_AT": f"{point}:4"})
