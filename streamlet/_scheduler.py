@@ -1014,9 +1014,8 @@ class BatchScheduler:
                 # A timeout is not bisected: every part tried would wait it out.
                 and not isinstance(result.error, (OutputError, TimeoutError))
             ):
-                good, letters = await self._isolate(
-                    spec, views[spec.name], result, traces[spec.name]
-                )
+                # Its own trace: bisection calls are not the handler's retries.
+                good, letters = await self._isolate(spec, views[spec.name], result, _Trace())
                 if len(letters) < len(views[spec.name]):  # else it failed on every record
                     result, isolated[spec.name] = good, letters
             results[spec.name] = result
