@@ -33,6 +33,7 @@ __all__ = [
     "OutOfTime",
     "Patience",
     "RetryPolicy",
+    "describe_error",
     "is_retriable",
     "retrying",
     "retrying_until",
@@ -258,7 +259,7 @@ async def retrying_until(
             "%s failed (attempt %d): %s; retrying in %.2f s",
             what,
             attempt,
-            _describe(error),
+            describe_error(error),
             pause,
         )
         await clock.sleep_until(clock.monotonic() + pause)
@@ -314,12 +315,12 @@ async def _bounded(
     raise failure
 
 
-def _describe(exc: BaseException, *, cause: bool = True) -> str:
+def describe_error(exc: BaseException, *, cause: bool = True) -> str:
     """``Type: message`` for a log line, and the error it wraps, if it wraps one."""
     name = type(exc).__name__
     text = str(exc) or name
     if not text.startswith(name):  # aiokafka's messages already start with their type
         text = f"{name}: {text}"
     if cause and exc.__cause__ is not None:
-        text += f" (caused by {_describe(exc.__cause__, cause=False)})"
+        text += f" (caused by {describe_error(exc.__cause__, cause=False)})"
     return text

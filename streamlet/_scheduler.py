@@ -465,7 +465,8 @@ class BatchScheduler:
         """
 
         def moved() -> bool:
-            return task not in self.tasks_owned or self._task_epochs.get(task, 0) != epoch
+            owned = self.tasks is not None and task in self.tasks
+            return not owned or self._task_epochs.get(task, 0) != epoch
 
         if moved():
             # Released (a rebalance) while the batch was being planned.
@@ -510,11 +511,6 @@ class BatchScheduler:
         """Log batch ``batch_id`` dropped, unless it no longer is pending."""
         if any(a.id == batch_id for a in self.tracker.state.pending):
             await self.tracker.log_dropped(batch_id)
-
-    @property
-    def tasks_owned(self) -> frozenset[int]:
-        """Group mode: the tasks this worker owns now (empty outside group mode)."""
-        return frozenset(self.tasks or ())
 
     async def pause(self, budget: float) -> bool:
         """Start no new batch, and wait up to ``budget`` s for the one under way; True if none is.

@@ -101,7 +101,13 @@ class Consumer:
         return TopicPartition(self.topic, partition)
 
     async def start(self) -> None:
-        await self._consumer.start()
+        """Connect; a start that fails or is cancelled stops what it had started."""
+        try:
+            await self._consumer.start()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.stop()
+            raise
 
     async def stop(self) -> None:
         """Close the consumer within ``CLOSE_TIMEOUT`` seconds, brokers up or down.
@@ -249,12 +255,7 @@ class Group:
         consumer = Consumer(
             self.config.topic, self.config.consumer_kwargs(group=True), paused=wanted
         )
-        try:
-            await consumer.start()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await consumer.stop()
-            raise
+        await consumer.start()
         self._consumer = consumer
         return consumer
 

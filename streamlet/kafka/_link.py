@@ -153,12 +153,7 @@ class Link:
 
         async def start() -> Consumer:
             consumer = Consumer(config.topic, config.consumer_kwargs(), headers=config.headers)
-            try:
-                await consumer.start()
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await consumer.stop()
-                raise
+            await consumer.start()  # stops itself if it fails
             return consumer
 
         try:

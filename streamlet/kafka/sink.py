@@ -138,7 +138,7 @@ from aiokafka.errors import (
 )
 from aiokafka.structs import TopicPartition
 
-from streamlet._retry import OutOfTime, Patience, retrying_until
+from streamlet._retry import OutOfTime, Patience, describe_error, retrying_until
 from streamlet.errors import (
     ConfigError,
     FencedError,
@@ -222,10 +222,7 @@ def _describe(exc: BaseException, *, cause: bool = True) -> str:
     """``Type: message``, plus the error aiokafka wrapped, if it wrapped one."""
     if isinstance(exc, TimeoutError):
         return "no answer in time (TimeoutError)"
-    name = type(exc).__name__
-    text = str(exc) or name
-    if not text.startswith(name):  # aiokafka's errors already start with their name
-        text = f"{name}: {text}"
+    text = describe_error(exc, cause=False)
     if cause and exc.__cause__ is not None:
         text += f" (caused by {_describe(exc.__cause__, cause=False)})"
     return text

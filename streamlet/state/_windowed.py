@@ -36,6 +36,7 @@ from streamlet.state._windows import (
     Key,
     WindowResult,
     WindowSpec,
+    _ms,
     apply_batch,
     windows_of,
 )
@@ -120,8 +121,7 @@ def windowed(
         clock = watermark
         times = {e.time for e in events}
     wanted = {_ms(w.start) for t in times for w in windows_of(t, spec)}
-    size_ms = round(spec.size * 1000)
-    due = {s for s in open_starts if clock is not None and s + size_ms <= round(clock * 1000)}
+    due = {s for s in open_starts if clock is not None and s + spec.size_ms <= _ms(clock)}
     loaded = (wanted | due) & open_starts
     panes: dict[tuple[Key, float], JSON] = {}
     for start in loaded:
@@ -148,7 +148,3 @@ def windowed(
         },
     )
     return Windowed(results, [e.item for e in late])
-
-
-def _ms(seconds: float) -> int:
-    return round(seconds * 1000)

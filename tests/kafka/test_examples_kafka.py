@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 
 from streamlet.sinks.file import FileSink
 from tests.conftest import TopicFactory
+from tests.kafka.test_kafka_sink import _read_all
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.kafka
@@ -128,8 +129,6 @@ async def test_kafka_to_kafka_writes_each_order_total_once_across_a_crash(
 async def test_running_counts_ends_at_each_users_exact_count_across_a_crash(
     tmp_path: Path, kafka_bootstrap: str, new_topic: TopicFactory
 ) -> None:
-    from aiokafka import AIOKafkaConsumer
-
     clicks_topic = await new_topic(partitions=2)
     counts_topic = await new_topic(partitions=2)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
@@ -152,24 +151,10 @@ async def test_running_counts_ends_at_each_users_exact_count_across_a_crash(
     # the batch runs again on the counts it saw, and the sink skips it.
     await _crash_then_run("examples.running_counts:app", tmp_path, env, crashed=fast, then=fast)
 
-    consumer = AIOKafkaConsumer(
-        counts_topic,
-        bootstrap_servers=kafka_bootstrap,
-        isolation_level="read_committed",
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
     seen: dict[str, list[int]] = {}
-    try:
-        got = await consumer.getmany(timeout_ms=3000)
-        while any(got.values()):
-            for messages in got.values():
-                for m in messages:
-                    out = orjson.loads(m.value or b"")
-                    seen.setdefault(out["user"], []).append(out["count"])
-            got = await consumer.getmany(timeout_ms=1000)
-    finally:
-        await consumer.stop()
+    for record in await _read_all(kafka_bootstrap, counts_topic, partitions=2):
+        out = orjson.loads(record.value or b"")
+        seen.setdefault(out["user"], []).append(out["count"])
     expected = {f"u{u}": len(range(u, 3000, 7)) for u in range(7)}
     assert {user: counts[-1] for user, counts in seen.items()} == expected
     for counts in seen.values():  # each batch's count once, only ever growing
