@@ -32,18 +32,22 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
 from streamlet._retry import GaveUp, RetryPolicy, retrying
 from streamlet._scheduler import BatchScheduler
-from streamlet.errors import SinkError, StreamletError
+from streamlet.errors import SinkError, StateError, StreamletError
 from streamlet.kafka._group import GroupMember
 from streamlet.metrics import BatchInfo, LatencyHistogram
 from streamlet.sinks.base import Sink
 from streamlet.sources.base import DirectSource
+from streamlet.state._store import StateStore
+
+if TYPE_CHECKING:
+    from streamlet.kafka.changelog import TaskStates
 
 __all__ = ["GroupWorker"]
 
@@ -66,6 +70,8 @@ class GroupWorker:
             (:meth:`revoked`, :meth:`assigned`, :meth:`failed`).
         revoke_budget: seconds a rebalance waits for the batch under way.
         retry: how often taking a task over is tried before the worker stops.
+        states: the stateful handlers' per-task state, restored from their
+            changelogs when a task is taken over (None: no keyed state).
     """
 
     def __init__(
@@ -79,8 +85,10 @@ class GroupWorker:
         topics: Mapping[str, str],
         group: str = "",
         worker: str = "",
+        states: TaskStates | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.states = states
         self.sources = dict(sources)
         self.sinks = list(sinks)
         self.revoke_budget = revoke_budget
@@ -228,8 +236,15 @@ class GroupWorker:
         gained = sorted(tasks - owned)
         for task in gained:
             await scheduler.task_idle(task)
-            positions = await self._take_over(task)
-            await scheduler.acquire_task(task, positions)
+            positions, marked = await self._take_over(task)
+            # After the sinks fenced the earlier owners: the changelogs'
+            # ends are final, and the state matches ``positions``.
+            stores = await self._restore(task)
+            for name, store in stores.items():
+                # Not the position: aborted transactions move it too.
+                if not marked and not store.empty():
+                    raise StateError(unmarked_state(task, name, store.path))
+            await scheduler.acquire_task(task, positions, stores)
         scheduler.resume()
         paused = time.monotonic() - self._revoked_at if self._revoked_at is not None else 0.0
         self.rebalances += 1
@@ -244,8 +259,27 @@ class GroupWorker:
         )
         self._revoked_at = None
 
-    async def _take_over(self, task: int) -> dict[str, int]:
-        """Fence the task's earlier owners in every sink; where its input resumes."""
+    async def _restore(self, task: int) -> dict[str, StateStore]:
+        """The task's keyed state, replayed from the changelogs (with the app's retries)."""
+        states = self.states
+        if states is None:
+            return {}
+        try:
+            return await retrying(
+                self.retry, f"restoring task {task}'s state", lambda: states.acquire(task)
+            )
+        except GaveUp as gave_up:
+            raise StreamletError(
+                f"cannot restore the state of task {task} after {gave_up.attempts}"
+                f" attempt(s): {gave_up.error}"
+            ) from gave_up.error
+
+    async def _take_over(self, task: int) -> tuple[dict[str, int], bool]:
+        """Fence the task's earlier owners in every sink; where its input resumes.
+
+        Returns the positions, and whether a sink knew them (False: they
+        come from the group's offsets or the sources' start).
+        """
         positions: dict[str, int] = {}
         for sink in self.sinks:
 
@@ -262,6 +296,7 @@ class GroupWorker:
             if marks:
                 for name, offset in marks.items():
                     positions[name] = min(offset, positions.get(name, offset))
+        marked = bool(positions)
         for name, source in self.sources.items():
             if name in positions:
                 continue
@@ -275,11 +310,30 @@ class GroupWorker:
             start = await source.start_positions([task])
             if task in start:
                 positions[name] = start[task]
-        return positions
+        return positions, marked
 
 
-def check_group_mode(sources: Mapping[str, object], sinks: Sequence[tuple[str, Sink]]) -> list[str]:
-    """What group mode cannot run in this app, as messages (empty: it can); pure."""
+def unmarked_state(task: int, handler: str, path: str) -> str:
+    """Why a task whose sink knows no position cannot run on the state its changelog holds."""
+    return (
+        f"task {task}: the changelog of handler {handler!r} holds state, but its sink holds no"
+        " position for the task's input. State is only written with a position, so the"
+        " changelog belongs to an earlier app of the same name that read other topics (or"
+        " the sink's task markers were deleted): running on would count the new input on top"
+        " of the old state. Give the app a new name, or delete the changelog topic (and"
+        f" {path}) to start the state over"
+    )
+
+
+def check_group_mode(
+    sources: Mapping[str, object],
+    sinks: Sequence[tuple[str, Sink]],
+    stateful: Sequence[tuple[str, Sink | None]] = (),
+) -> list[str]:
+    """What group mode cannot run in this app, as messages (empty: it can); pure.
+
+    ``stateful``: the handlers with keyed state, and their sinks.
+    """
     from streamlet.kafka.direct import KafkaDirectSource
     from streamlet.kafka.sink import KafkaSink
     from streamlet.sinks.postgres import PostgresSink
@@ -319,6 +373,18 @@ def check_group_mode(sources: Mapping[str, object], sinks: Sequence[tuple[str, S
             )
         else:
             exactly_once.append(handler)
+    for handler, kept_by in stateful:
+        # The changelog goes in the task's Kafka transaction, beside the
+        # outputs and the input position: state, outputs and position move
+        # together. A PostgresSink could keep the state in its own
+        # transaction; not built.
+        if not isinstance(kept_by, KafkaSink) or kept_by.guarantee != "exactly-once":
+            what = "no sink" if kept_by is None else f"the sink {kept_by.describe()}"
+            problems.append(
+                f"handler {handler!r} has keyed state and {what}: in group mode a stateful"
+                " handler's state is written to a Kafka changelog in its sink's transaction,"
+                " so its sink must be a KafkaSink with transactions"
+            )
     if len(exactly_once) > 1:
         problems.append(
             f"handlers {', '.join(repr(h) for h in exactly_once)} each have an exactly-once"

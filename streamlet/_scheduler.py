@@ -35,12 +35,13 @@ before every sink of the batch returned from ``commit``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import anyio
 
@@ -63,12 +64,14 @@ from streamlet.errors import (
     HandlerError,
     OutputError,
     SinkError,
+    StateError,
     StreamletError,
 )
 from streamlet.metrics import BatchInfo, HandlerInfo
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources.base import DirectSource
+from streamlet.state._changelog import ChangelogSink, ChangelogWrite, encode_changes
 from streamlet.state._keyed import KeyedState
 from streamlet.state._store import Changes, StateStore
 from streamlet.wal import Position
@@ -236,7 +239,11 @@ class BatchScheduler:
         clock: what ticks and batch timings read (:mod:`streamlet.clock`).
         rate_controller: backpressure: the input rates from batch timings
             (None: off; rates stay at the sources' ``max_rate``).
-        stores: the keyed state of each stateful handler, by handler name.
+        stores: the keyed state of each stateful handler, by handler name
+            (one worker; in group mode each task has its own, given to
+            :meth:`acquire_task`).
+        changelogs: group mode: each stateful handler's changelog topic,
+            written in its sink's transaction (``commit_changelog``).
     """
 
     def __init__(
@@ -256,6 +263,7 @@ class BatchScheduler:
         clock: Clock = SYSTEM_CLOCK,
         rate_controller: RateController | None = None,
         stores: Mapping[str, StateStore] | None = None,
+        changelogs: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
         self.tracker = tracker
@@ -303,6 +311,9 @@ class BatchScheduler:
         self.fenced: Callable[[int], object] | None = None
         self.rate_controller = rate_controller
         self.stores = dict(stores or {})
+        self.changelogs = dict(changelogs or {})
+        #: Group mode: each owned task's stores (its part of the keyed state).
+        self.task_stores: dict[int, dict[str, StateStore]] = {}
         #: Handlers that also run on batches with no input (their state asks to).
         self.idle_handlers = frozenset(
             spec.name for spec in self.handlers if spec.state is not None and spec.state.idle
@@ -507,6 +518,12 @@ class BatchScheduler:
             )
             await self._drop(alloc.id)
 
+    def _stores_for(self, alloc: Allocation) -> Mapping[str, StateStore]:
+        """The keyed state a batch runs on: the app's, or in group mode its task's."""
+        if self.tasks is None:
+            return self.stores
+        return self.task_stores.get(_task_of(alloc), {}) if alloc.ranges else {}
+
     async def _drop(self, batch_id: int) -> None:
         """Log batch ``batch_id`` dropped, unless it no longer is pending."""
         if any(a.id == batch_id for a in self.tracker.state.pending):
@@ -534,6 +551,7 @@ class BatchScheduler:
         if self.tasks is not None:
             self.tasks.discard(task)
         self._task_epochs[task] = self._task_epochs.get(task, 0) + 1
+        self.task_stores.pop(task, None)
         for alloc in list(self.tracker.state.pending):
             if alloc.id not in self._in_flight and any(r.partition == task for r in alloc.ranges):
                 await self.tracker.log_dropped(alloc.id)
@@ -557,10 +575,20 @@ class BatchScheduler:
         while any(r.partition == task for alloc in self._in_flight.values() for r in alloc.ranges):
             await self._batch_ended.wait()
 
-    async def acquire_task(self, task: int, positions: Mapping[str, int]) -> None:
-        """Take task ``task`` over, resuming each source's partition ``task`` at ``positions``."""
+    async def acquire_task(
+        self,
+        task: int,
+        positions: Mapping[str, int],
+        stores: Mapping[str, StateStore] | None = None,
+    ) -> None:
+        """Take task ``task`` over, resuming each source's partition ``task`` at ``positions``.
+
+        ``stores``: the task's keyed state, restored up to what its sinks
+        committed (the state as of ``positions``).
+        """
         for name, offset in positions.items():
             self.tracker.reset_positions(name, {task: offset})
+        self.task_stores[task] = dict(stores or {})
         if self.tasks is not None:
             self.tasks.add(task)
 
@@ -743,13 +771,20 @@ class BatchScheduler:
         trace: _Trace,
         changes: dict[str, Changes] | None = None,
         retry: RetryPolicy | None = None,
+        store: StateStore | None = None,
     ) -> list[object] | _Failure:
         """Call a handler with retries; a stateful one's encoded changes go to ``changes``.
 
         Each attempt of a stateful handler gets a fresh view of the state as
         of the previous batch, so a failed attempt leaves nothing behind.
         """
-        store = self.stores.get(spec.name)
+
+        if spec.state is not None and store is None:
+            # Group mode: only a batch of a task whose state was restored runs.
+            raise StateError(
+                f"handler {spec.name!r} keeps state, but batch {batch.id} has no store for it"
+                " (a task run before it was taken over)"
+            )
 
         async def call() -> list[object]:
             if store is None:
@@ -866,8 +901,12 @@ class BatchScheduler:
         batch: Batch,
         outputs: list[object],
         trace: _Trace | None = None,
+        changelog: ChangelogWrite | None = None,
     ) -> SinkError | None:
         """Commit with retries; the error that stopped it, returned rather than raised.
+
+        ``changelog``: group mode, the handler's state changes, committed in
+        the sink's transaction.
 
         Returned, not raised: raising inside the task group would cancel the
         other sinks mid-commit and wrap the error in a group.
@@ -876,6 +915,8 @@ class BatchScheduler:
 
         async def once() -> bool:
             trace.commit_attempts += 1
+            if changelog is not None:
+                return await cast("ChangelogSink", sink).commit_changelog(batch, outputs, changelog)
             return await sink.commit(batch, outputs)
 
         started = self.clock.monotonic()
@@ -990,7 +1031,12 @@ class BatchScheduler:
         # A stateful handler whose state already holds this batch ran and
         # committed everything before a crash (state commits after the
         # sinks): it is not called again.
-        settled = {name for name, store in self.stores.items() if store.seq >= batch.id}
+        stores = self._stores_for(alloc)
+        settled = (
+            {name for name, store in stores.items() if store.seq >= batch.id}
+            if self.tasks is None
+            else set()  # a task's batches are never run again: no re-run to settle
+        )
         idle = alloc.empty
         if idle:
             # An idle batch runs only the handlers that asked for it.
@@ -1002,11 +1048,13 @@ class BatchScheduler:
         isolate = self.policy.on_failure == "dead_letter" and self.dead_letter is not None
 
         async def call(spec: HandlerSpec) -> None:
-            result = await self._call_handler(spec, views[spec.name], traces[spec.name], changes)
+            result = await self._call_handler(
+                spec, views[spec.name], traces[spec.name], changes, store=stores.get(spec.name)
+            )
             if (
                 isinstance(result, _Failure)
                 and isolate
-                and spec.name not in self.stores
+                and spec.state is None
                 # A timeout is not bisected: every part tried would wait it out.
                 and not isinstance(result.error, (OutputError, TimeoutError))
             ):
@@ -1081,9 +1129,18 @@ class BatchScheduler:
             if dead_failure is not None:
                 raise dead_failure
 
+        # Group mode: a stateful handler's changes go in its sink's transaction.
+        changelogs = {
+            name: ChangelogWrite(
+                self.changelogs[name], _task_of(alloc), encode_changes(changes[name])
+            )
+            for name in to_commit
+            if name in self.changelogs and name in changes
+        }
+
         async def commit_one(name: str, sink: Sink, outputs: list[object]) -> None:
             committed[name] = await self._commit_sink(
-                name, sink, views[name], outputs, traces[name]
+                name, sink, views[name], outputs, traces[name], changelogs.get(name)
             )
 
         async with anyio.create_task_group() as tg:
@@ -1114,12 +1171,14 @@ class BatchScheduler:
         ]
         outputs = sum(len(r) for n, (_, r) in to_commit.items() if n not in refused)
         crash_point("after_sink_commit", batch.id)
-        for name, store in self.stores.items():
+        for name, store in stores.items():
             # A handler that failed (or whose outputs were refused) changes
             # nothing; its store still moves on to this batch.
             kept = changes.get(name) if name not in failed and name not in refused else None
+            if kept is not None and name in changelogs:
+                kept = dataclasses.replace(kept, position=changelogs[name].next_offset)
             await store.commit(kept or Changes(batch.id, batch.time, {}, frozenset()))
-        if self.stores:
+        if stores:
             crash_point("after_state_commit", batch.id)
         if turn is not None:
             await turn()
@@ -1259,3 +1318,8 @@ class BatchScheduler:
             return None
         oldest = min(refs, key=lambda b: (b.segment, b.offset))
         return Position(oldest.segment, oldest.offset, oldest.length)
+
+
+def _task_of(alloc: Allocation) -> int:
+    """Group mode: the task of a batch (the one partition its ranges read)."""
+    return alloc.ranges[0].partition

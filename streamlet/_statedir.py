@@ -121,6 +121,11 @@ class StateDir:
         """The checkpoints' directory."""
         return os.path.join(self.path, CHECKPOINTS)
 
+    @property
+    def state(self) -> str:
+        """The keyed state's directory (group mode keeps each task's stores under it)."""
+        return os.path.join(self.path, STATE)
+
     def state_store(self, handler: str) -> str:
         """The file of handler ``handler``'s keyed state."""
         return os.path.join(self.path, STATE, f"{handler}.sqlite")

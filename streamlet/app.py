@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 from anyio.abc import TaskStatus
@@ -41,6 +41,7 @@ from streamlet.sinks.base import Sink, SinkContext, sink_ahead
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver
 from streamlet.state import State
+from streamlet.state._changelog import ChangelogSink, changelog_topic
 from streamlet.state._store import StateStore
 from streamlet.wal import Position, WriteAheadLog
 
@@ -475,13 +476,13 @@ class App:
             sinks = [(h.name, h.sink) for h in self._handlers if h.sink is not None]
             if self.dead_letter is not None:
                 sinks.append(("dead-letter", self.dead_letter))
-            problems = check_group_mode(self._sources, sinks)
-            problems.extend(
-                f"handler {h.name!r} has keyed state: state that moves with its task is not"
-                " built yet, so group mode cannot run it; run one worker"
-                for h in self._handlers
-                if h.state is not None
-            )
+            stateful = [(h.name, h.sink) for h in self._handlers if h.state is not None]
+            problems = check_group_mode(self._sources, sinks, stateful)
+            for name, _ in stateful:
+                try:
+                    changelog_topic(self.name, name)
+                except ConfigError as exc:
+                    problems.append(str(exc))
             if problems:
                 raise ConfigError(
                     f"app {self.name!r} cannot run in group mode ({self.group!r}): "
@@ -576,6 +577,12 @@ class App:
             if self.dead_letter is not None:
                 sinks.append(("dead-letter", self.dead_letter))
             allocated = tracker.state.next_batch_id - 1
+            # Group mode: each stateful handler's changelog topic.
+            changelogs = {
+                h.name: changelog_topic(self.name, h.name)
+                for h in self._handlers
+                if h.state is not None and self.group is not None
+            }
             for handler, sink in sinks:
                 context = SinkContext(
                     self.name,
@@ -585,13 +592,14 @@ class App:
                     allocated,
                     group=self.group,
                     source_topics=_source_topics(direct),
+                    changelog=changelogs.get(handler),
                 )
                 await sink.open(context)
                 opened_sinks.append(sink)
             await self._check_sinks_not_ahead(sinks, tracker.state)
             for spec in self._handlers:
-                if spec.state is None:
-                    continue
+                if spec.state is None or self.group is not None:
+                    continue  # group mode: each task's, when it is taken over
                 stores[spec.name] = store = await StateStore.open(
                     statedir.state_store(spec.name),
                     app=self.name,
@@ -646,6 +654,7 @@ class App:
                 decoders=self._decoders,
                 clock=self.clock,
                 stores=stores,
+                changelogs=changelogs,
             )
             stop = self._stop
             assert stop is not None
@@ -674,7 +683,9 @@ class App:
                 if observed is not None:
                     observed.state = "running"
                 if self.group is not None:
-                    await self._serve_group(scheduler, direct, sinks, stop, duration, task_status)
+                    await self._serve_group(
+                        scheduler, direct, sinks, stop, duration, task_status, statedir
+                    )
                 elif generator is None:
                     task_status.started()
                     await scheduler.run(stop, duration=duration)
@@ -729,10 +740,12 @@ class App:
         stop: anyio.Event,
         duration: float | None,
         task_status: TaskStatus[None],
+        statedir: StateDir,
     ) -> None:
         """Group mode: batches of the tasks the group gives this worker, until stopped."""
         from streamlet._group import GroupWorker
         from streamlet.kafka._group import GroupMember
+        from streamlet.kafka.changelog import TaskStates
         from streamlet.kafka.direct import KafkaDirectSource
 
         kafka = [s for s in direct.values() if isinstance(s, KafkaDirectSource)]
@@ -741,6 +754,20 @@ class App:
         assert kafka
         config = kafka[0].config
         topics = _source_topics(direct)
+        states = (
+            TaskStates(
+                directory=statedir.state,
+                app=self.name,
+                state_id=statedir.state_id,
+                handlers={
+                    h.name: (h.state, cast("ChangelogSink", h.sink), scheduler.changelogs[h.name])
+                    for h in self._handlers
+                    if h.state is not None
+                },
+            )
+            if scheduler.changelogs
+            else None
+        )
         worker = GroupWorker(
             scheduler=scheduler,
             sources=direct,
@@ -750,6 +777,7 @@ class App:
             retry=self.retry,
             group=self.group,
             worker=self.worker,
+            states=states,
         )
         if self._probe is not None:
             self._probe.group = worker.status
@@ -783,6 +811,9 @@ class App:
             task_status.started()
             await scheduler.run(stop, duration=duration)
             tg.cancel_scope.cancel()
+        if states is not None:
+            with anyio.CancelScope(shield=True):
+                await states.aclose()
         if worker.error is not None:
             raise worker.error
 

@@ -144,6 +144,41 @@ class Producer:
             await send(builder, partition)
         return futures
 
+    async def send_to_partition(
+        self, topic: str, partition: int, records: Sequence[tuple[bytes, bytes | None]]
+    ) -> tuple[list[asyncio.Future[Any]], int]:
+        """Queue key/value records to one partition, in order, in record batches.
+
+        Returns the futures (one per record batch, each resolving to its
+        metadata, whose ``offset`` is the batch's first) and how many
+        records the last batch holds: its first offset plus that is the
+        offset after the last record.
+        """
+        raw = self._raw
+        futures: list[asyncio.Future[Any]] = []
+        builder = raw.create_batch()
+        count = 0
+
+        async def send() -> None:
+            future = await raw.send_batch(builder, topic, partition=partition)
+            future.add_done_callback(_retrieve)
+            futures.append(future)
+
+        for key, value in records:
+            if builder.append(timestamp=None, key=key, value=value, headers=[]) is None:
+                await send()
+                builder, count = raw.create_batch(), 0
+                if builder.append(timestamp=None, key=key, value=value, headers=[]) is None:
+                    raise MessageSizeTooLargeError(
+                        f"a state entry of {len(key) + len(value or b'')} bytes is larger than"
+                        " the producer's max_request_size; raise it in producer_config (and"
+                        " the changelog topic's max.message.bytes), or keep smaller values"
+                    )
+            count += 1
+        if count:
+            await send()
+        return futures, count
+
     async def send_offsets(
         self,
         group: str,

@@ -119,6 +119,7 @@ the marker group, or give the app a new name.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -153,6 +154,7 @@ from streamlet.kafka._producer import (
     checked_partitioner,
     delivered,
 )
+from streamlet.kafka.changelog import client_settings, ensure_changelog
 from streamlet.kafka.config import (
     ConsumedTopic,
     HeadersFunction,
@@ -176,6 +178,7 @@ from streamlet.kafka.policy import (
 )
 from streamlet.records import Batch, OffsetRange
 from streamlet.sinks.base import Guarantee, Sink, SinkContext, encode_output, sink_ahead
+from streamlet.state._changelog import ChangelogWrite
 
 __all__ = [
     "ConsumedTopic",
@@ -516,8 +519,24 @@ class KafkaSink(Sink):
         context = self._context
         assert context is not None
         producer, _ = await self._ready(probe_settings(self._settings(context)), _unread)
-        with anyio.CancelScope(shield=True):
-            await producer.stop()
+        try:
+            if context.changelog is not None and context.source_topics:
+                first = min(context.source_topics.values())
+                tasks = len(await producer.partitions(first))
+                await ensure_changelog(self.changelog_settings(), context.changelog, tasks)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await producer.stop()
+
+    def changelog_settings(self) -> dict[str, Any]:
+        """How a client reaches the sink's cluster, to make and read back the changelog."""
+        context = self._context
+        assert context is not None
+        return client_settings(
+            self._servers,
+            self._config.producer_config,
+            f"streamlet.{context.app}.{context.handler}.changelog",
+        )
 
     def _resolve_sources(self) -> None:
         by_source: dict[str, str] = {}
@@ -903,7 +922,28 @@ class KafkaSink(Sink):
             )
         return partitions.pop()
 
-    async def _commit_task(self, batch: Batch, outputs: Sequence[object]) -> bool:
+    async def commit_changelog(
+        self, batch: Batch, outputs: Sequence[object], changelog: ChangelogWrite
+    ) -> bool:
+        """Group mode: commit ``outputs`` and the state changes ``changelog`` in one transaction.
+
+        On success ``changelog.next_offset`` is the changelog offset after
+        the batch's records (it stays None when the batch had been written
+        before, or wrote no state). See :meth:`commit` for the rest.
+        """
+        if self._context is None:
+            raise SinkError(f"{self._where()} is not open; call open() first")
+        if not self._grouped() or changelog.topic != self._context.changelog:
+            raise SinkError(
+                f"{self._where()}: state changes go with a batch only in group mode with"
+                f" transactions, to the changelog the sink was opened with"
+                f" ({self._context.changelog!r}), not {changelog.topic!r}"
+            )
+        return await self._commit_task(batch, outputs, changelog)
+
+    async def _commit_task(
+        self, batch: Batch, outputs: Sequence[object], changelog: ChangelogWrite | None = None
+    ) -> bool:
         """Group mode: write ``batch`` with its task's producer, unless the marker covers it."""
         number = self._task_of(batch)
         async with self._task_lock(number):
@@ -929,7 +969,7 @@ class KafkaSink(Sink):
             if standing != "write":
                 raise SinkError(self._misplaced(batch, task, standing))
             messages = self._encode(batch, outputs)
-            return await self._transact(producer, batch, messages, task)
+            return await self._transact(producer, batch, messages, task, changelog)
 
     def _misplaced(self, batch: Batch, task: _Task, standing: str) -> str:
         """Why a batch that does not follow its task's marker is refused."""
@@ -1001,11 +1041,17 @@ class KafkaSink(Sink):
         return offsets
 
     async def _transact(
-        self, producer: Producer, batch: Batch, messages: list[Message], task: _Task | None = None
+        self,
+        producer: Producer,
+        batch: Batch,
+        messages: list[Message],
+        task: _Task | None = None,
+        changelog: ChangelogWrite | None = None,
     ) -> bool:
         """One transaction: outputs, marker, source offsets; see the module docstring.
 
-        ``task``: the group-mode task whose producer and marker this is.
+        ``task``: the group-mode task whose producer and marker this is;
+        ``changelog``: the batch's state changes, in the same transaction.
         """
         source_offsets = self._source_offsets(batch)
         marker: Mapping[TopicPartition, int]
@@ -1022,6 +1068,13 @@ class KafkaSink(Sink):
                 await producer.begin()
                 stage = "sending the outputs"
                 futures = await producer.send_many(self._topic, messages)
+                state_futures: list[asyncio.Future[Any]] = []
+                last_count = 0
+                if changelog is not None and changelog.records:
+                    stage = "sending the state changes"
+                    state_futures, last_count = await producer.send_to_partition(
+                        changelog.topic, changelog.partition, changelog.records
+                    )
                 # Invariant: the marker and the outputs commit or abort together.
                 stage = "adding the marker and source offsets"
                 await producer.send_offsets(self._marker_group, marker, metadata)
@@ -1030,6 +1083,7 @@ class KafkaSink(Sink):
                     await producer.send_offsets(self._source_group, source_offsets)
                 stage = "waiting for the broker to acknowledge the outputs"
                 await delivered(futures)
+                await delivered(state_futures)
                 stage = "committing"
                 committing = True
                 await producer.commit()
@@ -1044,6 +1098,8 @@ class KafkaSink(Sink):
             self._next = batch.id + 1
         else:
             task.advance(batch.ranges)
+        if changelog is not None and state_futures:
+            changelog.next_offset = int(state_futures[-1].result().offset) + last_count
         return True
 
     def _forget(self, producer: Producer, task: _Task | None = None) -> None:

@@ -64,6 +64,9 @@ class SinkContext(NamedTuple):
     """
     source_topics: Mapping[str, str] = MappingProxyType({})
     """Source name → Kafka topic, for the app's Kafka sources."""
+    changelog: str | None = None
+    """Group mode, a handler with keyed state: its changelog topic, which the
+    sink writes in its task transactions (``commit_changelog``)."""
 
 
 class Sink(ABC):

@@ -110,12 +110,15 @@ class Changes:
         time: the batch's time (the ``touched`` of what it writes).
         writes: encoded key → encoded value, set by the batch.
         deletes: encoded keys the batch removed (expired ones included).
+        position: group mode: the changelog offset after the batch's records
+            (None: the store's position stays).
     """
 
     batch_id: int
     time: float
     writes: dict[bytes, bytes]
     deletes: frozenset[bytes]
+    position: int | None = None
 
 
 class StateStore:
@@ -135,11 +138,20 @@ class StateStore:
         seq: int,
         ttl: float | None,
         cache_keys: int,
+        position: int = 0,
+        current_at: float = 0.0,
     ) -> None:
         self.path = path
         self.handler = handler
         #: The newest batch whose changes are in the store (0: none yet).
         self.seq = seq
+        #: Group mode: the changelog offset up to which the store holds the
+        #: task's state (a lower bound: replaying from it is always right).
+        self.position = position
+        #: Group mode: when the store was last known to match the changelog
+        #: (wall clock; 0: never). Older than the changelog's tombstone
+        #: retention, it may miss deletes compaction has since removed.
+        self.current_at = current_at
         self.ttl = ttl
         self._conn = conn
         self._lock = threading.Lock()
@@ -156,15 +168,19 @@ class StateStore:
         state_id: str,
         ttl: float | None = None,
         cache_keys: int = 100_000,
+        task: int | None = None,
     ) -> StateStore:
         """Open (or create) the store at ``path``, checking it belongs to this app.
 
+        ``task``: group mode, the task whose part of the state this store
+        holds (a cache of the changelog's partition ``task``).
+
         Raises:
             StateError: the file is damaged, of another format, or of another
-                app, handler or state directory.
+                app, handler, task or state directory.
         """
         return await anyio.to_thread.run_sync(
-            lambda: cls._open(path, app, handler, state_id, ttl, cache_keys)
+            lambda: cls._open(path, app, handler, state_id, ttl, cache_keys, task)
         )
 
     @classmethod
@@ -176,6 +192,7 @@ class StateStore:
         state_id: str,
         ttl: float | None,
         cache_keys: int,
+        task: int | None = None,
     ) -> StateStore:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         created = not os.path.exists(path)
@@ -196,6 +213,11 @@ class StateStore:
                     "handler": handler,
                     "state_id": state_id,
                     "seq": "0",
+                    **(
+                        {"task": str(task), "changelog": "0", "current_at": "0"}
+                        if task is not None
+                        else {}
+                    ),
                 }
                 conn.executemany("INSERT INTO meta(name, value) VALUES (?, ?)", meta.items())
             conn.execute("COMMIT")
@@ -210,14 +232,25 @@ class StateStore:
             conn.close()
             raise
         try:
-            _check_identity(path, meta, app=app, handler=handler, state_id=state_id)
+            _check_identity(path, meta, app=app, handler=handler, state_id=state_id, task=task)
             seq = int(meta["seq"])
+            position = int(meta.get("changelog", "0"))
+            current_at = float(meta.get("current_at", "0"))
         except (StateError, KeyError, ValueError) as exc:
             conn.close()
             if isinstance(exc, StateError):
                 raise
             raise StateError(f"state store {path} has damaged identity rows: {exc!r}") from exc
-        return cls(path, conn, handler=handler, seq=seq, ttl=ttl, cache_keys=cache_keys)
+        return cls(
+            path,
+            conn,
+            handler=handler,
+            seq=seq,
+            ttl=ttl,
+            cache_keys=cache_keys,
+            position=position,
+            current_at=current_at,
+        )
 
     # -- the batch under way -------------------------------------------------------
 
@@ -285,6 +318,11 @@ class StateStore:
             ).fetchone()
         return int(n)
 
+    def empty(self) -> bool:
+        """Whether the store holds nothing at all (streamlet's own entries included)."""
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM kv LIMIT 1").fetchone() is None
+
     # -- committing ------------------------------------------------------------------
 
     async def commit(self, changes: Changes) -> None:
@@ -317,6 +355,8 @@ class StateStore:
                 conn.execute(
                     "UPDATE meta SET value = ? WHERE name = 'seq'", (str(changes.batch_id),)
                 )
+                if changes.position is not None:
+                    self._set_position(changes.position, changes.time)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -333,6 +373,74 @@ class StateStore:
         for k, v in changes.writes.items():
             self._remember(k, (v, changes.time))
         self.seq = changes.batch_id
+        if changes.position is not None:
+            self.position, self.current_at = changes.position, changes.time
+
+    def _set_position(self, position: int, current_at: float) -> None:
+        """Record the changelog position (caller holds the lock, in a transaction)."""
+        self._conn.executemany(
+            "INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE"
+            " SET value = excluded.value",
+            [("changelog", str(position)), ("current_at", repr(current_at))],
+        )
+
+    # -- group mode: the changelog's cache ---------------------------------------------
+
+    async def replay(
+        self,
+        writes: dict[bytes, tuple[bytes, float]],
+        deletes: set[bytes],
+        position: int,
+        current_at: float,
+    ) -> None:
+        """Apply changelog records read up to ``position``, in one transaction.
+
+        ``writes`` and ``deletes`` are their net effect (see
+        :func:`~streamlet.state._changelog.replayed`).
+
+        Raises:
+            StateError: the write failed (disk full, I/O error).
+        """
+        await anyio.to_thread.run_sync(self._replay, writes, deletes, position, current_at)
+
+    def _replay(
+        self,
+        writes: dict[bytes, tuple[bytes, float]],
+        deletes: set[bytes],
+        position: int,
+        current_at: float,
+        wipe: bool = False,
+    ) -> None:
+        conn = self._conn
+        with self._lock:
+            self._cache.clear()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                if wipe:
+                    conn.execute("DELETE FROM kv")
+                if deletes:
+                    conn.executemany("DELETE FROM kv WHERE k = ?", [(k,) for k in deletes])
+                if writes:
+                    conn.executemany(
+                        "INSERT INTO kv(k, v, touched) VALUES (?, ?, ?) ON CONFLICT(k) DO"
+                        " UPDATE SET v = excluded.v, touched = excluded.touched",
+                        [(k, v, t) for k, (v, t) in writes.items()],
+                    )
+                self._set_position(position, current_at)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise StateError(
+                    f"state of handler {self.handler!r} could not be restored into"
+                    f" {self.path}: {exc}. Free disk space if it is full; the task is taken"
+                    " over again when the app restarts"
+                ) from exc
+        self.position, self.current_at = position, current_at
+
+    async def wipe(self, position: int) -> None:
+        """Empty the store, to be rebuilt from the changelog from ``position`` (its start)."""
+        await anyio.to_thread.run_sync(self._replay, {}, set(), position, 0.0, True)
 
     async def start_at(self, batch_id: int) -> None:
         """Start an empty store at ``batch_id`` (keyed state added to a running app).
@@ -381,7 +489,13 @@ _UNCACHED: object = object()
 
 
 def _check_identity(
-    path: str, meta: dict[str, str], *, app: str, handler: str, state_id: str
+    path: str,
+    meta: dict[str, str],
+    *,
+    app: str,
+    handler: str,
+    state_id: str,
+    task: int | None = None,
 ) -> None:
     if not meta:
         raise StateError(
@@ -399,6 +513,12 @@ def _check_identity(
                 f"state store {path} belongs to {name} {meta.get(name)!r}, not {want!r}: it was"
                 " copied from another app or handler. Move it away, or run the app it belongs to"
             )
+    if meta.get("task") != (None if task is None else str(task)):
+        raise StateError(
+            f"state store {path} holds task {meta.get('task')!r} of handler {handler!r}, not"
+            f" {task!r}: a store of one worker mode or task was copied over another's. Move"
+            " it away (in group mode a task's state is restored from its changelog)"
+        )
     if state_id and meta.get("state_id") and meta["state_id"] != state_id:
         raise StateError(
             f"state store {path} was made in another state directory (id {meta['state_id']},"

@@ -113,6 +113,8 @@ async def setup_group_app(
         "GROUP_IN": source,
         "GROUP_OUT": out,
         "GROUP_NAME": f"group-{source}",
+        # An app per test: a stateful app's changelog topic is named after it.
+        "GROUP_APP": f"app-{source}",
     }
     return source, out, env
 

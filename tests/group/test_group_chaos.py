@@ -1,4 +1,4 @@
-"""Group mode under chaos: every output once and in order per key, read while the chaos runs.
+"""Group mode under chaos: every output once, in order, counted exactly per key, read meanwhile.
 
 Three worker processes of tests/group/group_worker.py share a 6-partition
 topic through one consumer group and copy each record to a 6-partition
@@ -10,12 +10,18 @@ fourth worker joins, one leaves gracefully, and one is SIGSTOPped until the
 group has dropped it and then resumed (a zombie, whose commits must be
 fenced).
 
+The workers keep keyed state (``GROUP_KEY=counted``): each output carries
+not the input's sequence number but the count of its key's records seen
+before, from the task's state, which moves with the task through every
+kill, join, leave and zombie (restored from the changelog by the new owner).
+
 A key lives in one input partition, so in one task, and its outputs (keyed
 alike, both topics with the same partition count) in one output partition.
-With exactly-once and per-partition order a ``read_committed`` reader must
-see each key's sequence numbers as exactly 0, 1, 2, ... with no gap and no
-repeat: the reader running during the chaos checks that record by record,
-and a fresh reader at the end checks all 300,000.
+With exactly-once state and outputs and per-partition order a
+``read_committed`` reader must see each key's counts as exactly 0, 1, 2, ...
+with no gap and no repeat (a state restored without a batch repeats a count;
+one counted twice skips one): the reader running during the chaos checks
+that record by record, and a fresh reader at the end checks all 300,000.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ CHUNK = 10_000
 LATE_CHUNKS = 3
 SESSION_TIMEOUT = 6.0  # group_worker.py's
 SEED = int(os.environ.get("STREAMLET_TEST_SEED", "20261204"))
-WORKER_ENV = {"GROUP_KEY": "record", "GROUP_MAX_BATCH_RECORDS": "5000"}
+WORKER_ENV = {"GROUP_KEY": "counted", "GROUP_MAX_BATCH_RECORDS": "5000"}
 
 
 def record(i: int) -> tuple[bytes, bytes]:

@@ -1,0 +1,183 @@
+"""A stateful handler's changelog in group mode: what goes to Kafka, and what comes back.
+
+In group mode a task's state must move with the task. Each batch's changed
+keys are written to a compacted changelog topic, partition = the task, in
+the same Kafka transaction as the batch's outputs and input position (the
+handler's :class:`~streamlet.kafka.sink.KafkaSink` does that), so what the
+changelog holds is always exactly the state of what the task committed. A
+worker taking a task over first fences the earlier owner, then replays the
+partition into its local store (``streamlet/kafka/changelog.py``); the local
+store is a cache of the changelog that is never ahead of it, because it
+commits a batch's changes only after the transaction committed.
+
+This module is pure: the topic's name, and the record format.
+
+Record format: the key is the stored key (:func:`~streamlet.state._store.
+encode_key`'s form, streamlet's own entries included); the value is the
+batch time of the write as an 8-byte big-endian double (what a ``ttl``
+counts from), followed by the orjson encoding of the value. A delete is a
+record without a value (a tombstone, which compaction eventually removes).
+Replaying any suffix of the partition that starts at or before a store's
+position gives the same state, since every record carries a whole value:
+so a store's position need only be a lower bound.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from streamlet.errors import ConfigError
+from streamlet.records import Batch
+from streamlet.state._store import Changes
+
+__all__ = [
+    "STALE_AFTER",
+    "ChangelogSink",
+    "ChangelogWrite",
+    "changelog_topic",
+    "decode_entry",
+    "encode_changes",
+    "replay_start",
+    "replayed",
+]
+
+_TOUCHED = struct.Struct(">d")
+STALE_AFTER = 6 * 3600.0
+"""Seconds a task's local store may have been out of touch with its changelog
+and still be replayed from its position rather than rebuilt. Compaction
+drops a tombstone ``delete.retention.ms`` (24 h, set on the topics streamlet
+makes) after it cleaned the tombstone's segment: a store older than that
+could miss a delete. Kafka Streams' answer is alike (``state.cleanup.delay.ms``
+removes stores of tasks a worker has not owned for ten minutes)."""
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_MAX_TOPIC = 249
+
+
+def changelog_topic(app: str, handler: str) -> str:
+    """The changelog topic of ``handler`` in ``app``: ``<app>.<handler>.changelog``.
+
+    Raises:
+        ConfigError: the name is not a valid Kafka topic name (Kafka allows
+            letters, digits, ``.``, ``_`` and ``-``, at most 249 of them).
+    """
+    topic = f"{app}.{handler}.changelog"
+    if not _TOPIC_NAME.fullmatch(topic) or len(topic) > _MAX_TOPIC:
+        raise ConfigError(
+            f"handler {handler!r} of app {app!r} keeps state in group mode, so its state goes"
+            f" to the Kafka topic {topic!r}, which is not a valid topic name (letters, digits,"
+            f" '.', '_' and '-', at most {_MAX_TOPIC}). Give the app and the handler"
+            " (name=...) names made of those characters"
+        )
+    return topic
+
+
+@dataclass(slots=True)
+class ChangelogWrite:
+    """One batch's state changes, to go into the sink's transaction.
+
+    Attributes:
+        topic: the changelog topic.
+        partition: the task.
+        records: (key, value) pairs in :func:`encode_changes`' format; a
+            None value deletes the key.
+        next_offset: set by the sink once its transaction committed: the
+            changelog offset after the batch's last record (None: unknown,
+            as when the batch had been written before; the store's position
+            then stays where it was, which only means a longer replay).
+    """
+
+    topic: str
+    partition: int
+    records: Sequence[tuple[bytes, bytes | None]]
+    next_offset: int | None = field(default=None)
+
+
+class ChangelogSink(Protocol):
+    """A sink that carries a handler's changelog in its transaction (KafkaSink in group mode)."""
+
+    def changelog_settings(self) -> dict[str, Any]:
+        """How a client reaches the changelog's cluster (servers, security settings)."""
+        ...
+
+    async def commit_changelog(
+        self, batch: Batch, outputs: Sequence[object], changelog: ChangelogWrite
+    ) -> bool:
+        """Commit ``outputs`` and ``changelog`` in one transaction (see KafkaSink)."""
+        ...
+
+
+def encode_changes(changes: Changes) -> list[tuple[bytes, bytes | None]]:
+    """The changelog records of one batch's changes: deletes, then writes, each by key."""
+    touched = _TOUCHED.pack(changes.time)
+    records: list[tuple[bytes, bytes | None]] = [(k, None) for k in sorted(changes.deletes)]
+    records.extend((k, touched + v) for k, v in changes.writes.items())
+    return records
+
+
+def decode_entry(
+    key: bytes | None, value: bytes | None
+) -> tuple[bytes, tuple[bytes, float] | None]:
+    """A changelog record as (stored key, (value, touched)), or (key, None) for a delete.
+
+    An empty value is a delete too: streamlet's Kafka reads turn a missing
+    value into ``b""``, and a written value is never shorter than 9 bytes.
+
+    Raises:
+        ValueError: the record is not in the changelog's format.
+    """
+    if not key:
+        raise ValueError("a changelog record without a key")
+    if not value:
+        return key, None
+    if len(value) <= _TOUCHED.size:
+        raise ValueError(f"a changelog value of {len(value)} byte(s), too short")
+    (touched,) = _TOUCHED.unpack_from(value)
+    return key, (value[_TOUCHED.size :], touched)
+
+
+def replayed(
+    entries: Iterable[tuple[bytes, tuple[bytes, float] | None]],
+) -> tuple[dict[bytes, tuple[bytes, float]], set[bytes]]:
+    """The net effect of replaying ``entries`` in order: (writes, deletes), disjoint."""
+    writes: dict[bytes, tuple[bytes, float]] = {}
+    deletes: set[bytes] = set()
+    for key, entry in entries:
+        if entry is None:
+            writes.pop(key, None)
+            deletes.add(key)
+        else:
+            deletes.discard(key)
+            writes[key] = entry
+    return writes, deletes
+
+
+def replay_start(
+    position: int, current_at: float, begin: int, end: int, now: float, stale_after: float
+) -> tuple[int, str]:
+    """Where a store's replay of its changelog partition starts, and why it starts over.
+
+    ``position``/``current_at``: the store's; ``begin``/``end``: the
+    partition's first and next offsets. Returns (offset, reason): reason is
+    "" when the store can be kept and replayed from its position; otherwise
+    the store must be emptied and rebuilt from ``begin``, for the reason
+    given. A fresh store (position 0) simply replays from the start.
+    """
+    if position == 0:
+        return begin, ""
+    if position > end:
+        return begin, (
+            f"the store is at changelog offset {position}, past the topic's end {end} (was the"
+            " topic deleted and made anew?)"
+        )
+    if position < begin:
+        return begin, f"the changelog no longer holds offset {position}; it starts at {begin}"
+    if now - current_at > stale_after:
+        return begin, (
+            f"the store was last current {now - current_at:.0f}s ago, over {stale_after:g}s:"
+            " deletes since may have been compacted out of the changelog"
+        )
+    return position, ""
