@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
 from streamlet.errors import ConfigError, SinkUnavailableError, StateError
 from streamlet.kafka._consumer import Consumer
@@ -317,23 +318,56 @@ class TaskStates:
         for name, (state, sink, topic) in self.handlers.items():
             store = self._open.get((name, task))
             if store is None:
-                store = await StateStore.open(
-                    self.path(name, task),
-                    app=self.app,
-                    handler=name,
-                    state_id=self.state_id,
-                    ttl=state.ttl,
-                    cache_keys=state.cache_keys,
-                    task=task,
-                )
-                self._open[name, task] = store
+                store = self._open[name, task] = await self._open_store(name, state, task)
             await restore_task(
                 sink.changelog_settings(), topic, task, store, stale_after=self.stale_after
             )
             stores[name] = store
         return stores
 
+    async def _open_store(self, name: str, state: State, task: int) -> StateStore:
+        """Open the task's store; one that is damaged or not this task's is set aside.
+
+        The store is only a cache of the changelog, so a bad one costs a
+        full replay, never the state: it is renamed to ``<file>.bad-<time>``
+        (kept for a look) and a new one rebuilt.
+        """
+        path = self.path(name, task)
+
+        async def open_store() -> StateStore:
+            return await StateStore.open(
+                path,
+                app=self.app,
+                handler=name,
+                state_id=self.state_id,
+                ttl=state.ttl,
+                cache_keys=state.cache_keys,
+                task=task,
+            )
+
+        try:
+            return await open_store()
+        except StateError as exc:
+            aside = f"{path}.bad-{int(time.time())}"
+            await anyio.to_thread.run_sync(_set_aside, path, aside)
+            log.warning(
+                "handler %r, task %d: the local copy of its state was set aside as %s and is"
+                " rebuilt from the changelog: %s",
+                name,
+                task,
+                aside,
+                exc,
+            )
+            return await open_store()
+
     async def aclose(self) -> None:
         for store in self._open.values():
             await store.aclose()
         self._open.clear()
+
+
+def _set_aside(path: str, aside: str) -> None:
+    """Rename a SQLite file and its journal files from ``path`` to ``aside``."""
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, aside + suffix)

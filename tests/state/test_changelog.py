@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 import streamlet as sl
 from streamlet._group import check_group_mode
 from streamlet.errors import ConfigError, StateError
-from streamlet.kafka.changelog import client_settings, restore_task
+from streamlet.kafka.changelog import TaskStates, client_settings, restore_task
 from streamlet.sinks.file import FileSink
 from streamlet.state._changelog import (
     changelog_topic,
@@ -243,3 +244,49 @@ async def test_a_changelog_holding_foreign_records_is_refused_by_offset(
             )
     finally:
         await store.aclose()
+
+
+class _ChangelogOnly:
+    """The part of a KafkaSink that TaskStates uses: how to reach the cluster."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+
+    def changelog_settings(self) -> dict[str, Any]:
+        return client_settings([self.bootstrap], None, "test")
+
+    async def commit_changelog(self, batch: Any, outputs: Any, changelog: Any) -> bool:
+        raise AssertionError("not called here")
+
+
+@pytest.mark.kafka
+async def test_a_damaged_local_copy_is_set_aside_and_rebuilt_from_the_changelog(
+    kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path
+) -> None:
+    topic = await new_topic(2, prefix="changelog")
+    await _write(kafka_bootstrap, topic, 1, [_batch(1, 1.0, a=1, b=2), _batch(2, 2.0, b=None)])
+    states = TaskStates(
+        directory=str(tmp_path),
+        app="a",
+        state_id="id1",
+        handlers={"h": (sl.State(), _ChangelogOnly(kafka_bootstrap), topic)},
+    )
+    store = (await states.acquire(1))["h"]
+    assert _contents(store) == {b"sa": 1}
+    await states.aclose()
+    path = Path(states.path("h", 1))
+    await anyio.Path(path).write_bytes(b"not a database" * 100)
+    states = TaskStates(
+        directory=str(tmp_path),
+        app="a",
+        state_id="id1",
+        handlers={"h": (sl.State(), _ChangelogOnly(kafka_bootstrap), topic)},
+    )
+    try:
+        store = (await states.acquire(1))["h"]
+        assert _contents(store) == {b"sa": 1}
+    finally:
+        await states.aclose()
+    aside = [p.name for p in path.parent.iterdir() if ".bad-" in p.name]
+    assert len(aside) == 1, aside
+    assert aside[0].startswith("t1.sqlite.bad-"), aside
