@@ -17,6 +17,7 @@ Run it against your broker::
 from __future__ import annotations
 
 import os
+from typing import TypedDict, cast
 
 import orjson
 
@@ -30,7 +31,32 @@ app = sl.App("order_totals", state_dir=".streamlet/order_totals", batch_interval
 orders_source = sl.KafkaSource(
     ORDERS, bootstrap_servers=BOOTSTRAP, group_id="order-totals", start="earliest"
 )
-orders = app.source(orders_source, name="orders", decode=orjson.loads)
+
+
+class Item(TypedDict):
+    price: float
+    qty: int
+
+
+class Order(TypedDict):
+    customer: str
+    items: list[Item]
+
+
+def parse_order(value: bytes) -> Order:
+    """An order from its JSON; anything else raises, and goes to the dead letters."""
+    order = orjson.loads(value)
+    if not (
+        isinstance(order, dict)
+        and isinstance(order.get("customer"), str)
+        and isinstance(order.get("items"), list)
+    ):
+        raise TypeError(f"not an order: {value[:80]!r}")
+    return cast(Order, order)
+
+
+# decode's result is each record's ``data``: a handler of Batch[Order] sees Orders.
+orders = app.source(orders_source, name="orders", decode=parse_order)
 
 
 def _key(output: object) -> bytes:
@@ -42,12 +68,11 @@ def _key(output: object) -> bytes:
     orders,
     sink=sl.KafkaSink(TOTALS, bootstrap_servers=BOOTSTRAP, key=_key, consume_from=orders_source),
 )
-async def order_totals(batch: sl.Batch) -> list[dict[str, object]]:
+async def order_totals(batch: sl.Batch[Order]) -> list[dict[str, object]]:
     """One output per order: customer, the order's offset, total in cents."""
-    totals = []
+    totals: list[dict[str, object]] = []
     for record in batch:
         order = record.data
-        assert isinstance(order, dict)
         cents = sum(round(item["price"] * 100) * item["qty"] for item in order["items"])
         totals.append(
             {

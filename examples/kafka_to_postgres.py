@@ -61,7 +61,7 @@ views = app.source(
         table_ddl="CREATE TABLE IF NOT EXISTS page_views (page text PRIMARY KEY, views bigint)",
     ),
 )
-async def count_pages(batch: sl.Batch) -> list[tuple[str, int]]:
-    """Count the views per page in one batch."""
-    pages = Counter(str(record.data["page"]) for record in batch)  # type: ignore[index]
+async def count_pages(batch: sl.Batch[dict[str, object]]) -> list[tuple[str, int]]:
+    """Count the views per page in one batch (``data``: each value's JSON object)."""
+    pages = Counter(str(record.data["page"]) for record in batch)
     return sorted(pages.items())

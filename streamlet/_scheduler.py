@@ -702,13 +702,15 @@ class BatchScheduler:
             return records, []
         good: list[Record] = []
         dead: list[object] = []
+        new = tuple.__new__  # a third of ``_replace``'s cost; the fields' order is Record's
         for record in records:
             decode = self.decoders.get(record.source)
             if decode is None:
                 good.append(record)
                 continue
+            value, key, stamp, source, partition, offset, _, headers = record
             try:
-                good.append(record._replace(data=decode(record.value)))
+                data = decode(value)
             except Exception as exc:
                 where = (
                     f"record at offset {record.offset} of partition {record.partition} of"
@@ -724,6 +726,8 @@ class BatchScheduler:
                     "%s cannot be decoded (%r); it goes to the dead-letter sink", where, exc
                 )
                 dead.append(_dead_letter(record, batch_id, f"{type(exc).__name__}: {exc}", None, 1))
+                continue
+            good.append(new(Record, (value, key, stamp, source, partition, offset, data, headers)))
         return good, dead
 
     async def _read_with_retries(

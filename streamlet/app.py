@@ -57,6 +57,8 @@ DEFAULT_BLOCK_INTERVAL = 0.2
 
 AnySource = DirectSource | Receiver
 _S = TypeVar("_S", DirectSource, Receiver)
+#: A handler function, returned by the decorator as it came (types kept).
+_F = TypeVar("_F", bound=HandlerFn)
 SourceArg = AnySource | str
 SourcesArg = SourceArg | Sequence[SourceArg]
 
@@ -364,7 +366,7 @@ class App:
         name: str | None = None,
         thread: bool = False,
         state: State | None = None,
-    ) -> Callable[[HandlerFn], HandlerFn]:
+    ) -> Callable[[_F], _F]:
         """Decorate an ``async def handler(batch)`` to run on every batch of ``sources``.
 
         Handlers share the event loop with receivers' acknowledgements and the
@@ -398,7 +400,7 @@ class App:
         if state is not None and not isinstance(state, State):
             raise ConfigError(f"state must be a streamlet State, not {type(state).__name__}")
 
-        def register(fn: HandlerFn) -> HandlerFn:
+        def register(fn: _F) -> _F:
             handler_name = name or getattr(fn, "__name__", "") or f"handler-{len(self._handlers)}"
             check_handler(handler_name, fn, thread=thread, state=state is not None)
             if any(h.name == handler_name for h in self._handlers):

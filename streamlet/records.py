@@ -16,7 +16,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple
+
+from typing_extensions import TypeVar
 
 __all__ = [
     "Batch",
@@ -28,8 +30,15 @@ __all__ = [
 ]
 
 
-class Record(NamedTuple):
-    """One event, as a source delivered it."""
+D = TypeVar("D", default=object)
+"""The type of a record's ``data``: what its source's ``decode`` returns.
+
+Write ``sl.Batch[Order]`` in a handler's signature and ``record.data`` is an
+``Order``; a bare ``sl.Batch`` has ``data: object``."""
+
+
+class Record(NamedTuple, Generic[D]):
+    """One event, as a source delivered it; ``Record[T]``: its ``data`` is a ``T``."""
 
     value: bytes
     """The payload, as bytes; handlers decode it."""
@@ -43,7 +52,7 @@ class Record(NamedTuple):
     """Partition within the source (0 for unpartitioned sources)."""
     offset: int = -1
     """Offset within the partition for replayable sources; -1 where there is none."""
-    data: object = None
+    data: D = None  # type: ignore[assignment]  # None until decoded, when a source has decode
     """``value`` decoded by the source's ``decode`` function (``app.source(...,
     decode=...)``); None when the source has none. Never stored: a re-run
     decodes again, so ``decode`` must be deterministic."""
@@ -99,8 +108,11 @@ class BlockRef(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class Batch:
+class Batch(Generic[D]):
     """One micro-batch: the input a handler runs on.
+
+    ``Batch[T]``: its records' ``data`` are ``T`` (their sources' ``decode``
+    returns ``T``); a handler declares it as ``batch: sl.Batch[T]``.
 
     Attributes:
         id: the batch number, increasing by one per batch for the life of
@@ -114,17 +126,17 @@ class Batch:
 
     id: int
     time: float
-    records: Sequence[Record]
+    records: Sequence[Record[D]]
     ranges: tuple[OffsetRange, ...] = ()
     blocks: tuple[BlockRef, ...] = ()
 
-    def __iter__(self) -> Iterator[Record]:
+    def __iter__(self) -> Iterator[Record[D]]:
         return iter(self.records)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def for_sources(self, names: Sequence[str]) -> Batch:
+    def for_sources(self, names: Sequence[str]) -> Batch[D]:
         """The same batch restricted to records, ranges and blocks of ``names``."""
         wanted = set(names)
         present = {r.source for r in self.ranges} | {b.source for b in self.blocks}
