@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ from streamlet.kafka._group import GroupMember
 from streamlet.metrics import BatchInfo, LatencyHistogram
 from streamlet.sinks.base import Sink
 from streamlet.sources.base import DirectSource
+from streamlet.state._changelog import stored_positions
 from streamlet.state._store import StateStore
 
 if TYPE_CHECKING:
@@ -241,8 +243,21 @@ class GroupWorker:
             # ends are final, and the state matches ``positions``.
             stores = await self._restore(task)
             for name, store in stores.items():
-                # Not the position: aborted transactions move it too.
-                if not marked and not store.empty():
+                covered = stored_positions(store, self._topics)
+                if marked:
+                    differ = {s: o for s, o in covered.items() if positions.get(s) != o}
+                    if differ:
+                        raise StateError(state_elsewhere(task, name, positions, covered))
+                elif covered:
+                    log.warning(
+                        "task %d: its sinks hold no position (the marker expired or was"
+                        " deleted); it resumes where its state says its input stopped: %s",
+                        task,
+                        covered,
+                    )
+                    positions.update(covered)
+                # Not the store's changelog position: aborted transactions move it too.
+                elif not store.empty():
                     raise StateError(unmarked_state(task, name, store.path))
             await scheduler.acquire_task(task, positions, stores)
         scheduler.resume()
@@ -313,15 +328,33 @@ class GroupWorker:
         return positions, marked
 
 
+def state_elsewhere(
+    task: int, handler: str, positions: Mapping[str, int], covered: Mapping[str, int]
+) -> str:
+    """Why a task whose state covers other input than its sink's marker says cannot run."""
+    return (
+        f"task {task}: the state of handler {handler!r} covers input up to {dict(covered)},"
+        f" but its sink's marker says the task resumes at {dict(positions)}. Both are written"
+        " in one transaction, so they only differ when one was changed by hand (the marker"
+        " group's offsets reset, or the changelog topic replaced): running on would count"
+        " input twice or skip it. Put back what was changed, or start the state over (a new"
+        " app name)"
+    )
+
+
 def unmarked_state(task: int, handler: str, path: str) -> str:
     """Why a task whose sink knows no position cannot run on the state its changelog holds."""
     return (
         f"task {task}: the changelog of handler {handler!r} holds state, but its sink holds no"
-        " position for the task's input. State is only written with a position, so the"
-        " changelog belongs to an earlier app of the same name that read other topics (or"
-        " the sink's task markers were deleted): running on would count the new input on top"
-        " of the old state. Give the app a new name, or delete the changelog topic (and"
-        f" {path}) to start the state over"
+        " position for the task's input. State is only written with a position, so either"
+        " the changelog belongs to an earlier app of the same name that read other topics,"
+        " or the sink's task marker is gone (deleted, or expired: Kafka drops the offsets of"
+        " a group without members offsets.retention.minutes after their last commit, 7 days"
+        " by default, so a partition without input for that long loses its marker; raise it"
+        " on the cluster). Running on would count input on top of state that does not match"
+        " it. To start the state over on purpose, give the app a new name, or delete the"
+        " changelog topic and every worker's"
+        f" {os.path.dirname(path)} folder"
     )
 
 

@@ -71,7 +71,12 @@ from streamlet.metrics import BatchInfo, HandlerInfo
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources.base import DirectSource
-from streamlet.state._changelog import ChangelogSink, ChangelogWrite, encode_changes
+from streamlet.state._changelog import (
+    ChangelogSink,
+    ChangelogWrite,
+    encode_changes,
+    with_positions,
+)
 from streamlet.state._keyed import KeyedState
 from streamlet.state._store import Changes, StateStore
 from streamlet.wal import Position
@@ -244,6 +249,8 @@ class BatchScheduler:
             :meth:`acquire_task`).
         changelogs: group mode: each stateful handler's changelog topic,
             written in its sink's transaction (``commit_changelog``).
+        source_topics: group mode: each Kafka source's topic (a task's
+            input position goes in its changelog under it).
     """
 
     def __init__(
@@ -264,6 +271,7 @@ class BatchScheduler:
         rate_controller: RateController | None = None,
         stores: Mapping[str, StateStore] | None = None,
         changelogs: Mapping[str, str] | None = None,
+        source_topics: Mapping[str, str] | None = None,
     ) -> None:
         self.app = app
         self.tracker = tracker
@@ -312,6 +320,7 @@ class BatchScheduler:
         self.rate_controller = rate_controller
         self.stores = dict(stores or {})
         self.changelogs = dict(changelogs or {})
+        self.source_topics = dict(source_topics or {})
         #: Group mode: each owned task's stores (its part of the keyed state).
         self.task_stores: dict[int, dict[str, StateStore]] = {}
         #: Handlers that also run on batches with no input (their state asks to).
@@ -420,22 +429,27 @@ class BatchScheduler:
             return
         latest = {name: await source.latest() for name, source in self.sources.items()}
         behind = False
-        planned: list[tuple[int, int, Allocation]] = []
+        planned: list[tuple[int, int, Allocation, Mapping[str, StateStore]]] = []
         for task in sorted(self.tasks):
             if self.paused or task not in self.tasks:
                 continue
             epoch = self._task_epochs.get(task, 0)
+            # The task's state as it was acquired: a release while the batch
+            # runs must not take it from under the batch.
+            task_state: Mapping[str, StateStore] = self.task_stores.get(task, {})
             alloc = await self.allocate(batch_time, task=task, latest=latest)
             behind = behind or self.behind
             if alloc is not None:
-                planned.append((task, epoch, alloc))
+                planned.append((task, epoch, alloc, task_state))
         self.behind = behind
         if not planned:
             return
         turns = [anyio.Event() for _ in planned]
         failures: list[Exception] = []
 
-        async def run_task(index: int, task: int, epoch: int, alloc: Allocation) -> None:
+        async def run_task(
+            index: int, task: int, epoch: int, alloc: Allocation, stores: Mapping[str, StateStore]
+        ) -> None:
             previous = turns[index - 1] if index else None
 
             async def turn() -> None:
@@ -443,7 +457,7 @@ class BatchScheduler:
                     await previous.wait()
 
             try:
-                await self._run_task_batch(task, epoch, alloc, scheduled, turn)
+                await self._run_task_batch(task, epoch, alloc, scheduled, turn, stores)
             except Exception as exc:
                 # The app stops: the other tasks' batches are cancelled (none
                 # is marked done after this one), and the error is raised as
@@ -455,8 +469,8 @@ class BatchScheduler:
                 turns[index].set()
 
         async with anyio.create_task_group() as tg:
-            for index, (task, epoch, alloc) in enumerate(planned):
-                tg.start_soon(run_task, index, task, epoch, alloc)
+            for index, (task, epoch, alloc, task_state) in enumerate(planned):
+                tg.start_soon(run_task, index, task, epoch, alloc, task_state)
         if failures:
             raise failures[0]
 
@@ -467,12 +481,14 @@ class BatchScheduler:
         alloc: Allocation,
         scheduled: float,
         turn: Callable[[], Awaitable[None]],
+        stores: Mapping[str, StateStore],
     ) -> None:
         """Run one task's batch; drop it instead when its task moved meanwhile.
 
         ``epoch`` is the task's release count when the batch was planned: a
         task released since (and perhaps acquired again, with new producers
         that fenced this batch's) has moved on without this batch.
+        ``stores``: the task's keyed state when the batch was planned.
         """
 
         def moved() -> bool:
@@ -484,7 +500,9 @@ class BatchScheduler:
             await self._drop(alloc.id)
             return
         try:
-            await self._run_batch(alloc, scheduled=scheduled, recovered=False, turn=turn)
+            await self._run_batch(
+                alloc, scheduled=scheduled, recovered=False, turn=turn, stores=stores, moved=moved
+            )
         except FencedError as exc:
             if moved():
                 log.info(
@@ -517,12 +535,6 @@ class BatchScheduler:
                 exc,
             )
             await self._drop(alloc.id)
-
-    def _stores_for(self, alloc: Allocation) -> Mapping[str, StateStore]:
-        """The keyed state a batch runs on: the app's, or in group mode its task's."""
-        if self.tasks is None:
-            return self.stores
-        return self.task_stores.get(_task_of(alloc), {}) if alloc.ranges else {}
 
     async def _drop(self, batch_id: int) -> None:
         """Log batch ``batch_id`` dropped, unless it no longer is pending."""
@@ -1002,14 +1014,21 @@ class BatchScheduler:
         scheduled: float | None,
         recovered: bool,
         turn: Callable[[], Awaitable[None]] | None = None,
+        stores: Mapping[str, StateStore] | None = None,
+        moved: Callable[[], bool] | None = None,
     ) -> BatchInfo:
         """Run a batch to done; ``turn`` is awaited after its sinks committed, before done.
 
         ``turn`` lets batches run side by side yet be marked done in order.
+        Group mode: ``stores`` is the batch's task's keyed state, and
+        ``moved()`` says whether the task was released since the batch was
+        planned (its local state is then left as it was: see below).
         """
         self._in_flight[alloc.id] = alloc
         try:
-            return await self._run_batch_in_flight(alloc, scheduled, recovered, turn)
+            return await self._run_batch_in_flight(
+                alloc, scheduled, recovered, turn, self.stores if stores is None else stores, moved
+            )
         finally:
             del self._in_flight[alloc.id]
             self._batch_ended.set()
@@ -1021,6 +1040,8 @@ class BatchScheduler:
         scheduled: float | None,
         recovered: bool,
         turn: Callable[[], Awaitable[None]] | None,
+        stores: Mapping[str, StateStore],
+        moved: Callable[[], bool] | None,
     ) -> BatchInfo:
         started = self.clock.monotonic()
         raw, inputs = await self._read_input(alloc)
@@ -1035,7 +1056,6 @@ class BatchScheduler:
         # A stateful handler whose state already holds this batch ran and
         # committed everything before a crash (state commits after the
         # sinks): it is not called again.
-        stores = self._stores_for(alloc)
         settled = (
             {name for name, store in stores.items() if store.seq >= batch.id}
             if self.tasks is None
@@ -1133,14 +1153,15 @@ class BatchScheduler:
             if dead_failure is not None:
                 raise dead_failure
 
-        # Group mode: a stateful handler's changes go in its sink's transaction.
-        changelogs = {
-            name: ChangelogWrite(
-                self.changelogs[name], _task_of(alloc), encode_changes(changes[name])
-            )
-            for name in to_commit
-            if name in self.changelogs and name in changes
-        }
+        # Group mode: a stateful handler's changes go in its sink's
+        # transaction, with the input position they cover.
+        changelogs: dict[str, ChangelogWrite] = {}
+        for name in to_commit:
+            if name in self.changelogs and name in changes:
+                changes[name] = with_positions(changes[name], batch.ranges, self.source_topics)
+                changelogs[name] = ChangelogWrite(
+                    self.changelogs[name], _task_of(alloc), encode_changes(changes[name])
+                )
 
         async def commit_one(name: str, sink: Sink, outputs: list[object]) -> None:
             committed[name] = await self._commit_sink(
@@ -1175,6 +1196,13 @@ class BatchScheduler:
         ]
         outputs = sum(len(r) for n, (_, r) in to_commit.items() if n not in refused)
         crash_point("after_sink_commit", batch.id)
+        if moved is not None and stores and moved():
+            # Group mode: the task moved while the batch ran, and its sink may
+            # have found the batch written by the next owner (after an unknown
+            # outcome), whose changes need not be this run's. The local copy
+            # stays behind; the changelog brings it up to date when the task
+            # comes back (its position is a lower bound).
+            stores = {}
         for name, store in stores.items():
             # A handler that failed (or whose outputs were refused) changes
             # nothing; its store still moves on to this batch.

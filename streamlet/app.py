@@ -657,6 +657,7 @@ class App:
                 clock=self.clock,
                 stores=stores,
                 changelogs=changelogs,
+                source_topics=_source_topics(direct) if changelogs else None,
             )
             stop = self._stop
             assert stop is not None
@@ -798,24 +799,26 @@ class App:
         scheduler.listeners.append(worker.on_batch)
         scheduler.fenced = worker.fenced
         log.info("joining group %r as worker %r", self.group, self.worker)
-        async with anyio.create_task_group() as tg:
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def follow_the_group() -> None:
-                await worker.run(member)
-                worker.stopped.set()
+                async def follow_the_group() -> None:
+                    await worker.run(member)
+                    worker.stopped.set()
 
-            async def until_stopped() -> None:
-                await worker.stopped.wait()
-                stop.set()
+                async def until_stopped() -> None:
+                    await worker.stopped.wait()
+                    stop.set()
 
-            tg.start_soon(follow_the_group)
-            tg.start_soon(until_stopped)
-            task_status.started()
-            await scheduler.run(stop, duration=duration)
-            tg.cancel_scope.cancel()
-        if states is not None:
-            with anyio.CancelScope(shield=True):
-                await states.aclose()
+                tg.start_soon(follow_the_group)
+                tg.start_soon(until_stopped)
+                task_status.started()
+                await scheduler.run(stop, duration=duration)
+                tg.cancel_scope.cancel()
+        finally:
+            if states is not None:
+                with anyio.CancelScope(shield=True):
+                    await states.aclose()
         if worker.error is not None:
             raise worker.error
 

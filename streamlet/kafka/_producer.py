@@ -153,6 +153,9 @@ class Producer:
         metadata, whose ``offset`` is the batch's first) and how many
         records the last batch holds: its first offset plus that is the
         offset after the last record.
+
+        The caller checks the records' sizes first (:meth:`too_large`):
+        aiokafka's builder takes any first record, however large.
         """
         raw = self._raw
         futures: list[asyncio.Future[Any]] = []
@@ -168,16 +171,21 @@ class Producer:
             if builder.append(timestamp=None, key=key, value=value, headers=[]) is None:
                 await send()
                 builder, count = raw.create_batch(), 0
-                if builder.append(timestamp=None, key=key, value=value, headers=[]) is None:
-                    raise MessageSizeTooLargeError(
-                        f"a state entry of {len(key) + len(value or b'')} bytes is larger than"
-                        " the producer's max_request_size; raise it in producer_config (and"
-                        " the changelog topic's max.message.bytes), or keep smaller values"
-                    )
+                builder.append(timestamp=None, key=key, value=value, headers=[])
             count += 1
         if count:
             await send()
         return futures, count
+
+    def too_large(self, records: Sequence[tuple[bytes, bytes | None]]) -> tuple[bytes, int] | None:
+        """The first record over ``max_request_size``, as (key, size); None if all fit."""
+        limit = self._max_request_size
+        for key, value in records:
+            if len(key) + len(value or b"") > limit - 1024:
+                size = _aiokafka.record_size(key, value, [])
+                if size > limit:
+                    return key, size
+        return None
 
     async def send_offsets(
         self,

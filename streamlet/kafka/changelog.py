@@ -128,6 +128,14 @@ async def ensure_changelog(admin_settings: Mapping[str, Any], topic: str, partit
                     )
             log.info("created changelog topic %r with %d partition(s)", topic, partitions)
             info = await _described(admin, topic, partitions)
+        policy = await _cleanup_policy(admin, topic)
+        if "compact" not in policy.split(","):
+            raise ConfigError(
+                f"changelog topic {topic!r} has cleanup.policy={policy}: without compaction"
+                " Kafka deletes old records by time or size, and a task's state would be lost"
+                " with them. Set cleanup.policy=compact on the topic (kafka-configs --alter"
+                " --add-config cleanup.policy=compact), or delete it and let the app make it"
+            )
         have = len(info.get("partitions", ()))
         if have != partitions:
             raise ConfigError(
@@ -143,6 +151,24 @@ async def ensure_changelog(admin_settings: Mapping[str, Any], topic: str, partit
     finally:
         with anyio.CancelScope(shield=True):
             await admin.close()
+
+
+async def _cleanup_policy(admin: Any, topic: str) -> str:
+    """The topic's ``cleanup.policy`` (``delete``, ``compact`` or ``compact,delete``)."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    for response in responses:
+        for error_code, message, _type, _name, entries, *_ in response.resources:
+            if error_code:
+                raise ConfigError(
+                    f"cannot read the settings of changelog topic {topic!r}: error code"
+                    f" {error_code} ({message})"
+                )
+            for name, value, *_ in entries:
+                if name == "cleanup.policy":
+                    return str(value)
+    return "delete"  # Kafka's default
 
 
 async def _described(admin: Any, topic: str, partitions: int) -> dict[str, Any]:
@@ -196,6 +222,7 @@ async def restore_task(
     consumer = Consumer(topic, consumer_settings(settings))
     try:
         await consumer.start()
+        _check_partition(topic, task, await consumer.load_partitions())
         consumer.assign([task])
         begin = (await consumer.beginning_offsets([task]))[task]
         end = (await consumer.end_offsets([task]))[task]
@@ -208,6 +235,9 @@ async def restore_task(
                 store.path,
                 why,
             )
+        if start == begin and not store.empty():
+            # Replayed whole: nothing the copy holds may outlive it (a delete
+            # compacted away, or changes of a batch whose offset was unknown).
             await store.wipe(start)
         replayed_records = await _replay(consumer, topic, task, store, start, end, now)
     except (StateError, ConfigError):
@@ -229,6 +259,15 @@ async def restore_task(
             end,
         )
     return replayed_records
+
+
+def _check_partition(topic: str, task: int, partitions: frozenset[int]) -> None:
+    if task not in partitions:
+        raise ConfigError(
+            f"changelog topic {topic!r} has no partition {task} for task {task}: the app's"
+            " sources have more partitions than the changelog (were partitions added?). The"
+            " changelog must have as many partitions as the sources"
+        )
 
 
 async def _replay(

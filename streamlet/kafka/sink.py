@@ -146,6 +146,7 @@ from streamlet.errors import (
     OutputError,
     SinkError,
     SinkUnavailableError,
+    StateError,
 )
 from streamlet.kafka._producer import (
     Message,
@@ -969,6 +970,18 @@ class KafkaSink(Sink):
             if standing != "write":
                 raise SinkError(self._misplaced(batch, task, standing))
             messages = self._encode(batch, outputs)
+            large = producer.too_large(changelog.records) if changelog is not None else None
+            if large is not None:
+                # Before the transaction: aiokafka would send it, and the
+                # broker's refusal would read as one of the outputs'.
+                key, size = large
+                raise StateError(
+                    f"{self._where()}: batch {batch.id} sets a state value of {size} bytes (key"
+                    f" {key[:40]!r}), over the producer's max_request_size, so it cannot go to"
+                    " the changelog. Keep smaller values per key, or raise max_request_size in"
+                    " producer_config (and the changelog topic's max.message.bytes); nothing"
+                    " of the batch is written"
+                )
             return await self._transact(producer, batch, messages, task, changelog)
 
     def _misplaced(self, batch: Batch, task: _Task, standing: str) -> str:

@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import orjson
+
 from streamlet.errors import ConfigError
-from streamlet.records import Batch
-from streamlet.state._store import Changes
+from streamlet.records import Batch, OffsetRange
+from streamlet.state._store import INTERNAL, Changes, StateStore
 
 __all__ = [
     "STALE_AFTER",
@@ -43,6 +45,8 @@ __all__ = [
     "encode_changes",
     "replay_start",
     "replayed",
+    "stored_positions",
+    "with_positions",
 ]
 
 _TOUCHED = struct.Struct(">d")
@@ -164,7 +168,9 @@ def replay_start(
     partition's first and next offsets. Returns (offset, reason): reason is
     "" when the store can be kept and replayed from its position; otherwise
     the store must be emptied and rebuilt from ``begin``, for the reason
-    given. A fresh store (position 0) simply replays from the start.
+    given. A store at position 0 (new, or whose every change went in with
+    an unknown offset) replays from the start; the caller empties a store
+    that is replayed from the start whole.
     """
     if position == 0:
         return begin, ""
@@ -181,3 +187,35 @@ def replay_start(
             " deletes since may have been compacted out of the changelog"
         )
     return position, ""
+
+
+def _position_key(topic: str) -> bytes:
+    return INTERNAL + b"input:" + topic.encode()
+
+
+def with_positions(
+    changes: Changes, ranges: Sequence[OffsetRange], topics: Mapping[str, str]
+) -> Changes:
+    """``changes`` plus the task's input position after the batch, one entry per source topic.
+
+    The position goes in the changelog (and the local copy) beside the
+    state it matches, so the state also says what input it covers: a task
+    whose sink lost its marker resumes from it, and a marker that disagrees
+    with it is refused (see :func:`stored_positions`).
+    """
+    writes = dict(changes.writes)
+    for r in ranges:
+        topic = topics.get(r.source)
+        if topic is not None:
+            writes[_position_key(topic)] = orjson.dumps(r.until)
+    return replace(changes, writes=writes)
+
+
+def stored_positions(store: StateStore, topics: Mapping[str, str]) -> dict[str, int]:
+    """Source name -> the next input offset the task's state covers, as the store holds it."""
+    found: dict[str, int] = {}
+    for name, topic in topics.items():
+        raw = store.read(_position_key(topic), 0.0)
+        if raw is not None:
+            found[name] = int(orjson.loads(raw))
+    return found

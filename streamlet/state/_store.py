@@ -355,7 +355,9 @@ class StateStore:
                 conn.execute(
                     "UPDATE meta SET value = ? WHERE name = 'seq'", (str(changes.batch_id),)
                 )
-                if changes.position is not None:
+                # Never backwards: a lower bound only ever rises (an offset
+                # reported as -1, for a duplicate send, would lower it).
+                if changes.position is not None and changes.position > self.position:
                     self._set_position(changes.position, changes.time)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -373,7 +375,7 @@ class StateStore:
         for k, v in changes.writes.items():
             self._remember(k, (v, changes.time))
         self.seq = changes.batch_id
-        if changes.position is not None:
+        if changes.position is not None and changes.position > self.position:
             self.position, self.current_at = changes.position, changes.time
 
     def _set_position(self, position: int, current_at: float) -> None:

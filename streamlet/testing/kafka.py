@@ -46,6 +46,7 @@ __all__ = [
     "EmbeddedKafka",
     "admin_client",
     "create_topics",
+    "delete_group",
     "ensure_broker_jars",
     "group_offsets",
     "missing_tools",
@@ -193,6 +194,25 @@ async def group_offsets(bootstrap: str, group: str) -> dict[int, int]:
     async with admin_client(bootstrap) as admin:
         found = await admin.list_consumer_group_offsets(group)
     return {int(tp.partition): int(meta.offset) for tp, meta in found.items() if meta.offset >= 0}
+
+
+async def delete_group(bootstrap: str, group: str) -> None:
+    """Delete consumer group ``group`` and its committed offsets (it must have no members).
+
+    What an operator's ``kafka-consumer-groups --delete`` does, and what
+    Kafka itself does to a group without members once its offsets expire.
+
+    Raises:
+        BrokerError: the broker refused (the error code says why).
+    """
+    from aiokafka.protocol.admin import DeleteGroupsRequest
+
+    async with admin_client(bootstrap) as admin:
+        node = await admin.find_coordinator(group)
+        response = await admin._send_request_to_node(node, DeleteGroupsRequest([group]))
+    for name, code in response.results:
+        if code:
+            raise BrokerError(f"deleting group {name!r} failed with error code {code}")
 
 
 async def create_topics(admin: Any, names: Sequence[str], partitions: int) -> None:

@@ -9,6 +9,7 @@ import anyio
 import orjson
 import pytest
 
+import streamlet as sl
 from streamlet._checkpoint import Checkpointer, list_checkpoints
 from streamlet._handlers import HandlerSpec
 from streamlet._retry import RetryPolicy
@@ -19,6 +20,9 @@ from streamlet.fs import OsFileSystem
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources.sequence import SequenceSource
+from streamlet.state import KeyedState
+from streamlet.state._changelog import ChangelogWrite
+from streamlet.state._store import StateStore
 from streamlet.wal import Position
 from tests.engine.test_app import ListSink
 
@@ -356,3 +360,72 @@ async def test_a_task_batch_that_fails_stops_the_tick_with_its_own_error(
         await _take(scheduler, sink, task)
     with pytest.raises(OutputError, match="task 1 cannot be written"):  # not an ExceptionGroup
         await scheduler._group_tick(0.0, 0.0)
+
+
+class ChangelogSink(Sink):
+    """A sink whose commit succeeds whoever holds the task, as a KafkaSink can
+    after an unknown outcome when the next owner had written the batch."""
+
+    def __init__(self) -> None:
+        self.changelogs: list[ChangelogWrite] = []
+
+    async def acquire(self, task: int) -> dict[str, int]:
+        return {}
+
+    async def commit(self, batch: Batch, outputs: Sequence[object]) -> bool:
+        return True
+
+    async def commit_changelog(
+        self, batch: Batch, outputs: Sequence[object], changelog: ChangelogWrite
+    ) -> bool:
+        self.changelogs.append(changelog)
+        changelog.next_offset = len(changelog.records)
+        return True
+
+
+async def test_a_task_released_mid_batch_leaves_its_local_state_behind(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    """The batch's sink commit passed, but the task moved: its local copy is not changed."""
+    entered, go = anyio.Event(), anyio.Event()
+
+    async def count(batch: Batch, state: KeyedState) -> list[int]:
+        entered.set()
+        await go.wait()
+        state["n"] = state.get("n", 0) + len(batch)
+        return [state["n"]]
+
+    source = SequenceSource(rate=None, limit=6, partitions=1)
+    source.name = "seq"
+    sink = ChangelogSink()
+    scheduler = BatchScheduler(
+        app="g",
+        tracker=tracker,
+        sources={"seq": source},
+        handlers=[HandlerSpec("count", count, ("seq",), sink, state=sl.State(idle=False))],
+        policy=BatchPolicy(interval=0.01, max_batch_records=3),
+        checkpointer=Checkpointer(
+            OsFileSystem(), str(tmp_path / "checkpoints"), "g", interval=0, loaded=None, last_done=0
+        ),
+        changelogs={"count": "g.count.changelog"},
+    )
+    scheduler.tasks = set()
+    store = await StateStore.open(
+        str(tmp_path / "t0.sqlite"), app="g", handler="count", state_id="", task=0
+    )
+    try:
+        await scheduler.acquire_task(0, {}, {"count": store})
+
+        async def release() -> None:
+            await entered.wait()
+            await scheduler.release_task(0)
+            go.set()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(release)
+                await scheduler._group_tick(0.0, 0.0)
+        assert len(sink.changelogs) == 1  # the sink took the batch and its changes
+        assert (store.seq, store.position, store.empty()) == (0, 0, True)  # the copy did not
+    finally:
+        await store.aclose()

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import streamlet as sl
 from streamlet._group import check_group_mode
 from streamlet.errors import ConfigError, StateError
-from streamlet.kafka.changelog import TaskStates, client_settings, restore_task
+from streamlet.kafka.changelog import TaskStates, client_settings, ensure_changelog, restore_task
+from streamlet.records import OffsetRange
 from streamlet.sinks.file import FileSink
 from streamlet.state._changelog import (
     changelog_topic,
@@ -24,8 +25,10 @@ from streamlet.state._changelog import (
     encode_changes,
     replay_start,
     replayed,
+    stored_positions,
+    with_positions,
 )
-from streamlet.state._store import Changes, StateStore, encode_key
+from streamlet.state._store import INTERNAL, Changes, StateStore, encode_key
 from tests.conftest import TopicFactory
 
 # -- the record format (pure) ------------------------------------------------------------
@@ -290,3 +293,35 @@ async def test_a_damaged_local_copy_is_set_aside_and_rebuilt_from_the_changelog(
     aside = [p.name for p in path.parent.iterdir() if ".bad-" in p.name]
     assert len(aside) == 1, aside
     assert aside[0].startswith("t1.sqlite.bad-"), aside
+
+
+@pytest.mark.kafka
+async def test_a_changelog_topic_must_be_compacted_and_have_a_partition_per_task(
+    kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    settings = client_settings([kafka_bootstrap], None, "test")
+    plain = await new_topic(2, prefix="plain")  # cleanup.policy=delete
+    with pytest.raises(ConfigError, match=r"cleanup\.policy=delete: without compaction"):
+        await ensure_changelog(settings, plain, 2)
+    made = f"changelog-{plain}"
+    await ensure_changelog(settings, made, 3)
+    await ensure_changelog(settings, made, 3)  # there already: fine
+    with pytest.raises(ConfigError, match=r"has 3 partition.*sources have 4"):
+        await ensure_changelog(settings, made, 4)
+
+
+async def test_the_input_position_goes_with_the_state_it_covers(tmp_path: Path) -> None:
+    ranges = [OffsetRange("orders", 2, 10, 25), OffsetRange("other", 2, 0, 0)]
+    changes = with_positions(
+        Changes(1, 1.0, {b"sa": b"1"}, frozenset()), ranges, {"orders": "orders-topic"}
+    )
+    assert set(changes.writes) == {b"sa", INTERNAL + b"input:orders-topic"}
+    store = await _task_store(tmp_path)
+    try:
+        await store.commit(changes)
+        assert stored_positions(store, {"orders": "orders-topic"}) == {"orders": 25}
+        # Another topic under the same source name is another input: no position.
+        assert stored_positions(store, {"orders": "renamed-topic"}) == {}
+        assert store.count(1.0) == 1  # not one of the user's keys
+    finally:
+        await store.aclose()
