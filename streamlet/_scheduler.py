@@ -910,6 +910,38 @@ class BatchScheduler:
         await split(list(view.records), failure)
         return good, dead
 
+    async def _advance_past_dead_letters(
+        self,
+        alloc: Allocation,
+        views: Mapping[str, Batch],
+        traces: Mapping[str, _Trace],
+        names: set[str],
+    ) -> None:
+        """Group mode: move the exactly-once sinks of handlers ``names`` past the batch.
+
+        Their input went to the dead letters, but their sinks keep the task's
+        input position: left behind, the task's next batch would start past
+        it and be refused as a gap. Each commits no outputs (and, with
+        state, no changes but the input position).
+        """
+        for spec in self.handlers:
+            sink = spec.sink
+            if sink is None or spec.name not in names or sink.guarantee != "exactly-once":
+                continue
+            changelog = None
+            if spec.name in self.changelogs:
+                none = Changes(alloc.id, alloc.time, {}, frozenset())
+                changelog = ChangelogWrite(
+                    self.changelogs[spec.name],
+                    _task_of(alloc),
+                    encode_changes(with_positions(none, alloc.ranges, self.source_topics)),
+                )
+            error = await self._commit_sink(
+                spec.name, sink, views[spec.name], [], traces[spec.name], changelog
+            )
+            if error is not None:
+                raise error
+
     async def _commit_sink(
         self,
         name: str,
@@ -1189,6 +1221,8 @@ class BatchScheduler:
             dead_failure = await self._commit_sink("dead-letter", self.dead_letter, batch, dead)
             if dead_failure is not None:
                 raise dead_failure
+        if self.tasks is not None:
+            await self._advance_past_dead_letters(alloc, views, traces, {*failed, *refused})
         dead_handlers = [
             s.name
             for s in self.handlers

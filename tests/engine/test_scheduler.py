@@ -429,3 +429,27 @@ async def test_a_task_released_mid_batch_leaves_its_local_state_behind(
         assert (store.seq, store.position, store.empty()) == (0, 0, True)  # the copy did not
     finally:
         await store.aclose()
+
+
+async def test_a_task_batch_sent_to_the_dead_letters_still_moves_its_sink_on(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    """Else the task's next batch starts past the sink's marker and is refused as a gap."""
+
+    async def handler(batch: Batch) -> list[int]:
+        if batch.ranges[0].start == 0:
+            raise ValueError("the first batch fails on every record")
+        return [int(r.value) for r in batch]
+
+    scheduler, sink = _grouped(tmp_path, tracker, handler)
+    scheduler.retry = RetryPolicy(max_retries=0)
+    scheduler.dead_letter = letters = ListSink()
+    scheduler.policy = BatchPolicy(interval=0.01, max_batch_records=3, on_failure="dead_letter")
+    await _take(scheduler, sink, 0)
+    with anyio.fail_after(10):
+        await scheduler._group_tick(0.0, 0.0)
+        await scheduler._group_tick(0.0, 0.0)
+    assert len(letters.values()) == 3  # the first batch, record by record
+    assert sink.marker == {0: 6}
+    expected = await scheduler.sources["seq"].read([OffsetRange("seq", 0, 3, 6)])
+    assert sink.values == [int(r.value) for r in expected]

@@ -93,6 +93,16 @@ async def test_a_worker_killed_at_a_commit_step_loses_and_repeats_nothing(
     assert sorted(expected - set(counts))[:10] == [], logs
 
 
+async def _run_until(bootstrap: str, out: str, outputs: int, worker: Worker) -> None:
+    """Let ``worker`` run until ``out`` holds ``outputs`` records, then stop it."""
+    try:
+        with anyio.fail_after(60):
+            while len(await output(bootstrap, out)) < outputs:  # noqa: ASYNC110
+                await anyio.sleep(0.2)
+    finally:
+        worker.stop(timeout=30)
+
+
 async def test_a_new_app_of_an_old_name_on_other_topics_is_refused_its_old_state(
     kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path
 ) -> None:
@@ -100,13 +110,7 @@ async def test_a_new_app_of_an_old_name_on_other_topics_is_refused_its_old_state
     source, out, env = await setup_group_app(kafka_bootstrap, new_topic, tmp_path)
     env["GROUP_KEY"] = "counted"
     await _produce(kafka_bootstrap, source, 0, 200)
-    old = Worker(tmp_path, "old", env)
-    try:
-        with anyio.fail_after(60):
-            while len(await output(kafka_bootstrap, out)) < 200:  # noqa: ASYNC110
-                await anyio.sleep(0.2)
-    finally:
-        old.stop(timeout=30)
+    await _run_until(kafka_bootstrap, out, 200, Worker(tmp_path, "old", env))
     # Same app name, new topics, a new state directory: as if pointed elsewhere.
     other, _, renamed = await setup_group_app(kafka_bootstrap, new_topic, tmp_path)
     renamed.update(GROUP_KEY="counted", GROUP_APP=env["GROUP_APP"])
@@ -129,13 +133,7 @@ async def test_a_task_whose_marker_is_lost_resumes_where_its_state_says(
     source, out, env = await setup_group_app(kafka_bootstrap, new_topic, tmp_path)
     env["GROUP_KEY"] = "counted"
     await _produce(kafka_bootstrap, source, 0, 400)
-    worker = Worker(tmp_path, "w1", env)
-    try:
-        with anyio.fail_after(60):
-            while len(await output(kafka_bootstrap, out)) < 400:  # noqa: ASYNC110
-                await anyio.sleep(0.2)
-    finally:
-        worker.stop(timeout=30)
+    await _run_until(kafka_bootstrap, out, 400, Worker(tmp_path, "w1", env))
     await delete_group(kafka_bootstrap, f"streamlet-tasks.{env['GROUP_APP']}.count")
     await _produce(kafka_bootstrap, source, 400, 600)
     worker = Worker(tmp_path, "w1", env)
