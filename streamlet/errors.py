@@ -28,6 +28,7 @@ __all__ = [
     "SourceUnavailableError",
     "StateError",
     "StreamletError",
+    "TaskNotHeldError",
     "UnreachableError",
     "WALClosedError",
     "WALCorruptionError",
@@ -126,6 +127,17 @@ class FencedError(SinkError):
     exactly-once. Group mode: the batch's task moved to another worker; the
     batch is dropped and the task released (and taken over again if the
     group still assigns it here).
+    """
+
+
+class TaskNotHeldError(SinkError):
+    """Group mode: a sink was asked to commit a batch of a task it does not hold.
+
+    Not a fence (no other worker is known to have taken the task), but the
+    scheduler treats it alike: the batch is dropped and the task released,
+    then taken over again if the group still assigns it here, which reads
+    where its input resumes. Whatever left the sink without the task, that
+    is always safe.
     """
 
 

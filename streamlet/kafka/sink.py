@@ -147,6 +147,7 @@ from streamlet.errors import (
     SinkError,
     SinkUnavailableError,
     StateError,
+    TaskNotHeldError,
 )
 from streamlet.kafka._producer import (
     Message,
@@ -953,7 +954,7 @@ class KafkaSink(Sink):
                 fenced = self._fenced_tasks.get(number)
                 if fenced is not None:
                     raise FencedError(fenced)
-                raise SinkError(
+                raise TaskNotHeldError(
                     f"{self._where()}: batch {batch.id} belongs to task {number}, which this"
                     f" worker has not acquired (or has released); call acquire({number}) first"
                 )

@@ -97,6 +97,7 @@ from streamlet.errors import (
     OutputError,
     SinkError,
     SinkUnavailableError,
+    TaskNotHeldError,
 )
 from streamlet.kafka.policy import task_standing
 from streamlet.records import Batch
@@ -780,7 +781,7 @@ class PostgresSink(Sink, Generic[_Out]):
         """
         owner = self._owners.get(task)
         if owner is None:
-            raise SinkError(
+            raise TaskNotHeldError(
                 f"{self._where()}: batch {batch.id} belongs to task {task}, which this worker"
                 f" has not acquired (or has released); call acquire({task}) first"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import streamlet as sl
 from streamlet._checkpoint import Checkpointer, list_checkpoints
 from streamlet._handlers import HandlerSpec
 from streamlet._retry import RetryPolicy
-from streamlet._scheduler import BatchPolicy, BatchScheduler, partition_limit
+from streamlet._scheduler import BatchPolicy, BatchScheduler, _GcPause, partition_limit
 from streamlet._tracker import Tracker
-from streamlet.errors import OutputError, SinkError
+from streamlet.errors import OutputError, SinkError, TaskNotHeldError
 from streamlet.fs import OsFileSystem
 from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.sinks.base import Sink
@@ -246,7 +247,7 @@ class TaskSink(Sink):
     async def commit(self, batch: Batch, outputs: Sequence[object]) -> bool:
         (r,) = batch.ranges
         if r.partition not in self.held:
-            raise SinkError(f"task {r.partition} is not held")
+            raise TaskNotHeldError(f"task {r.partition} is not held")
         if r.start != self.marker.get(r.partition, 0):
             raise SinkError(f"batch {batch.id} starts at {r.start}, not at the marker")
         self.marker[r.partition] = r.until
@@ -453,3 +454,61 @@ async def test_a_task_batch_sent_to_the_dead_letters_still_moves_its_sink_on(
     assert sink.marker == {0: 6}
     expected = await scheduler.sources["seq"].read([OffsetRange("seq", 0, 3, 6)])
     assert sink.values == [int(r.value) for r in expected]
+
+
+@pytest.mark.parametrize("pause", [True, False])
+async def test_the_garbage_collector_is_paused_while_batches_run(
+    tmp_path: Path, pause: bool
+) -> None:
+    app = sl.App("gc", state_dir=str(tmp_path / "state"), batch_interval=0.02, pause_gc=pause)
+    numbers = app.source(SequenceSource(rate=None, limit=5))
+    seen: list[bool] = []
+
+    @app.handler(numbers)
+    async def look(batch: Batch) -> list[int]:
+        seen.append(gc.isenabled())
+        return []
+
+    assert gc.isenabled()
+    with anyio.fail_after(10):
+        await app.serve(duration=0.3)
+    assert seen
+    assert set(seen) == {not pause}
+    assert gc.isenabled()
+
+
+def test_a_gc_pause_nests_and_leaves_a_collector_it_found_off_as_it_was() -> None:
+    pause = _GcPause(enabled=True)
+    with pause:
+        with pause:  # tasks' batches side by side
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # one batch still runs
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pause:
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+async def test_a_sink_that_no_longer_holds_the_task_drops_the_batch_and_the_task(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    """However the sink lost it, the batch is dropped and the task handed back, not a crash."""
+
+    async def handler(batch: Batch) -> list[int]:
+        return [int(r.value) for r in batch]
+
+    scheduler, sink = _grouped(tmp_path, tracker, handler)
+    handed_back: list[int] = []
+    scheduler.fenced = handed_back.append
+    await _take(scheduler, sink, 0)
+    sink.held.discard(0)  # the sink let go of the task behind the scheduler's back
+    with anyio.fail_after(10):
+        await scheduler._group_tick(0.0, 0.0)
+    assert handed_back == [0]
+    assert scheduler.tasks == set()
+    assert tracker.state.pending == []
+    assert sink.values == []
