@@ -157,6 +157,11 @@ class App:
         max_batch_bytes: about the most bytes (keys and values) one batch
             takes from one source (default 64 MiB). A direct source's first
             batch takes at most 1,000 records, until its record size is known.
+        pause_gc: pause Python's cyclic garbage collector while a batch runs
+            and resume it between batches (default True): the collector
+            would otherwise walk a large batch's live records again and
+            again. It is the process's collector; reference counting frees
+            memory meanwhile as always.
         stop_timeout: seconds a graceful stop waits for the batch under way
             (and, with receivers, for the last batches over what they
             stored) before it cancels it; a cancelled batch is not committed
@@ -207,6 +212,7 @@ class App:
         tracker_segment_bytes: int = TRACKER_SEGMENT_SIZE,
         max_batch_records: int = 100_000,
         max_batch_bytes: int = 64 * 2**20,
+        pause_gc: bool = True,
         stop_timeout: float | None = 30.0,
         blocked_loop_warning: float | None = 1.0,
         fs: FileSystem | None = None,
@@ -269,6 +275,9 @@ class App:
         self.tracker_segment_bytes = _positive_int("tracker_segment_bytes", tracker_segment_bytes)
         self.max_batch_records = _positive_int("max_batch_records", max_batch_records)
         self.max_batch_bytes = _positive_int("max_batch_bytes", max_batch_bytes)
+        if not isinstance(pause_gc, bool):
+            raise ConfigError(f"pause_gc must be True or False, not {pause_gc!r}")
+        self.pause_gc = pause_gc
         self.stop_timeout = (
             None if stop_timeout is None else _positive("stop_timeout", stop_timeout)
         )
@@ -453,6 +462,7 @@ class App:
             "block_interval": self.block_interval,
             "max_batch_records": self.max_batch_records,
             "max_batch_bytes": self.max_batch_bytes,
+            "pause_gc": self.pause_gc,
             "backpressure": self.backpressure,
             "min_rate": self.min_rate,
             "checkpoint_interval": self.checkpoint_interval,
@@ -630,6 +640,7 @@ class App:
                     on_failure=self.on_failure,
                     max_batch_records=self.max_batch_records,
                     max_batch_bytes=self.max_batch_bytes,
+                    pause_gc=self.pause_gc,
                 ),
                 rate_controller=(
                     RateController(

@@ -156,7 +156,7 @@ async def test_kafka_to_kafka_sqlite_and_files_exactly_once_through_twenty_kills
     # Finish: run until every record is in the database, then stop gracefully.
     with anyio.fail_after(300):
         while True:
-            worker = _start(tmp_path, "--duration", "5", capture=True)
+            worker = _start(tmp_path, "--duration", "3", capture=True)
             _, stderr = await anyio.to_thread.run_sync(worker.communicate)
             assert worker.returncode == 0, stderr.decode()[-3000:]
             with sqlite3.connect(tmp_path / "out.db") as conn:

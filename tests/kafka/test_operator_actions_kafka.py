@@ -39,7 +39,7 @@ async def _produce(bootstrap: str, topic: str, start: int, count: int) -> None:
 
 
 async def _run(
-    cwd: Path, env: dict[str, str], *args: str, duration: float = 4
+    cwd: Path, env: dict[str, str], *args: str, duration: float = 3
 ) -> subprocess.CompletedProcess[bytes]:
     command = [sys.executable, "-m", "streamlet", "run", TARGET, "--duration", str(duration)]
     with anyio.fail_after(120):
@@ -221,7 +221,7 @@ async def test_a_fresh_start_on_a_backlog_drains_it_in_bounded_batches(
         env["MAX_RECORDS"] = str(max_records)
     if max_bytes is not None:
         env["MAX_BYTES"] = str(max_bytes)
-    command = [sys.executable, "-m", "streamlet", "run", "backlogapp:app", "--duration", "8"]
+    command = [sys.executable, "-m", "streamlet", "run", "backlogapp:app", "--duration", "5"]
     with anyio.fail_after(120):
         run = await anyio.run_process(command, cwd=tmp_path, env=env, check=False)
     assert run.returncode == 0, run.stderr.decode()

@@ -32,7 +32,7 @@ from streamlet.wal import WriteAheadLog
 from tests.wal.crash_writer import SEGMENT_SIZE, number_of
 
 WRITER = Path(__file__).with_name("crash_writer.py")
-KILLS = 60
+KILLS = 40
 STARTUP_TIMEOUT = 30.0  # seconds for the writer to open the log; only a hang comes near it
 
 
