@@ -953,6 +953,15 @@ class BatchScheduler:
         await split(list(view.records), failure)
         return good, dead
 
+    def _changelog(
+        self, name: str, alloc: Allocation, changes: Changes
+    ) -> tuple[Changes, ChangelogWrite]:
+        """Group mode: ``changes`` with the input position they cover, and their changelog write."""
+        covered = with_positions(changes, alloc.ranges, self.source_topics)
+        return covered, ChangelogWrite(
+            self.changelogs[name], _task_of(alloc), encode_changes(covered)
+        )
+
     async def _advance_past_dead_letters(
         self,
         alloc: Allocation,
@@ -974,11 +983,7 @@ class BatchScheduler:
             changelog = None
             if spec.name in self.changelogs:
                 none = Changes(alloc.id, alloc.time, {}, frozenset())
-                changelog = ChangelogWrite(
-                    self.changelogs[spec.name],
-                    _task_of(alloc),
-                    encode_changes(with_positions(none, alloc.ranges, self.source_topics)),
-                )
+                _, changelog = self._changelog(spec.name, alloc, none)
             error = await self._commit_sink(
                 spec.name, sink, views[spec.name], [], traces[spec.name], changelog
             )
@@ -1239,10 +1244,7 @@ class BatchScheduler:
         changelogs: dict[str, ChangelogWrite] = {}
         for name in to_commit:
             if name in self.changelogs and name in changes:
-                changes[name] = with_positions(changes[name], batch.ranges, self.source_topics)
-                changelogs[name] = ChangelogWrite(
-                    self.changelogs[name], _task_of(alloc), encode_changes(changes[name])
-                )
+                changes[name], changelogs[name] = self._changelog(name, alloc, changes[name])
 
         async def commit_one(name: str, sink: Sink, outputs: list[object]) -> None:
             committed[name] = await self._commit_sink(

@@ -109,9 +109,7 @@ class Producer:
         placed: list[int] = []
         for index, message in enumerate(messages):
             key, value, headers = message
-            if (len(key) if key else 0) + (len(value) if value else 0) > limit - 1024 and (
-                _aiokafka.record_size(key, value, headers) > limit
-            ):
+            if _oversize(key, value, headers, limit) is not None:
                 raise MessageSizeTooLargeError(
                     f"output {index} is larger than the producer's max_request_size of"
                     f" {limit} bytes; raise it in producer_config (and the topic's"
@@ -179,12 +177,10 @@ class Producer:
 
     def too_large(self, records: Sequence[tuple[bytes, bytes | None]]) -> tuple[bytes, int] | None:
         """The first record over ``max_request_size``, as (key, size); None if all fit."""
-        limit = self._max_request_size
         for key, value in records:
-            if len(key) + len(value or b"") > limit - 1024:
-                size = _aiokafka.record_size(key, value, [])
-                if size > limit:
-                    return key, size
+            size = _oversize(key, value, [], self._max_request_size)
+            if size is not None:
+                return key, size
         return None
 
     async def send_offsets(
@@ -279,6 +275,16 @@ async def _stop(raw: Any) -> None:
             await asyncio.gather(task, return_exceptions=True)
     with anyio.move_on_after(CLOSE_TIMEOUT):
         await _aiokafka.close_client(raw)
+
+
+def _oversize(
+    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]], limit: int
+) -> int | None:
+    """The record's size if it is over ``limit`` bytes, else None (exact only near it)."""
+    if (len(key) if key else 0) + (len(value) if value else 0) <= limit - 1024:
+        return None
+    size = _aiokafka.record_size(key, value, headers)
+    return size if size > limit else None
 
 
 def checked_partitioner(partitioner: Partitioner) -> Partitioner:

@@ -35,7 +35,7 @@ import os
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import anyio.to_thread
@@ -341,24 +341,21 @@ class StateStore:
 
     def _commit(self, changes: Changes) -> None:
         conn = self._conn
+        # Never backwards: a lower bound only ever rises (an offset reported
+        # as -1, for a duplicate send, would lower it).
+        position = changes.position
+        advance = position if position is not None and position > self.position else None
         with self._lock:
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                if changes.deletes:
-                    conn.executemany("DELETE FROM kv WHERE k = ?", [(k,) for k in changes.deletes])
-                if changes.writes:
-                    conn.executemany(
-                        "INSERT INTO kv(k, v, touched) VALUES (?, ?, ?) ON CONFLICT(k) DO"
-                        " UPDATE SET v = excluded.v, touched = excluded.touched",
-                        [(k, v, changes.time) for k, v in changes.writes.items()],
-                    )
+                self._write_rows(
+                    changes.deletes, [(k, v, changes.time) for k, v in changes.writes.items()]
+                )
                 conn.execute(
                     "UPDATE meta SET value = ? WHERE name = 'seq'", (str(changes.batch_id),)
                 )
-                # Never backwards: a lower bound only ever rises (an offset
-                # reported as -1, for a duplicate send, would lower it).
-                if changes.position is not None and changes.position > self.position:
-                    self._set_position(changes.position, changes.time)
+                if advance is not None:
+                    self._set_position(advance, changes.time)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -375,8 +372,22 @@ class StateStore:
         for k, v in changes.writes.items():
             self._remember(k, (v, changes.time))
         self.seq = changes.batch_id
-        if changes.position is not None and changes.position > self.position:
-            self.position, self.current_at = changes.position, changes.time
+        if advance is not None:
+            self.position, self.current_at = advance, changes.time
+
+    def _write_rows(
+        self, deletes: Iterable[bytes], rows: Sequence[tuple[bytes, bytes, float]]
+    ) -> None:
+        """Delete keys, then upsert (key, value, touched) rows (caller holds the lock, in a
+        transaction): what a batch's commit and a changelog replay both write."""
+        conn = self._conn
+        conn.executemany("DELETE FROM kv WHERE k = ?", [(k,) for k in deletes])
+        if rows:
+            conn.executemany(
+                "INSERT INTO kv(k, v, touched) VALUES (?, ?, ?) ON CONFLICT(k) DO"
+                " UPDATE SET v = excluded.v, touched = excluded.touched",
+                rows,
+            )
 
     def _set_position(self, position: int, current_at: float) -> None:
         """Record the changelog position (caller holds the lock, in a transaction)."""
@@ -420,14 +431,7 @@ class StateStore:
                 conn.execute("BEGIN IMMEDIATE")
                 if wipe:
                     conn.execute("DELETE FROM kv")
-                if deletes:
-                    conn.executemany("DELETE FROM kv WHERE k = ?", [(k,) for k in deletes])
-                if writes:
-                    conn.executemany(
-                        "INSERT INTO kv(k, v, touched) VALUES (?, ?, ?) ON CONFLICT(k) DO"
-                        " UPDATE SET v = excluded.v, touched = excluded.touched",
-                        [(k, v, t) for k, (v, t) in writes.items()],
-                    )
+                self._write_rows(deletes, [(k, v, t) for k, (v, t) in writes.items()])
                 self._set_position(position, current_at)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
