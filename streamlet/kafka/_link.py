@@ -1,6 +1,6 @@
 """What both kinds of Kafka source share: connection, partitions, positions and policies.
 
-A source's :class:`Link` connects its consumer, finds the topic and assigns
+A source's :class:`Link` connects its consumers, finds the topic and assigns
 its partitions, retries broker requests for up to ``fetch_timeout``, and
 carries out the start and out-of-range decisions of
 :mod:`streamlet.kafka.policy` with the lookups and the logging they need.
@@ -53,6 +53,14 @@ class Link:
     def __init__(self, config: KafkaSourceConfig) -> None:
         self.config = config
         self._consumer: Consumer | None = None
+        #: Offset lookups go through a consumer that never fetches. A broker
+        #: answers a connection's requests in order, and the fetching
+        #: consumer's connection usually has a fetch waiting there for new
+        #: records (up to ``fetch_max_wait_ms``, 500 ms by default): a lookup
+        #: sent behind it waits as long. That wait fell on every tick that
+        #: found its partitions caught up, and held each batch at the end
+        #: of a backlog for half a second.
+        self._lookups: Consumer | None = None
         self._group = Group(config) if config.group_id is not None else None
         #: Partitions present when the source started; the start policy
         #: applies to them, while partitions added later start at earliest.
@@ -65,6 +73,13 @@ class Link:
                 f"KafkaSource({self.config.topic!r}) is not started; start() comes first"
             )
         return self._consumer
+
+    @property
+    def lookups(self) -> Consumer:
+        """The consumer for offset lookups: it fetches nothing (see ``__init__``)."""
+        if self._lookups is None:
+            return self.consumer  # raises: not started
+        return self._lookups
 
     @property
     def partitions(self) -> frozenset[int]:
@@ -84,13 +99,16 @@ class Link:
         config = self.config
         since = time.monotonic()
         consumer = await self._start_consumer(since)
+        lookups: Consumer | None = None
         try:
             await self._assign_partitions(consumer, since)
+            # Assigned and paused, as Group's: the topic's metadata is kept.
+            lookups = await self._start_consumer(since, paused=consumer.assigned)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await consumer.stop()
             raise
-        self._consumer = consumer
+        self._consumer, self._lookups = consumer, lookups
         self.initial = consumer.assigned
         log.info(
             "connected to %s: topic %r, partitions %s, isolation %s",
@@ -147,12 +165,17 @@ class Link:
             )
         consumer.assign(config.partitions)
 
-    async def _start_consumer(self, since: float) -> Consumer:
-        """A started consumer, tried for ``connect_timeout`` seconds from ``since``."""
+    async def _start_consumer(self, since: float, *, paused: Iterable[int] = ()) -> Consumer:
+        """A started consumer, tried for ``connect_timeout`` seconds from ``since``.
+
+        ``paused``: partitions assigned to it and never fetched from.
+        """
         config = self.config
 
         async def start() -> Consumer:
-            consumer = Consumer(config.topic, config.consumer_kwargs(), headers=config.headers)
+            consumer = Consumer(
+                config.topic, config.consumer_kwargs(), paused=paused, headers=config.headers
+            )
             await consumer.start()  # stops itself if it fails
             return consumer
 
@@ -183,9 +206,12 @@ class Link:
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None
+        lookups, self._lookups = self._lookups, None
         try:
             if consumer is not None:
                 await consumer.stop()
+            if lookups is not None:
+                await lookups.stop()
         finally:
             if self._group is not None:
                 await self._group.close()
@@ -242,13 +268,13 @@ class Link:
     ) -> dict[int, int]:
         wanted = sorted(partitions)
         return await self.call(
-            "looking up end offsets", lambda: self.consumer.end_offsets(wanted), since=since
+            "looking up end offsets", lambda: self.lookups.end_offsets(wanted), since=since
         )
 
     async def beginning_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
         wanted = sorted(partitions)
         return await self.call(
-            "looking up beginning offsets", lambda: self.consumer.beginning_offsets(wanted)
+            "looking up beginning offsets", lambda: self.lookups.beginning_offsets(wanted)
         )
 
     async def committed(self, partition: int) -> int | None:

@@ -115,6 +115,32 @@ async def test_read_returns_exactly_the_records_of_each_range(
         assert [(r.offset, r.value) for r in again] == [(2, b"a2"), (3, b"a3")]
 
 
+async def test_an_offset_lookup_does_not_wait_behind_a_fetch_waiting_for_records(
+    kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    """Once a source has read all there is, its consumer's next fetch waits at the broker.
+
+    The broker answers one connection's requests in order, so a lookup sent
+    on that connection would wait for the fetch: here up to 5 s
+    (``fetch_max_wait_ms``), at every tick of a caught-up source.
+    """
+    topic = await new_topic(partitions=2)
+    await _produce(kafka_bootstrap, topic, [b"a", b"b"], partition=0)
+    source = KafkaSource(
+        topic, bootstrap_servers=kafka_bootstrap, consumer_config={"fetch_max_wait_ms": 5000}
+    )
+    async with _started(source):
+        assert await source.latest() == {0: 2, 1: 0}
+        assert [r.value for r in await source.read([_r(topic, 0, 0, 2)])] == [b"a", b"b"]
+        await anyio.sleep(0.5)  # the consumer's next fetch is now waiting at the broker
+        took = []
+        for _ in range(3):
+            began = time.monotonic()
+            assert await source.latest() == {0: 2, 1: 0}
+            took.append(time.monotonic() - began)
+        assert max(took) < 2.5, took
+
+
 async def test_range_over_aborted_transactions_reads_committed_records_and_stops_at_until(
     kafka_bootstrap: str, new_topic: TopicFactory
 ) -> None:
@@ -185,7 +211,11 @@ async def test_latest_never_passes_an_open_transaction(
                     b"p2",
                 ]
             await producer.commit_transaction()  # marker at 9
-            assert await committed.latest() == {0: 10}
+            # The commit returns once the coordinator logged it; the markers
+            # reach the partition, and move its stable offset, just after.
+            with anyio.fail_after(10):
+                while await committed.latest() != {0: 10}:  # noqa: ASYNC110 - polls the broker
+                    await anyio.sleep(0.05)
             rest = await committed.read([_r(topic, 0, 3, 10)])
             values = [r.value for r in rest]
             assert values == [b"open0", b"open1", b"open2", b"open3", b"after0", b"after1"]
