@@ -862,6 +862,34 @@ def _load_main(spec: LoadSpec, conn: Connection) -> None:
     conn.close()
 
 
+async def run_load(spec: LoadSpec) -> dict[str, Any]:
+    """Run the load process of ``spec`` (see :func:`_load_main`) and return what it measured.
+
+    Raises:
+        RuntimeError: the load process failed, or exited without a result.
+    """
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    load = context.Process(target=_load_main, args=(spec, send), name="kafka-bench-load")
+    load.start()
+    send.close()
+    try:
+        try:
+            result: dict[str, Any] = await anyio.to_thread.run_sync(
+                receive.recv, abandon_on_cancel=True
+            )
+        except EOFError:
+            result = {"error": f"it exited with code {load.exitcode}"}
+        await anyio.to_thread.run_sync(load.join, 30.0)
+    finally:
+        if load.is_alive():
+            load.kill()
+            load.join()
+    if "error" in result:
+        raise RuntimeError(f"the load process failed: {result['error']}")
+    return result
+
+
 # ---- latency: the pipeline --------------------------------------------------
 
 
@@ -923,32 +951,15 @@ async def run_latency(
         spec = LoadSpec(
             bootstrap, source_topic, sink_topic, rate, warmup, seconds, DRAIN_TIMEOUT + interval
         )
-        context = multiprocessing.get_context("spawn")
-        receive, send = context.Pipe(duplex=False)
-        load = context.Process(target=_load_main, args=(spec, send), name="kafka-bench-load")
-        try:
-            async with anyio.create_task_group() as tg:
-                await tg.start(app.serve)
-                load.start()
-                send.close()
-                try:
-                    result: dict[str, Any] = await anyio.to_thread.run_sync(
-                        receive.recv, abandon_on_cancel=True
-                    )
-                except EOFError:
-                    result = {"error": f"it exited with code {load.exitcode}"}
-                finally:
-                    app.stop()
-            await anyio.to_thread.run_sync(load.join, 30.0)
-        finally:
-            if load.pid is not None and load.is_alive():
-                load.kill()
-                load.join()
+        async with anyio.create_task_group() as tg:
+            await tg.start(app.serve)
+            try:
+                result = await run_load(spec)
+            finally:
+                app.stop()
     finally:
         shutil.rmtree(state, ignore_errors=True)
         await delete_topics(bootstrap, [source_topic, sink_topic])
-    if "error" in result:
-        raise RuntimeError(f"the load process failed: {result['error']}")
     latencies = array("d")
     latencies.frombytes(result["latencies"])
     if not latencies:
