@@ -543,7 +543,10 @@ def state_show(
     STATE_DIR is the app's state directory. Each store is read read-only in
     one transaction, so what is printed is the state after one batch (the
     "as of batch" line), even while the app runs. Times are batch times in
-    UTC; a ttl counts from a key's "touched" time.
+    UTC; a ttl counts from a key's "touched" time. In group mode a worker's
+    state directory holds its copy of each task it holds or held, shown per
+    task with the changelog offset it is up to; the changelog topic holds
+    the state itself.
     """
     import orjson
 
@@ -552,8 +555,8 @@ def state_show(
     with _reading_state_dir(directory):
         found = open_state_dir(directory)
         views = [
-            read_store(name, path, ttl=found.ttl(name), limit=limit, key=key)
-            for name, path in found.select(handler).items()
+            read_store(name, path, ttl=found.ttl(name), limit=limit, key=key, task=task)
+            for name, task, path in found.select(handler)
         ]
     if as_json:
         document = {

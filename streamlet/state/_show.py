@@ -1,7 +1,9 @@
 """``streamlet state show``: handlers' keyed state, read from outside the app.
 
 Input: a state directory. Output: one :class:`StoreView` per handler store
-``<state_dir>/state/<handler>.sqlite``, read in the format
+``<state_dir>/state/<handler>.sqlite`` and, in group mode, per task store
+``<state_dir>/state/<handler>.tasks/t<task>.sqlite`` (this worker's copy of
+the changelog partition of a task it holds or held), read in the format
 :mod:`streamlet.state._store` documents (``meta`` and ``kv``; keys through
 :func:`~streamlet.state._store.decode_key`, values are orjson).
 
@@ -26,8 +28,10 @@ Invariants, so that this is safe beside a running app and on a copy:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
+import re
 import sqlite3
 import urllib.parse
 from collections.abc import Mapping
@@ -51,6 +55,8 @@ __all__ = [
 ]
 
 _SUFFIX = ".sqlite"
+_TASKS = ".tasks"
+_TASK_FILE = re.compile(r"t(\d+)\.sqlite")
 _ATTEMPTS = 5
 """Reads of a store that changed from stopped to running while it was read, before giving up."""
 _VALUE_WIDTH = 200
@@ -113,6 +119,10 @@ class StoreView:
     """The first keys in key order, or the matches of a lookup."""
     lookup: str | None = None
     """The key looked up (``--key``), or None for a listing."""
+    task: int | None = None
+    """Group mode: the task whose part of the state this store holds."""
+    changelog: int | None = None
+    """Group mode: the changelog offset the store holds up to (a lower bound)."""
 
     def to_json(self) -> dict[str, Any]:
         """The view as JSON-able data."""
@@ -125,6 +135,9 @@ class StoreView:
             "keys": self.keys,
             "ttl": self.ttl,
         }
+        if self.task is not None:
+            document["task"] = self.task
+            document["changelog_offset"] = self.changelog
         if self.lookup is not None:
             document["lookup"] = {"key": self.lookup, "found": bool(self.entries)}
         document["entries"] = [e.to_json() for e in self.entries]
@@ -132,9 +145,17 @@ class StoreView:
 
     def describe(self) -> str:
         """A readable, multi-line summary: the store, then its keys or the lookup's matches."""
-        lines = [f"handler {self.handler!r}: {self.path}"]
         ttl = "none" if self.ttl is None else f"{self.ttl:g} s after touched"
-        lines.append(f"  as of batch {self.seq}; {self.keys} keys; ttl: {ttl}")
+        if self.task is None:
+            lines = [f"handler {self.handler!r}: {self.path}"]
+            lines.append(f"  as of batch {self.seq}; {self.keys} keys; ttl: {ttl}")
+        else:
+            lines = [f"handler {self.handler!r}, task {self.task}: {self.path}"]
+            lines.append(
+                f"  this worker's copy, up to changelog offset {self.changelog} (batch"
+                f" {self.seq}); the changelog topic is the state itself, and another"
+                f" worker may hold the task now; {self.keys} keys; ttl: {ttl}"
+            )
         if self.lookup is not None:
             types = " and ".join(e.key_type for e in self.entries)
             tried = ", ".join(_key_type(k) for k in key_candidates(self.lookup))
@@ -163,6 +184,8 @@ class StateDirView:
     manifest: Mapping[str, Any]
     stores: Mapping[str, str]
     """Handler name → its store file, for every store present, by name."""
+    tasks: Mapping[str, Mapping[int, str]] = dataclasses.field(default_factory=dict)
+    """Group mode: handler name → task → its task store file, for every one present."""
 
     @property
     def app(self) -> str | None:
@@ -182,19 +205,29 @@ class StateDirView:
         ttl = state.get("ttl") if isinstance(state, dict) else None
         return float(ttl) if isinstance(ttl, int | float) else None
 
-    def select(self, handler: str | None) -> dict[str, str]:
-        """The stores to show: all, or ``handler``'s.
+    def select(self, handler: str | None) -> list[tuple[str, int | None, str]]:
+        """The stores to show, as (handler, task or None, file): all, or ``handler``'s.
 
         Raises:
             StateError: there is no store, or none for ``handler``.
         """
-        if not self.stores:
+        found: list[tuple[str, int | None, str]] = [
+            (name, None, path) for name, path in self.stores.items()
+        ]
+        found += [
+            (name, task, path)
+            for name, tasks in self.tasks.items()
+            for task, path in sorted(tasks.items())
+        ]
+        found.sort(key=lambda target: (target[0], -1 if target[1] is None else target[1]))
+        if not found:
             raise StateError(self._no_stores())
         if handler is None:
-            return dict(self.stores)
-        if handler in self.stores:
-            return {handler: self.stores[handler]}
-        known = ", ".join(self.stores)
+            return found
+        mine = [target for target in found if target[0] == handler]
+        if mine:
+            return mine
+        known = ", ".join(sorted({name for name, _, _ in found}))
         declared = self.handlers()
         if handler in declared:
             why = (
@@ -254,12 +287,21 @@ def open_state_dir(directory: str | os.PathLike[str]) -> StateDirView:
             f"{manifest_path} is not a JSON object; the state directory is damaged"
         )
     stores: dict[str, str] = {}
+    tasks: dict[str, dict[int, str]] = {}
     state_dir = os.path.join(path, STATE)
     if os.path.isdir(state_dir):
         for name in sorted(os.listdir(state_dir)):
+            where = os.path.join(state_dir, name)
             if name.endswith(_SUFFIX) and len(name) > len(_SUFFIX):
-                stores[name[: -len(_SUFFIX)]] = os.path.join(state_dir, name)
-    return StateDirView(path, manifest, stores)
+                stores[name[: -len(_SUFFIX)]] = where
+            elif name.endswith(_TASKS) and len(name) > len(_TASKS) and os.path.isdir(where):
+                # Set-aside copies (``.bad-<time>``) do not match the pattern.
+                for entry in sorted(os.listdir(where)):
+                    match = _TASK_FILE.fullmatch(entry)
+                    if match is not None:
+                        handler_tasks = tasks.setdefault(name[: -len(_TASKS)], {})
+                        handler_tasks[int(match.group(1))] = os.path.join(where, entry)
+    return StateDirView(path, manifest, stores, tasks)
 
 
 def key_candidates(text: str) -> list[StateKey]:
@@ -277,12 +319,14 @@ def read_store(
     ttl: float | None = None,
     limit: int = 20,
     key: str | None = None,
+    task: int | None = None,
 ) -> StoreView:
     """Read ``handler``'s store at ``path`` as of its last committed batch; change nothing.
 
     Args:
         handler: the handler's name (checked against the store's ``meta``).
         path: the store file.
+        task: group mode, the task the store holds (checked against ``meta``).
         ttl: the handler's ``ttl``, reported as is.
         limit: how many keys to list, in key order (a lookup ignores it).
         key: look this key up (as text, UTF-8 bytes and integer) instead of listing.
@@ -296,7 +340,7 @@ def read_store(
         before = _stamp(path)
         uri = f"file:{urllib.parse.quote(path)}?mode=ro" + ("" if live else "&immutable=1")
         try:
-            view = _read(uri, handler, path, ttl, limit, key)
+            view = _read(uri, handler, path, ttl, limit, key, task)
         except sqlite3.DatabaseError as exc:
             if not live and _stamp(path) != before:
                 continue
@@ -319,7 +363,13 @@ def _stamp(path: str) -> tuple[int, int, int]:
 
 
 def _read(
-    uri: str, handler: str, path: str, ttl: float | None, limit: int, key: str | None
+    uri: str,
+    handler: str,
+    path: str,
+    ttl: float | None,
+    limit: int,
+    key: str | None,
+    task: int | None,
 ) -> StoreView:
     conn = sqlite3.connect(uri, uri=True, isolation_level=None)
     try:
@@ -329,7 +379,7 @@ def _read(
         if not tables:
             # The app is creating it (an empty file until its first commit).
             conn.execute("COMMIT")
-            return StoreView(handler, path, None, None, 0, 0, ttl, (), key)
+            return StoreView(handler, path, None, None, 0, 0, ttl, (), key, task)
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
         # streamlet's own entries (windows' books) are not the user's keys.
         (count,) = conn.execute(f"SELECT COUNT(*) FROM kv WHERE {_USER_ONLY}").fetchone()  # noqa: S608
@@ -351,6 +401,7 @@ def _read(
         conn.close()
     try:
         seq = int(meta["seq"])
+        changelog = int(meta.get("changelog", "0")) if task is not None else None
         entries = tuple(
             Entry(decode_key(bytes(k)), orjson.loads(v), float(touched)) for k, v, touched in rows
         )
@@ -364,6 +415,21 @@ def _read(
             f"state store {path} belongs to handler {meta['handler']!r}, not {handler!r}: it"
             " was copied or renamed; the app will refuse it"
         )
+    if meta.get("task") != (None if task is None else str(task)):
+        raise StateError(
+            f"state store {path} holds task {meta.get('task')!r}, not {task!r}: it was copied"
+            " or renamed; the app sets such a copy aside and rebuilds it from the changelog"
+        )
     return StoreView(
-        handler, path, meta.get("app"), meta.get("state_id"), seq, int(count), ttl, entries, key
+        handler,
+        path,
+        meta.get("app"),
+        meta.get("state_id"),
+        seq,
+        int(count),
+        ttl,
+        entries,
+        key,
+        task,
+        changelog,
     )

@@ -20,6 +20,7 @@ import streamlet as sl
 from streamlet._state import read_state
 from streamlet.cli import main
 from streamlet.sinks.file import FileSink
+from streamlet.state._store import StateStore, encode_key
 
 RECORDS = 50
 KEYS = 5
@@ -217,6 +218,53 @@ def test_a_damaged_store_is_one_error_line_not_a_traceback(copy: Path) -> None:
         " database. The file is damaged or is not a state store"
     )
     assert result.stderr.count("\n") == 1
+
+
+async def _task_store(state_dir: Path, task: int, keys: dict[str, int], offset: int) -> Path:
+    """A group-mode worker's copy of one task's state, as a restore from the changelog leaves it."""
+    path = state_dir / "state" / "count.tasks" / f"t{task}.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store = await StateStore.open(
+        str(path), app="counter", handler="count", state_id="", ttl=3600, task=task
+    )
+    try:
+        writes = {encode_key(k): (orjson.dumps(v), 1.7e9) for k, v in keys.items()}
+        await store.replay(writes, set(), offset, time.time())
+    finally:
+        await store.aclose()
+    return path
+
+
+async def test_a_group_workers_task_stores_are_shown_per_task_with_their_changelog_offset(
+    copy: Path,
+) -> None:
+    (copy / "state" / "count.sqlite").unlink()  # a group-mode worker has only task stores
+    first = await _task_store(copy, 0, {"a": 1, "b": 2}, 17)
+    third = await _task_store(copy, 2, {"c": 3}, 5)
+    (first.parent / "t1.sqlite.bad-1700000000").write_bytes(b"set aside")  # not a store
+
+    result = show(str(copy))
+    assert result.exit_code == 0, result.output
+    assert f"handler 'count', task 0: {first}" in result.stdout
+    assert f"handler 'count', task 2: {third}" in result.stdout
+    assert "bad-" not in result.stdout
+    assert "up to changelog offset 17" in result.stdout
+    assert "  'b' (str) = 2, touched" in result.stdout
+
+    found = document(str(copy), "--key", "c")
+    assert [
+        (h["task"], h["changelog_offset"], h["lookup"]["found"]) for h in found["handlers"]
+    ] == [
+        (0, 17, False),
+        (2, 5, True),
+    ]
+    assert show(str(copy), "--key", "zzz").exit_code == 1
+
+    # A store copied over another task's file is named, not shown as that task.
+    shutil.copy(third, first)
+    result = show(str(copy))
+    assert result.exit_code == 1
+    assert f"state store {first} holds task '2', not 0" in result.stderr
 
 
 # -- beside a running app --------------------------------------------------------------
