@@ -16,7 +16,9 @@ when no input arrives (``State(idle=True)``, the default). Event-time
 windows close when the watermark (largest event time seen minus
 ``lateness``) passes their end; records behind the watermark come back in
 ``late`` (count them, or send them to a sink of their own) and never change
-a window. See docs/architecture.md, "Keyed state and windows".
+a window. With ``idle_timeout=`` an event-time watermark that no new event
+time raised for that long follows the batch clock, so the last windows
+close when input stops. See docs/architecture.md, "Keyed state and windows".
 """
 
 from __future__ import annotations

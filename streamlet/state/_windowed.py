@@ -9,7 +9,9 @@ exactly once with the batch like any other state.
 Layout inside the state, as streamlet's own entries (``KeyedState.internal_*``:
 a type byte no user key has, never expired by ``ttl``, never listed):
 
-* ``window/<name>/meta``: ``{"watermark": ..., "starts": [open window starts, ms]}``;
+* ``window/<name>/meta``: ``{"watermark": ..., "starts": [open window starts, ms]}``,
+  and for event time ``"newest"`` and ``"raised_at"`` (the largest event time
+  seen and the batch time that raised it, for ``idle_timeout``);
 * ``window/<name>/<start ms>``: one open window: ``{key (hex of its stored
   form): accumulator}``. A window is one entry: its keys must fit in memory
   together (one entry per key and window is a later step).
@@ -38,6 +40,7 @@ from streamlet.state._windows import (
     WindowSpec,
     _ms,
     apply_batch,
+    event_clock,
     windows_of,
 )
 
@@ -85,7 +88,10 @@ def windowed(
     of ``event_time(record)`` (default: its Kafka timestamp); the watermark is
     the largest event time seen in earlier batches minus ``spec.lateness``;
     records behind it are late (returned, never added), and windows whose end
-    it passed close.
+    it passed close. With ``spec.idle_timeout``, a watermark that no new event
+    time raised for that long follows the batch clock (idle batches run with
+    ``State(idle=True)``, the default), so the last windows close without
+    input.
 
     Args:
         state: the handler's state for this batch.
@@ -107,6 +113,8 @@ def windowed(
         Event(key(r), event_time(r) if spec.time == "event" else state.time, r) for r in records
     ]
     watermark: float | None = meta["watermark"]
+    newest: float | None = meta.get("newest")
+    raised_at: float | None = meta.get("raised_at")
     # The windows this batch may touch: those its records fall in, and those
     # that may close (every open one that ends by the batch's clock). Loading
     # more than apply_batch uses is harmless; loading less is not (it would
@@ -118,7 +126,7 @@ def windowed(
         clock = now
         times = {state.time, now} if events else set()
     else:
-        clock = watermark
+        clock = event_clock(watermark, newest, raised_at, state.time, spec)
         times = {e.time for e in events}
     wanted = {_ms(w.start) for t in times for w in windows_of(t, spec)}
     due = {s for s in open_starts if clock is not None and s + spec.size_ms <= _ms(clock)}
@@ -128,7 +136,9 @@ def windowed(
         for hexed, acc in state.internal_get(base + str(start).encode(), {}).items():
             panes[(decode_key(bytes.fromhex(hexed)), start / 1000)] = acc
     try:
-        book, results, late = apply_batch(Book(panes, watermark), events, state.time, spec, agg)
+        book, results, late = apply_batch(
+            Book(panes, watermark, newest, raised_at), events, state.time, spec, agg
+        )
     except TypeError as exc:
         raise StateError(f"windowed aggregation {name!r}: {exc}") from None
     kept: dict[int, dict[str, JSON]] = {}
@@ -140,11 +150,12 @@ def windowed(
             state.internal_set(entry, kept[start])
         elif start in open_starts:
             state.internal_delete(entry)
-    state.internal_set(
-        meta_key,
-        {
-            "watermark": book.watermark,
-            "starts": sorted((open_starts - loaded) | set(kept)),
-        },
-    )
+    new_meta: dict[str, object] = {
+        "watermark": book.watermark,
+        "starts": sorted((open_starts - loaded) | set(kept)),
+    }
+    if book.newest is not None:
+        new_meta["newest"] = book.newest
+        new_meta["raised_at"] = book.raised_at
+    state.internal_set(meta_key, new_meta)
     return Windowed(results, [e.item for e in late])

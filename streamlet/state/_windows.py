@@ -26,6 +26,18 @@ Terms:
   and handed back to the caller, to be dropped or sent to the dead-letter
   sink, and never added to any window, because a window that could hold it
   may already have been emitted.
+* **Idle timeout** (event time, ``idle_timeout=``): a watermark moves only
+  with new event times, so the last windows before input stops would never
+  close. With an idle timeout, once no batch has raised the largest on-time
+  event time seen for ``idle_timeout`` seconds of batch time, event time is taken
+  to go on at the pace of the batch clock: a batch at time ``t`` uses the
+  watermark ``max(watermark, newest - lateness + (t - raised_at -
+  idle_timeout))``, where ``newest`` is the largest event time of a record
+  that was not late and ``raised_at`` the time of the batch that raised it.
+  It depends on the batch's logged time and the stored book only, so a
+  re-run decides alike.
+  The price: a record that arrives after that with an older event time is
+  late, as any record behind the watermark.
 
 Time resolution: every time is resolved to the nearest whole millisecond, and
 every comparison (membership, lateness, closing) is made on integer
@@ -78,6 +90,7 @@ __all__ = [
     "closing",
     "count",
     "due",
+    "event_clock",
     "is_json",
     "is_late",
     "key_order",
@@ -85,6 +98,7 @@ __all__ = [
     "min_",
     "next_watermark",
     "open_results",
+    "raised",
     "reduce",
     "sliding",
     "sum_",
@@ -150,6 +164,10 @@ class WindowSpec:
         lateness: event time only: how far (seconds) the watermark trails
             the largest event time seen; records older than the watermark
             are late. Must be 0 for processing time, where nothing is late.
+        idle_timeout: event time only: seconds of batch time without a new
+            largest event time after which the watermark follows the batch
+            clock (see the module docstring); None (the default): the
+            watermark waits for input.
 
     Raises:
         ConfigError: a setting is out of range, not whole milliseconds, or
@@ -160,9 +178,11 @@ class WindowSpec:
     slide: float
     time: Time = "processing"
     lateness: float = 0.0
+    idle_timeout: float | None = None
     size_ms: int = field(init=False, repr=False, compare=False)
     slide_ms: int = field(init=False, repr=False, compare=False)
     lateness_ms: int = field(init=False, repr=False, compare=False)
+    idle_timeout_ms: int | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         where = "tumbling()" if self.size == self.slide else "sliding()"
@@ -197,9 +217,24 @@ class WindowSpec:
                 f" time='processing' nothing is late; drop lateness= or use time='event'"
                 f" in {where}"
             )
+        idle_ms: int | None = None
+        if self.idle_timeout is not None:
+            if self.time != "event":
+                raise ConfigError(
+                    f"window idle_timeout {self.idle_timeout!r} s applies to event time only:"
+                    " processing-time windows close on the batch clock anyway; drop"
+                    f" idle_timeout= or use time='event' in {where}"
+                )
+            idle_ms = _whole_ms("idle_timeout", self.idle_timeout, where)
+            if idle_ms == 0:
+                raise ConfigError(
+                    f"window idle_timeout must be > 0 s, not {self.idle_timeout!r}: fix"
+                    f" idle_timeout= in {where}, or leave it out to wait for input"
+                )
         object.__setattr__(self, "size_ms", size_ms)
         object.__setattr__(self, "slide_ms", slide_ms)
         object.__setattr__(self, "lateness_ms", lateness_ms)
+        object.__setattr__(self, "idle_timeout_ms", idle_ms)
 
     @property
     def per_time(self) -> int:
@@ -207,24 +242,39 @@ class WindowSpec:
         return self.size_ms // self.slide_ms
 
 
-def tumbling(size: float, *, time: Time = "processing", lateness: float = 0.0) -> WindowSpec:
+def tumbling(
+    size: float,
+    *,
+    time: Time = "processing",
+    lateness: float = 0.0,
+    idle_timeout: float | None = None,
+) -> WindowSpec:
     """Windows of ``size`` seconds that do not overlap: ``[0, size), [size, 2 size), ...``.
 
     Raises:
         ConfigError: see :class:`WindowSpec`.
     """
-    return WindowSpec(size=size, slide=size, time=time, lateness=lateness)
+    return WindowSpec(
+        size=size, slide=size, time=time, lateness=lateness, idle_timeout=idle_timeout
+    )
 
 
 def sliding(
-    size: float, slide: float, *, time: Time = "processing", lateness: float = 0.0
+    size: float,
+    slide: float,
+    *,
+    time: Time = "processing",
+    lateness: float = 0.0,
+    idle_timeout: float | None = None,
 ) -> WindowSpec:
     """Windows of ``size`` seconds starting every ``slide`` seconds (hopping windows).
 
     Raises:
         ConfigError: see :class:`WindowSpec`.
     """
-    return WindowSpec(size=size, slide=slide, time=time, lateness=lateness)
+    return WindowSpec(
+        size=size, slide=slide, time=time, lateness=lateness, idle_timeout=idle_timeout
+    )
 
 
 def check_interval(spec: WindowSpec, batch_interval: float) -> None:
@@ -317,6 +367,43 @@ def is_late(t: float, watermark: float | None) -> bool:
     it to ``on_late`` (drop or dead-letter).
     """
     return watermark is not None and _ms(t) < _ms(watermark)
+
+
+def event_clock(
+    watermark: float | None,
+    newest: float | None,
+    raised_at: float | None,
+    batch_time: float,
+    spec: WindowSpec,
+) -> float | None:
+    """The watermark an event-time batch at ``batch_time`` uses; pure.
+
+    ``watermark``: the stored one (from earlier batches); ``newest``: the
+    largest event time seen; ``raised_at``: the batch time that raised it.
+    Without ``spec.idle_timeout``, or before it has passed, the stored
+    watermark. After it, event time is taken to go on with the batch clock
+    (module docstring, "Idle timeout"); never below the stored watermark.
+    """
+    idle_ms = spec.idle_timeout_ms
+    if idle_ms is None or newest is None or raised_at is None:
+        return watermark
+    idle_for = _ms(batch_time) - _ms(raised_at) - idle_ms
+    if idle_for <= 0:
+        return watermark
+    moved = _ms(newest) - spec.lateness_ms + idle_for
+    if watermark is not None:
+        moved = max(moved, _ms(watermark))
+    return moved / MS_PER_SECOND
+
+
+def raised(
+    newest: float | None, raised_at: float | None, event_times: Iterable[float], batch_time: float
+) -> tuple[float | None, float | None]:
+    """The largest event time seen after a batch, and the batch time that raised it; pure."""
+    top = max((_ms(t) for t in event_times), default=None)
+    if top is None or (newest is not None and top <= _ms(newest)):
+        return newest, raised_at
+    return top / MS_PER_SECOND, batch_time
 
 
 def due(ends: Iterable[float], clock: float | None) -> list[float]:
@@ -615,6 +702,10 @@ class Book:
 
     panes: Mapping[tuple[Key, float], JSON] = field(default_factory=dict)
     watermark: float | None = None
+    newest: float | None = None
+    """Event time: the largest event time of a record that was not late (for ``idle_timeout``)."""
+    raised_at: float | None = None
+    """Event time: the batch time of the batch that raised ``newest``."""
 
 
 def apply_batch(
@@ -634,11 +725,13 @@ def apply_batch(
     (a clock stepped back counts as the latest time seen); every record goes
     to the windows of that time; panes with ``end <= time`` close.
 
-    Event time: the watermark is ``book.watermark``, from earlier batches.
-    Records with ``time < watermark`` are late; the others go to the windows
-    of their own time, in input order. Panes with ``end <= watermark`` close;
-    then the watermark for the next batch is computed from all of this
-    batch's event times, late ones included.
+    Event time: the watermark is ``book.watermark``, from earlier batches
+    (moved on by :func:`event_clock` once ``spec.idle_timeout`` passed
+    without a new largest event time). Records with ``time < watermark``
+    are late; the others go to the windows of their own time, in input
+    order. Panes with ``end <= watermark`` close; then the watermark for the
+    next batch is computed from all of this batch's event times, late ones
+    included.
 
     Returns:
         ``(new_book, emitted, late)``: the emitted results in emission order
@@ -661,7 +754,7 @@ def apply_batch(
         placed = [(r, windows_of(now, spec)) for r in records]
         clock = watermark = now
     else:
-        clock = book.watermark
+        clock = event_clock(book.watermark, book.newest, book.raised_at, batch_time, spec)
         placed = []
         for r in records:
             if is_late(r.time, clock):
@@ -669,6 +762,10 @@ def apply_batch(
             else:
                 placed.append((r, windows_of(r.time, spec)))
         watermark = next_watermark(clock, (r.time for r in records), spec.lateness)
+        # Only on-time records move event time on: a late one shows delay.
+        newest, raised_at = raised(
+            book.newest, book.raised_at, (r.time for r, _ in placed), batch_time
+        )
     for record, windows in placed:
         for window in windows:
             pane = (record.key, window.start)
@@ -689,4 +786,6 @@ def apply_batch(
     emitted = closing(panes, clock, spec, agg)
     for result in emitted:
         del panes[(result.key, result.start)]
-    return Book(panes, watermark), emitted, late
+    if spec.time == "processing":
+        return Book(panes, watermark), emitted, late
+    return Book(panes, watermark, newest, raised_at), emitted, late

@@ -111,6 +111,7 @@ _events = st.lists(
     cuts=st.lists(st.integers(0, 30), max_size=6),
     event_time=st.booleans(),
     size_slide=st.sampled_from([(4.0, 4.0), (6.0, 2.0), (3.0, 1.0)]),
+    idle_timeout=st.sampled_from([None, 1.0, 7.5]),
 )
 async def test_windowed_over_the_store_equals_the_model_over_a_whole_book(
     tmp_path_factory: pytest.TempPathFactory,
@@ -118,10 +119,11 @@ async def test_windowed_over_the_store_equals_the_model_over_a_whole_book(
     cuts: list[int],
     event_time: bool,
     size_slide: tuple[float, float],
+    idle_timeout: float | None,
 ) -> None:
     size, slide = size_slide
     spec = (
-        sliding(size, slide, time="event", lateness=1.0)
+        sliding(size, slide, time="event", lateness=1.0, idle_timeout=idle_timeout)
         if event_time
         else sliding(size, slide, time="processing")
     )
@@ -177,3 +179,36 @@ async def test_a_processing_time_window_closes_when_input_stops(tmp_path: Path) 
     assert counts == {"k0": 100, "k1": 100, "k2": 100}
     windows = [(k, s) for k, s, _ in sink.values()]  # type: ignore[misc]
     assert len(windows) == len(set(windows))  # each window once
+
+
+@pytest.mark.parametrize("idle_timeout", [0.3, None])
+async def test_an_event_time_window_closes_after_its_idle_timeout_when_input_stops(
+    tmp_path: Path, idle_timeout: float | None
+) -> None:
+    """Without input the watermark waits; with idle_timeout it follows the batch clock."""
+    app = sl.App("w", state_dir=tmp_path / "state", batch_interval=0.05)
+    numbers = app.source(
+        sl.SequenceSource(rate=None, limit=300, key=lambda p, o: b"k%d" % (o % 3)), name="n"
+    )
+    window = tumbling(0.2, time="event", lateness=0.1, idle_timeout=idle_timeout)
+    sink = ListSink()
+
+    @app.handler(numbers, sink=sink, state=sl.State())
+    async def per_window(batch: sl.Batch, state: KeyedState) -> list[Any]:
+        done = windowed(state, batch, window, count())
+        assert done.late == []
+        return [[r.key.decode(), r.start, r.value] for r in done.results]  # type: ignore[union-attr]
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(app.serve)
+        with anyio.move_on_after(3 if idle_timeout is None else 10):
+            while sum(v for _, _, v in sink.values()) < 300:  # type: ignore[misc]  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+        app.stop()
+    total = sum(v for _, _, v in sink.values())  # type: ignore[misc]
+    windows = [(k, s) for k, s, _ in sink.values()]  # type: ignore[misc]
+    assert len(windows) == len(set(windows))  # each window once
+    if idle_timeout is None:
+        assert total < 300  # the last window waits for input that does not come
+    else:
+        assert total == 300

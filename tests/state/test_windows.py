@@ -119,6 +119,9 @@ def test_windows_of_matches_a_scan_of_every_start(t_ms: int, slide_ms: int, per_
         (lambda: tumbling(5, time="batch"), "window time must be 'processing' or 'event'"),  # type: ignore[arg-type]
         (lambda: tumbling(5, lateness=1), "lateness 1 s applies to event time only"),
         (lambda: tumbling(5, time="event", lateness=-1), "fix lateness= in tumbling()"),
+        (lambda: tumbling(5, idle_timeout=1), "idle_timeout 1 s applies to event time only"),
+        (lambda: sliding(4, 2, time="event", idle_timeout=0), "idle_timeout must be > 0 s"),
+        (lambda: tumbling(5, time="event", idle_timeout=0.0001), "round idle_timeout= in"),
     ],
 )
 def test_bad_settings_are_config_errors_that_say_what_to_do(
@@ -334,6 +337,38 @@ def test_event_time_uses_the_watermark_of_earlier_batches() -> None:
     assert late == [Event("a", 12.9, 1000), Event("b", 1.0, 7)]
     assert book.panes == {("a", 10.0): 10_010}
     assert book.watermark == 13.0
+
+
+def test_an_idle_timeout_moves_the_watermark_with_the_batch_clock_once_input_stops() -> None:
+    spec, agg = tumbling(10, time="event", lateness=2, idle_timeout=5), count()
+    book, emitted, _ = apply_batch(Book(), [Event("a", 13.0, 1)], 100.0, spec, agg)
+    assert (book.watermark, book.newest, book.raised_at) == (11.0, 13.0, 100.0)
+    # Not yet idle for 5 s: the watermark waits, window [10, 20) stays open.
+    book, emitted, _ = apply_batch(book, [], 105.0, spec, agg)
+    assert (emitted, book.watermark) == ([], 11.0)
+    # 5 s past the timeout: event time went on by 5 s, to 13 - 2 + 5.
+    book, emitted, _ = apply_batch(book, [], 110.0, spec, agg)
+    assert (emitted, book.watermark) == ([], 16.0)
+    book, emitted, _ = apply_batch(book, [], 115.0, spec, agg)
+    assert emitted == [WindowResult("a", 10.0, 20.0, 1)]
+    assert book.watermark == 21.0
+    # An old record is late now, and a batch of only late records raises nothing.
+    book, emitted, late = apply_batch(book, [Event("a", 18.0, 1)], 116.0, spec, agg)
+    assert (emitted, late, book.newest, book.raised_at) == ([], [Event("a", 18.0, 1)], 13.0, 100.0)
+    assert book.watermark == 22.0
+    # New input: newest rises, and the clock waits for it again.
+    book, _, _ = apply_batch(book, [Event("a", 30.0, 1)], 120.0, spec, agg)
+    assert (book.watermark, book.newest, book.raised_at) == (28.0, 30.0, 120.0)
+    book, _, _ = apply_batch(book, [], 124.0, spec, agg)
+    assert book.watermark == 28.0
+
+
+def test_without_an_idle_timeout_the_last_window_waits_for_input() -> None:
+    spec, agg = tumbling(10, time="event", lateness=2), count()
+    book, _, _ = apply_batch(Book(), [Event("a", 13.0, 1)], 100.0, spec, agg)
+    for t in (200.0, 10_000.0):
+        book, emitted, _ = apply_batch(book, [], t, spec, agg)
+        assert (emitted, book.watermark) == ([], 11.0)
 
 
 def test_the_callers_book_is_not_changed() -> None:
