@@ -35,7 +35,7 @@ from streamlet.errors import (
     WALFailedError,
 )
 from streamlet.metrics import BatchInfo
-from streamlet.records import Batch, OffsetRange, Record
+from streamlet.records import Batch, Decoded, OffsetRange, Record
 from streamlet.sinks import (
     CallbackSink,
     FileSink,
@@ -67,6 +67,7 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "DecodeError",
+    "Decoded",
     "DirectSource",
     "DirectorySource",
     "FencedError",

@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import anyio
 from anyio.abc import TaskStatus
@@ -37,10 +37,11 @@ from streamlet.errors import ConfigError, StreamletError
 from streamlet.fs import FileSystem
 from streamlet.metrics import BatchInfo
 from streamlet.observe.address import parse_address
+from streamlet.records import Batch, Decoded
 from streamlet.sinks.base import Sink, SinkContext, sink_ahead
 from streamlet.sources.base import DirectSource
 from streamlet.sources.receiver import Receiver
-from streamlet.state import State
+from streamlet.state import KeyedState, State
 from streamlet.state._changelog import ChangelogSink, changelog_topic
 from streamlet.state._store import StateStore
 from streamlet.wal import Position, WriteAheadLog
@@ -59,8 +60,13 @@ AnySource = DirectSource | Receiver
 _S = TypeVar("_S", DirectSource, Receiver)
 #: A handler function, returned by the decorator as it came (types kept).
 _F = TypeVar("_F", bound=HandlerFn)
+#: What a source's decode returns: its records' data (Decoded[_D]).
+_D = TypeVar("_D")
+_R = TypeVar("_R")
 SourceArg = AnySource | str
-SourcesArg = SourceArg | Sequence[SourceArg]
+#: Sources without a type the checker knows: plain ones, names, and lists
+#: that mix them with decoded ones.
+SourcesArg = SourceArg | Sequence[SourceArg | Decoded[Any]]
 
 
 def _positive(name: str, value: object, unit: str = "seconds") -> float:
@@ -337,13 +343,21 @@ class App:
             else:
                 raise ConfigError(f"unknown setting {key!r}")
 
+    @overload
+    def source(self, source: _S, *, name: str | None = None, decode: None = None) -> _S: ...
+
+    @overload
+    def source(
+        self, source: AnySource, *, name: str | None = None, decode: Callable[[bytes], _D]
+    ) -> Decoded[_D]: ...
+
     def source(
         self,
-        source: _S,
+        source: AnySource,
         *,
         name: str | None = None,
         decode: Callable[[bytes], object] | None = None,
-    ) -> _S:
+    ) -> Any:
         """Register a direct source or a receiver and return it, to pass to :meth:`handler`.
 
         ``decode`` turns each record's value into its ``data`` (for example
@@ -351,6 +365,12 @@ class App:
         to the ``dead_letter`` sink with its bytes, position and the error,
         and the batch goes on without it (without a dead-letter sink the app
         stops with :class:`~streamlet.errors.DecodeError`).
+
+        With ``decode`` the source comes back typed
+        :class:`~streamlet.records.Decoded` ``[T]`` (``T``: what ``decode``
+        returns), and :meth:`handler` checks that its handler takes a
+        ``Batch[T]``. It is the same object; for anything but
+        :meth:`handler`, use the object passed in.
         """
         if decode is not None and not callable(decode):
             raise ConfigError(f"decode must be a function of bytes, not {type(decode).__name__}")
@@ -367,9 +387,46 @@ class App:
             self._decoders[name] = decode
         return source
 
+    # The overloads overlap (a list of decoded sources is also a list the
+    # last one takes); the first that fits wins, which is the intent.
+    @overload
+    def handler(  # type: ignore[overload-overlap]
+        self,
+        sources: Decoded[_D] | Sequence[Decoded[_D]],
+        *,
+        sink: Sink | None = None,
+        name: str | None = None,
+        thread: bool = False,
+        state: None = None,
+    ) -> Callable[[Callable[[Batch[_D]], _R]], Callable[[Batch[_D]], _R]]: ...
+
+    @overload
+    def handler(  # type: ignore[overload-overlap]
+        self,
+        sources: Decoded[_D] | Sequence[Decoded[_D]],
+        *,
+        sink: Sink | None = None,
+        name: str | None = None,
+        thread: bool = False,
+        state: State,
+    ) -> Callable[
+        [Callable[[Batch[_D], KeyedState], _R]], Callable[[Batch[_D], KeyedState], _R]
+    ]: ...
+
+    @overload
     def handler(
         self,
         sources: SourcesArg,
+        *,
+        sink: Sink | None = None,
+        name: str | None = None,
+        thread: bool = False,
+        state: State | None = None,
+    ) -> Callable[[_F], _F]: ...
+
+    def handler(
+        self,
+        sources: SourcesArg | Decoded[Any],
         *,
         sink: Sink | None = None,
         name: str | None = None,
@@ -390,8 +447,20 @@ class App:
         state)``: ``state`` is a dict-like :class:`~streamlet.state.KeyedState`
         holding what earlier batches stored, and what this batch changes in
         it becomes durable exactly once, with the batch.
+
+        Sources registered with ``decode`` are typed (see :meth:`source`):
+        the type checker then refuses a handler whose ``Batch[T]`` does not
+        fit what ``decode`` returns, and the decorator hands the function
+        back as a callable of that type. A handler of several decoded
+        sources of different types takes their common type (annotate
+        ``sl.Batch`` and narrow by ``record.source``).
         """
-        items = [sources] if isinstance(sources, (DirectSource, Receiver, str)) else list(sources)
+        # A Decoded[T] is a source object at run time: the type is the checker's only.
+        items: list[Any] = (
+            [sources]
+            if isinstance(sources, (DirectSource, Receiver, str))
+            else list(cast(Sequence[Any], sources))
+        )
         names: list[str] = []
         for item in items:
             if isinstance(item, str):

@@ -16,13 +16,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple
+from typing import Any, Generic, NamedTuple, Protocol
 
 from typing_extensions import TypeVar
 
 __all__ = [
     "Batch",
     "BlockRef",
+    "Decoded",
     "OffsetRange",
     "Record",
     "decode_records",
@@ -30,11 +31,32 @@ __all__ = [
 ]
 
 
-D = TypeVar("D", default=object)
+D = TypeVar("D", covariant=True, default=object)
 """The type of a record's ``data``: what its source's ``decode`` returns.
 
 Write ``sl.Batch[Order]`` in a handler's signature and ``record.data`` is an
 ``Order``; a bare ``sl.Batch`` has ``data: object``."""
+
+
+class Decoded(Protocol[D]):
+    """A source registered with ``decode``, as the type checker sees it: ``Decoded[T]``.
+
+    ``app.source(src, decode=fn)`` returns ``src`` itself, typed
+    ``Decoded[T]`` when ``fn`` returns ``T``, so that ``@app.handler`` checks
+    the handler takes a ``Batch[T]`` (or a ``Batch`` of a wider type, such
+    as a bare ``sl.Batch``). Pass it to ``app.handler``; where the source
+    object itself is wanted (``KafkaSink(consume_from=...)``), use the
+    object given to ``app.source``. Nothing has this type at run time.
+    """
+
+    @property
+    def name(self) -> str:
+        """The source's name in the app."""
+        ...
+
+    def __streamlet_decoded__(self) -> D:
+        """Never called: it only carries ``T`` for the type checker."""
+        ...
 
 
 class Record(NamedTuple, Generic[D]):

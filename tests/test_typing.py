@@ -1,4 +1,5 @@
-"""Typed records: a handler's ``Batch[T]`` gives ``record.data`` the type ``T`` under mypy."""
+"""Typed records under mypy: a handler's ``Batch[T]`` types ``record.data`` as ``T``, and a
+source's ``decode`` must return what its handlers take."""
 
 from __future__ import annotations
 
@@ -47,6 +48,29 @@ async def wrong(batch: sl.Batch[Order]) -> list[int]:
 
 
 reveal_type(totals)
+
+
+@app.handler(orders, name="mismatched")
+async def mismatched(batch: sl.Batch[int]) -> list[int]:
+    return [record.data + 1 for record in batch]
+
+
+@app.handler([orders], name="running", state=sl.State())
+async def running(batch: sl.Batch[Order], state: sl.KeyedState) -> list[int]:
+    return [record.data["cents"] for record in batch]
+
+
+@app.handler(orders, name="blocking", thread=True)
+def blocking(batch: sl.Batch[Order]) -> list[str]:
+    return [record.data["customer"] for record in batch]
+
+
+plain = app.source(sl.SequenceSource(limit=1), name="plain")
+
+
+@app.handler([orders, plain], name="mixed")
+async def mixed(batch: sl.Batch) -> list[object]:
+    return [record.data for record in batch]
 """
 
 
@@ -64,12 +88,15 @@ def test_a_batch_s_type_parameter_types_record_data(tmp_path: Path) -> None:
     notes = [line for line in out.splitlines() if "Revealed type" in line]
     assert 'Revealed type is "TypedDict(typed_app.Order, ' in notes[0], out
     assert 'Revealed type is "object"' in notes[1], out
-    # The decorator hands the function back with its own type.
-    assert "def (batch: streamlet.records.Batch[TypedDict(typed_app.Order, " in notes[2], out
+    # The decorator hands the function back as a callable of its batch type.
+    assert 'Revealed type is "def (streamlet.records.Batch[TypedDict(typed_app.Order, ' in notes[2]
     errors = [line for line in out.splitlines() if ": error:" in line]
-    # The one misuse is caught, and nothing else is an error.
-    assert len(errors) == 1, out
+    # The two misuses are caught, and nothing else is an error.
+    assert len(errors) == 2, out
     assert 'TypedDict "Order" has no key "dollars"' in errors[0], out
+    # A handler of Batch[int] on a source whose decode returns Orders.
+    assert "typed_app.py:44: error: Argument 1 has incompatible type" in errors[1], out
+    assert "Batch[int]" in errors[1], out
 
 
 def test_the_guide_snippets_pass_mypy_strict(tmp_path: Path) -> None:
