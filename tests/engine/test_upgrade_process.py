@@ -3,10 +3,12 @@
 The worker is a real ``streamlet run`` subprocess. Version 1 is killed in the
 middle of a commit; version 2 changes what an operator changes (the
 function renamed with its handler's name kept, a second partition, another
-batch interval, a new handler with a sink of its own) and starts on the same
+batch interval, a sink for a handler that had none, a new handler with a
+sink of its own) and starts on the same
 state directory, is killed twice more, and finishes. Every number must be
 in the first handler's sink exactly once; the new handler's sink must hold,
-per partition, every number from where it started to the end, once. Then a
+per partition, every number from where it started to the end, once, and so must the
+sink given to the handler that had none. Then a
 version 3 that renames the handler without keeping its name is refused
 before it writes anything.
 """
@@ -49,6 +51,11 @@ numbers = app.source(
              table_ddl="CREATE TABLE IF NOT EXISTS seen (value TEXT NOT NULL)"){name})
 async def {function}(batch):
     return [r.value.decode() for r in batch]
+
+
+@app.handler(numbers, sink={tally_sink})
+async def tally(batch):
+    return [r.value.decode() for r in batch]
 {extra}
 """
 
@@ -71,6 +78,7 @@ def _write(cwd: Path, *, version: int) -> None:
             interval=0.03 if v2 else 0.05,
             function={1: "copy", 2: "copy_v2", 3: "copy_v3"}[version],
             name=', name="copy"' if version == 2 else "",
+            tally_sink=f"FileSink({str(cwd / 'tally')!r})" if v2 else "None",
             extra=AUDIT.format(audit=str(cwd / "audit")) if v2 else "",
         )
     )
@@ -122,15 +130,18 @@ def test_an_upgrade_across_kills_writes_every_output_once_and_a_bad_rename_is_re
     assert {v: n for v, n in copied.items() if n > 1} == {}
     assert copied == expected
 
-    audited = Counter(
-        line.decode() for lines in FileSink.read_committed(cwd / "audit").values() for line in lines
-    )
-    assert {v: n for v, n in audited.items() if n > 1} == {}
-    for p in (0, 1):
-        numbers = sorted(int(v.split(":")[1]) for v in audited if v.startswith(f"{p}:"))
-        assert numbers, f"the new handler saw nothing of partition {p}"
-        assert numbers == list(range(numbers[0], LIMIT + 1)), f"partition {p}: gaps"
-    assert audited["1:1"] == 1  # the new partition was read from its start
+    for sink in ("audit", "tally"):
+        found = Counter(
+            line.decode()
+            for lines in FileSink.read_committed(cwd / sink).values()
+            for line in lines
+        )
+        assert {v: n for v, n in found.items() if n > 1} == {}, sink
+        for p in (0, 1):
+            numbers = sorted(int(v.split(":")[1]) for v in found if v.startswith(f"{p}:"))
+            assert numbers, f"{sink} saw nothing of partition {p}"
+            assert numbers == list(range(numbers[0], LIMIT + 1)), f"{sink}, partition {p}: gaps"
+        assert found["1:1"] == 1  # the new partition was read from its start
 
     _write(cwd, version=3)
     rows = sum(copied.values())
