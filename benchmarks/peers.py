@@ -24,13 +24,18 @@ What is measured
   Each round runs every system on it into a fresh output topic with a fresh
   consumer group, in an order rotated each round, so that a busy neighbour
   slows all alike (``--rounds``, default 5; medians reported). The clock
-  starts when the first output becomes visible and stops when the last
-  input record's output is: start-up, connecting and the group join are left
-  out, and so is the first commit's batch (its records are not counted). CPU
-  is the process's user + system time over the same span, read from
-  ``/proc`` (all its threads, librdkafka's too), reported as µs per record.
-  A round that has not finished after ``--round-timeout`` seconds counts
-  what came until then.
+  starts when the watcher has seen one commit's worth of records and stops
+  when the last input record's output is visible; the records seen when it
+  starts are not counted. Start-up, connecting, the group join and the
+  first commit are left out alike for every system (a start at the first
+  output would count the rest of a first commit whose work was done
+  before the clock started). ``--records`` must be a multiple of
+  ``--commit-records``. CPU is the process's user + system time over the
+  same span, read from ``/proc`` (all its threads, librdkafka's too),
+  reported as µs per record. A round that has not finished after
+  ``--round-timeout`` seconds counts what came until then, and the table
+  says how many rounds were cut so. A latency run whose window's records
+  did not all arrive says how many did.
 * **Latency** at a fixed input rate (``--rate``, default 2,000 records/s).
   Each system, once it has copied a first record, gets the paced producer
   and checking consumer of :mod:`benchmarks.kafka` (a process of their
@@ -181,15 +186,16 @@ class Watch:
     process's CPU time at the first and the last of these.
     """
 
-    def __init__(self, bootstrap: str, topic: str, expected: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, expected: int, start_after: int = 1) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.expected = expected
+        self.start_after = start_after
         self.running: Running | None = None
         self.records = 0
         self.distinct = 0
         self.first: tuple[float, int, float] | None = None
-        """(time, distinct records, process CPU) at the first visible output."""
+        """(time, distinct records, process CPU) when ``start_after`` records were visible."""
         self.complete: tuple[float, float] | None = None
         """(time, process CPU) when every record had been seen."""
         self.last_seen = 0.0
@@ -225,7 +231,7 @@ class Watch:
                             seen[seq] = 1
                             self.distinct += 1
                 self.last_seen = now
-                if self.first is None:
+                if self.first is None and self.distinct >= self.start_after:
                     self.first = (now, self.distinct, self._cpu())
                 if self.complete is None and self.distinct == self.expected:
                     self.complete = (now, self._cpu())
@@ -307,7 +313,7 @@ class Round:
     system: str
     guarantee: str
     records: int
-    """Records counted: those visible after the first commit's."""
+    """Records counted: those that became visible after the clock started."""
     seconds: float
     cpu_seconds: float
     finished: bool
@@ -338,14 +344,22 @@ async def throughput_round(ctx: Context, system: str, guarantee: str, source: st
     await create_topics(ctx.bootstrap, [output], PARTITIONS)
     pipeline = ctx.pipeline(system, guarantee, source, output, THROUGHPUT_INTERVAL)
     running = ctx.running(pipeline)
-    watch = Watch(ctx.bootstrap, output, ctx.records)
+    # The clock starts once a whole commit's worth is visible: before, a
+    # system's first commit (and a read of it cut by the fetch size) would
+    # count records whose work was done before the clock started.
+    watch = Watch(ctx.bootstrap, output, ctx.records, start_after=ctx.commit_records)
     watch.running = running
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch.run)
             running.start()
-            if not await watch.until(lambda: watch.first is not None, READY_TIMEOUT, running):
-                raise RuntimeError(f"{system} copied nothing in {READY_TIMEOUT:g} s")
+            if not await watch.until(
+                lambda: watch.first is not None, READY_TIMEOUT + ctx.round_timeout, running
+            ):
+                raise RuntimeError(
+                    f"{system} copied {watch.distinct:,} records, not one commit's"
+                    f" {ctx.commit_records:,}, in {READY_TIMEOUT + ctx.round_timeout:g} s"
+                )
             finished = await watch.until(
                 lambda: watch.complete is not None, ctx.round_timeout, running
             )
@@ -379,10 +393,16 @@ class Latency:
     duplicates: int
     percentiles: dict[str, float]
 
+    @property
+    def complete(self) -> bool:
+        """Every record of the window arrived (the percentiles cover them all)."""
+        return self.measured == self.in_window
+
     def to_json(self) -> dict[str, Any]:
         return {
             "records_in_window": self.in_window,
             "records": self.measured,
+            "complete": self.complete,
             "duplicates": self.duplicates,
             **{f"{k}_ms": ms(v) for k, v in self.percentiles.items()},
         }
@@ -638,17 +658,24 @@ def table(results: Results) -> str:
     for case in results.cases:
         system, guarantee = case
         cells = [LABELS[system], guarantee]
-        if results.rounds.get(case):
-            cells += [f"{results.median_rate(case):,.0f}", f"{results.median_cpu_us(case):.2f}"]
+        rounds = results.rounds.get(case)
+        if rounds:
+            late = sum(not r.finished for r in rounds)
+            note = f" ({late} of {len(rounds)} rounds cut at the timeout)" if late else ""
+            cells += [
+                f"{results.median_rate(case):,.0f}{note}",
+                f"{results.median_cpu_us(case):.2f}",
+            ]
             ratios = results.ratios(case)
             cells += [f"{ratios[0]:.2f}", f"{ratios[1]:.2f}"] if ratios else ["", ""]
         else:
             cells += ["failed", "", "", ""]
         lat = results.latency.get(case)
         cells.append(
-            f"{ms(lat.percentiles['p50']):.0f} / {ms(lat.percentiles['p99']):.0f} ms"
-            if lat
-            else "failed"
+            "failed"
+            if lat is None
+            else f"{ms(lat.percentiles['p50']):.0f} / {ms(lat.percentiles['p99']):.0f} ms"
+            + ("" if lat.complete else f" ({lat.measured:,} of {lat.in_window:,} arrived)")
         )
         crash = results.crash.get(case)
         if crash is None:
@@ -743,6 +770,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(systems) - set(SYSTEMS)) + sorted(set(guarantees) - set(GUARANTEES))
     if unknown:
         parser.error(f"unknown: {', '.join(unknown)}; systems: {SYSTEMS}, guarantees: {GUARANTEES}")
+    records = args.records or (QUICK_RECORDS if args.quick else RECORDS)
+    if records % args.commit_records or records < 2 * args.commit_records:
+        # A last, partial commit would wait for the commit interval (10 s).
+        parser.error(
+            f"--records ({records:,}) must be a multiple of --commit-records"
+            f" ({args.commit_records:,}), and at least two of them"
+        )
     plot_path, json_path = output_paths(args, "peers")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # The client logs each refused connection while the broker starts, and a
@@ -752,7 +786,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context(
         bootstrap="",
         workdir=workdir,
-        records=args.records or (QUICK_RECORDS if args.quick else RECORDS),
+        records=records,
         rounds=args.rounds or (1 if args.quick else 5),
         commit_records=args.commit_records,
         round_timeout=args.round_timeout,

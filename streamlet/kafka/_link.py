@@ -103,7 +103,9 @@ class Link:
         try:
             await self._assign_partitions(consumer, since)
             # Assigned and paused, as Group's: the topic's metadata is kept.
-            lookups = await self._start_consumer(since, paused=consumer.assigned)
+            # A connect_timeout of its own: the brokers answered already, and
+            # a topic found late must not leave it no time to start.
+            lookups = await self._start_consumer(time.monotonic(), paused=consumer.assigned)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await consumer.stop()
@@ -208,10 +210,12 @@ class Link:
         consumer, self._consumer = self._consumer, None
         lookups, self._lookups = self._lookups, None
         try:
-            if consumer is not None:
-                await consumer.stop()
-            if lookups is not None:
-                await lookups.stop()
+            # Side by side: each stop may take CLOSE_TIMEOUT with the brokers
+            # down, and Consumer.stop raises only the caller's cancellation.
+            async with anyio.create_task_group() as tg:
+                for each in (consumer, lookups):
+                    if each is not None:
+                        tg.start_soon(each.stop)
         finally:
             if self._group is not None:
                 await self._group.close()

@@ -56,7 +56,7 @@ __all__ = [
 
 _SUFFIX = ".sqlite"
 _TASKS = ".tasks"
-_TASK_FILE = re.compile(r"t(\d+)\.sqlite")
+_TASK_FILE = re.compile(r"t(0|[1-9]\d*)\.sqlite")
 _ATTEMPTS = 5
 """Reads of a store that changed from stopped to running while it was read, before giving up."""
 _VALUE_WIDTH = 200
@@ -379,7 +379,8 @@ def _read(
         if not tables:
             # The app is creating it (an empty file until its first commit).
             conn.execute("COMMIT")
-            return StoreView(handler, path, None, None, 0, 0, ttl, (), key, task)
+            empty = None if task is None else 0
+            return StoreView(handler, path, None, None, 0, 0, ttl, (), key, task, empty)
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
         # streamlet's own entries (windows' books) are not the user's keys.
         (count,) = conn.execute(f"SELECT COUNT(*) FROM kv WHERE {_USER_ONLY}").fetchone()  # noqa: S608
@@ -415,10 +416,17 @@ def _read(
             f"state store {path} belongs to handler {meta['handler']!r}, not {handler!r}: it"
             " was copied or renamed; the app will refuse it"
         )
-    if meta.get("task") != (None if task is None else str(task)):
+    found = meta.get("task")
+    if found != (None if task is None else str(task)):
+        if task is None:
+            raise StateError(
+                f"state store {path} holds task {found} of group mode, not a one-worker"
+                " handler's state: it was copied or renamed; the app will refuse it"
+            )
+        what = "a one-worker handler's state" if found is None else f"task {found}"
         raise StateError(
-            f"state store {path} holds task {meta.get('task')!r}, not {task!r}: it was copied"
-            " or renamed; the app sets such a copy aside and rebuilds it from the changelog"
+            f"state store {path} holds {what}, not task {task}: it was copied or renamed;"
+            " the app sets such a copy aside and rebuilds it from the changelog"
         )
     return StoreView(
         handler,

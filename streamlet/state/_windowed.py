@@ -115,6 +115,10 @@ def windowed(
     watermark: float | None = meta["watermark"]
     newest: float | None = meta.get("newest")
     raised_at: float | None = meta.get("raised_at")
+    if spec.time == "event" and newest is None and watermark is not None:
+        # A book kept before idle_timeout existed: its newest event time is
+        # at least the watermark's, and the idle count starts now.
+        newest, raised_at = watermark + spec.lateness, state.time
     # The windows this batch may touch: those its records fall in, and those
     # that may close (every open one that ends by the batch's clock). Loading
     # more than apply_batch uses is harmless; loading less is not (it would

@@ -219,6 +219,12 @@ class WindowSpec:
             )
         idle_ms: int | None = None
         if self.idle_timeout is not None:
+            idle = self.idle_timeout
+            if isinstance(idle, int | float) and not isinstance(idle, bool) and not idle > 0:
+                raise ConfigError(
+                    f"window idle_timeout must be > 0 s, not {idle!r}: fix idle_timeout= in"
+                    f" {where}, or leave it out to wait for input"
+                )
             if self.time != "event":
                 raise ConfigError(
                     f"window idle_timeout {self.idle_timeout!r} s applies to event time only:"

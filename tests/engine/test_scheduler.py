@@ -347,6 +347,47 @@ async def test_a_task_given_up_and_taken_back_mid_batch_drops_that_batch_and_goe
     assert sink.marker == {0: 6}
 
 
+async def test_a_task_released_while_its_batch_reads_drops_the_batch_and_goes_on(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    """A rebalance during the read (not the handler): the worker goes on, nothing is lost."""
+
+    async def handler(batch: Batch) -> list[int]:
+        return [int(r.value) for r in batch]
+
+    scheduler, sink = _grouped(tmp_path, tracker, handler)
+    await _take(scheduler, sink, 0)
+    source = scheduler.sources["seq"]
+    reading, go = anyio.Event(), anyio.Event()
+    read = source.read
+
+    async def slow_read(ranges: Sequence[OffsetRange]) -> list[Record]:
+        if not go.is_set():
+            reading.set()
+            await go.wait()
+        return await read(ranges)
+
+    source.read = slow_read  # type: ignore[method-assign]
+
+    async def release() -> None:
+        await reading.wait()
+        await scheduler.release_task(0)
+        go.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release)
+            await scheduler._group_tick(0.0, 0.0)
+        assert sink.values == []
+        assert tracker.state.pending == []  # dropped, not left for a re-run
+        await _take(scheduler, sink, 0)  # back, from what was committed
+        for _ in range(3):
+            await scheduler._group_tick(0.0, 0.0)
+    expected = await read([OffsetRange("seq", 0, 0, 6)])
+    assert sink.values == [int(r.value) for r in expected]  # each once, in order
+    assert sink.marker == {0: 6}
+
+
 async def test_a_task_batch_that_fails_stops_the_tick_with_its_own_error(
     tmp_path: Path, tracker: Tracker
 ) -> None:

@@ -10,7 +10,7 @@ in the first handler's sink exactly once; the new handler's sink must hold,
 per partition, every number from where it started to the end, once, and so must the
 sink given to the handler that had none. Then a
 version 3 that renames the handler without keeping its name is refused
-before it writes anything.
+with the name to keep, and its state directory's manifest is left as it was.
 """
 
 from __future__ import annotations
@@ -114,10 +114,16 @@ def test_an_upgrade_across_kills_writes_every_output_once_and_a_bad_rename_is_re
     _write(cwd, version=2)
     rng = random.Random(int(os.environ.get("STREAMLET_TEST_SEED", "20261125")))
     for _ in range(2):
+        before = sum(_copied(cwd).values())
         worker = _start(cwd, "--duration", "30")
-        time.sleep(rng.uniform(0.5, 1.2))
+        # Killed while it writes: once it has written, whatever the start-up took.
+        deadline = time.monotonic() + 30
+        while sum(_copied(cwd).values()) == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
         worker.send_signal(signal.SIGKILL)
         worker.communicate(timeout=30)
+        assert sum(_copied(cwd).values()) > before, "version 2 wrote nothing before the kill"
     expected = Counter(f"{p}:{n}" for p in (0, 1) for n in range(1, LIMIT + 1))
     deadline = time.monotonic() + 60
     while True:
@@ -144,10 +150,10 @@ def test_an_upgrade_across_kills_writes_every_output_once_and_a_bad_rename_is_re
         assert found["1:1"] == 1  # the new partition was read from its start
 
     _write(cwd, version=3)
-    rows = sum(copied.values())
+    manifest = (cwd / "state" / "app.json").read_bytes()
     refused = _start(cwd, "--duration", "5")
     _, stderr = refused.communicate(timeout=60)
     assert refused.returncode != 0
     assert "handler 'copy' appears renamed to 'copy_v3'" in stderr, stderr
     assert "name='copy'" in stderr
-    assert sum(_copied(cwd).values()) == rows
+    assert (cwd / "state" / "app.json").read_bytes() == manifest  # not upgraded

@@ -264,7 +264,7 @@ async def test_a_group_workers_task_stores_are_shown_per_task_with_their_changel
     shutil.copy(third, first)
     result = show(str(copy))
     assert result.exit_code == 1
-    assert f"state store {first} holds task '2', not 0" in result.stderr
+    assert f"state store {first} holds task 2, not task 0" in result.stderr
 
 
 # -- beside a running app --------------------------------------------------------------

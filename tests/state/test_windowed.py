@@ -212,3 +212,25 @@ async def test_an_event_time_window_closes_after_its_idle_timeout_when_input_sto
         assert total < 300  # the last window waits for input that does not come
     else:
         assert total == 300
+
+
+async def test_a_book_kept_before_idle_timeout_existed_closes_its_windows_once_idle(
+    store: StateStore,
+) -> None:
+    """Its meta has no newest event time: the idle count starts at the first batch that reads it."""
+    before = tumbling(10, time="event", lateness=2)
+    state = KeyedState(store, 1, 100.0)
+    windowed(state, [_record(b"a", 13.0, 0)], before, count())
+    meta = dict(state.internal_get(b"window/window/meta"))
+    del meta["newest"], meta["raised_at"]  # as an earlier streamlet wrote it
+    state.internal_set(b"window/window/meta", meta)
+    await store.commit(state.changes())
+
+    spec = tumbling(10, time="event", lateness=2, idle_timeout=5)
+    closed: list[tuple[float, WindowResult]] = []
+    for batch_id, t in enumerate((101.0, 106.0, 112.0, 130.0), start=2):
+        state = KeyedState(store, batch_id, t)
+        closed += [(t, r) for r in windowed(state, [], spec, count()).results]
+        await store.commit(state.changes())
+    # Newest is taken as 11 + 2 from 101 on: 13 - 2 + (130 - 101 - 5) passes 20 at 130.
+    assert closed == [(130.0, WindowResult(b"a", 10.0, 20.0, 1))]

@@ -121,6 +121,7 @@ def test_windows_of_matches_a_scan_of_every_start(t_ms: int, slide_ms: int, per_
         (lambda: tumbling(5, time="event", lateness=-1), "fix lateness= in tumbling()"),
         (lambda: tumbling(5, idle_timeout=1), "idle_timeout 1 s applies to event time only"),
         (lambda: sliding(4, 2, time="event", idle_timeout=0), "idle_timeout must be > 0 s"),
+        (lambda: tumbling(4, time="event", idle_timeout=-1), "idle_timeout must be > 0 s, not -1"),
         (lambda: tumbling(5, time="event", idle_timeout=0.0001), "round idle_timeout= in"),
     ],
 )
