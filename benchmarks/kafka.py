@@ -115,7 +115,7 @@ import tempfile
 import time
 import uuid
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -133,6 +133,7 @@ from benchmarks.common import (
     work_directory,
     write_result,
 )
+from benchmarks.peer_pipelines import send_all
 from streamlet import App, Batch
 from streamlet.kafka.config import KafkaSourceConfig
 from streamlet.kafka.sink import KafkaSink
@@ -457,6 +458,22 @@ class Verdict:
     """Records read."""
     distinct: int = 0
     """Distinct sequence numbers among them."""
+    seen: bytearray = field(init=False, repr=False)
+    """Per sequence number, whether it was read."""
+
+    def __post_init__(self) -> None:
+        self.seen = bytearray(self.expected)
+
+    def count(self, fetched: Mapping[Any, Sequence[Any]]) -> None:
+        """Count the records of one ``getmany`` (values start with their sequence number)."""
+        expected, seen, unpack = self.expected, self.seen, _SEQ.unpack_from
+        for messages in fetched.values():
+            self.records += len(messages)
+            for message in messages:
+                seq = unpack(message.value)[0]
+                if 0 <= seq < expected and not seen[seq]:
+                    seen[seq] = 1
+                    self.distinct += 1
 
     @property
     def duplicates(self) -> int:
@@ -486,22 +503,13 @@ async def read_output(bootstrap: str, topic: str, verdict: Verdict) -> None:
         auto_offset_reset="earliest",
     )
     await consumer.start()
-    expected = verdict.expected
-    seen = bytearray(expected)
     try:
         tps = _partitions(topic)
         consumer.assign(tps)
-        unpack = _SEQ.unpack_from
         while True:
             fetched = await consumer.getmany(*tps, timeout_ms=POLL_MS)
-            for messages in fetched.values():
-                for message in messages:
-                    verdict.records += 1
-                    seq = unpack(message.value)[0]
-                    if 0 <= seq < expected and not seen[seq]:
-                        seen[seq] = 1
-                        verdict.distinct += 1
-            if verdict.distinct == expected and not fetched:
+            verdict.count(fetched)
+            if verdict.distinct == verdict.expected and not fetched:
                 ends = await consumer.end_offsets(tps)
                 positions = [await consumer.position(tp) for tp in tps]
                 if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
@@ -711,19 +719,7 @@ async def eos_floor(
                     taken.setdefault(tp, []).extend(messages)
                     size += len(messages)
             async with producer.transaction():
-                futures = []
-                for tp, messages in taken.items():
-                    batch = producer.create_batch()
-                    for message in messages:
-                        if batch.append(key=None, value=message.value, timestamp=None) is None:
-                            futures.append(
-                                await producer.send_batch(batch, sink_topic, partition=tp.partition)
-                            )
-                            batch = producer.create_batch()
-                            batch.append(key=None, value=message.value, timestamp=None)
-                    futures.append(
-                        await producer.send_batch(batch, sink_topic, partition=tp.partition)
-                    )
+                futures = await send_all(producer, sink_topic, taken)
                 await producer.send_offsets_to_transaction(
                     {tp: messages[-1].offset + 1 for tp, messages in taken.items()}, group
                 )
@@ -865,6 +861,8 @@ def _load_main(spec: LoadSpec, conn: Connection) -> None:
 async def run_load(spec: LoadSpec) -> dict[str, Any]:
     """Run the load process of ``spec`` (see :func:`_load_main`) and return what it measured.
 
+    ``"latencies"`` comes back as an ``array("d")`` of seconds.
+
     Raises:
         RuntimeError: the load process failed, or exited without a result.
     """
@@ -887,7 +885,9 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
             load.join()
     if "error" in result:
         raise RuntimeError(f"the load process failed: {result['error']}")
-    return result
+    latencies = array("d")
+    latencies.frombytes(result["latencies"])
+    return {**result, "latencies": latencies}
 
 
 # ---- latency: the pipeline --------------------------------------------------
@@ -960,8 +960,7 @@ async def run_latency(
     finally:
         shutil.rmtree(state, ignore_errors=True)
         await delete_topics(bootstrap, [source_topic, sink_topic])
-    latencies = array("d")
-    latencies.frombytes(result["latencies"])
+    latencies = result["latencies"]
     if not latencies:
         raise RuntimeError(f"no record of the window became visible at interval {interval} s")
     if result["timed_out"]:

@@ -70,7 +70,6 @@ import subprocess
 import sys
 import time
 import uuid
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,10 +87,10 @@ from benchmarks.common import (
     write_result,
 )
 from benchmarks.kafka import (
-    _SEQ,
     _STAMPED,
     _STAMPED_PAD,
     LoadSpec,
+    Verdict,
     _partitions,
     create_topics,
     delete_topics,
@@ -192,14 +191,23 @@ class Watch:
         self.expected = expected
         self.start_after = start_after
         self.running: Running | None = None
-        self.records = 0
-        self.distinct = 0
+        self.verdict = Verdict(expected)
         self.first: tuple[float, int, float] | None = None
         """(time, distinct records, process CPU) when ``start_after`` records were visible."""
         self.complete: tuple[float, float] | None = None
         """(time, process CPU) when every record had been seen."""
         self.last_seen = 0.0
         self.changed = anyio.Event()
+
+    @property
+    def records(self) -> int:
+        """Records read, every copy counted."""
+        return self.verdict.records
+
+    @property
+    def distinct(self) -> int:
+        """Distinct input records among them."""
+        return self.verdict.distinct
 
     def _cpu(self) -> float:
         return self.running.cpu() if self.running is not None else 0.0
@@ -213,8 +221,6 @@ class Watch:
             auto_offset_reset="earliest",
         )
         await consumer.start()
-        seen = bytearray(self.expected)
-        unpack = _SEQ.unpack_from
         try:
             tps = _partitions(self.topic)
             consumer.assign(tps)
@@ -223,13 +229,7 @@ class Watch:
                 if not fetched:
                     continue
                 now = time.monotonic()
-                for messages in fetched.values():
-                    for message in messages:
-                        self.records += 1
-                        seq = unpack(message.value)[0]
-                        if 0 <= seq < self.expected and not seen[seq]:
-                            seen[seq] = 1
-                            self.distinct += 1
+                self.verdict.count(fetched)
                 self.last_seen = now
                 if self.first is None and self.distinct >= self.start_after:
                     self.first = (now, self.distinct, self._cpu())
@@ -435,8 +435,7 @@ async def latency_run(ctx: Context, system: str, guarantee: str) -> Latency:
     finally:
         running.kill()
         await delete_topics(ctx.bootstrap, [source, output])
-    latencies = array("d")
-    latencies.frombytes(result["latencies"])
+    latencies = result["latencies"]
     if not latencies:
         raise RuntimeError(f"{system}: no record of the latency window became visible")
     return Latency(
