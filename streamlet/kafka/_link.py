@@ -99,7 +99,6 @@ class Link:
         config = self.config
         since = time.monotonic()
         consumer = await self._start_consumer(since)
-        lookups: Consumer | None = None
         try:
             await self._assign_partitions(consumer, since)
             # Assigned and paused, as Group's: the topic's metadata is kept.
