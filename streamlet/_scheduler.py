@@ -475,7 +475,9 @@ class BatchScheduler:
             # The task's state as it was acquired: a release while the batch
             # runs must not take it from under the batch.
             task_state: Mapping[str, StateStore] = self.task_stores.get(task, {})
-            alloc = await self.allocate(batch_time, task=task, latest=latest)
+            alloc = await self.allocate(
+                batch_time, task=task, latest=latest, idle=bool(self.idle_handlers)
+            )
             behind = behind or self.behind
             if alloc is not None:
                 planned.append((task, epoch, alloc, task_state))
@@ -679,7 +681,9 @@ class BatchScheduler:
             latest: what each source's ``latest()`` said this tick (None: ask).
             idle: log a batch even without input (an *idle batch*, for the
                 handlers in ``idle_handlers``: windows close and keys expire
-                on the batch clock, as Spark's no-data batches do).
+                on the batch clock, as Spark's no-data batches do). In group
+                mode its ranges are empty, at the task's positions: they name
+                the task the batch is of.
         """
         self.last_progress = self.clock.monotonic()
         if self.blocks is not None:
@@ -729,6 +733,14 @@ class BatchScheduler:
         self.behind = self._cut_short(state, alloc, latest)
         if alloc.empty and not idle:
             return None
+        if alloc.empty and task is not None:
+            at = [(name, state.positions.get(name, {}).get(task)) for name in self.sources]
+            alloc = dataclasses.replace(
+                alloc,
+                ranges=tuple(OffsetRange(n, task, p, p) for n, p in at if p is not None),
+            )
+            if not alloc.ranges:
+                return None
         await self.tracker.log_allocated(alloc)
         crash_point("after_allocate", alloc.id)
         return alloc
@@ -807,6 +819,9 @@ class BatchScheduler:
             by_source.setdefault(r.source, []).append(r)
         for name, ranges in by_source.items():
             source = self.sources.get(name)
+            ranges = [r for r in ranges if r.until > r.start]  # an idle batch's are empty
+            if not ranges:
+                continue
             if source is None:
                 raise StreamletError(
                     f"batch {alloc.id} was allocated from source {name!r}, which the app"
@@ -952,6 +967,16 @@ class BatchScheduler:
 
         await split(list(view.records), failure)
         return good, dead
+
+    def _changed_in_group(self, name: str, changes: Mapping[str, Changes]) -> bool:
+        """Group mode: whether handler ``name`` changed its state in this batch."""
+        found = changes.get(name)
+        return (
+            self.tasks is not None
+            and name in self.changelogs
+            and found is not None
+            and bool(found.writes or found.deletes)
+        )
 
     def _changelog(
         self, name: str, alloc: Allocation, changes: Changes
@@ -1131,7 +1156,7 @@ class BatchScheduler:
     ) -> BatchInfo:
         started = self.clock.monotonic()
         raw, inputs = await self._read_input(alloc)
-        if alloc.ranges:
+        if raw:
             self._measure(raw)
         records, dead = self._decode(alloc.id, raw)
         batch = Batch(alloc.id, alloc.time, records, alloc.ranges, alloc.blocks)
@@ -1223,8 +1248,10 @@ class BatchScheduler:
             if spec.sink is not None
             and spec.name not in settled
             and not isinstance(result := results[spec.name], _Failure)
-            # An idle batch with nothing to say leaves the sinks alone.
-            and not (idle and not result)
+            # An idle batch with nothing to say leaves the sinks alone. In
+            # group mode its state changes go only through the sink (the
+            # changelog), so changes are something to say there.
+            and not (idle and not result and not self._changed_in_group(spec.name, changes))
         }
         committed: dict[str, SinkError | None] = {}
         # A bisected handler commits part of its input as outputs and the rest
@@ -1288,6 +1315,10 @@ class BatchScheduler:
             # stays behind; the changelog brings it up to date when the task
             # comes back (its position is a lower bound).
             stores = {}
+        if idle and self.tasks is not None:
+            # A task's local store is a cache of the changelog: an idle batch
+            # that wrote nothing there has nothing for it either.
+            stores = {name: store for name, store in stores.items() if name in changelogs}
         for name, store in stores.items():
             # A handler that failed (or whose outputs were refused) changes
             # nothing; its store still moves on to this batch.
@@ -1394,7 +1425,8 @@ class BatchScheduler:
     async def _commit_sources(self, batch: Batch) -> None:
         by_source: dict[str, list[OffsetRange]] = {}
         for r in batch.ranges:
-            by_source.setdefault(r.source, []).append(r)
+            if r.until > r.start:  # an idle batch's ranges are empty: nothing to record
+                by_source.setdefault(r.source, []).append(r)
         for name, ranges in by_source.items():
             source = self.sources.get(name)
             if source is None:

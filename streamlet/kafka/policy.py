@@ -24,11 +24,13 @@ __all__ = [
     "MARKER_METADATA",
     "MARKER_PREFIX",
     "TASK_MARKER_PREFIX",
+    "TASK_MARKER_V2",
     "OutOfRange",
     "Start",
     "StartPolicy",
     "TaskStanding",
     "TransactionFailure",
+    "batch_tag",
     "java_string_hash",
     "legacy_marker_group",
     "marker_group",
@@ -37,6 +39,7 @@ __all__ = [
     "out_of_range",
     "split",
     "start_offset",
+    "task_marker_batch",
     "task_marker_group",
     "task_marker_metadata",
     "task_marker_start",
@@ -344,7 +347,10 @@ def _group_name(base: str, source_group: str | None) -> str:
 # -- the sink's markers in group mode -------------------------------------------------
 
 TASK_MARKER_PREFIX = "streamlet-task/1 "
-"""Start of a task marker's metadata; the start of the range it ends follows it."""
+"""Start of a first-version task marker's metadata: the start of the range it ends follows."""
+
+TASK_MARKER_V2 = "streamlet-task/2 "
+"""Start of a task marker's metadata now: the range's start, then the batch that wrote it."""
 
 TaskStanding = Literal["write", "written", "overlap", "gap"]
 """Where a group-mode batch stands against its task's marker (see :func:`task_standing`)."""
@@ -361,30 +367,70 @@ def task_marker_group(context: SinkContext, source_group: str | None = None) -> 
     return _group_name(f"streamlet-tasks.{context.app}.{context.handler}", source_group)
 
 
-def task_marker_metadata(start: int) -> str:
+def task_marker_metadata(start: int, batch: str) -> str:
     """The metadata of a task marker ending the range that started at ``start``.
 
     The offset says where the task's input resumes; the start says which
-    range that was, for whoever reads the group with Kafka's tools.
+    range that was, for whoever reads the group with Kafka's tools. ``batch``
+    (:func:`batch_tag`) names the batch that wrote it: an idle batch reads no
+    input, so its marker has the offset of the one before, and only this
+    tells whether that idle batch committed (see :func:`task_standing`).
     """
-    return f"{TASK_MARKER_PREFIX}{start}"
+    return f"{TASK_MARKER_V2}{start} {batch}"
+
+
+def batch_tag(state_id: str, batch_id: int, batch_time: float) -> str:
+    """A batch's name in its task marker: the worker's state directory, batch id and time.
+
+    The time (ms) tells two batches of one id apart when a state directory
+    was restored from a backup and reuses ids.
+    """
+    return f"{state_id}:{batch_id}:{round(batch_time * 1000)}"
+
+
+def _parse_task_marker(metadata: str) -> tuple[int, str | None] | None:
+    """(range start, batch tag or None) of a task marker's metadata; None: not a marker."""
+    if metadata.startswith(TASK_MARKER_PREFIX):
+        number, tag = metadata[len(TASK_MARKER_PREFIX) :], None
+    elif metadata.startswith(TASK_MARKER_V2):
+        number, _, tag = metadata[len(TASK_MARKER_V2) :].partition(" ")
+        if not tag or " " in tag:
+            return None
+    else:
+        return None
+    return (int(number), tag) if number.isdigit() else None
 
 
 def task_marker_start(metadata: str) -> int | None:
     """The range start a task marker's metadata names; None: not a task marker."""
-    if not metadata.startswith(TASK_MARKER_PREFIX):
-        return None
-    number = metadata[len(TASK_MARKER_PREFIX) :]
-    return int(number) if number.isdigit() else None
+    parsed = _parse_task_marker(metadata)
+    return None if parsed is None else parsed[0]
 
 
-def task_standing(ranges: Sequence[OffsetRange], marker: Mapping[str, int]) -> TaskStanding:
+def task_marker_batch(metadata: str) -> str | None:
+    """The batch tag a task marker's metadata names (None: a first-version marker, or none)."""
+    parsed = _parse_task_marker(metadata)
+    return None if parsed is None else parsed[1]
+
+
+def task_standing(
+    ranges: Sequence[OffsetRange],
+    marker: Mapping[str, int],
+    *,
+    batch: str | None = None,
+    marked: Mapping[str, str | None] | None = None,
+) -> TaskStanding:
     """Where a group-mode batch stands against its task's marker; pure.
 
     Args:
         ranges: the batch's offset ranges, all of the task's partition.
         marker: source name -> the next offset the task's committed batches
             left to read (a source without an entry has none committed).
+        batch: the batch's tag (:func:`batch_tag`), given where idle batches
+            are written: an idle batch's ranges are empty, at the marker,
+            and it was written only if the marker names it (``marked``:
+            source name -> the tag its marker carries). Without ``batch``,
+            empty ranges at the marker count as written.
 
     Returns:
         ``"written"``: every range ends at or below its marker, so the batch
@@ -410,5 +456,9 @@ def task_standing(ranges: Sequence[OffsetRange], marker: Mapping[str, int]) -> T
         written = written and r.until <= at
         behind = behind or r.start < at
     if written:
+        idle = bool(ranges) and all(r.start == r.until == marker[r.source] for r in ranges)
+        if batch is not None and idle:
+            tags = marked or {}
+            return "written" if all(tags.get(r.source) == batch for r in ranges) else "write"
         return "written"
     return "overlap" if behind else "write"

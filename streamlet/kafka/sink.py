@@ -91,13 +91,15 @@ by input offsets, per task:
   ``streamlet-tasks.<app>.<handler>`` (with the same hash suffix under
   ``consume_from``). Each transaction commits, for each of the batch's
   ranges, the offset ``until`` of the source topic's partition ``p``, with
-  metadata ``streamlet-task/1 <start>`` (the range it ends). The marker says
+  metadata ``streamlet-task/2 <start> <batch>`` (the range it ends, and the
+  batch: :func:`~streamlet.kafka.policy.batch_tag`). The marker says
   where the task's input resumes, which acquire returns, and a batch is
   checked against it (:func:`~streamlet.kafka.policy.task_standing`): ranges
   that end at or below it were written (the commit returns False), ranges
   that start at it are written now, and a range crossing it or starting
   past it means two owners or a bug, refused with an error naming the
-  task, the ranges and the marker.
+  task, the ranges and the marker. An idle batch (no input: its ranges are
+  empty, at the marker) was written only if the marker names it.
 * *Fenced*: a task whose producer was fenced raises
   :class:`~streamlet.errors.FencedError` and is dropped; the worker
   releases it. An unknown outcome is settled as above, with a new producer
@@ -167,10 +169,12 @@ from streamlet.kafka.config import (
     probe_settings,
 )
 from streamlet.kafka.policy import (
+    batch_tag,
     legacy_marker_group,
     marker_group,
     marker_metadata,
     marker_owner,
+    task_marker_batch,
     task_marker_group,
     task_marker_metadata,
     task_marker_start,
@@ -283,6 +287,8 @@ class _Task:
         # unknown: until the producer started, and after a commit whose
         # outcome is unknown until a new producer has read the marker again.
         self.marker: dict[str, int] | None = None
+        # Source name -> the batch tag its marker names (None: an older marker).
+        self.marked: dict[str, str | None] = {}
         # Producers dropped by a cancelled commit, stopped by the next stop().
         self.orphans: list[Producer] = []
 
@@ -300,11 +306,12 @@ class _Task:
             for producer in producers:
                 await producer.stop()
 
-    def advance(self, ranges: Sequence[OffsetRange]) -> None:
-        """The batch of ``ranges`` committed: the marker moves to their ends."""
+    def advance(self, ranges: Sequence[OffsetRange], tag: str) -> None:
+        """The batch ``tag`` of ``ranges`` committed: the marker moves to their ends."""
         assert self.marker is not None
         for r in ranges:
             self.marker[r.source] = r.until
+            self.marked[r.source] = tag
 
 
 class KafkaSink(Sink):
@@ -876,10 +883,10 @@ class KafkaSink(Sink):
         await task.stop()
         settings = self._settings(context, task.number)
 
-        async def read(producer: Producer) -> dict[str, int]:
+        async def read(producer: Producer) -> tuple[dict[str, int], dict[str, str | None]]:
             return await self._read_task_marker(producer, task.number)
 
-        task.producer, task.marker = await self._retrying(
+        task.producer, (task.marker, task.marked) = await self._retrying(
             lambda: self._ready(settings, read), task.transactional_id
         )
         log.info(
@@ -890,8 +897,11 @@ class KafkaSink(Sink):
             task.marker or "the sources' start (no marker)",
         )
 
-    async def _read_task_marker(self, producer: Producer, number: int) -> dict[str, int]:
-        """Source name -> next offset to read, from the task's marker in the sink's groups.
+    async def _read_task_marker(
+        self, producer: Producer, number: int
+    ) -> tuple[dict[str, int], dict[str, str | None]]:
+        """The task's marker in the sink's groups: source name -> next offset to read, and
+        source name -> the batch tag it names.
 
         Raises:
             ConfigError: a marker group holds an offset no KafkaSink wrote.
@@ -899,6 +909,7 @@ class KafkaSink(Sink):
         context = self._context
         assert context is not None
         marker: dict[str, int] = {}
+        marked: dict[str, str | None] = {}
         for name, topic in context.source_topics.items():
             tp = TopicPartition(topic, number)
             for group in self._marker_groups:
@@ -907,8 +918,10 @@ class KafkaSink(Sink):
                     continue
                 if task_marker_start(found.metadata) is None:
                     raise ConfigError(self._not_a_marker(group, tp, found.offset, found.metadata))
-                marker[name] = max(marker.get(name, found.offset), found.offset)
-        return marker
+                if found.offset >= marker.get(name, found.offset):
+                    marker[name] = found.offset
+                    marked[name] = task_marker_batch(found.metadata)
+        return marker, marked
 
     def _task_of(self, batch: Batch) -> int:
         """The task ``batch`` belongs to: the one partition of all its ranges."""
@@ -965,7 +978,9 @@ class KafkaSink(Sink):
             producer, marker = task.producer, task.marker
             assert producer is not None
             assert marker is not None
-            standing = task_standing(batch.ranges, marker)
+            standing = task_standing(
+                batch.ranges, marker, batch=self._tag(batch), marked=task.marked
+            )
             if standing == "written":
                 return False
             if standing != "write":
@@ -1002,6 +1017,12 @@ class KafkaSink(Sink):
             " resume there. Nothing of the batch is written"
         )
 
+    def _tag(self, batch: Batch) -> str:
+        """``batch``'s name in its task marker."""
+        context = self._context
+        assert context is not None
+        return batch_tag(context.state_id, batch.id, batch.time)
+
     def _task_marker(
         self, batch: Batch
     ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, str]]:
@@ -1010,10 +1031,11 @@ class KafkaSink(Sink):
         assert context is not None
         offsets: dict[TopicPartition, int] = {}
         metadata: dict[TopicPartition, str] = {}
+        tag = self._tag(batch)
         for r in batch.ranges:
             tp = TopicPartition(context.source_topics[r.source], r.partition)
             offsets[tp] = r.until
-            metadata[tp] = task_marker_metadata(r.start)
+            metadata[tp] = task_marker_metadata(r.start, tag)
         return offsets, metadata
 
     # -- writing ------------------------------------------------------------------------
@@ -1111,7 +1133,7 @@ class KafkaSink(Sink):
         if task is None:
             self._next = batch.id + 1
         else:
-            task.advance(batch.ranges)
+            task.advance(batch.ranges, self._tag(batch))
         if changelog is not None and state_futures:
             changelog.next_offset = int(state_futures[-1].result().offset) + last_count
         return True
@@ -1216,7 +1238,10 @@ class KafkaSink(Sink):
             committed = self._next > batch.id
         else:
             assert task.marker is not None
-            committed = task_standing(batch.ranges, task.marker) == "written"
+            standing = task_standing(
+                batch.ranges, task.marker, batch=self._tag(batch), marked=task.marked
+            )
+            committed = standing == "written"
         if committed:
             log.info("%s: batch %d did commit", self._where(), batch.id)
             return True

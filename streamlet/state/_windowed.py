@@ -145,6 +145,13 @@ def windowed(
         )
     except TypeError as exc:
         raise StateError(f"windowed aggregation {name!r}: {exc}") from None
+    kept_idle_count = (meta.get("newest"), meta.get("raised_at")) == (book.newest, book.raised_at)
+    if not events and not results and kept_idle_count:
+        # Nothing came and nothing closed: the book stays as it was. Its
+        # watermark is worked out from it again next time, only ever higher,
+        # so an idle batch that closes nothing writes nothing (in group mode
+        # it would otherwise commit a transaction to the changelog per tick).
+        return Windowed([], [])
     kept: dict[int, dict[str, JSON]] = {}
     for (k, pane_start), acc in book.panes.items():
         kept.setdefault(_ms(pane_start), {})[encode_key(k).hex()] = acc

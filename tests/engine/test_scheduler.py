@@ -410,6 +410,7 @@ class ChangelogSink(Sink):
 
     def __init__(self) -> None:
         self.changelogs: list[ChangelogWrite] = []
+        self.batches: list[tuple[tuple[OffsetRange, ...], list[object]]] = []
 
     async def acquire(self, task: int) -> dict[str, int]:
         return {}
@@ -421,7 +422,8 @@ class ChangelogSink(Sink):
         self, batch: Batch, outputs: Sequence[object], changelog: ChangelogWrite
     ) -> bool:
         self.changelogs.append(changelog)
-        changelog.next_offset = len(changelog.records)
+        self.batches.append((tuple(batch.ranges), list(outputs)))
+        changelog.next_offset = sum(len(c.records) for c in self.changelogs)
         return True
 
 
@@ -469,6 +471,57 @@ async def test_a_task_released_mid_batch_leaves_its_local_state_behind(
                 await scheduler._group_tick(0.0, 0.0)
         assert len(sink.changelogs) == 1  # the sink took the batch and its changes
         assert (store.seq, store.position, store.empty()) == (0, 0, True)  # the copy did not
+    finally:
+        await store.aclose()
+
+
+async def test_a_tasks_windows_close_on_the_batch_clock_without_input(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    """Group mode makes idle batches too, one per task, named by empty ranges at its position.
+
+    Only one that closes a window (or changes state) reaches the sink: its
+    state changes go to the changelog with it, and the local copy follows.
+    """
+    window = sl.windows.tumbling(1.0)
+
+    async def per_second(batch: Batch, state: KeyedState) -> list[object]:
+        done = sl.windows.windowed(state, batch, window, sl.windows.count(), key=lambda r: b"k")
+        return [(r.start, r.value) for r in done.results]
+
+    source = SequenceSource(rate=None, limit=4, partitions=1)
+    source.name = "seq"
+    sink = ChangelogSink()
+    scheduler = BatchScheduler(
+        app="g",
+        tracker=tracker,
+        sources={"seq": source},
+        handlers=[HandlerSpec("w", per_second, ("seq",), sink, state=sl.State())],
+        policy=BatchPolicy(interval=0.01),
+        checkpointer=Checkpointer(
+            OsFileSystem(), str(tmp_path / "checkpoints"), "g", interval=0, loaded=None, last_done=0
+        ),
+        changelogs={"w": "g.w.changelog"},
+    )
+    scheduler.tasks = set()
+    store = await StateStore.open(
+        str(tmp_path / "t0.sqlite"), app="g", handler="w", state_id="", task=0
+    )
+    try:
+        await scheduler.acquire_task(0, {"seq": 0}, {"w": store})
+        with anyio.fail_after(10):
+            await scheduler._group_tick(100.2, 0.0)  # the input: window [100, 101)
+            assert [r for r, _ in sink.batches] == [(OffsetRange("seq", 0, 0, 4),)]
+            written = store.position
+            await scheduler._group_tick(100.6, 0.0)  # idle; nothing closes
+            assert len(sink.batches) == 1
+            assert store.position == written  # nor did the local copy change
+            await scheduler._group_tick(101.1, 0.0)  # idle; the window closes
+            await scheduler._group_tick(101.5, 0.0)  # idle; nothing more
+        assert sink.batches[1:] == [((OffsetRange("seq", 0, 4, 4),), [(100.0, 4)])]
+        assert store.position == sum(len(c.records) for c in sink.changelogs) > written
+        assert tracker.state.pending == []
+        assert tracker.state.last_done == 4  # every tick logged its batch (ids from 1)
     finally:
         await store.aclose()
 

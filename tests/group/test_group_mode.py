@@ -20,6 +20,7 @@ from streamlet._group import check_group_mode
 from streamlet.errors import ConfigError
 from streamlet.kafka._group import describe_group
 from tests.conftest import TopicFactory
+from tests.kafka.test_kafka_sink import _read_all
 from tests.kafka.test_kafka_source import _produce
 
 
@@ -219,3 +220,59 @@ async def test_an_idle_worker_stays_in_the_group_and_takes_a_task_when_one_frees
         assert idle in {w for w, _, _ in seen}  # the idle worker took the freed task
         for w in workers:
             w.stop()
+
+
+def _windowed_worker(tmp_path: Path, bootstrap: str, source: str, out: str) -> sl.App:
+    """A group worker counting each task's records in 1 s processing-time windows."""
+    app = sl.App(f"win-{source}", state_dir=tmp_path / "w", batch_interval=0.1, group=f"g-{source}")
+    orders = app.source(
+        sl.KafkaSource(source, bootstrap_servers=bootstrap, start="earliest"), name="orders"
+    )
+    window = sl.windows.tumbling(1.0)
+    sink = sl.KafkaSink(out, bootstrap_servers=bootstrap, value=orjson.dumps)
+
+    @app.handler(orders, sink=sink, state=sl.State())
+    async def per_second(batch: sl.Batch, state: sl.KeyedState) -> list[object]:
+        tasks = {r.partition for r in batch.ranges}
+        done = sl.windows.windowed(state, batch, window, sl.windows.count(), key=lambda r: b"n")
+        return [[*tasks, r.start, r.value] for r in done.results]
+
+    return app
+
+
+@pytest.mark.kafka
+async def test_a_tasks_window_closes_on_the_clock_and_is_emitted_once_across_a_restart(
+    kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path
+) -> None:
+    """The input stops; each task's idle batches close its last window, exactly once.
+
+    Without idle batches in group mode the last windows would wait for input
+    that never comes; with an idle batch taken for written (its ranges are
+    empty, at the marker) they would never be written either.
+    """
+    source, out = await new_topic(2, prefix="in"), await new_topic(1, prefix="out")
+    await _produce(kafka_bootstrap, source, [b"%d" % i for i in range(60)])
+
+    async def windows() -> list[list[int | float]]:
+        return [orjson.loads(r.value) for r in await _read_all(kafka_bootstrap, out)]
+
+    async def all_counted() -> bool:
+        return sum(int(w[2]) for w in await windows()) >= 60
+
+    app = _windowed_worker(tmp_path, kafka_bootstrap, source, out)
+    async with anyio.create_task_group() as tg:
+        await tg.start(app.serve)
+        await _until_async(all_counted, 60)
+        app.stop()
+    first = await windows()
+    # Started again on the same state: its idle batches write nothing twice.
+    again = _windowed_worker(tmp_path, kafka_bootstrap, source, out)
+    async with anyio.create_task_group() as tg:
+        await tg.start(again.serve)
+        await anyio.sleep(2.5)
+        again.stop()
+    emitted = await windows()
+    assert emitted == first
+    assert {int(w[0]) for w in emitted} == {0, 1}  # each task closed its own
+    assert len({(w[0], w[1]) for w in emitted}) == len(emitted)  # each window once
+    assert sum(int(w[2]) for w in emitted) == 60

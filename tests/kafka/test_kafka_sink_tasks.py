@@ -54,6 +54,11 @@ def _batch(batch_id: int, partition: int, start: int, until: int) -> Batch:
     )
 
 
+def _idle(batch_id: int, partition: int, at: int) -> Batch:
+    """An idle batch of task ``partition``: no input, its range empty at ``at``."""
+    return Batch(batch_id, float(batch_id), [], (OffsetRange("orders", partition, at, at),))
+
+
 @dataclass
 class Topics:
     """A test's output topic, its source topic (two partitions) and a context naming it."""
@@ -85,16 +90,16 @@ class Worker:
 
 
 async def _offsets_become_marker(
-    bootstrap: str, context: SinkContext, expected: dict[TopicPartition, tuple[int, int]]
+    bootstrap: str, context: SinkContext, expected: dict[TopicPartition, tuple[int, int, int]]
 ) -> None:
-    """The task marker holds ``{tp: (until, start)}``."""
+    """The task marker holds ``{tp: (until, start, batch id)}`` (batches of :func:`_batch`)."""
     async with admin_client(bootstrap) as admin:
         await _offsets_become(
             admin,
             task_marker_group(context),
             {
-                tp: OffsetAndMetadata(until, f"streamlet-task/1 {start}")
-                for tp, (until, start) in expected.items()
+                tp: OffsetAndMetadata(until, f"streamlet-task/2 {start} sid:{bid}:{bid * 1000}")
+                for tp, (until, start, bid) in expected.items()
             },
         )
 
@@ -110,7 +115,7 @@ async def test_a_new_owner_fences_the_old_one_and_resumes_from_the_marker(
         assert await old.acquire(0) == {}
         assert await old.commit(_batch(1, 0, 0, 3), ["a1", "a2"])
         assert await old.commit(_batch(2, 0, 3, 5), ["a3"])
-        await _offsets_become_marker(kafka_bootstrap, context, {TopicPartition(src, 0): (5, 3)})
+        await _offsets_become_marker(kafka_bootstrap, context, {TopicPartition(src, 0): (5, 3, 2)})
         async with Worker(kafka_bootstrap, out, context) as new:
             # Another worker, its batch ids its own: the marker says where to go on.
             assert await new.acquire(0) == {"orders": 5}
@@ -216,7 +221,9 @@ async def test_tasks_are_fenced_one_by_one(kafka_bootstrap: str, topics: Topics)
                 await first.commit(_batch(3, 1, 3, 4), ["t1-zombie"])
             assert not isinstance(caught.value, FencedError)
     await _offsets_become_marker(
-        kafka_bootstrap, context, {TopicPartition(src, 0): (4, 2), TopicPartition(src, 1): (4, 3)}
+        kafka_bootstrap,
+        context,
+        {TopicPartition(src, 0): (4, 2, 4), TopicPartition(src, 1): (4, 3, 1)},
     )
     values = await _values(kafka_bootstrap, out)
     assert sorted(values) == [b"t0-a", b"t0-b", b"t1-a", b"t1-b"]
@@ -281,7 +288,31 @@ async def test_an_unknown_outcome_is_settled_by_the_tasks_marker(
             tg.cancel_scope.cancel()
         assert await sink.commit(_batch(3, 0, 4, 6), ["three"]) is False
         assert await sink.commit(_batch(4, 0, 6, 7), ["four"])
-    assert await _values(kafka_bootstrap, out) == [b"one", b"two", b"three", b"four"]
+        # Idle batches (no input: empty ranges at the marker, as a window
+        # closes on the clock) leave the offset where it was: the marker's
+        # batch tag settles them.
+        faults.append("after")
+        assert await sink.commit(_idle(5, 0, 7), ["five"])
+        assert await sink.commit(_idle(5, 0, 7), ["five"]) is False
+        faults.append("before")
+        with pytest.raises(SinkError, match="rolled back"):
+            await sink.commit(_idle(6, 0, 7), ["six-lost"])
+        assert await sink.commit(_idle(6, 0, 7), ["six"])
+        assert await sink.commit(_batch(7, 0, 7, 8), ["seven"])
+    async with Worker(kafka_bootstrap, out, context) as again:
+        assert await again.acquire(0) == {"orders": 8}
+        assert await again.commit(_batch(7, 0, 7, 8), ["seven"]) is False
+        assert await again.commit(_idle(8, 0, 8), ["eight"])
+    assert await _values(kafka_bootstrap, out) == [
+        b"one",
+        b"two",
+        b"three",
+        b"four",
+        b"five",
+        b"six",
+        b"seven",
+        b"eight",
+    ]
 
 
 async def test_consume_from_offsets_commit_with_the_task_marker(
@@ -304,7 +335,9 @@ async def test_consume_from_offsets_commit_with_the_task_marker(
     async with admin_client(kafka_bootstrap) as admin:
         await _offsets_become(admin, group, {TopicPartition(src, 1): OffsetAndMetadata(6, "")})
         await _offsets_become(
-            admin, marker, {TopicPartition(src, 1): OffsetAndMetadata(6, "streamlet-task/1 4")}
+            admin,
+            marker,
+            {TopicPartition(src, 1): OffsetAndMetadata(6, "streamlet-task/2 4 sid:2:2000")},
         )
     async with Worker(kafka_bootstrap, out, context, consume_from=source) as again:
         assert await again.acquire(1) == {"orders": 6}

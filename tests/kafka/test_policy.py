@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from streamlet.kafka.policy import (
+    batch_tag,
     java_string_hash,
     marker_group,
     out_of_range,
     start_offset,
+    task_marker_batch,
     task_marker_group,
     task_marker_metadata,
     task_marker_start,
@@ -138,7 +140,7 @@ def _r(source: str, start: int, until: int, partition: int = 3) -> OffsetRange:
         ([_r("a", 0, 5)], {"a": 5}, "written"),
         ([_r("a", 0, 5)], {"a": 9}, "written"),
         ([_r("a", 0, 5), _r("b", 2, 2)], {"a": 5, "b": 2}, "written"),
-        ([_r("a", 5, 5)], {"a": 5}, "written"),  # no input past the marker
+        ([_r("a", 5, 5)], {"a": 5}, "written"),  # no input past the marker, no batch given
         # Crossing the marker: part of it committed.
         ([_r("a", 3, 9)], {"a": 5}, "overlap"),
         # One source's range committed, another's not.
@@ -155,6 +157,34 @@ def test_where_a_batch_stands_against_its_task_marker(
     assert task_standing(ranges, marker) == standing
 
 
+@pytest.mark.parametrize(
+    ("ranges", "marker", "marked", "standing"),
+    [
+        # An idle batch (empty ranges at the marker) was written only if the
+        # marker names it: after an unknown outcome, that is how it is told.
+        ([_r("a", 5, 5)], {"a": 5}, {"a": "me"}, "written"),
+        ([_r("a", 5, 5), _r("b", 2, 2)], {"a": 5, "b": 2}, {"a": "me", "b": "me"}, "written"),
+        ([_r("a", 5, 5)], {"a": 5}, {"a": "before"}, "write"),
+        ([_r("a", 5, 5)], {"a": 5}, {"a": None}, "write"),  # a first-version marker
+        ([_r("a", 5, 5)], {"a": 5}, {}, "write"),
+        ([_r("a", 5, 5), _r("b", 2, 2)], {"a": 5, "b": 2}, {"a": "me", "b": "x"}, "write"),
+        # Batches with input keep the offset rules, whatever the marker names.
+        ([_r("a", 0, 5)], {"a": 5}, {"a": "before"}, "written"),
+        ([_r("a", 5, 9)], {"a": 5}, {"a": "me"}, "write"),
+        ([_r("a", 5, 5), _r("b", 2, 4)], {"a": 5, "b": 2}, {"a": "me", "b": "me"}, "write"),
+        # An idle batch off the marker is still refused.
+        ([_r("a", 6, 6)], {"a": 5}, {"a": "me"}, "gap"),
+    ],
+)
+def test_an_idle_batch_stands_by_the_batch_its_marker_names(
+    ranges: list[OffsetRange],
+    marker: dict[str, int],
+    marked: dict[str, str | None],
+    standing: str,
+) -> None:
+    assert task_standing(ranges, marker, batch="me", marked=marked) == standing
+
+
 def test_task_marker_names_and_metadata() -> None:
     context = SinkContext("shop", "copy", "unused", "sid", group="g1")
     assert transactional_id(context) == "streamlet.shop.copy"
@@ -166,8 +196,23 @@ def test_task_marker_names_and_metadata() -> None:
     assert hashed.startswith("streamlet-tasks.shop.copy.")
     assert java_string_hash(hashed) == java_string_hash("orders")
     assert hashed != marker_group(context, "orders")
-    assert task_marker_metadata(42) == "streamlet-task/1 42"
-    assert task_marker_start(task_marker_metadata(42)) == 42
-    assert task_marker_start(task_marker_metadata(0)) == 0
-    for foreign in ("", "streamlet-task/1 ", "streamlet-task/1 x", "streamlet-sink/2 sid", "42"):
+    tag = batch_tag("sid", 7, 12.3456)
+    assert tag == "sid:7:12346"
+    assert task_marker_metadata(42, tag) == "streamlet-task/2 42 sid:7:12346"
+    assert task_marker_start(task_marker_metadata(42, tag)) == 42
+    assert task_marker_start(task_marker_metadata(0, tag)) == 0
+    assert task_marker_batch(task_marker_metadata(0, tag)) == tag
+    # A first-version marker (before idle batches) names no batch.
+    assert task_marker_start("streamlet-task/1 42") == 42
+    assert task_marker_batch("streamlet-task/1 42") is None
+    for foreign in (
+        "",
+        "streamlet-task/1 ",
+        "streamlet-task/1 x",
+        "streamlet-task/2 5",
+        "streamlet-task/2 5 a b",
+        "streamlet-task/2 x sid:1:2",
+        "streamlet-sink/2 sid",
+        "42",
+    ):
         assert task_marker_start(foreign) is None, foreign
