@@ -681,8 +681,12 @@ class App:
             for spec in self._handlers:
                 if spec.state is None or self.group is not None:
                     continue  # group mode: each task's, when it is taken over
+                vfs = self.fs.sqlite_vfs
+                if vfs is not None:  # SQLite reaches this file system through its VFS
+                    await anyio.to_thread.run_sync(self.fs.makedirs, statedir.state)
                 stores[spec.name] = store = await StateStore.open(
                     statedir.state_store(spec.name),
+                    vfs=vfs,
                     app=self.name,
                     handler=spec.name,
                     state_id=statedir.state_id,

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import time
-from typing import Protocol
+import urllib.parse
+from typing import Any, Protocol
 
 __all__ = [
     "DIR_MODE",
@@ -77,6 +79,10 @@ class File(Protocol):
 
 class FileSystem(Protocol):
     """Directory and file operations, in the terms of durability."""
+
+    sqlite_vfs: str | None
+    """The SQLite VFS through which SQLite files on this file system are opened
+    (keyed state); None: SQLite's own, on the real disk."""
 
     def create(self, path: str) -> File:
         """Create a new, empty file (mode 0600); fail if it exists."""
@@ -159,6 +165,8 @@ class OsFile:
 class OsFileSystem:
     """The real file system."""
 
+    sqlite_vfs: str | None = None
+
     def create(self, path: str) -> File:
         fd = os.open(
             path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE
@@ -207,6 +215,18 @@ class OsFileSystem:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def connect_sqlite(path: str, vfs: str | None, **options: Any) -> sqlite3.Connection:
+    """``sqlite3.connect`` to the file ``path``, through the SQLite VFS ``vfs`` if given.
+
+    ``vfs`` is a :class:`FileSystem`'s ``sqlite_vfs``: None opens the real
+    file, as ``sqlite3.connect(path)`` does.
+    """
+    if vfs is None:
+        return sqlite3.connect(path, **options)  # type: ignore[no-any-return]
+    uri = f"file:{urllib.parse.quote(path)}?vfs={urllib.parse.quote(vfs)}"
+    return sqlite3.connect(uri, uri=True, **options)  # type: ignore[no-any-return]
 
 
 def read_all(fs: FileSystem, path: str) -> bytes:

@@ -30,6 +30,7 @@ commit durable when ``COMMIT`` returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -42,7 +43,7 @@ from typing import Generic, TypeVar, cast
 import orjson
 
 from streamlet.errors import ConfigError, OutputError, SinkError, SinkUnavailableError
-from streamlet.fs import OsFileSystem
+from streamlet.fs import FileSystem, OsFileSystem, connect_sqlite
 from streamlet.records import Batch, OffsetRange
 from streamlet.sinks.base import Sink, SinkContext, ddl_scripts
 
@@ -137,6 +138,10 @@ class SQLiteSink(Sink, Generic[_Out]):
             the bookkeeping tables are made: a script (str) or a list of
             them. Write it idempotent (``CREATE TABLE IF NOT EXISTS``).
         timeout: seconds to wait for another connection's write lock.
+        fs: the file layer the database lives on; SQLite reaches it through
+            the VFS it names (``fs.sqlite_vfs``; the power-cut tests' FaultFS
+            with :class:`~streamlet.testing.sqlite_vfs.FaultVFS`). Default:
+            the real disk.
 
     Raises:
         ConfigError: ``apply`` is not a plain callable or ``table_ddl`` is
@@ -150,6 +155,7 @@ class SQLiteSink(Sink, Generic[_Out]):
         *,
         table_ddl: str | Sequence[str] | None = None,
         timeout: float = 30.0,
+        fs: FileSystem | None = None,
     ) -> None:
         if not callable(apply):
             raise ConfigError(f"SQLiteSink apply must be a function, not {type(apply).__name__}")
@@ -165,6 +171,7 @@ class SQLiteSink(Sink, Generic[_Out]):
         self._apply = apply
         self._ddl = [stmt for script in scripts for stmt in split_script(script)]
         self._timeout = timeout
+        self._fs: FileSystem = fs if fs is not None else OsFileSystem()
         self._context: SinkContext | None = None
         self._executor: ThreadPoolExecutor | None = None
         # Touched only in the worker thread.
@@ -210,11 +217,12 @@ class SQLiteSink(Sink, Generic[_Out]):
             raise
 
     def _open_sync(self) -> None:
-        path = os.path.abspath(self._path)
+        fs = self._fs
+        vfs = fs.sqlite_vfs
+        path = os.path.abspath(self._path) if vfs is None else self._path
         self._path = path
-        fs = OsFileSystem()
         try:
-            if not os.path.exists(path):
+            if not fs.exists(path):
                 fs.makedirs(os.path.dirname(path))
                 try:
                     fs.create(path).close()  # mode 0600; SQLite opens the file as it is
@@ -226,7 +234,7 @@ class SQLiteSink(Sink, Generic[_Out]):
                 f"SQLiteSink cannot create {path}: {exc}; fix the path or its permissions"
             ) from exc
         try:
-            conn = sqlite3.connect(path, timeout=self._timeout, isolation_level=None)
+            conn = connect_sqlite(path, vfs, timeout=self._timeout, isolation_level=None)
         except sqlite3.Error as exc:
             raise ConfigError(f"SQLiteSink cannot open {path}: {exc}") from exc
         try:
@@ -258,6 +266,13 @@ class SQLiteSink(Sink, Generic[_Out]):
             for index, statement in enumerate(self._ddl):
                 try:
                     conn.execute(statement)
+                except sqlite3.OperationalError as exc:
+                    if _is_busy(exc) or _is_disk(exc):
+                        raise  # the disk's fault, not the DDL's
+                    raise ConfigError(
+                        f"SQLiteSink {path}: table_ddl statement {index + 1} failed: {exc}"
+                        f" ({statement.strip()[:200]!r}); fix the DDL"
+                    ) from exc
                 except sqlite3.Error as exc:
                     raise ConfigError(
                         f"SQLiteSink {path}: table_ddl statement {index + 1} failed: {exc}"
@@ -268,9 +283,14 @@ class SQLiteSink(Sink, Generic[_Out]):
             conn.execute(_STATE_TABLE)
             self._check_state_id(conn, path)
             conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _roll_back(conn)
+            kind = SinkUnavailableError if _is_busy(exc) else SinkError
+            raise kind(
+                f"SQLiteSink {path}: making its tables failed: {exc}; {_advice(exc)}"
+            ) from exc
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            _roll_back(conn)
             raise
 
     def _check_state_id(self, conn: sqlite3.Connection, path: str) -> None:
@@ -467,6 +487,20 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     if code is None:
         return False
     return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL)
+
+
+def _is_disk(exc: sqlite3.Error) -> bool:
+    """Whether the disk failed under SQLite (an I/O error), whatever the statement."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_IOERR
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    """End an open transaction; after an I/O error that may fail too (SQLite rolls back
+    when the connection closes, and a hot journal or WAL is undone by the next one)."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
 
 
 def _advice(exc: sqlite3.Error) -> str:

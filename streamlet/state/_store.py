@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import anyio.to_thread
 
 from streamlet.errors import StateError
+from streamlet.fs import connect_sqlite
 
 __all__ = [
     "INTERNAL",
@@ -169,18 +170,22 @@ class StateStore:
         ttl: float | None = None,
         cache_keys: int = 100_000,
         task: int | None = None,
+        vfs: str | None = None,
     ) -> StateStore:
         """Open (or create) the store at ``path``, checking it belongs to this app.
 
         ``task``: group mode, the task whose part of the state this store
-        holds (a cache of the changelog's partition ``task``).
+        holds (a cache of the changelog's partition ``task``). ``vfs``: the
+        SQLite VFS to open ``path`` through, its directory made already (the
+        power-cut tests' :class:`~streamlet.testing.sqlite_vfs.FaultVFS`;
+        None: the real file system).
 
         Raises:
             StateError: the file is damaged, of another format, or of another
                 app, handler, task or state directory.
         """
         return await anyio.to_thread.run_sync(
-            lambda: cls._open(path, app, handler, state_id, ttl, cache_keys, task)
+            lambda: cls._open(path, app, handler, state_id, ttl, cache_keys, task, vfs)
         )
 
     @classmethod
@@ -193,10 +198,17 @@ class StateStore:
         ttl: float | None,
         cache_keys: int,
         task: int | None = None,
+        vfs: str | None = None,
     ) -> StateStore:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        created = not os.path.exists(path)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            if vfs is None:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                created = not os.path.exists(path)
+            else:
+                created = False  # an empty file is told by its empty tables below
+            conn = connect_sqlite(path, vfs, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(_unopenable(path, exc)) from exc
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -223,6 +235,8 @@ class StateStore:
             conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             conn.close()
+            if _io_failure(exc):
+                raise StateError(_unopenable(path, exc)) from exc
             raise StateError(
                 f"state store {path} cannot be read: {exc}. The file is damaged or is not"
                 " a state store; restore the state directory from a backup (the state"
@@ -492,6 +506,22 @@ class StateStore:
 
 
 _UNCACHED: object = object()
+
+# SQLite's primary result codes that mean the disk, not the file, failed:
+# SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN.
+_IO_CODES = frozenset({10, 13, 14})
+
+
+def _io_failure(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _IO_CODES
+
+
+def _unopenable(path: str, exc: BaseException) -> str:
+    return (
+        f"state store {path} cannot be opened: {exc}. Check that its directory exists and"
+        " is writable and that the disk is not full, then start again; nothing was changed"
+    )
 
 
 def _check_identity(

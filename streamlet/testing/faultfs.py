@@ -10,6 +10,13 @@ The model, and the rules of :mod:`streamlet.fs` it follows:
 
 * A file has current content (what reads return) and durable content.
   ``File.sync`` makes the current content, data and size, durable.
+* Writes append (``File.append``, all streamlet's own code does) or, with
+  :meth:`FaultFile.write`, overwrite in place (SQLite through
+  :mod:`streamlet.testing.sqlite_vfs`). Bytes overwritten below the
+  unsynced tail are remembered as such; a power cut keeps or loses each
+  sector's share of them independently (never touching bytes not written,
+  as a disk with power-safe overwrite, which is what Linux file systems
+  report to SQLite).
 * Directory entries (``create``, ``rename``, ``remove``) are volatile until
   ``sync_dir`` of their directory; ``makedirs`` is durable at once. A rename
   between two directories is durable in each of them once that directory is
@@ -116,7 +123,7 @@ class Op(NamedTuple):
 class _Inode:
     """A file's content, current and durable, independent of its names."""
 
-    __slots__ = ("data", "dirty_from", "dropped", "durable", "mode")
+    __slots__ = ("data", "dirty_from", "dropped", "durable", "mode", "patched")
 
     def __init__(self, data: bytes = b"", mode: int = FILE_MODE) -> None:
         self.data = bytearray(data)
@@ -128,7 +135,31 @@ class _Inode:
         # Ranges a failed sync dropped from the dirty set: never durable,
         # even after a later sync succeeds (they read back as holes).
         self.dropped: list[tuple[int, int]] = []
+        # Byte ranges below dirty_from overwritten since the last sync:
+        # sorted, disjoint, each within one sector. Invariant: data and
+        # durable differ before dirty_from only inside them (and dropped).
+        self.patched: list[tuple[int, int]] = []
         self.mode = mode
+
+    def patch(self, start: int, end: int) -> None:
+        """Note ``[start, end)`` (below ``dirty_from``) as overwritten and not yet synced."""
+        pieces = []
+        while start < end:
+            cut = min(end, start - start % SECTOR_SIZE + SECTOR_SIZE)
+            pieces.append((start, cut))
+            start = cut
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(self.patched + pieces):
+            last = merged[-1] if merged else None
+            if last is not None and lo <= last[1] and lo // SECTOR_SIZE == last[0] // SECTOR_SIZE:
+                merged[-1] = (last[0], max(hi, last[1]))
+            else:
+                merged.append((lo, hi))
+        self.patched = merged
+
+    def clip(self, size: int) -> None:
+        """Forget patched bytes at or past ``size`` (the tail or a truncation covers them)."""
+        self.patched = [(lo, min(hi, size)) for lo, hi in self.patched if lo < size]
 
     def sync(self) -> None:
         durable = bytearray(self.data)
@@ -140,13 +171,18 @@ class _Inode:
         self.durable = bytes(durable)
         self.dirty_from = len(self.data)
         self.dropped.clear()
+        self.patched.clear()
 
     def base(self) -> bytes:
         """The durable bytes before ``dirty_from``, with holes where data was dropped."""
         return self.durable[: self.dirty_from].ljust(self.dirty_from, b"\0")
 
     def is_clean(self) -> bool:
-        return self.dirty_from == len(self.data) == len(self.durable) and not self.dropped
+        return (
+            self.dirty_from == len(self.data) == len(self.durable)
+            and not self.dropped
+            and not self.patched
+        )
 
 
 class _DirOp(NamedTuple):
@@ -221,6 +257,14 @@ class FaultFile:
     def append(self, data: bytes) -> None:
         self._fs._append(self, data)
 
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset``, over what is there (a gap past the end reads as zeros).
+
+        Not part of :class:`streamlet.fs.File`: streamlet only appends. For
+        :mod:`streamlet.testing.sqlite_vfs`, whose SQLite writes pages in place.
+        """
+        self._fs._write(self, offset, data)
+
     def read(self, offset: int, size: int) -> bytes:
         if offset < 0:
             raise _error(errno.EINVAL, self._path)
@@ -276,6 +320,8 @@ class FaultFS:
 
     def __init__(self, *, rng: random.Random | None = None) -> None:
         self.rng = rng if rng is not None else random.Random(0)
+        # Set by streamlet.testing.sqlite_vfs.FaultVFS: SQLite files live here too.
+        self.sqlite_vfs: str | None = None
         self.ops: list[Op] = []
         """Every numbered operation so far, in order (reads and opens are not
         numbered: a cut before one leaves the same disk as a cut after the
@@ -573,6 +619,27 @@ class FaultFS:
                 raise _error(fault.errno, file.path)
             self._end(index)
 
+    def _write(self, file: FaultFile, offset: int, data: bytes) -> None:
+        if offset < 0:
+            raise _error(errno.EINVAL, file.path)
+        with self._lock:
+            index = self._begin("write", file.path)
+            file._check_writable()
+            inode = file._inode
+            if data:
+                end = offset + len(data)
+                size = len(inode.data)
+                if end > size:  # the file grows: what lies past its old end is new
+                    inode.dirty_from = min(inode.dirty_from, size)
+                    inode.clip(inode.dirty_from)
+                if offset > size:
+                    inode.data += bytes(offset - size)
+                below = min(end, inode.dirty_from)
+                if offset < below:
+                    inode.patch(offset, below)
+                inode.data[offset:end] = data
+            self._end(index)
+
     def _truncate(self, file: FaultFile, size: int) -> None:
         if size < 0:
             raise _error(errno.EINVAL, file.path)
@@ -586,6 +653,7 @@ class FaultFS:
             else:
                 inode.data += bytes(size - old)
             inode.dirty_from = min(inode.dirty_from, size, old)
+            inode.clip(inode.dirty_from)
             self._end(index)
 
     def _sync(self, file: FaultFile) -> None:
@@ -847,7 +915,15 @@ def _after_cut(inode: _Inode, mode: CutMode, rng: random.Random, random_bytes: b
     if mode == "drop" or inode.is_clean():
         return inode.durable
     start, data = inode.dirty_from, inode.data
-    base = inode.base()
+    base = bytearray(inode.base())
+    durable = inode.durable if not inode.patched else bytes(base) + inode.durable[start:]
+    # Bytes overwritten in place: each sector's share kept, lost or (garble) damaged.
+    for lo, hi in inode.patched:
+        fate = rng.random()
+        if fate < 0.5:
+            base[lo:hi] = data[lo:hi]
+        elif mode == "garble" and fate >= 0.75:
+            base[lo:hi] = rng.randbytes(hi - lo) if random_bytes else bytes(hi - lo)
     if mode == "sectors":
         # The ends of the sectors the unsynced tail touches, the last one cut
         # at the end of the file.
@@ -855,13 +931,13 @@ def _after_cut(inode: _Inode, mode: CutMode, rng: random.Random, random_bytes: b
         ends.append(len(data))
         keep = rng.randrange(len(ends) + 1)
         if keep == 0:
-            return inode.durable
-        return base + bytes(data[start : ends[keep - 1]])
+            return durable
+        return bytes(base) + bytes(data[start : ends[keep - 1]])
     choice = rng.random()
     if choice < 0.2:
-        return inode.durable
+        return durable
     size = len(data) if choice < 0.5 else rng.randint(start, len(data))
-    out = bytearray(base + data[start:size])
+    out = base + data[start:size]
     sector = start - start % SECTOR_SIZE
     while sector < size:
         lo, hi = max(sector, start), min(sector + SECTOR_SIZE, size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import sqlite3
@@ -16,9 +17,12 @@ import orjson
 import pytest
 
 from streamlet.errors import ConfigError, SinkError
+from streamlet.fs import connect_sqlite
 from streamlet.records import Batch, OffsetRange
 from streamlet.sinks import SinkContext, SQLiteSink
 from streamlet.sinks.sqlite import ApplyFunction, split_script
+from streamlet.testing.faultfs import CutMode, FaultFS, run_until_cut
+from streamlet.testing.sqlite_vfs import FaultVFS
 from tests.sinks import crash_worker
 
 CONTEXT = SinkContext("app", "handler", "state")
@@ -368,3 +372,81 @@ async def test_an_apply_failure_is_the_outputs_fault_only_when_the_data_is(
         await sink.commit(batch(1, OffsetRange("s", 0, 0, 1)), [("a", 1)])
     assert isinstance(info.value, OutputError) is output_error
     assert info.value.retriable is retriable
+
+
+# ---- power cuts, SQLite on FaultFS -----------------------------------------------
+
+DB = "/db/out.sqlite"
+
+
+def _words(batch_id: int) -> list[tuple[str, int]]:
+    """A batch's outputs: enough rows that a commit writes several pages."""
+    return [(f"w{batch_id}-{i}-" + "x" * 200, i) for i in range(20)]
+
+
+async def _sink_workload(fs: FaultFS, returned: list[int]) -> None:
+    """Three batches, a close (its checkpoint), a reopen and one more batch."""
+    for batch_ids in ((1, 2, 3), (4,)):
+        sink = SQLiteSink(DB, insert_words, table_ddl=DDL, fs=fs)
+        await sink.open(CONTEXT)
+        try:
+            for batch_id in batch_ids:
+                assert await sink.commit(batch(batch_id), _words(batch_id))
+                returned.append(batch_id)
+        finally:
+            with contextlib.suppress(Exception):
+                await sink.aclose()
+
+
+async def _sink_until_the_cut(fs: FaultFS, returned: list[int]) -> None:
+    try:
+        await _sink_workload(fs, returned)
+    except (SinkError, ConfigError):
+        if not fs.is_cut:
+            raise
+
+
+@pytest.mark.parametrize(("mode", "when"), [("drop", "at"), ("sectors", "after"), ("garble", "at")])
+async def test_a_power_cut_at_any_operation_keeps_every_returned_batch_whole_and_once(
+    mode: CutMode, when: str
+) -> None:
+    """SQLite itself on FaultFS: its page writes, syncs and deletes are the operations cut at."""
+    counting = FaultFS()
+    with FaultVFS(counting) as vfs:
+        await _sink_workload(counting, [])
+        assert sum(op.path == DB + "-wal" and op.name == "sync" for op in counting.ops) >= 4
+        total = len(counting.ops)
+        for index in range(total):
+            fs = FaultFS()
+            vfs.attach(fs)
+            (fs.cut_at if when == "at" else fs.cut_after)(index)
+            returned: list[int] = []
+            assert await run_until_cut(fs, _sink_until_the_cut(fs, returned)), index
+            await vfs.settle()
+            op = fs.ops[index]
+            where = f"power cut {when} operation {index} of {total} ({op.name} {op.path})"
+            disk = fs.power_cut(mode, rng=random.Random(index))
+            vfs.attach(disk)
+            if not disk.exists(DB):
+                assert returned == [], where
+                continue
+            conn = connect_sqlite(DB, vfs.name)
+            try:
+                rows = conn.execute("SELECT batch_id, word, n FROM words").fetchall()
+            except sqlite3.OperationalError:  # the cut came before the table was made
+                rows = []
+            finally:
+                conn.close()
+            held = {b for b, _, _ in rows}
+            assert set(returned) <= held, f"{where}: returned {returned}, held {sorted(held)}"
+            for batch_id in held:
+                mine = sorted((w, n) for b, w, n in rows if b == batch_id)
+                assert mine == sorted(_words(batch_id)), f"{where}: batch {batch_id} not whole"
+            # The sink on the recovered disk agrees: held batches are skipped.
+            sink = SQLiteSink(DB, insert_words, table_ddl=DDL, fs=disk)
+            await sink.open(CONTEXT)
+            try:
+                for batch_id in sorted(held):
+                    assert await sink.commit(batch(batch_id), _words(batch_id)) is False, where
+            finally:
+                await sink.aclose()

@@ -17,7 +17,15 @@ from click.testing import CliRunner
 
 from streamlet.cli import main
 from streamlet.fs import File
-from streamlet.testing.faultfs import SECTOR_SIZE, FaultFS, Op, PowerCut, run_until_cut
+from streamlet.testing.faultfs import (
+    SECTOR_SIZE,
+    CutMode,
+    FaultFile,
+    FaultFS,
+    Op,
+    PowerCut,
+    run_until_cut,
+)
 from streamlet.wal import WriteAheadLog
 
 
@@ -206,6 +214,74 @@ def test_garble_never_touches_synced_bytes(random_bytes: bool) -> None:
         seen.add("lost" if len(data) == len(synced) else "size kept")
     expected = {"written", "zeros", "lost", "size kept"} | ({"random"} if random_bytes else set())
     assert seen == expected
+
+
+@pytest.mark.parametrize("mode", ["sectors", "garble"])
+def test_an_overwrite_in_place_keeps_or_loses_each_sectors_share_and_nothing_else(
+    mode: CutMode,
+) -> None:
+    """SQLite's page writes: bytes not written stay; written ones are old, new or damaged."""
+    synced = bytes(range(256)) * 8  # 2048 bytes, four sectors
+    seen = set()
+    for seed in range(60):
+        fs = FaultFS()
+        file = write(fs, "/f", synced)
+        fs.sync_dir("/")
+        assert isinstance(file, FaultFile)
+        file.write(300, b"A" * 600)  # over sectors 0, 1 and 2
+        file.write(2040, b"B" * 20)  # over the end: the file grows
+        assert fs.read_file("/f")[300:900] == b"A" * 600
+        data = fs.power_cut(mode, rng=random.Random(seed)).read_file("/f")
+        assert data[:300] == synced[:300], seed
+        assert data[900:2040] == synced[900:2040], seed
+        for lo, hi in ((300, 512), (512, 900)):  # each sector's share of the write
+            share = data[lo:hi]
+            if share == b"A" * (hi - lo):
+                seen.add("new")
+            elif share == synced[lo:hi]:
+                seen.add("old")
+            else:
+                assert mode == "garble", f"seed {seed}: damage at {lo} in {mode} mode"
+                seen.add("damaged")
+        assert 2048 <= len(data) <= 2060, seed
+    assert {"new", "old"} <= seen
+    assert (mode == "sectors") == ("damaged" not in seen)
+
+
+def test_an_overwrite_is_durable_once_synced_and_a_truncate_forgets_it() -> None:
+    fs = FaultFS()
+    file = write(fs, "/f", b"x" * 1000)
+    fs.sync_dir("/")
+    assert isinstance(file, FaultFile)
+    file.write(10, b"yy")
+    assert fs.power_cut("drop").read_file("/f") == b"x" * 1000
+    fs = FaultFS()
+    handle = write(fs, "/f", b"x" * 1000)
+    fs.sync_dir("/")
+    assert isinstance(handle, FaultFile)
+    handle.write(10, b"yy")
+    handle.write(1200, b"z")  # past the end: a hole of zeros before it
+    assert fs.read_file("/f") == b"x" * 10 + b"yy" + b"x" * 988 + bytes(200) + b"z"
+    handle.sync()
+    for mode in ("drop", "sectors", "garble"):
+        assert fs.power_cut(mode).read_file("/f") == fs.read_file("/f"), mode
+    fs = FaultFS()
+    handle = write(fs, "/f", b"x" * 1000)
+    fs.sync_dir("/")
+    assert isinstance(handle, FaultFile)
+    handle.write(10, b"yy")
+    handle.truncate(5)
+    handle.sync()
+    assert fs.power_cut("garble").read_file("/f") == b"x" * 5
+    assert [op.name for op in fs.ops] == [
+        "create",
+        "append",
+        "sync",
+        "sync_dir",
+        "write",
+        "truncate",
+        "sync",
+    ]
 
 
 def test_the_same_seed_gives_the_same_disk() -> None:

@@ -193,16 +193,17 @@ PROFILES: dict[str, tuple[Plan, ...]] = {
             ("sigterm_random", "tcp", 3000, 3),
             ("slow_fsync", "tcp", 3000, 3),
             ("fsync_eio", "sequence", 3000, 3),
-            ("fsync_eio", "tcp", 3000, 4),
+            ("fsync_eio", "tcp", 3000, 3),
             ("enospc", "sequence", 3000, 3),
-            ("enospc", "tcp", 3000, 4),
+            ("enospc", "tcp", 3000, 3),
             ("torn_tail", "tcp", 3000, 4),
             ("bitflip", "sequence", 3000, 2),
             ("bitflip", "tcp", 3000, 2),
             ("dead_letter", "sequence", 12000, 3),
             ("clock_jump", "sequence", 3000, 2),
             ("sigkill_random", "kafka-receiver", 3000, 3),
-            ("broker_kill", "kafka", 3000, 2),
+            # One broker restart: each takes tens of seconds (the long profile has four).
+            ("broker_kill", "kafka", 3000, 1),
         ]
     ),
     "long": _plans(
