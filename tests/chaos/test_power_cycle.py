@@ -6,8 +6,9 @@ power is cut before or after each numbered file operation of a run of six
 batches (tracker appends, checkpoint writes and renames, sink part files,
 directory syncs), the disk comes back as a power loss could leave it, and a
 new App recovers on it. Every batch a listener saw done must still be there,
-and in the end every record is in the sink exactly once. (SQLiteSink does its
-own file I/O, beyond this file layer; SQLite's own crash testing covers it.)
+and in the end every record is in the sink exactly once. (SQLite files meet
+the same power cuts through streamlet.testing.sqlite_vfs: the SQLiteSink in
+tests/sinks/test_sqlite.py, keyed state in tests/state/test_state_power_cut.py.)
 
 Every operation is cut at, in every mode, so the test does not depend on
 which operations a sample happens to pick. In ``"garble"`` mode a cut may
