@@ -77,6 +77,7 @@ from streamlet.state._changelog import (
     ChangelogSink,
     ChangelogWrite,
     encode_changes,
+    with_birth,
     with_positions,
 )
 from streamlet.state._keyed import KeyedState
@@ -979,10 +980,14 @@ class BatchScheduler:
         )
 
     def _changelog(
-        self, name: str, alloc: Allocation, changes: Changes
+        self, name: str, alloc: Allocation, changes: Changes, store: StateStore | None
     ) -> tuple[Changes, ChangelogWrite]:
-        """Group mode: ``changes`` with the input position they cover, and their changelog write."""
+        """Group mode: ``changes`` with the input position they cover, and their changelog write.
+
+        An empty partition's first write starts with its birth (``store.birth_due``).
+        """
         covered = with_positions(changes, alloc.ranges, self.source_topics)
+        covered = with_birth(covered, store.birth_due if store is not None else None)
         return covered, ChangelogWrite(
             self.changelogs[name], _task_of(alloc), encode_changes(covered)
         )
@@ -993,13 +998,14 @@ class BatchScheduler:
         views: Mapping[str, Batch],
         traces: Mapping[str, _Trace],
         names: set[str],
+        stores: Mapping[str, StateStore],
     ) -> None:
         """Group mode: move the exactly-once sinks of handlers ``names`` past the batch.
 
         Their input went to the dead letters, but their sinks keep the task's
         input position: left behind, the task's next batch would start past
         it and be refused as a gap. Each commits no outputs (and, with
-        state, no changes but the input position).
+        state, no changes but the input position, and a birth if due).
         """
         for spec in self.handlers:
             sink = spec.sink
@@ -1008,7 +1014,7 @@ class BatchScheduler:
             changelog = None
             if spec.name in self.changelogs:
                 none = Changes(alloc.id, alloc.time, {}, frozenset())
-                _, changelog = self._changelog(spec.name, alloc, none)
+                _, changelog = self._changelog(spec.name, alloc, none, stores.get(spec.name))
             error = await self._commit_sink(
                 spec.name, sink, views[spec.name], [], traces[spec.name], changelog
             )
@@ -1271,7 +1277,9 @@ class BatchScheduler:
         changelogs: dict[str, ChangelogWrite] = {}
         for name in to_commit:
             if name in self.changelogs and name in changes:
-                changes[name], changelogs[name] = self._changelog(name, alloc, changes[name])
+                changes[name], changelogs[name] = self._changelog(
+                    name, alloc, changes[name], stores.get(name)
+                )
 
         async def commit_one(name: str, sink: Sink, outputs: list[object]) -> None:
             committed[name] = await self._commit_sink(
@@ -1300,7 +1308,7 @@ class BatchScheduler:
             if dead_failure is not None:
                 raise dead_failure
         if self.tasks is not None:
-            await self._advance_past_dead_letters(alloc, views, traces, {*failed, *refused})
+            await self._advance_past_dead_letters(alloc, views, traces, {*failed, *refused}, stores)
         dead_handlers = [
             s.name
             for s in self.handlers
@@ -1325,7 +1333,19 @@ class BatchScheduler:
             kept = changes.get(name) if name not in failed and name not in refused else None
             if kept is not None and name in changelogs:
                 kept = dataclasses.replace(kept, position=changelogs[name].next_offset)
-            await store.commit(kept or Changes(batch.id, batch.time, {}, frozenset()))
+            commit = kept or Changes(batch.id, batch.time, {}, frozenset())
+            # A changelog write of this batch committed (its outputs', or, for
+            # a handler dead-lettered, the one moving its sink past the batch),
+            # and it carried the partition's due birth: the copy takes it too.
+            birth = store.birth_due
+            wrote = (
+                (name in changelogs and name not in refused) or name in failed or name in refused
+            )
+            if birth is not None and wrote:
+                commit = with_birth(commit, birth)
+            await store.commit(commit)
+            if birth is not None and wrote:
+                store.birth_due = None
         if stores:
             crash_point("after_state_commit", batch.id)
         if turn is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,9 +25,11 @@ from streamlet.state import State
 from streamlet.state._changelog import (
     STALE_AFTER,
     ChangelogSink,
+    check_birth,
     decode_entry,
     replay_start,
     replayed,
+    stored_birth,
 )
 from streamlet.state._store import StateStore
 
@@ -209,9 +212,11 @@ async def restore_task(
     (read_committed: the last stable offset) is final until this worker
     commits. A store behind the end replays from its position; one that
     cannot be trusted is emptied and rebuilt from the partition's start:
-    a position past the end (the topic was made anew) or before its start,
-    or a store not known to be current for ``stale_after`` seconds (its
-    missing deletes may have been compacted away).
+    a position past the end or before its start, a birth that is not the
+    partition's (the topic was made anew), or a store not known to be
+    current for ``stale_after`` seconds (its missing deletes may have been
+    compacted away). An empty partition sets ``store.birth_due``: the
+    task's first changelog write starts with it.
 
     Raises:
         StateError: a record is not in the changelog's format, or the store
@@ -227,6 +232,10 @@ async def restore_task(
         begin = (await consumer.beginning_offsets([task]))[task]
         end = (await consumer.end_offsets([task]))[task]
         start, why = replay_start(store.position, store.current_at, begin, end, now, stale_after)
+        first = await _first_record(consumer, topic, task, begin, end)
+        remade, due = check_birth(stored_birth(store), first, store.position)
+        if remade and not why:
+            start, why = begin, remade
         if why:
             log.warning(
                 "state of handler %r, task %d (%s): %s; rebuilt from the changelog's start",
@@ -240,6 +249,8 @@ async def restore_task(
             # compacted away, or changes of a batch whose offset was unknown).
             await store.wipe(start)
         replayed_records = await _replay(consumer, topic, task, store, start, end, now)
+        # An empty partition's first transaction starts it with a new birth.
+        store.birth_due = uuid.uuid4().hex if due else None
     except (StateError, ConfigError):
         raise
     except Exception as exc:
@@ -259,6 +270,32 @@ async def restore_task(
             end,
         )
     return replayed_records
+
+
+async def _first_record(
+    consumer: Consumer, topic: str, task: int, begin: int, end: int
+) -> tuple[bytes, bytes] | None:
+    """The partition's first committed record (key, value); None if it has none below ``end``."""
+    if begin >= end:
+        return None
+    consumer.seek(task, begin)
+    stalled_since = time.monotonic()
+    while True:
+        fetched = await consumer.getmany([task], wait=0.5, source=topic)
+        for record in fetched.get(task, ()):
+            if record.offset >= end:
+                return None
+            return record.key or b"", record.value or b""
+        position = await consumer.position(task)
+        if position >= end:  # only aborted records and transaction markers
+            return None
+        if position > begin:
+            begin, stalled_since = position, time.monotonic()
+        elif time.monotonic() - stalled_since > _STALL_TIMEOUT:
+            raise SinkUnavailableError(
+                f"changelog topic {topic!r} partition {task}: nothing read for"
+                f" {_STALL_TIMEOUT:g}s at offset {position}, short of its end {end}"
+            )
 
 
 def _check_partition(topic: str, task: int, partitions: frozenset[int]) -> None:

@@ -20,6 +20,14 @@ record without a value (a tombstone, which compaction eventually removes).
 Replaying any suffix of the partition that starts at or before a store's
 position gives the same state, since every record carries a whole value:
 so a store's position need only be a lower bound.
+
+Each partition's first record is its *birth*: streamlet's own entry
+:data:`BIRTH_KEY` with a random id, written in the task's first transaction
+into the empty partition and never again, so compaction never removes it.
+A local store holds the birth it was built from; a store whose birth is not
+the partition's was built from a topic since deleted and made anew, whose
+offsets mean nothing to it (:func:`check_birth`). Partitions written before
+births existed start with another record and are not checked.
 """
 
 from __future__ import annotations
@@ -37,17 +45,24 @@ from streamlet.records import Batch, OffsetRange
 from streamlet.state._store import INTERNAL, Changes, StateStore
 
 __all__ = [
+    "BIRTH_KEY",
     "STALE_AFTER",
     "ChangelogSink",
     "ChangelogWrite",
     "changelog_topic",
+    "check_birth",
     "decode_entry",
     "encode_changes",
     "replay_start",
     "replayed",
+    "stored_birth",
     "stored_positions",
+    "with_birth",
     "with_positions",
 ]
+
+BIRTH_KEY = INTERNAL + b"changelog:birth"
+"""The key of a changelog partition's first record: the id of the topic's incarnation."""
 
 _TOUCHED = struct.Struct(">d")
 STALE_AFTER = 6 * 3600.0
@@ -115,10 +130,14 @@ class ChangelogSink(Protocol):
 
 
 def encode_changes(changes: Changes) -> list[tuple[bytes, bytes | None]]:
-    """The changelog records of one batch's changes: deletes, then writes, each by key."""
+    """The changelog records of one batch's changes: the birth if any, deletes, then writes."""
     touched = _TOUCHED.pack(changes.time)
-    records: list[tuple[bytes, bytes | None]] = [(k, None) for k in sorted(changes.deletes)]
-    records.extend((k, touched + v) for k, v in changes.writes.items())
+    records: list[tuple[bytes, bytes | None]] = []
+    birth = changes.writes.get(BIRTH_KEY)
+    if birth is not None:  # the partition's first record
+        records.append((BIRTH_KEY, touched + birth))
+    records.extend((k, None) for k in sorted(changes.deletes))
+    records.extend((k, touched + v) for k, v in changes.writes.items() if k != BIRTH_KEY)
     return records
 
 
@@ -187,6 +206,62 @@ def replay_start(
             " deletes since may have been compacted out of the changelog"
         )
     return position, ""
+
+
+def with_birth(changes: Changes, birth: str | None) -> Changes:
+    """``changes`` starting the partition with birth ``birth`` (None: ``changes`` as they are)."""
+    if birth is None:
+        return changes
+    return replace(changes, writes={BIRTH_KEY: orjson.dumps(birth), **changes.writes})
+
+
+def stored_birth(store: StateStore) -> str | None:
+    """The birth of the changelog the store was built from (None: none seen)."""
+    raw = store.read(BIRTH_KEY, 0.0)
+    return None if raw is None else str(orjson.loads(raw))
+
+
+def check_birth(
+    stored: str | None, first: tuple[bytes, bytes] | None, position: int
+) -> tuple[str, bool]:
+    """Whether a task's store was built from this incarnation of its changelog; pure.
+
+    Args:
+        stored: the birth the store holds (:func:`stored_birth`).
+        first: the partition's first committed record (key, value), or None
+            when it has none.
+        position: the store's changelog position.
+
+    Returns:
+        (reason, due): ``reason`` is "" when the store may be kept, else why
+        it must be emptied and rebuilt from the partition's start; ``due``
+        says whether the task's next changelog write must start with a new
+        birth (the partition holds no record yet).
+    """
+    if first is None:
+        if stored is not None:
+            return (
+                f"the store was built from changelog birth {stored}, and the partition is now"
+                " empty: the topic was deleted and made anew"
+            ), True
+        return "", True
+    key, value = first
+    if key != BIRTH_KEY:
+        return "", False  # written before births: nothing to compare with
+    try:
+        entry = decode_entry(key, value)[1]
+        found = str(orjson.loads(entry[0])) if entry is not None else None
+    except ValueError:  # orjson.JSONDecodeError is one
+        found = None
+    if found is None:
+        return "", False  # not a birth streamlet wrote: nothing to compare with
+    if stored == found or (stored is None and position == 0):
+        return "", False
+    was = f"birth {stored}" if stored is not None else "a changelog without a birth"
+    return (
+        f"the store was built from {was}, and the changelog's birth is now {found}: the topic"
+        " was deleted and made anew"
+    ), False
 
 
 def _position_key(topic: str) -> bytes:

@@ -153,6 +153,9 @@ class StateStore:
         #: (wall clock; 0: never). Older than the changelog's tombstone
         #: retention, it may miss deletes compaction has since removed.
         self.current_at = current_at
+        #: Group mode: the birth the task's next changelog write must start
+        #: with (its partition is empty); None once one is committed.
+        self.birth_due: str | None = None
         self.ttl = ttl
         self._conn = conn
         self._lock = threading.Lock()

@@ -22,7 +22,7 @@ from streamlet.records import Batch, BlockRef, OffsetRange, Record
 from streamlet.sinks.base import Sink
 from streamlet.sources.sequence import SequenceSource
 from streamlet.state import KeyedState
-from streamlet.state._changelog import ChangelogWrite
+from streamlet.state._changelog import BIRTH_KEY, ChangelogWrite, stored_birth
 from streamlet.state._store import StateStore
 from streamlet.wal import Position
 from tests.engine.test_app import ListSink
@@ -508,6 +508,7 @@ async def test_a_tasks_windows_close_on_the_batch_clock_without_input(
         str(tmp_path / "t0.sqlite"), app="g", handler="w", state_id="", task=0
     )
     try:
+        store.birth_due = "b1"  # as restore_task leaves it when the partition is empty
         await scheduler.acquire_task(0, {"seq": 0}, {"w": store})
         with anyio.fail_after(10):
             await scheduler._group_tick(100.2, 0.0)  # the input: window [100, 101)
@@ -520,6 +521,10 @@ async def test_a_tasks_windows_close_on_the_batch_clock_without_input(
             await scheduler._group_tick(101.5, 0.0)  # idle; nothing more
         assert sink.batches[1:] == [((OffsetRange("seq", 0, 4, 4),), [(100.0, 4)])]
         assert store.position == sum(len(c.records) for c in sink.changelogs) > written
+        # The partition's first record is its birth, written once; the copy holds it.
+        assert [c.records[0][0] == BIRTH_KEY for c in sink.changelogs] == [True, False]
+        assert sum(k == BIRTH_KEY for c in sink.changelogs for k, _ in c.records) == 1
+        assert (store.birth_due, stored_birth(store)) == (None, "b1")
         assert tracker.state.pending == []
         assert tracker.state.last_done == 4  # every tick logged its batch (ids from 1)
     finally:

@@ -20,15 +20,20 @@ from streamlet.kafka.changelog import TaskStates, client_settings, ensure_change
 from streamlet.records import OffsetRange
 from streamlet.sinks.file import FileSink
 from streamlet.state._changelog import (
+    BIRTH_KEY,
     changelog_topic,
+    check_birth,
     decode_entry,
     encode_changes,
     replay_start,
     replayed,
+    stored_birth,
     stored_positions,
+    with_birth,
     with_positions,
 )
 from streamlet.state._store import INTERNAL, Changes, StateStore, encode_key
+from streamlet.testing.kafka import admin_client, create_topics
 from tests.conftest import TopicFactory
 
 # -- the record format (pure) ------------------------------------------------------------
@@ -90,6 +95,31 @@ def test_where_a_replay_starts() -> None:
     assert (start, "no longer holds offset 3" in why) == (5, True)
     start, why = replay_start(40, now - 61, 5, 90, now, 60)
     assert (start, "last current" in why) == (5, True)
+
+
+def test_a_birth_goes_first_and_tells_a_topic_made_anew() -> None:
+    changes = with_birth(_batch(1, 1.0, a=1, gone=None), "b1")
+    records = encode_changes(changes)
+    assert records[0][0] == BIRTH_KEY  # the partition's first record
+    assert [k for k, _ in records[1:]] == [encode_key("gone"), encode_key("a")]
+    first = records[0]
+    assert first[1] is not None
+    birth = (first[0], first[1])
+    assert with_birth(changes, None) is changes
+    # An empty partition: a birth is due; a store holding one is of a topic made anew.
+    assert check_birth(None, None, 0) == ("", True)
+    why, due = check_birth("b0", None, 40)
+    assert due
+    assert "made anew" in why
+    # The partition's birth: kept when it is the store's, or the store is new.
+    assert check_birth("b1", birth, 40) == ("", False)
+    assert check_birth(None, birth, 0) == ("", False)
+    why, due = check_birth("b0", birth, 40)
+    assert (due, "birth is now b1" in why) == (False, True)
+    why, _ = check_birth(None, birth, 40)  # built from a changelog without a birth
+    assert "without a birth" in why
+    # A partition written before births: nothing to compare, no birth due.
+    assert check_birth("b0", (encode_key("a"), records[2][1] or b""), 40) == ("", False)
 
 
 def test_a_changelog_topic_needs_a_kafka_topic_name() -> None:
@@ -323,5 +353,55 @@ async def test_the_input_position_goes_with_the_state_it_covers(tmp_path: Path) 
         # Another topic under the same source name is another input: no position.
         assert stored_positions(store, {"orders": "renamed-topic"}) == {}
         assert store.count(1.0) == 1  # not one of the user's keys
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.kafka
+async def test_a_store_of_a_changelog_deleted_and_made_anew_is_rebuilt(
+    kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path
+) -> None:
+    """The new topic is as long as the store's position: only the birth tells them apart."""
+    topic = await new_topic(1, prefix="changelog")
+    settings = client_settings([kafka_bootstrap], None, "test")
+    store = await _task_store(tmp_path, task=0)
+    try:
+        await restore_task(settings, topic, 0, store, stale_after=60)
+        first_birth = store.birth_due
+        assert first_birth is not None  # an empty partition: the first write starts it
+        await _write(kafka_bootstrap, topic, 0, [with_birth(_batch(1, 1.0, a=1), first_birth)])
+        await _write(kafka_bootstrap, topic, 0, [_batch(2, 2.0, b=2)])
+        await restore_task(settings, topic, 0, store, stale_after=60)
+        assert store.birth_due is None
+        assert stored_birth(store) == first_birth
+        assert _contents(store) == {b"sa": 1, b"sb": 2}
+        position = store.position
+
+        async with admin_client(kafka_bootstrap) as admin:
+            await admin.delete_topics([topic])
+            with anyio.fail_after(30):
+                while topic in await admin.list_topics():  # noqa: ASYNC110 - the broker's pace
+                    await anyio.sleep(0.2)
+            for _ in range(50):
+                try:
+                    await create_topics(admin, [topic], 1)
+                    break
+                except Exception:  # still being deleted
+                    await anyio.sleep(0.2)
+        # Another owner (its own store) starts the new topic, as long as the old one.
+        other = await _task_store(tmp_path / "other", task=0)
+        try:
+            await restore_task(settings, topic, 0, other, stale_after=60)
+            new_birth = other.birth_due
+            assert new_birth not in (None, first_birth)
+        finally:
+            await other.aclose()
+        await _write(kafka_bootstrap, topic, 0, [with_birth(_batch(1, 1.0, c=3), new_birth)])
+        await _write(kafka_bootstrap, topic, 0, [_batch(2, 2.0, d=4), _batch(3, 3.0, e=5)])
+
+        await restore_task(settings, topic, 0, store, stale_after=60)
+        assert stored_birth(store) == new_birth
+        assert _contents(store) == {b"sc": 3, b"sd": 4, b"se": 5}  # nothing of the old topic
+        assert store.position >= position
     finally:
         await store.aclose()
