@@ -207,6 +207,8 @@ class GroupWorker:
         """Join the group and follow its assignments until cancelled or failed."""
         self.member = member
         try:
+            if self.states is not None:
+                await self.states.scan()  # copies left by earlier runs: the join tells them
             await member.start()
             async with anyio.create_task_group() as group:
                 group.start_soon(member.run)

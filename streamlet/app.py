@@ -879,6 +879,7 @@ class App:
             failed=worker.failed,
             session_timeout=self.session_timeout,
             rebalance_timeout=self.revoke_budget + 5.0,
+            warm=states.warm if states is not None else None,
         )
         scheduler.listeners.append(worker.on_batch)
         scheduler.fenced = worker.fenced

@@ -40,7 +40,11 @@ def tasks_of(partitions: Mapping[str, int]) -> list[int]:
     return list(range(counts.pop())) if counts else []
 
 
-def assign_tasks(tasks: Sequence[int], owned: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+def assign_tasks(
+    tasks: Sequence[int],
+    owned: Mapping[str, Sequence[int]],
+    warm: Mapping[str, Mapping[int, int]] | None = None,
+) -> dict[str, list[int]]:
     """Deal ``tasks`` out to the members, keeping what each owns where it can; pure.
 
     Args:
@@ -49,6 +53,11 @@ def assign_tasks(tasks: Sequence[int], owned: Mapping[str, Sequence[int]]) -> di
             metadata; a new member owns none). Claims of tasks that no longer
             exist are ignored; a task claimed by two members (one of them a
             zombie that missed a rebalance) stays with the first by member id.
+        warm: member id → task → how far its local copy of the task's keyed
+            state goes (the changelog offset). A task that has to move goes
+            to a member holding it warm (the warmest first) where shares
+            allow, so that its new owner replays less: a worker restarted
+            after a kill gets its own tasks back.
 
     Returns:
         member id → its tasks, sorted; every task exactly once, and the
@@ -57,6 +66,7 @@ def assign_tasks(tasks: Sequence[int], owned: Mapping[str, Sequence[int]]) -> di
     members = sorted(owned)
     if not members:
         return {}
+    warm = warm or {}
     valid = set(tasks)
     claimed: dict[str, list[int]] = {m: [] for m in members}
     taken: set[int] = set()
@@ -69,13 +79,26 @@ def assign_tasks(tasks: Sequence[int], owned: Mapping[str, Sequence[int]]) -> di
     # The members that hold the most already get the larger shares: fewer moves.
     by_holding = sorted(members, key=lambda m: (-len(claimed[m]), m))
     quota = {m: base + (1 if i < extra else 0) for i, m in enumerate(by_holding)}
+    needy = [m for m in members if len(claimed[m]) < quota[m]]
+
+    def wanted(task: int) -> bool:
+        """Whether a member short of its share holds ``task`` warm."""
+        return any(task in warm.get(m, {}) for m in needy)
+
     result: dict[str, list[int]] = {}
     free = sorted(valid - taken)
     for member in members:
-        keep = claimed[member][: quota[member]]
-        free.extend(claimed[member][quota[member] :])
-        result[member] = keep
+        # A member over its share gives up first what another holds warm.
+        mine = sorted(claimed[member], key=lambda t: (wanted(t), t))
+        result[member] = sorted(mine[: quota[member]])
+        free.extend(mine[quota[member] :])
     free.sort()
+    for task in list(free):  # each to the warmest member with room, if any
+        holders = [m for m in members if len(result[m]) < quota[m] and task in warm.get(m, {})]
+        if holders:
+            best = min(holders, key=lambda m: (-warm[m][task], m))
+            result[best].append(task)
+            free.remove(task)
     for member in members:
         need = quota[member] - len(result[member])
         result[member].extend(free[:need])

@@ -59,21 +59,25 @@ class TaskAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     """Assigns whole tasks (partition p of every topic), sticky and balanced.
 
     Each member's join metadata carries the tasks it owns now, so the leader
-    can keep them where they are (:func:`~streamlet.kafka._assign.assign_tasks`).
+    can keep them where they are, and the tasks whose keyed state it holds a
+    current copy of (``warm``: task → changelog offset), so that a task that
+    moves goes where it replays least (:func:`~streamlet.kafka._assign.assign_tasks`).
     """
 
     version = 0
 
-    def __init__(self, worker: str) -> None:
+    def __init__(self, worker: str, warm: Callable[[], Mapping[int, int]] | None = None) -> None:
         self.worker = worker
         self.owned: list[int] = []
+        self.warm = warm
 
     @property
     def name(self) -> str:
         return ASSIGNOR
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        user_data = orjson.dumps({"worker": self.worker, "tasks": self.owned})
+        warm = {str(t): int(p) for t, p in (self.warm() if self.warm else {}).items()}
+        user_data = orjson.dumps({"worker": self.worker, "tasks": self.owned, "warm": warm})
         return ConsumerProtocolMemberMetadata(self.version, sorted(topics), user_data)
 
     def assign(
@@ -87,7 +91,8 @@ class TaskAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
             log.error("cannot assign tasks: %s", exc)  # noqa: TRY400 - the message says it all
             tasks = []
         owned = {member: _claims(meta.user_data) for member, meta in members.items()}
-        dealt = assign_tasks(tasks, owned)
+        warm = {member: _warmth(meta.user_data) for member, meta in members.items()}
+        dealt = assign_tasks(tasks, owned, warm)
         return {
             member: ConsumerProtocolMemberAssignment(
                 self.version, [(t, list(dealt[member])) for t in topics], b""
@@ -106,6 +111,15 @@ def _claims(user_data: bytes | None) -> list[int]:
         return [int(t) for t in tasks]
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
         return []
+
+
+def _warmth(user_data: bytes | None) -> dict[int, int]:
+    """The warm copies a member's metadata lists: task → changelog offset (none, if unreadable)."""
+    try:
+        warm = orjson.loads(user_data or b"{}").get("warm", {})
+        return {int(t): int(p) for t, p in warm.items()}
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return {}
 
 
 Revoked = Callable[[], Awaitable[None]]
@@ -152,6 +166,9 @@ class GroupMember:
         session_timeout: seconds without heartbeats before the group drops
             this worker (a crash, a stop, a long pause: then it is a zombie).
         rebalance_timeout: seconds the group waits for members to rejoin.
+        warm: the tasks whose keyed state this worker holds a current copy
+            of, and how far each goes, told to the group's leader at each
+            join (:meth:`streamlet.kafka.changelog.TaskStates.warm`).
     """
 
     def __init__(
@@ -167,13 +184,14 @@ class GroupMember:
         failed: Callable[[BaseException], None],
         session_timeout: float = 10.0,
         rebalance_timeout: float = 30.0,
+        warm: Callable[[], Mapping[int, int]] | None = None,
     ) -> None:
         self.group = group
         self.topics = sorted(set(topics))
         self.revoked = revoked
         self.assigned = assigned
         self.failed = failed
-        self.assignor = TaskAssignor(worker)
+        self.assignor = TaskAssignor(worker, warm)
         self.consumer = AIOKafkaConsumer(
             **{
                 **dict(consumer_config),

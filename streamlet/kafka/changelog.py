@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sqlite3
 import time
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -379,10 +382,48 @@ class TaskStates:
         self.handlers = dict(handlers)
         self.stale_after = stale_after
         self._open: dict[tuple[str, int], StateStore] = {}
+        # Copies found on disk at start: (handler, task) -> (position, current_at).
+        self._found: dict[tuple[str, int], tuple[int, float]] = {}
 
     def path(self, handler: str, task: int) -> str:
         """The file of ``handler``'s state of task ``task``."""
         return os.path.join(self.directory, f"{handler}.tasks", f"t{task}.sqlite")
+
+    async def scan(self) -> None:
+        """Find the copies earlier runs left on disk (for :meth:`warm`); read-only."""
+        self._found = await anyio.to_thread.run_sync(self._scan)
+
+    def _scan(self) -> dict[tuple[str, int], tuple[int, float]]:
+        found: dict[tuple[str, int], tuple[int, float]] = {}
+        for name in self.handlers:
+            folder = os.path.join(self.directory, f"{name}.tasks")
+            try:
+                files = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            for file in files:
+                match = _TASK_FILE.fullmatch(file)
+                if match is None:
+                    continue
+                seen = _position_of(os.path.join(folder, file))
+                if seen is not None:
+                    found[name, int(match.group(1))] = seen
+        return found
+
+    def warm(self, now: float | None = None) -> dict[int, int]:
+        """Tasks this worker holds a current copy of for every stateful handler, each with
+        the lowest changelog offset among them: what the group's assignor prefers when a
+        task moves. A copy not current for ``stale_after`` would be rebuilt anyway."""
+        now = time.time() if now is None else now
+        copies = dict(self._found)
+        for key, store in self._open.items():
+            copies[key] = (store.position, store.current_at)
+        tasks: dict[int, int] = {}
+        for task in sorted({t for _, t in copies}):
+            held = [copies.get((name, task)) for name in self.handlers]
+            if all(c is not None and now - c[1] <= self.stale_after for c in held):
+                tasks[task] = min(c[0] for c in held if c is not None)
+        return tasks
 
     async def acquire(self, task: int) -> dict[str, StateStore]:
         """Task ``task``'s stores, each brought up to its changelog's end.
@@ -440,6 +481,26 @@ class TaskStates:
         for store in self._open.values():
             await store.aclose()
         self._open.clear()
+
+
+_TASK_FILE = re.compile(r"t(\d+)\.sqlite")
+
+
+def _position_of(path: str) -> tuple[int, float] | None:
+    """A task store's changelog position and when it was current; None if unreadable.
+
+    Opened for writing but only read (the worker holds the state directory's
+    lock): a read-only connection would leave the WAL's files behind.
+    """
+    try:
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=rw", uri=True)
+        try:
+            meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+        finally:
+            conn.close()
+        return int(meta.get("changelog", "0")), float(meta.get("current_at", "0"))
+    except (sqlite3.Error, ValueError):
+        return None
 
 
 def _set_aside(path: str, aside: str) -> None:

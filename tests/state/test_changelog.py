@@ -306,15 +306,27 @@ async def test_a_damaged_local_copy_is_set_aside_and_rebuilt_from_the_changelog(
     )
     store = (await states.acquire(1))["h"]
     assert _contents(store) == {b"sa": 1}
+    assert states.warm() == {1: store.position}  # told to the group's assignor
     await states.aclose()
+
+    def again() -> TaskStates:
+        return TaskStates(
+            directory=str(tmp_path),
+            app="a",
+            state_id="id1",
+            handlers={"h": (sl.State(), _ChangelogOnly(kafka_bootstrap), topic)},
+        )
+
+    # A new run finds the copy on disk; one out of touch too long is not warm.
+    states = again()
+    await states.scan()
+    assert states.warm() == {1: store.position}
+    assert states.warm(now=time.time() + states.stale_after + 60) == {}
     path = Path(states.path("h", 1))
     await anyio.Path(path).write_bytes(b"not a database" * 100)
-    states = TaskStates(
-        directory=str(tmp_path),
-        app="a",
-        state_id="id1",
-        handlers={"h": (sl.State(), _ChangelogOnly(kafka_bootstrap), topic)},
-    )
+    states = again()
+    await states.scan()
+    assert states.warm() == {}  # unreadable: not counted on
     try:
         store = (await states.acquire(1))["h"]
         assert _contents(store) == {b"sa": 1}
