@@ -999,14 +999,16 @@ class BatchScheduler:
         traces: Mapping[str, _Trace],
         names: set[str],
         stores: Mapping[str, StateStore],
-    ) -> None:
+    ) -> set[str]:
         """Group mode: move the exactly-once sinks of handlers ``names`` past the batch.
 
         Their input went to the dead letters, but their sinks keep the task's
         input position: left behind, the task's next batch would start past
         it and be refused as a gap. Each commits no outputs (and, with
         state, no changes but the input position, and a birth if due).
+        Returns the handlers whose commit carried a changelog write.
         """
+        advanced: set[str] = set()
         for spec in self.handlers:
             sink = spec.sink
             if sink is None or spec.name not in names or sink.guarantee != "exactly-once":
@@ -1020,6 +1022,9 @@ class BatchScheduler:
             )
             if error is not None:
                 raise error
+            if changelog is not None:
+                advanced.add(spec.name)
+        return advanced
 
     async def _commit_sink(
         self,
@@ -1307,8 +1312,11 @@ class BatchScheduler:
             dead_failure = await self._commit_sink("dead-letter", self.dead_letter, batch, dead)
             if dead_failure is not None:
                 raise dead_failure
-        if self.tasks is not None:
-            await self._advance_past_dead_letters(alloc, views, traces, {*failed, *refused}, stores)
+        advanced: set[str] = set()
+        if self.tasks is not None and not idle:  # an idle batch has no input to move past
+            advanced = await self._advance_past_dead_letters(
+                alloc, views, traces, {*failed, *refused}, stores
+            )
         dead_handlers = [
             s.name
             for s in self.handlers
@@ -1338,11 +1346,9 @@ class BatchScheduler:
             # a handler dead-lettered, the one moving its sink past the batch),
             # and it carried the partition's due birth: the copy takes it too.
             birth = store.birth_due
-            wrote = (
-                (name in changelogs and name not in refused) or name in failed or name in refused
-            )
+            wrote = (name in changelogs and name not in refused) or name in advanced
             if birth is not None and wrote:
-                commit = with_birth(commit, birth)
+                commit = with_birth(commit, birth)  # already in it if it is the batch's changes
             await store.commit(commit)
             if birth is not None and wrote:
                 store.birth_due = None

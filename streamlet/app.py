@@ -34,7 +34,7 @@ from streamlet._tracker import Tracker, TrackerState, restore
 from streamlet._watchdog import watched
 from streamlet.clock import SYSTEM_CLOCK, Clock
 from streamlet.errors import ConfigError, StreamletError
-from streamlet.fs import FileSystem
+from streamlet.fs import FileSystem, sqlite_vfs_of
 from streamlet.metrics import BatchInfo
 from streamlet.observe.address import parse_address
 from streamlet.records import Batch, Decoded
@@ -681,7 +681,7 @@ class App:
             for spec in self._handlers:
                 if spec.state is None or self.group is not None:
                     continue  # group mode: each task's, when it is taken over
-                vfs = self.fs.sqlite_vfs
+                vfs = sqlite_vfs_of(self.fs, f"the state of handler {spec.name!r}")
                 if vfs is not None:  # SQLite reaches this file system through its VFS
                     await anyio.to_thread.run_sync(self.fs.makedirs, statedir.state)
                 stores[spec.name] = store = await StateStore.open(

@@ -27,6 +27,8 @@ import time
 import urllib.parse
 from typing import Any, Protocol
 
+from streamlet.errors import ConfigError
+
 __all__ = [
     "DIR_MODE",
     "FILE_MODE",
@@ -78,11 +80,12 @@ class File(Protocol):
 
 
 class FileSystem(Protocol):
-    """Directory and file operations, in the terms of durability."""
+    """Directory and file operations, in the terms of durability.
 
-    sqlite_vfs: str | None
-    """The SQLite VFS through which SQLite files on this file system are opened
-    (keyed state); None: SQLite's own, on the real disk."""
+    SQLite files (keyed state, SQLiteSink) are opened by SQLite itself: a file
+    system other than the real one says through which SQLite VFS they reach
+    it in an attribute ``sqlite_vfs`` (see :func:`sqlite_vfs_of`).
+    """
 
     def create(self, path: str) -> File:
         """Create a new, empty file (mode 0600); fail if it exists."""
@@ -166,6 +169,7 @@ class OsFileSystem:
     """The real file system."""
 
     sqlite_vfs: str | None = None
+    """SQLite's own VFS: the real disk."""
 
     def create(self, path: str) -> File:
         fd = os.open(
@@ -215,6 +219,27 @@ class OsFileSystem:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def sqlite_vfs_of(fs: FileSystem, what: str) -> str | None:
+    """The SQLite VFS through which ``what`` (a SQLite file) is opened on ``fs``.
+
+    None: the real disk, SQLite's own. A file system other than the real one
+    with no ``sqlite_vfs`` is refused: SQLite would write the file on the
+    real disk, beside it.
+
+    Raises:
+        ConfigError: ``fs`` is not the real file system and names no VFS.
+    """
+    vfs = getattr(fs, "sqlite_vfs", None)
+    if vfs is None and not isinstance(fs, OsFileSystem):
+        raise ConfigError(
+            f"{what} is a SQLite file, and SQLite cannot reach the file system"
+            f" {type(fs).__name__} given as fs=: give it a SQLite VFS in its sqlite_vfs"
+            " attribute (streamlet.testing.sqlite_vfs.FaultVFS does for FaultFS), or use"
+            " the real file system"
+        )
+    return str(vfs) if vfs is not None else None
 
 
 def connect_sqlite(path: str, vfs: str | None, **options: Any) -> sqlite3.Connection:

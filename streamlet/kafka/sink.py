@@ -918,7 +918,9 @@ class KafkaSink(Sink):
                     continue
                 if task_marker_start(found.metadata) is None:
                     raise ConfigError(self._not_a_marker(group, tp, found.offset, found.metadata))
-                if found.offset >= marker.get(name, found.offset):
+                # Ties go to the first group, the one written now: an idle
+                # batch leaves the offset where an older group may hold it.
+                if name not in marker or found.offset > marker[name]:
                     marker[name] = found.offset
                     marked[name] = task_marker_batch(found.metadata)
         return marker, marked

@@ -43,7 +43,7 @@ from typing import Generic, TypeVar, cast
 import orjson
 
 from streamlet.errors import ConfigError, OutputError, SinkError, SinkUnavailableError
-from streamlet.fs import FileSystem, OsFileSystem, connect_sqlite
+from streamlet.fs import FileSystem, OsFileSystem, connect_sqlite, sqlite_vfs_of
 from streamlet.records import Batch, OffsetRange
 from streamlet.sinks.base import Sink, SinkContext, ddl_scripts
 
@@ -218,7 +218,7 @@ class SQLiteSink(Sink, Generic[_Out]):
 
     def _open_sync(self) -> None:
         fs = self._fs
-        vfs = fs.sqlite_vfs
+        vfs = sqlite_vfs_of(fs, f"SQLiteSink {self._path}")
         path = os.path.abspath(self._path) if vfs is None else self._path
         self._path = path
         try:

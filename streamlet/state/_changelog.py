@@ -257,10 +257,15 @@ def check_birth(
         return "", False  # not a birth streamlet wrote: nothing to compare with
     if stored == found or (stored is None and position == 0):
         return "", False
-    was = f"birth {stored}" if stored is not None else "a changelog without a birth"
+    if stored is None:
+        return (
+            f"the store holds changelog offset {position} but no birth, and the partition's"
+            f" birth is {found}: what it was built from cannot be told (a topic made anew, or"
+            " a crash before the store took its first batch)"
+        ), False
     return (
-        f"the store was built from {was}, and the changelog's birth is now {found}: the topic"
-        " was deleted and made anew"
+        f"the store was built from changelog birth {stored}, and the partition's birth is now"
+        f" {found}: the topic was deleted and made anew"
     ), False
 
 

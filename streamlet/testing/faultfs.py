@@ -161,6 +161,16 @@ class _Inode:
         """Forget patched bytes at or past ``size`` (the tail or a truncation covers them)."""
         self.patched = [(lo, min(hi, size)) for lo, hi in self.patched if lo < size]
 
+    def rewritten(self, start: int, end: int) -> None:
+        """``[start, end)`` was written again: what a failed sync dropped there is dirty again."""
+        kept: list[tuple[int, int]] = []
+        for lo, hi in self.dropped:
+            if lo < start:
+                kept.append((lo, min(hi, start)))
+            if hi > end:
+                kept.append((max(lo, end), hi))
+        self.dropped = [(lo, hi) for lo, hi in kept if lo < hi]
+
     def sync(self) -> None:
         durable = bytearray(self.data)
         for start, end in self.dropped:
@@ -634,6 +644,7 @@ class FaultFS:
                     inode.clip(inode.dirty_from)
                 if offset > size:
                     inode.data += bytes(offset - size)
+                inode.rewritten(offset, end)
                 below = min(end, inode.dirty_from)
                 if offset < below:
                     inode.patch(offset, below)
@@ -654,6 +665,7 @@ class FaultFS:
                 inode.data += bytes(size - old)
             inode.dirty_from = min(inode.dirty_from, size, old)
             inode.clip(inode.dirty_from)
+            inode.rewritten(size, max(size, old))  # gone, or zeros written
             self._end(index)
 
     def _sync(self, file: FaultFile) -> None:
@@ -668,6 +680,8 @@ class FaultFS:
                 # a later successful sync will not write it.
                 if inode.dirty_from < len(inode.data):
                     inode.dropped.append((inode.dirty_from, len(inode.data)))
+                inode.dropped.extend(inode.patched)  # overwrites too: they keep the old bytes
+                inode.patched = []
                 inode.dirty_from = len(inode.data)
                 raise _error(fault.errno, file.path)
             inode.sync()
@@ -916,7 +930,6 @@ def _after_cut(inode: _Inode, mode: CutMode, rng: random.Random, random_bytes: b
         return inode.durable
     start, data = inode.dirty_from, inode.data
     base = bytearray(inode.base())
-    durable = inode.durable if not inode.patched else bytes(base) + inode.durable[start:]
     # Bytes overwritten in place: each sector's share kept, lost or (garble) damaged.
     for lo, hi in inode.patched:
         fate = rng.random()
@@ -924,6 +937,9 @@ def _after_cut(inode: _Inode, mode: CutMode, rng: random.Random, random_bytes: b
             base[lo:hi] = data[lo:hi]
         elif mode == "garble" and fate >= 0.75:
             base[lo:hi] = rng.randbytes(hi - lo) if random_bytes else bytes(hi - lo)
+    # The file if its unsynced tail is lost: as synced (its length, whatever a
+    # failed sync dropped), with the overwrites' fates.
+    durable = bytes(base[: len(inode.durable)]) + inode.durable[len(base) :]
     if mode == "sectors":
         # The ends of the sectors the unsynced tail touches, the last one cut
         # at the end of the file.

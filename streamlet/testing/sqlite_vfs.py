@@ -192,6 +192,9 @@ class FaultVFS:
         self._files: dict[int, tuple[FaultFile, str, int]] = {}
         self._dir_sync: set[int] = set()
         self._shm: dict[str, list[ctypes.Array[ctypes.c_char]]] = {}
+        # Per database, the open files (connections) that mapped its regions:
+        # freed only when the last one unmaps with delete set.
+        self._shm_users: dict[str, set[int]] = {}
         self._numbers = itertools.count(1)
         self._lib = _library()
         default = self._lib.sqlite3_vfs_find(None)
@@ -259,6 +262,7 @@ class FaultVFS:
         self._check_closed()
         with self._lock:
             self._shm.clear()
+            self._shm_users.clear()
         self.fs = fs
         fs.sqlite_vfs = self.name
 
@@ -450,6 +454,7 @@ class FaultVFS:
         try:
             path = self._handle(file)[1]
             with self._lock:
+                self._shm_users.setdefault(path, set()).add(file.contents.number)
                 regions = self._shm.setdefault(path, [])
                 while len(regions) <= region and extend:
                     regions.append(ctypes.create_string_buffer(size))
@@ -461,9 +466,12 @@ class FaultVFS:
     def _shm_unmap(self, file: Any, delete: int) -> int:
         try:
             path = self._handle(file)[1]
-            if delete:
-                with self._lock:
+            with self._lock:
+                users = self._shm_users.get(path, set())
+                users.discard(file.contents.number)
+                if delete and not users:  # another connection may still read them
                     self._shm.pop(path, None)
+                    self._shm_users.pop(path, None)
             return _OK
         except BaseException as exc:
             return self._failed(exc)

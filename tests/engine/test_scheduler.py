@@ -531,6 +531,56 @@ async def test_a_tasks_windows_close_on_the_batch_clock_without_input(
         await store.aclose()
 
 
+async def test_an_idle_batch_whose_handler_fails_writes_nothing_and_the_birth_goes_once(
+    tmp_path: Path, tracker: Tracker
+) -> None:
+    """Dead-lettered on an idle batch, a handler has no input to move its sink past: no
+    transaction, and the partition's birth waits for the first real write, once."""
+    calls = []
+
+    async def flaky(batch: Batch, state: KeyedState) -> list[object]:
+        calls.append(len(batch))
+        if len(calls) == 2:  # the first idle batch
+            raise ValueError("fails once")
+        if not len(batch):
+            return []
+        state["n"] = state.get("n", 0) + len(batch)
+        return [state["n"]]
+
+    source = SequenceSource(rate=None, limit=3, partitions=1)
+    source.name = "seq"
+    sink = ChangelogSink()
+    scheduler = BatchScheduler(
+        app="g",
+        tracker=tracker,
+        sources={"seq": source},
+        handlers=[HandlerSpec("f", flaky, ("seq",), sink, state=sl.State())],
+        policy=BatchPolicy(interval=0.01, on_failure="dead_letter"),
+        checkpointer=Checkpointer(
+            OsFileSystem(), str(tmp_path / "checkpoints"), "g", interval=0, loaded=None, last_done=0
+        ),
+        changelogs={"f": "g.f.changelog"},
+        dead_letter=ListSink(),
+    )
+    scheduler.retry = RetryPolicy(max_retries=0)
+    scheduler.tasks = set()
+    store = await StateStore.open(
+        str(tmp_path / "t0.sqlite"), app="g", handler="f", state_id="", task=0
+    )
+    try:
+        store.birth_due = "b1"
+        await scheduler.acquire_task(0, {"seq": 0}, {"f": store})
+        with anyio.fail_after(10):
+            for t in (1.0, 2.0, 3.0):  # input, a failing idle batch, an idle batch
+                await scheduler._group_tick(t, 0.0)
+        assert calls == [3, 0, 0]
+        assert len(sink.changelogs) == 1  # only the batch with input wrote
+        assert sum(k == BIRTH_KEY for c in sink.changelogs for k, _ in c.records) == 1
+        assert (store.birth_due, stored_birth(store)) == (None, "b1")
+    finally:
+        await store.aclose()
+
+
 async def test_a_task_batch_sent_to_the_dead_letters_still_moves_its_sink_on(
     tmp_path: Path, tracker: Tracker
 ) -> None:

@@ -315,6 +315,37 @@ async def test_an_unknown_outcome_is_settled_by_the_tasks_marker(
     ]
 
 
+class _Markers:
+    """A producer's ``committed`` over fixed marker groups (no broker)."""
+
+    def __init__(self, found: dict[str, OffsetAndMetadata]) -> None:
+        self.found = found
+
+    async def committed(self, group: str, tp: TopicPartition) -> OffsetAndMetadata | None:
+        return self.found.get(group)
+
+
+async def test_of_two_marker_groups_at_one_offset_the_one_written_now_names_the_batch(
+    tmp_path: Path,
+) -> None:
+    """After consume_from is added the plain group keeps an older marker at the offset an
+    idle batch leaves unchanged: its batch must not be taken for the idle batch's."""
+    sink = KafkaSink("out", bootstrap_servers="127.0.0.1:1")
+    sink._context = _context(tmp_path, "src")
+    sink._marker_groups = ("now", "plain")
+    producer = _Markers(
+        {
+            "now": OffsetAndMetadata(10, "streamlet-task/2 10 sid:12:12000"),
+            "plain": OffsetAndMetadata(10, "streamlet-task/1 7"),
+        }
+    )
+    marker, marked = await sink._read_task_marker(producer, 0)  # type: ignore[arg-type]
+    assert (marker, marked) == ({"orders": 10}, {"orders": "sid:12:12000"})
+    producer.found["plain"] = OffsetAndMetadata(11, "streamlet-task/2 10 sid:13:13000")
+    marker, marked = await sink._read_task_marker(producer, 0)  # type: ignore[arg-type]
+    assert (marker, marked) == ({"orders": 11}, {"orders": "sid:13:13000"})
+
+
 async def test_consume_from_offsets_commit_with_the_task_marker(
     kafka_bootstrap: str, topics: Topics
 ) -> None:

@@ -406,6 +406,12 @@ async def _sink_until_the_cut(fs: FaultFS, returned: list[int]) -> None:
             raise
 
 
+async def test_a_file_system_sqlite_cannot_reach_is_refused() -> None:
+    sink = SQLiteSink(DB, insert_words, fs=FaultFS())  # no SQLite VFS over it
+    with pytest.raises(ConfigError, match="SQLite cannot reach the file system FaultFS"):
+        await sink.open(CONTEXT)
+
+
 @pytest.mark.parametrize(("mode", "when"), [("drop", "at"), ("sectors", "after"), ("garble", "at")])
 async def test_a_power_cut_at_any_operation_keeps_every_returned_batch_whole_and_once(
     mode: CutMode, when: str
