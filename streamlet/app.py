@@ -681,7 +681,7 @@ class App:
             for spec in self._handlers:
                 if spec.state is None or self.group is not None:
                     continue  # group mode: each task's, when it is taken over
-                vfs = sqlite_vfs_of(self.fs, f"the state of handler {spec.name!r}")
+                vfs = sqlite_vfs_of(self.fs)
                 if vfs is not None:  # SQLite reaches this file system through its VFS
                     await anyio.to_thread.run_sync(self.fs.makedirs, statedir.state)
                 stores[spec.name] = store = await StateStore.open(

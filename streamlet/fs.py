@@ -27,8 +27,6 @@ import time
 import urllib.parse
 from typing import Any, Protocol
 
-from streamlet.errors import ConfigError
-
 __all__ = [
     "DIR_MODE",
     "FILE_MODE",
@@ -221,24 +219,15 @@ class OsFileSystem:
             os.close(fd)
 
 
-def sqlite_vfs_of(fs: FileSystem, what: str) -> str | None:
-    """The SQLite VFS through which ``what`` (a SQLite file) is opened on ``fs``.
+def sqlite_vfs_of(fs: FileSystem) -> str | None:
+    """The SQLite VFS through which SQLite files are opened on ``fs``.
 
-    None: the real disk, SQLite's own. A file system other than the real one
-    with no ``sqlite_vfs`` is refused: SQLite would write the file on the
-    real disk, beside it.
-
-    Raises:
-        ConfigError: ``fs`` is not the real file system and names no VFS.
+    None: SQLite's own, on the real disk, at the same path. That is the
+    real file system's, and the one a file system without ``sqlite_vfs``
+    gets (:class:`~streamlet.testing.harness.AppHarness` keeps its
+    state directory in memory but keyed state on the real disk, there).
     """
     vfs = getattr(fs, "sqlite_vfs", None)
-    if vfs is None and not isinstance(fs, OsFileSystem):
-        raise ConfigError(
-            f"{what} is a SQLite file, and SQLite cannot reach the file system"
-            f" {type(fs).__name__} given as fs=: give it a SQLite VFS in its sqlite_vfs"
-            " attribute (streamlet.testing.sqlite_vfs.FaultVFS does for FaultFS), or use"
-            " the real file system"
-        )
     return str(vfs) if vfs is not None else None
 
 

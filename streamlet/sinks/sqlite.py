@@ -218,7 +218,15 @@ class SQLiteSink(Sink, Generic[_Out]):
 
     def _open_sync(self) -> None:
         fs = self._fs
-        vfs = sqlite_vfs_of(fs, f"SQLiteSink {self._path}")
+        vfs = sqlite_vfs_of(fs)
+        if vfs is None and not isinstance(fs, OsFileSystem):
+            # It would make the file there, and SQLite would write beside it.
+            raise ConfigError(
+                f"SQLiteSink {self._path}: SQLite cannot reach the file system"
+                f" {type(fs).__name__} given as fs=; give it a SQLite VFS in its sqlite_vfs"
+                " attribute (streamlet.testing.sqlite_vfs.FaultVFS does for FaultFS), or leave"
+                " fs= out for the real disk"
+            )
         path = os.path.abspath(self._path) if vfs is None else self._path
         self._path = path
         try:

@@ -15,11 +15,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from streamlet.testing.chaos import PROFILES, SCENARIOS, run_scenario
+from streamlet.testing.chaos import PROFILES, SCENARIOS, ScenarioResult, run_scenario
 from streamlet.testing.kafka import missing_tools
 
 SEED = int(os.environ.get("STREAMLET_TEST_SEED", "20261125"))
@@ -45,11 +47,62 @@ def _plan_params() -> list[object]:
     return params
 
 
+RUNS_AT_ONCE = 2
+"""Scenarios run side by side: each mostly waits, on input paced over its faults and
+on restarts, so two at once take about half the time on two cores."""
+
+_TEST = "test_scenario_loses_and_repeats_nothing"
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture(scope="module")
+def short_profile(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future[ScenarioResult]]]:
+    """Every selected scenario of the short profile, started in the background at once.
+
+    Each test then waits for its own run. The longest (the Kafka ones, with
+    a broker of their own) start first.
+    """
+    selected = {
+        item.callspec.id
+        for item in request.session.items
+        if getattr(item, "originalname", "") == _TEST and hasattr(item, "callspec")
+    }
+    plans = [p for p in SHORT if f"{p.scenario}-{p.pipeline}" in selected]
+    if missing_tools():
+        plans = [p for p in plans if not p.pipeline.startswith("kafka")]
+    plans.sort(key=lambda p: not p.pipeline.startswith("kafka"))
+    env = pytest.MonkeyPatch()
+    if "STREAMLET_KAFKA_CACHE" not in os.environ:
+        env.setenv("STREAMLET_KAFKA_CACHE", str(REPO_ROOT / ".cache" / "kafka"))
+    pool = ThreadPoolExecutor(max_workers=RUNS_AT_ONCE, thread_name_prefix="chaos")
+    futures = {
+        f"{p.scenario}-{p.pipeline}": pool.submit(
+            run_scenario,
+            p.scenario,
+            p.pipeline,
+            records=p.records,
+            faults=p.faults,
+            seed=SEED,
+            workdir=tmp_path_factory.mktemp(f"chaos-{p.scenario}-{p.pipeline}"),
+        )
+        for p in plans
+    }
+    try:
+        yield futures
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        env.undo()
+
+
 @pytest.mark.timeout(280)
 @pytest.mark.parametrize(("scenario", "pipeline", "records", "faults"), _plan_params())
 def test_scenario_loses_and_repeats_nothing(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    short_profile: dict[str, Future[ScenarioResult]],
     scenario: str,
     pipeline: str,
     records: int,
@@ -59,14 +112,10 @@ def test_scenario_loses_and_repeats_nothing(
         missing = missing_tools()
         if missing:
             message = f"the Kafka chaos runs need {' and '.join(missing)}"
-            if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            if _ci():
                 pytest.fail(message, pytrace=False)
             pytest.skip(message)
-        if "STREAMLET_KAFKA_CACHE" not in os.environ:
-            monkeypatch.setenv("STREAMLET_KAFKA_CACHE", str(REPO_ROOT / ".cache" / "kafka"))
-    result = run_scenario(
-        scenario, pipeline, records=records, faults=faults, seed=SEED, workdir=tmp_path
-    )
+    result = short_profile[f"{scenario}-{pipeline}"].result(timeout=270)
     assert result.ok, result.describe()
     assert result.fault_count == faults, result.describe()
     assert result.records_in >= records
