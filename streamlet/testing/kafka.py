@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -136,6 +137,17 @@ def ensure_broker_jars(cache_dir: str | os.PathLike[str]) -> Path:
     if (home / _COMPLETE_MARKER).exists() and libs.is_dir():
         return libs
     home.mkdir(parents=True, exist_ok=True)
+    # One fetch at a time (processes or threads: each open has its own lock);
+    # whoever waited finds the jars the other fetched.
+    with open(home / ".fetch.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (home / _COMPLETE_MARKER).exists() and libs.is_dir():
+            return libs
+        return _fetch(home, libs)
+
+
+def _fetch(home: Path, libs: Path) -> Path:
+    """Fetch the jars into ``libs`` with Maven (the caller holds the cache's lock)."""
     (home / "pom.xml").write_text(
         _POM.format(kafka=KAFKA_VERSION, scala=SCALA_VERSION, slf4j=_SLF4J_VERSION)
     )
