@@ -46,8 +46,8 @@ def insert(conn, batch, outputs):
     conn.executemany("INSERT INTO seen (value) VALUES (?)", [(o[1],) for o in outputs])
 
 
-app = sl.App("eos", state_dir={state!r}, batch_interval=0.2, checkpoint_interval=1.0)
-source = sl.KafkaSource({topic!r}, bootstrap_servers={bootstrap!r}, group_id="eos-in",
+app = sl.App("eos-{mode}", state_dir={state!r}, batch_interval=0.2, checkpoint_interval=1.0)
+source = sl.KafkaSource({topic!r}, bootstrap_servers={bootstrap!r}, group_id="eos-in-{mode}",
                         start="earliest", max_rate=5_000, mode={mode!r})
 numbers = app.source(source, name="numbers")
 
@@ -126,8 +126,17 @@ def _start(cwd: Path, *args: str, capture: bool = False) -> subprocess.Popen[byt
     )
 
 
-@pytest.mark.parametrize("mode", ["direct", "receiver"])
 async def test_kafka_to_kafka_sqlite_and_files_exactly_once_through_twenty_kills(
+    tmp_path: Path, kafka_bootstrap: str, new_topic: TopicFactory
+) -> None:
+    """Direct and receiver mode, side by side: each run mostly waits between kills."""
+    async with anyio.create_task_group() as tg:
+        for mode in ("direct", "receiver"):
+            (tmp_path / mode).mkdir()
+            tg.start_soon(_through_kills, tmp_path / mode, kafka_bootstrap, new_topic, mode)
+
+
+async def _through_kills(
     tmp_path: Path, kafka_bootstrap: str, new_topic: TopicFactory, mode: str
 ) -> None:
     source_topic = await new_topic(partitions=4)
@@ -169,16 +178,16 @@ async def test_kafka_to_kafka_sqlite_and_files_exactly_once_through_twenty_kills
     with sqlite3.connect(tmp_path / "out.db") as conn:
         in_db = Counter(bytes(v) for (v,) in conn.execute("SELECT value FROM seen"))
     conn.close()
-    assert in_db == expected, f"seed {seed}"
+    assert in_db == expected, f"{mode} mode, seed {seed}"
     parts = FileSink.read_committed(tmp_path / "files")
     in_files = Counter(line for lines in parts.values() for line in lines)
-    assert in_files == expected, f"seed {seed}"
+    assert in_files == expected, f"{mode} mode, seed {seed}"
 
     output = await _read_output(kafka_bootstrap, output_topic, RECORDS)
     in_kafka = Counter(value for _, value in output)
     duplicated = [v for v, n in in_kafka.items() if n > 1]
-    assert duplicated == [], f"{len(duplicated)} duplicated in Kafka (seed {seed})"
-    assert in_kafka == expected, f"seed {seed}"
+    assert duplicated == [], f"{len(duplicated)} duplicated in Kafka ({mode} mode, seed {seed})"
+    assert in_kafka == expected, f"{mode} mode, seed {seed}"
     last: dict[bytes, int] = {}
     for key, value in output:
         number = int(value)
