@@ -42,17 +42,25 @@ async def _produce(bootstrap: str, topic: str, first: int, until: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "point",
+    "points",
     [
-        "after_allocate",
-        "after_handler",
-        "after_sink_commit",
-        "after_state_commit",
-        "before_done",
-        "after_done",
+        ("after_allocate", "after_handler"),
+        ("after_sink_commit", "after_state_commit"),
+        ("before_done", "after_done"),
     ],
+    ids="+".join,
 )
 async def test_a_worker_killed_at_a_commit_step_loses_and_repeats_nothing(
+    kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path, points: tuple[str, str]
+) -> None:
+    """Two steps at a time, each its own app: a run mostly waits out a session timeout."""
+    async with anyio.create_task_group() as tg:
+        for point in points:
+            (tmp_path / point).mkdir()
+            tg.start_soon(_killed_at, kafka_bootstrap, new_topic, tmp_path / point, point)
+
+
+async def _killed_at(
     kafka_bootstrap: str, new_topic: TopicFactory, tmp_path: Path, point: str
 ) -> None:
     source, out, env = await setup_group_app(kafka_bootstrap, new_topic, tmp_path)
@@ -86,6 +94,7 @@ async def test_a_worker_killed_at_a_commit_step_loses_and_repeats_nothing(
         for worker in workers:
             worker.stop(timeout=30)
     counts = collections.Counter(values)
+    logs = f"killed at {point}\n{logs}"
     assert len(values) >= RECORDS, logs
     assert {v for v, n in counts.items() if n > 1} == set(), logs
     # Each record once, with its key's count as it came: state exact.
