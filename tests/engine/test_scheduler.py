@@ -427,6 +427,37 @@ class ChangelogSink(Sink):
         return True
 
 
+async def _stateful_task(
+    tmp_path: Path,
+    tracker: Tracker,
+    handler: HandlerSpec,
+    *,
+    limit: int,
+    policy: BatchPolicy,
+    dead_letter: Sink | None = None,
+) -> tuple[BatchScheduler, StateStore]:
+    """A group-mode scheduler of one stateful handler and its task 0's store (not acquired)."""
+    source = SequenceSource(rate=None, limit=limit, partitions=1)
+    source.name = "seq"
+    scheduler = BatchScheduler(
+        app="g",
+        tracker=tracker,
+        sources={"seq": source},
+        handlers=[handler],
+        policy=policy,
+        checkpointer=Checkpointer(
+            OsFileSystem(), str(tmp_path / "checkpoints"), "g", interval=0, loaded=None, last_done=0
+        ),
+        changelogs={handler.name: f"g.{handler.name}.changelog"},
+        dead_letter=dead_letter,
+    )
+    scheduler.tasks = set()
+    store = await StateStore.open(
+        str(tmp_path / "t0.sqlite"), app="g", handler=handler.name, state_id="", task=0
+    )
+    return scheduler, store
+
+
 async def test_a_task_released_mid_batch_leaves_its_local_state_behind(
     tmp_path: Path, tracker: Tracker
 ) -> None:
@@ -439,23 +470,13 @@ async def test_a_task_released_mid_batch_leaves_its_local_state_behind(
         state["n"] = state.get("n", 0) + len(batch)
         return [state["n"]]
 
-    source = SequenceSource(rate=None, limit=6, partitions=1)
-    source.name = "seq"
     sink = ChangelogSink()
-    scheduler = BatchScheduler(
-        app="g",
-        tracker=tracker,
-        sources={"seq": source},
-        handlers=[HandlerSpec("count", count, ("seq",), sink, state=sl.State(idle=False))],
+    scheduler, store = await _stateful_task(
+        tmp_path,
+        tracker,
+        HandlerSpec("count", count, ("seq",), sink, state=sl.State(idle=False)),
+        limit=6,
         policy=BatchPolicy(interval=0.01, max_batch_records=3),
-        checkpointer=Checkpointer(
-            OsFileSystem(), str(tmp_path / "checkpoints"), "g", interval=0, loaded=None, last_done=0
-        ),
-        changelogs={"count": "g.count.changelog"},
-    )
-    scheduler.tasks = set()
-    store = await StateStore.open(
-        str(tmp_path / "t0.sqlite"), app="g", handler="count", state_id="", task=0
     )
     try:
         await scheduler.acquire_task(0, {}, {"count": store})
@@ -489,23 +510,13 @@ async def test_a_tasks_windows_close_on_the_batch_clock_without_input(
         done = sl.windows.windowed(state, batch, window, sl.windows.count(), key=lambda r: b"k")
         return [(r.start, r.value) for r in done.results]
 
-    source = SequenceSource(rate=None, limit=4, partitions=1)
-    source.name = "seq"
     sink = ChangelogSink()
-    scheduler = BatchScheduler(
-        app="g",
-        tracker=tracker,
-        sources={"seq": source},
-        handlers=[HandlerSpec("w", per_second, ("seq",), sink, state=sl.State())],
+    scheduler, store = await _stateful_task(
+        tmp_path,
+        tracker,
+        HandlerSpec("w", per_second, ("seq",), sink, state=sl.State()),
+        limit=4,
         policy=BatchPolicy(interval=0.01),
-        checkpointer=Checkpointer(
-            OsFileSystem(), str(tmp_path / "checkpoints"), "g", interval=0, loaded=None, last_done=0
-        ),
-        changelogs={"w": "g.w.changelog"},
-    )
-    scheduler.tasks = set()
-    store = await StateStore.open(
-        str(tmp_path / "t0.sqlite"), app="g", handler="w", state_id="", task=0
     )
     try:
         store.birth_due = "b1"  # as restore_task leaves it when the partition is empty
@@ -547,26 +558,16 @@ async def test_an_idle_batch_whose_handler_fails_writes_nothing_and_the_birth_go
         state["n"] = state.get("n", 0) + len(batch)
         return [state["n"]]
 
-    source = SequenceSource(rate=None, limit=3, partitions=1)
-    source.name = "seq"
     sink = ChangelogSink()
-    scheduler = BatchScheduler(
-        app="g",
-        tracker=tracker,
-        sources={"seq": source},
-        handlers=[HandlerSpec("f", flaky, ("seq",), sink, state=sl.State())],
+    scheduler, store = await _stateful_task(
+        tmp_path,
+        tracker,
+        HandlerSpec("f", flaky, ("seq",), sink, state=sl.State()),
+        limit=3,
         policy=BatchPolicy(interval=0.01, on_failure="dead_letter"),
-        checkpointer=Checkpointer(
-            OsFileSystem(), str(tmp_path / "checkpoints"), "g", interval=0, loaded=None, last_done=0
-        ),
-        changelogs={"f": "g.f.changelog"},
         dead_letter=ListSink(),
     )
     scheduler.retry = RetryPolicy(max_retries=0)
-    scheduler.tasks = set()
-    store = await StateStore.open(
-        str(tmp_path / "t0.sqlite"), app="g", handler="f", state_id="", task=0
-    )
     try:
         store.birth_due = "b1"
         await scheduler.acquire_task(0, {"seq": 0}, {"f": store})
